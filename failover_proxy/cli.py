@@ -1,0 +1,117 @@
+"""Command line: `failover-proxy run | check | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ProxyConfig, load_config, summarize
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _load_or_report(path: str) -> ProxyConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return None
+
+
+def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    import uvloop
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(main())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    print(f"{args.config}: OK: {summarize(config)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG_ERROR
+    _run_loop(lambda: serve(config))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_BACKENDS, demo_config_path, start_backends, stop_backends
+    from .server import serve
+
+    args.config = args.config or demo_config_path()
+    config = _load_or_report(str(args.config))
+    if config is None:
+        return EXIT_CONFIG_ERROR
+
+    async def demo() -> None:
+        runners = await start_backends()
+        ready = asyncio.Event()
+        proxy = asyncio.create_task(serve(config, ready))
+        await ready.wait()
+        url = f"http://{config.listen.host}:{config.listen.port}/"
+        print(
+            f"failover-proxy demo: {len(DEMO_BACKENDS)} simulated backends "
+            f"(aws, azure, gcp) on 127.0.0.1:{DEMO_BACKENDS[0].port}-{DEMO_BACKENDS[-1].port}\n"
+            f"config: {args.config}\n\n"
+            f"Try:\n  curl {url}\n"
+            f"  for i in $(seq 6); do curl -s {url}; done    # watch the providers take turns\n\n"
+            "Ctrl-C stops everything.",
+            flush=True,
+        )
+        try:
+            await proxy
+        finally:
+            await stop_backends(runners)
+
+    _run_loop(demo)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="failover-proxy", description="Multi-cloud failover reverse proxy."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the proxy from a YAML config")
+    run.add_argument("-c", "--config", required=True, help="path to the YAML config")
+    run.set_defaults(handler=cmd_run)
+
+    check = commands.add_parser("check", help="validate a config and exit")
+    check.add_argument("-c", "--config", required=True, help="path to the YAML config")
+    check.set_defaults(handler=cmd_check)
+
+    demo = commands.add_parser("demo", help="run the proxy before simulated aws/azure/gcp")
+    demo.add_argument(
+        "-c", "--config", type=Path, default=None, help="config instead of config/demo.yaml"
+    )
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler = args.handler
+    result: int = handler(args)
+    return result

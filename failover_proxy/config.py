@@ -1,0 +1,409 @@
+"""The YAML config: pydantic models, `${ENV}` substitution, and errors that name file:line: field.
+
+Operators edit this file by hand at 3 a.m.; every mistake must point at the exact line and field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Scalar types: durations and byte sizes written the way operators write them.
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|k|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "k": 1000, "K": 1024, "KB": 1000, "KiB": 1024, "M": 1024**2,
+    "MB": 1000**2, "MiB": 1024**2, "G": 1024**3, "GB": 1000**3, "GiB": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `250ms`, `2s`, `1m`, `1h` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 250ms, 2s or 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 250ms, 2s or 1m, got {value!r}")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from `64KiB`, `1MiB`, `10MB` or a bare number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 64KiB or 1MiB")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    else:
+        raise ValueError(f"expected a size such as 64KiB or 1MiB, got {value!r}")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The models.
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    backlog: int = Field(1024, ge=1)
+
+
+class TimeoutsConfig(_Strict):
+    connect: Duration = 1.0
+    read: Duration = 30.0
+    """Longest silence from the backend while waiting for or streaming its response."""
+
+
+class TlsConfig(_Strict):
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+    """SNI and certificate name; defaults to the backend URL's host."""
+
+
+class PoolConfig(_Strict):
+    max_idle_per_backend: int = Field(64, ge=0)
+    idle_timeout: Duration = 4.0
+    """Shorter than common backend keep-alive timeouts (5 s in Node.js, 75 s in nginx)."""
+
+
+class BackendConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    url: str
+    provider: str = Field(min_length=1)
+    region: str = ""
+    weight: int = Field(1, gt=0, le=10_000)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"backend URL must start with http:// or https://, got {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"backend URL has no host: {url!r}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"backend URL has a bad port: {url!r}") from exc
+        if parts.query or parts.fragment:
+            raise ValueError(f"backend URL may not carry a query or fragment: {url!r}")
+        if parts.username or parts.password:
+            raise ValueError("backend URL may not carry credentials")
+        return url
+
+
+class UpstreamConfig(_Strict):
+    backends: list[BackendConfig] = Field(min_length=1)
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    host_header: Literal["backend", "preserve"] = "backend"
+    tls: TlsConfig = TlsConfig()
+    pool: PoolConfig = PoolConfig()
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_names(cls, backends: list[BackendConfig]) -> list[BackendConfig]:
+        seen: set[str] = set()
+        for index, backend in enumerate(backends):
+            if backend.name in seen:
+                raise _LocatedError((index, "name"), f"duplicate backend name {backend.name!r}")
+            seen.add(backend.name)
+        return backends
+
+
+class RouteConfig(_Strict):
+    host: str | None = None
+    """Exact host, `*.suffix` for any subdomain, or absent for any host."""
+    path_prefix: str = "/"
+    upstream: str
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute(cls, prefix: str) -> str:
+        if not prefix.startswith("/"):
+            raise ValueError(f"path_prefix must start with '/', got {prefix!r}")
+        return prefix
+
+    @field_validator("host")
+    @classmethod
+    def _host_pattern(cls, host: str | None) -> str | None:
+        if host is None:
+            return None
+        if not re.fullmatch(r"(\*\.)?[A-Za-z0-9.-]+", host):
+            raise ValueError(f"host must be a name or *.suffix, got {host!r}")
+        return host.lower()
+
+
+class LimitsConfig(_Strict):
+    max_header_bytes: ByteSize = 32 * 1024
+    max_url_bytes: ByteSize = 8 * 1024
+    max_headers: int = Field(100, ge=1)
+    max_body_bytes: ByteSize | None = None
+    """Largest request body accepted (413 above it); none = unlimited, streamed."""
+    header_timeout: Duration = 10.0
+    """Time a client gets to send a whole request head (slowloris guard)."""
+    keepalive_timeout: Duration = 75.0
+    replay_buffer_bytes: ByteSize = 1024 * 1024
+    """Request body kept so a request can be re-sent after a stale keep-alive connection."""
+
+
+class ProxyConfig(_Strict):
+    listen: ListenConfig = ListenConfig()
+    upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
+    routes: list[RouteConfig] = Field(min_length=1)
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _routes_name_upstreams(self) -> ProxyConfig:
+        for index, route in enumerate(self.routes):
+            if route.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams))
+                raise _LocatedError(
+                    ("routes", index, "upstream"),
+                    f"unknown upstream {route.upstream!r} (known: {known})",
+                )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML with line marks, environment substitution, located errors.
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file, each naming file, line and field."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(issue) for issue in issues))
+        self.issues = issues
+
+
+class _LocatedError(ValueError):
+    """A cross-field error that knows which field it belongs to (pydantic only knows the model)."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+_RESOLVER = yaml.resolver.Resolver()
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_env(text: str, env: Mapping[str, str]) -> str:
+    """Replace `${VAR}` and `${VAR:-default}`; an unset `${VAR}` without default is an error."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise ValueError(f"environment variable {name} is not set")
+            return default
+        return value
+
+    return _ENV_RE.sub(replace, text)
+
+
+class _Located:
+    """The YAML node tree kept beside the plain data, to turn a field path into a line."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.root = root
+
+    def line_of(self, loc: tuple[str | int, ...]) -> int:
+        node = self.root
+        if node is None:
+            return 1
+        line = node.start_mark.line + 1
+        for part in loc:
+            child = _child(node, part)
+            if child is None:
+                break
+            node = child
+            line = node.start_mark.line + 1
+        return line
+
+
+def _child(node: yaml.Node, part: str | int) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                found: yaml.Node = value
+                return found
+    elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        child: yaml.Node = node.value[part]
+        return child
+    return None
+
+
+def _walk_scalars(
+    node: yaml.Node, path: tuple[str | int, ...]
+) -> Iterator[tuple[yaml.Node, tuple[str | int, ...]]]:
+    yield node, path
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            yield from _walk_scalars(value, (*path, str(key.value)))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _walk_scalars(item, (*path, index))
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _duplicate_keys(node: yaml.Node, path: tuple[str | int, ...]) -> list[tuple[int, str, str]]:
+    found: list[tuple[int, str, str]] = []
+    for child, child_path in _walk_scalars(node, path):
+        if isinstance(child, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, _ in child.value:
+                if key.value in seen:
+                    where = _dotted((*child_path, key.value))
+                    found.append((key.start_mark.line + 1, where, "duplicate key"))
+                seen.add(key.value)
+    return found
+
+
+def _substitute_tree(
+    node: yaml.Node, env: Mapping[str, str], file: str
+) -> list[ConfigIssue]:
+    """Substitute `${VAR}` inside scalar values in place (after parsing, so no YAML injection)."""
+    issues: list[ConfigIssue] = []
+    for child, path in _walk_scalars(node, ()):
+        if isinstance(child, yaml.ScalarNode) and "${" in child.value:
+            try:
+                child.value = substitute_env(child.value, env)
+            except ValueError as exc:
+                issues.append(ConfigIssue(file, child.start_mark.line + 1, _dotted(path), str(exc)))
+            else:
+                if child.tag == "tag:yaml.org,2002:str" and child.style is None:
+                    # A plain scalar like ${PORT} should become an int when it now looks like one.
+                    child.tag = _RESOLVER.resolve(  # type: ignore[no-untyped-call]
+                        yaml.ScalarNode, child.value, (True, False)
+                    )
+    return issues
+
+
+def parse_config(
+    text: str, file: str = "<config>", env: Mapping[str, str] | None = None
+) -> ProxyConfig:
+    """Validate config text; raise ConfigError listing every problem with file:line: field."""
+    env = os.environ if env is None else env
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue(file, line, "(yaml)", f"invalid YAML: {problem}")]) from exc
+    if root is None:
+        raise ConfigError([ConfigIssue(file, 1, "(top level)", "the config file is empty")])
+    issues = [ConfigIssue(file, line, field, msg) for line, field, msg in _duplicate_keys(root, ())]
+    issues += _substitute_tree(root, env, file)
+    if issues:
+        raise ConfigError(issues)
+    loader = yaml.SafeLoader("")
+    try:
+        data = loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(file, 1, "(yaml)", str(exc))]) from exc
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(file, 1, "(top level)", "the config must be a mapping")])
+    located = _Located(root)
+    try:
+        return ProxyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_issues_from_validation(exc, located, file)) from exc
+
+
+def _issues_from_validation(
+    exc: ValidationError, located: _Located, file: str
+) -> list[ConfigIssue]:
+    issues = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        context = error.get("ctx") or {}
+        inner = context.get("error")
+        if isinstance(inner, _LocatedError):
+            loc, message = loc + inner.loc, str(inner)
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown field"
+            elif error["type"] == "missing":
+                message = "field required"
+        issues.append(ConfigIssue(file, located.line_of(loc), _dotted(loc), message))
+    return issues
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> ProxyConfig:
+    """Read and validate a config file; errors name the file as the operator gave it."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(file, 1, "(file)", exc.strerror or str(exc))]) from exc
+    return parse_config(text, file, env)
+
+
+def summarize(config: ProxyConfig) -> str:
+    """One line telling an operator what a valid config contains."""
+    backends = [b for u in config.upstreams.values() for b in u.backends]
+    providers = sorted({b.provider for b in backends})
+    return (
+        f"{len(config.upstreams)} upstream(s), {len(backends)} backend(s) over "
+        f"{len(providers)} provider(s) ({', '.join(providers)}), {len(config.routes)} route(s), "
+        f"listening on {config.listen.host}:{config.listen.port}"
+    )

@@ -1,0 +1,417 @@
+"""The client-facing HTTP/1.1 protocol: parse with llhttp, enforce limits, answer in order.
+
+Requests on one connection are served one after another (pipelined requests queue up, each
+response goes out in request order). Reading from the client is paused whenever the proxy cannot
+take more: a body backlog waiting for a backend, a backend reading the body slowly, or too many
+pipelined requests. A malformed or oversized request gets its 4xx after the responses ahead of
+it, and the connection is closed: nothing after a framing error is ever forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from ..routing import normalize_host
+from .forward import forward
+from .headers import error_response, new_request_id
+from .request import Request, RequestBody
+from .tunnel import Tunnel
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .forward import Attempt
+    from .state import DataPlane
+
+# Reasons to stop reading from the client; reading resumes when none is left.
+_PAUSE_BODY_BACKLOG = 1
+_PAUSE_UPSTREAM_SLOW = 2
+_PAUSE_PIPELINE_FULL = 4
+_PAUSE_UPGRADING = 8
+_PAUSE_STOPPED = 16
+
+_MAX_PIPELINED = 16
+
+
+class RejectRequest(Exception):
+    """A request the proxy refuses before forwarding (too large, bad framing…)."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+class _Rejection:
+    """A queued refusal, so it is written after the responses to earlier pipelined requests."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.loop = plane.loop
+        self.limits = plane.limits
+        self.scheme = plane.scheme
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = b"unknown"
+        self.queue: deque[Request | _Rejection] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.attempt: Attempt | None = None
+        self.tunnel: Tunnel | None = None
+        self.write_paused = False
+        self.closed = False
+        self.stopped_parsing = False
+        self.deadline = 0.0
+        """When the client must have done something by (0: no limit now); see DataPlane.sweep."""
+        self.deadline_status = 0
+        """408 when a request head is overdue, 0 when an idle keep-alive connection expires."""
+        self._pause_reasons = 0
+        self._current: Request | None = None
+        self._url_parts: list[bytes] = []
+        self._header_bytes = 0
+        self._in_head = False
+        self._upgrade_buffer: list[bytes] = []
+        self._client_eof = False
+
+    @property
+    def draining(self) -> bool:
+        return self.plane.draining
+
+    # -- connection lifecycle ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.plane.connections.add(self)
+        self._set_deadline(self.limits.header_timeout, 408)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.plane.connections.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.queue.clear()
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its request still gets the answer; keep our side open
+        # while a request is in progress, otherwise close.
+        if self.tunnel is not None:
+            return None
+        self._client_eof = True
+        return True if (self.task is not None or self.queue) else None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.client_write_paused(True)
+        elif self.attempt is not None:
+            self.attempt.conn.pause_reading(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.tunnel is not None:
+            self.tunnel.client_write_paused(False)
+        elif self.attempt is not None:
+            self.attempt.conn.pause_reading(False)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(parts)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- reading, with reasons to pause --------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._pause_reasons and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._pause_reasons |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self._pause_reasons & reason:
+            return
+        self._pause_reasons &= ~reason
+        if not self._pause_reasons and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def set_paused_by_upstream(self, paused: bool) -> None:
+        if paused:
+            self._pause(_PAUSE_UPSTREAM_SLOW)
+        else:
+            self._resume(_PAUSE_UPSTREAM_SLOW)
+
+    def _pause_for_body(self) -> None:
+        self._pause(_PAUSE_BODY_BACKLOG)
+
+    def _resume_for_body(self) -> None:
+        self._resume(_PAUSE_BODY_BACKLOG)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
+        if self.stopped_parsing:
+            if self._pause_reasons & _PAUSE_UPGRADING:
+                self._upgrade_buffer.append(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # The request asked to switch protocols: what follows is not HTTP unless the backend
+            # refuses, so hold it until the backend answers.
+            self.stopped_parsing = True
+            leftover = data[upgrade.args[0] :]
+            if leftover:
+                self._upgrade_buffer.append(leftover)
+            self._pause(_PAUSE_UPGRADING)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RejectRequest):
+                self._reject(cause.status, cause.reason, cause.detail)
+            else:
+                self._reject(400, "Bad Request", "request could not be handled")
+        except httptools.HttpParserError as exc:
+            self._reject(400, "Bad Request", f"malformed request: {exc}")
+
+    def _reject(self, status: int, reason: str, detail: str) -> None:
+        self.stopped_parsing = True
+        self._pause(_PAUSE_STOPPED)
+        current = self._current
+        request_id = current.request_id if current is not None else new_request_id()
+        if current is not None and not self._in_head and not current.body.complete:
+            # Broken in the middle of its body: whatever part went to a backend is abandoned.
+            current.body.fail()
+        payload = error_response(status, reason, detail, request_id, close=True)
+        self.queue.append(_Rejection(payload))
+        self._ensure_serving()
+
+    # -- llhttp callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        request = Request()
+        request.request_id = new_request_id()
+        self._current = request
+        self._url_parts = []
+        self._header_bytes = 0
+        self._in_head = True
+        if self.task is None and not self.queue:
+            self._set_deadline(self.limits.header_timeout, 408)
+
+    def on_url(self, url: bytes) -> None:
+        self._url_parts.append(url)
+        self._header_bytes += len(url)
+        if self._header_bytes > self.limits.max_url_bytes:
+            raise RejectRequest(414, "URI Too Long", "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # trailers of a chunked body are not forwarded
+        request = self._current
+        assert request is not None
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise RejectRequest(431, "Request Header Fields Too Large", "request head too large")
+        headers = request.headers
+        headers.append((name.lower(), name, value))
+        if len(headers) > self.limits.max_headers:
+            raise RejectRequest(431, "Request Header Fields Too Large", "too many header fields")
+
+    def on_headers_complete(self) -> None:
+        request = self._current
+        assert request is not None
+        parser = self.parser
+        request.method = parser.get_method()
+        request.http10 = parser.get_http_version() == "1.0"
+        request.keep_alive = parser.should_keep_alive()
+        target = b"".join(self._url_parts)
+        self._read_framing(request, target)
+        self._in_head = False
+        body_complete = request.content_length in (None, 0) and not request.chunked
+        request.body = RequestBody(
+            self.limits.replay_buffer_bytes,
+            self._pause_for_body,
+            self._resume_for_body,
+            complete=body_complete,
+        )
+        self.queue.append(request)
+        if len(self.queue) >= _MAX_PIPELINED:
+            self._pause(_PAUSE_PIPELINE_FULL)
+        self.deadline = 0.0
+        self._ensure_serving()
+
+    def _read_framing(self, request: Request, target: bytes) -> None:
+        """Checks a proxy must make before trusting a request head (RFC 9112 §3.2, §6)."""
+        hosts = []
+        for lname, _, value in request.headers:
+            if lname == b"host":
+                hosts.append(value)
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise RejectRequest(
+                        501, "Not Implemented", "only Transfer-Encoding: chunked is supported"
+                    )
+                request.chunked = True
+            elif lname == b"content-length":
+                request.content_length = int(value)
+            elif lname == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    raise RejectRequest(417, "Expectation Failed", "unsupported expectation")
+                request.expect_continue = not request.http10
+            elif lname == b"upgrade" and self.parser.should_upgrade():
+                request.upgrade = value
+        if request.method == b"CONNECT":
+            raise RejectRequest(405, "Method Not Allowed", "CONNECT is not supported")
+        if len(hosts) > 1:
+            raise RejectRequest(400, "Bad Request", "more than one Host header")
+        if target.startswith((b"http://", b"https://")):
+            url = httptools.parse_url(target)
+            authority = url.host + (b":%d" % url.port if url.port else b"")
+            hosts = [authority]
+            target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+        elif not target.startswith(b"/") and target != b"*":
+            raise RejectRequest(400, "Bad Request", "invalid request target")
+        if not hosts and not request.http10:
+            raise RejectRequest(400, "Bad Request", "missing Host header")
+        limit = self.limits.max_body_bytes
+        length = request.content_length
+        if limit is not None and length is not None and length > limit:
+            raise RejectRequest(413, "Content Too Large", f"request body over {limit} bytes")
+        request.target = target
+        query = target.find(b"?")
+        request.path = target if query == -1 else target[:query]
+        if hosts:
+            request.raw_host = hosts[0]
+            request.host = normalize_host(hosts[0])
+
+    def on_body(self, chunk: bytes) -> None:
+        request = self._current
+        assert request is not None
+        limit = self.limits.max_body_bytes
+        if limit is not None and request.body.received + len(chunk) > limit:
+            raise RejectRequest(413, "Content Too Large", f"request body over {limit} bytes")
+        request.body.feed(chunk)
+
+    def on_message_complete(self) -> None:
+        request = self._current
+        if request is not None and not request.body.complete:
+            request.body.finish()
+
+    # -- serving the queue in order ------------------------------------------------------------
+
+    def _ensure_serving(self) -> None:
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        queue = self.queue
+        try:
+            while queue and not self.closed:
+                item = queue.popleft()
+                if len(queue) < _MAX_PIPELINED and not isinstance(item, _Rejection):
+                    self._resume(_PAUSE_PIPELINE_FULL)
+                if isinstance(item, _Rejection):
+                    self.write(item.payload)
+                    self.close()
+                    return
+                await self._serve_one(item)
+                if item.close_connection:
+                    self.close()
+                    return
+                if self.tunnel is not None:
+                    return
+        finally:
+            self.task = None
+        if self._client_eof:
+            self.close()
+        elif not self.closed:
+            self._set_deadline(self.limits.keepalive_timeout, 0)
+
+    async def _serve_one(self, request: Request) -> None:
+        topology = self.plane.topology
+        route = topology.router.match(request.host, request.path)
+        if route is None:
+            request.close_connection = request.close_connection or not request.body.complete
+            self.write(
+                error_response(
+                    404, "Not Found", "no route for this host and path", request.request_id,
+                    close=request.close_connection or not request.keep_alive,
+                )
+            )
+            if not request.keep_alive:
+                request.close_connection = True
+            return
+        await forward(self, request, route.target)
+        if request.upgrade is not None and self.tunnel is None:
+            request.close_connection = True  # the backend refused the upgrade
+
+    def start_tunnel(self, conn: UpstreamConnection, leftover: bytes) -> None:
+        """The backend switched protocols: from now on bytes flow untouched both ways."""
+        assert self.transport is not None and conn.transport is not None
+        tunnel = Tunnel(self.transport, conn.transport)
+        self.tunnel = tunnel
+        conn.tunnel = tunnel
+        self.plane.tunnels += 1
+        if leftover:
+            tunnel.from_backend(leftover)
+        for chunk in self._upgrade_buffer:
+            tunnel.from_client(chunk)
+        self._upgrade_buffer = []
+        conn.pause_reading(False)
+        self._pause_reasons = 0
+        self.transport.resume_reading()
+        if self.write_paused:
+            tunnel.client_write_paused(True)
+
+    # -- timeouts ------------------------------------------------------------------------------
+
+    def _set_deadline(self, seconds: float, status: int) -> None:
+        self.deadline = self.loop.time() + seconds
+        self.deadline_status = status
+
+    def on_deadline(self) -> None:
+        """Called by the sweeper when the client took too long (or idled too long)."""
+        self.deadline = 0.0
+        if self.task is not None or self.tunnel is not None:
+            return
+        if self.deadline_status == 408 and self._current is not None and self._in_head:
+            self.write(
+                error_response(
+                    408, "Request Timeout", "request head not received in time",
+                    self._current.request_id, close=True,
+                )
+            )
+        self.close()

@@ -1,0 +1,175 @@
+"""Header rules of a proxy: hop-by-hop removal, X-Forwarded-*, Via, request ids, framing.
+
+Headers are kept as (lower-case name, name as sent, value) byte triples so that names go out
+spelled as the client or backend spelled them, and every comparison is on the lower-case name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+Header = tuple[bytes, bytes, bytes]
+
+# RFC 9110 §7.6.1 plus Trailer (we do not forward trailers) and Proxy-Connection (legacy).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Request headers the proxy rewrites itself rather than passing through.
+_REWRITTEN_REQUEST = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"via",
+}
+_REWRITTEN_RESPONSE = HOP_BY_HOP | {b"content-length", b"via"}
+
+VIA_TOKEN = b"1.1 failover-proxy"
+_REQUEST_ID_PREFIX = os.urandom(6).hex().encode()
+_request_counter = itertools.count(1)
+
+
+def new_request_id() -> bytes:
+    """A process-unique id: random per-process prefix plus a counter (no syscall per request)."""
+    return b"%s-%x" % (_REQUEST_ID_PREFIX, next(_request_counter))
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """Lower-case option names listed in a Connection header."""
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def _extra_hop_by_hop(headers: list[Header]) -> set[bytes]:
+    """Names a Connection header declares hop-by-hop (beyond close / keep-alive / upgrade)."""
+    listed: set[bytes] = set()
+    for lname, _, value in headers:
+        if lname == b"connection":
+            listed |= connection_tokens(value)
+    listed -= {b"close", b"keep-alive", b"upgrade"}
+    return listed
+
+
+def first_value(headers: list[Header], lname: bytes) -> bytes | None:
+    for name, _, value in headers:
+        if name == lname:
+            return value
+    return None
+
+
+def build_request_head(
+    method: bytes,
+    target: bytes,
+    headers: list[Header],
+    *,
+    host: bytes,
+    client_ip: bytes,
+    scheme: bytes,
+    request_id: bytes,
+    content_length: int | None,
+    chunked: bool,
+    upgrade: bytes | None,
+) -> bytes:
+    """The request head sent to a backend, framed by the proxy itself (never the client)."""
+    out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    extra = _extra_hop_by_hop(headers)
+    forwarded_for = client_ip
+    original_host = b""
+    via = VIA_TOKEN
+    has_request_id = False
+    for lname, name, value in headers:
+        if lname in _REWRITTEN_REQUEST:
+            if lname == b"x-forwarded-for":
+                forwarded_for = value + b", " + client_ip
+            elif lname == b"host":
+                original_host = value
+            elif lname == b"via":
+                via = value + b", " + VIA_TOKEN
+            continue
+        if extra and lname in extra:
+            continue
+        if lname == b"x-request-id":
+            has_request_id = True
+        out += (name, b": ", value, b"\r\n")
+    if not has_request_id:
+        out += (b"X-Request-Id: ", request_id, b"\r\n")
+    out += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: ", scheme, b"\r\n")
+    if original_host:
+        out += (b"X-Forwarded-Host: ", original_host, b"\r\n")
+    out += (b"Via: ", via, b"\r\n")
+    if upgrade is not None:
+        out += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    elif content_length is not None:
+        out += (b"Content-Length: ", b"%d" % content_length, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def build_response_head(
+    status: int,
+    reason: bytes,
+    headers: list[Header],
+    *,
+    content_length: bytes | None,
+    chunked: bool,
+    keep_alive: bool,
+    client_http10: bool,
+    request_id: bytes,
+    upgrade: bytes | None = None,
+) -> bytes:
+    """The response head sent to the client, with our own framing and connection headers."""
+    out = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    extra = _extra_hop_by_hop(headers)
+    via = VIA_TOKEN
+    has_request_id = False
+    for lname, name, value in headers:
+        if lname in _REWRITTEN_RESPONSE:
+            if lname == b"via":
+                via = value + b", " + VIA_TOKEN
+            continue
+        if extra and lname in extra:
+            continue
+        if lname == b"x-request-id":
+            has_request_id = True
+        out += (name, b": ", value, b"\r\n")
+    if not has_request_id:
+        out += (b"X-Request-Id: ", request_id, b"\r\n")
+    out += (b"Via: ", via, b"\r\n")
+    if upgrade is not None:
+        out += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    elif not keep_alive:
+        out.append(b"Connection: close\r\n")
+    elif client_http10:
+        out.append(b"Connection: keep-alive\r\n")
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    elif content_length is not None:
+        out += (b"Content-Length: ", content_length, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def error_response(
+    status: int, reason: str, detail: str, request_id: bytes, *, close: bool = False
+) -> bytes:
+    """A short plain-text answer of the proxy's own: what failed and which request it was."""
+    body = f"{status} {reason}: {detail} (request id {request_id.decode()})\n".encode()
+    connection = b"close" if close else b"keep-alive"
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"X-Request-Id: %s\r\nConnection: %s\r\n\r\n%s"
+        % (status, reason.encode(), len(body), request_id, connection, body)
+    )

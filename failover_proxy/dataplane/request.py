@@ -1,0 +1,168 @@
+"""A parsed client request and its body, streaming to whichever upstream attempt holds it.
+
+The body is not buffered whole: chunks go straight to the attempt that owns it. Only while no
+attempt is attached (connecting, or queued behind a pipelined request) are chunks held, and the
+client is paused once that backlog passes a high-water mark. Up to `replay_limit` bytes are also
+kept so that a request can be sent again when a reused keep-alive connection proves dead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from .headers import Header
+
+# Backlog held for an attempt that is not attached yet, before the client is paused.
+PENDING_HIGH_WATER = 256 * 1024
+
+
+class BodySink(Protocol):
+    def write_body(self, chunk: bytes) -> None: ...
+    def end_body(self) -> None: ...
+    def abort_body(self) -> None: ...
+
+
+class RequestBody:
+    """The client's request body as a stream with a bounded replay buffer."""
+
+    __slots__ = (
+        "_pause",
+        "_paused",
+        "_resume",
+        "complete",
+        "delivered",
+        "failed",
+        "pending",
+        "pending_bytes",
+        "received",
+        "replay",
+        "replay_bytes",
+        "replay_limit",
+        "sink",
+    )
+
+    def __init__(
+        self,
+        replay_limit: int,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        complete: bool = False,
+    ) -> None:
+        self.replay_limit = replay_limit
+        self._pause = pause
+        self._resume = resume
+        self._paused = False
+        self.complete = complete
+        self.received = 0
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.replay: list[bytes] | None = []
+        self.replay_bytes = 0
+        self.sink: BodySink | None = None
+        self.delivered = False
+        self.failed = False
+
+    @property
+    def replayable(self) -> bool:
+        """True while every byte received so far can still be sent again."""
+        return self.replay is not None
+
+    def feed(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        replay = self.replay
+        if replay is not None:
+            self.replay_bytes += len(chunk)
+            if self.replay_bytes > self.replay_limit:
+                self.replay = None
+            else:
+                replay.append(chunk)
+        sink = self.sink
+        if sink is not None:
+            self.delivered = True
+            sink.write_body(chunk)
+            return
+        self.pending.append(chunk)
+        self.pending_bytes += len(chunk)
+        if self.pending_bytes > PENDING_HIGH_WATER and not self._paused:
+            self._paused = True
+            self._pause()
+
+    def finish(self) -> None:
+        self.complete = True
+        if self.sink is not None:
+            self.sink.end_body()
+
+    def fail(self) -> None:
+        """The client broke the body (bad framing, over the size limit): abandon the request."""
+        self.failed = True
+        self.pending = []
+        self.replay = None
+        if self.sink is not None:
+            self.sink.abort_body()
+
+    def attach(self, sink: BodySink) -> bool:
+        """Give the body to an attempt; False when bytes already sent elsewhere are lost."""
+        if self.failed:
+            return False
+        if self.delivered:
+            if self.replay is None:
+                return False
+            chunks = self.replay
+        else:
+            chunks = self.pending
+        self.sink = sink
+        if chunks:
+            self.delivered = True
+            for chunk in chunks:
+                sink.write_body(chunk)
+        self.pending = []
+        self.pending_bytes = 0
+        if self._paused:
+            self._paused = False
+            self._resume()
+        if self.complete:
+            sink.end_body()
+        return True
+
+    def detach(self) -> None:
+        self.sink = None
+
+
+class Request:
+    """One parsed request head plus its body stream; what the forwarder works from."""
+
+    __slots__ = (
+        "body",
+        "chunked",
+        "close_connection",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "host",
+        "http10",
+        "keep_alive",
+        "method",
+        "path",
+        "raw_host",
+        "request_id",
+        "target",
+        "upgrade",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.path = b"/"
+        self.headers: list[Header] = []
+        self.host = ""
+        self.raw_host: bytes | None = None
+        self.http10 = False
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+        self.chunked = False
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.request_id = b""
+        self.close_connection = False
+        self.body: RequestBody

@@ -1,0 +1,73 @@
+"""The data plane of one process: its config generation, its client connections, its clocks.
+
+Timeouts of client connections (slow request heads, idle keep-alive) and of idle backend
+connections are enforced by one sweep a second instead of a timer per request: the hot path only
+writes a deadline number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from ..config import LimitsConfig
+from .downstream import DownstreamProtocol
+
+if TYPE_CHECKING:
+    from ..topology import Topology
+
+SWEEP_INTERVAL = 1.0
+
+
+class DataPlane:
+    """Shared state of every client connection in this process."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        topology: Topology,
+        limits: LimitsConfig,
+        scheme: bytes = b"http",
+    ) -> None:
+        self.loop = loop
+        self.topology = topology
+        self.limits = limits
+        self.scheme = scheme
+        self.connections: set[DownstreamProtocol] = set()
+        self.draining = False
+        self.tunnels = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def protocol_factory(self) -> DownstreamProtocol:
+        return DownstreamProtocol(self)
+
+    def start(self) -> None:
+        self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep()
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for connection in list(self.connections):
+            if connection.deadline and now >= connection.deadline:
+                connection.on_deadline()
+        for upstream in self.topology.upstreams.values():
+            for backend in upstream.backends:
+                backend.pool.sweep(now)
+
+    def close_idle_connections(self) -> None:
+        """Close client connections that have no request in progress (for shutdown)."""
+        for connection in list(self.connections):
+            if connection.task is None and connection.tunnel is None:
+                connection.close()
+
+    @property
+    def busy_connections(self) -> int:
+        return sum(1 for c in self.connections if c.task is not None or c.tunnel is not None)

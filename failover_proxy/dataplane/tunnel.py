@@ -1,0 +1,52 @@
+"""Byte tunnels for upgraded connections (WebSocket and other `101 Switching Protocols`).
+
+After the backend agrees to switch protocols, HTTP is over on both connections: bytes pass
+through untouched in both directions, each side's full write buffer pauses the other side's
+reads, and when either side closes, the other is closed after its pending bytes are flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class Tunnel:
+    """Joins a client transport and a backend transport until either closes."""
+
+    __slots__ = ("backend", "client", "closed")
+
+    def __init__(self, client: asyncio.Transport, backend: asyncio.Transport) -> None:
+        self.client = client
+        self.backend = backend
+        self.closed = False
+
+    def from_client(self, data: bytes) -> None:
+        if not self.closed:
+            self.backend.write(data)
+
+    def from_backend(self, data: bytes) -> None:
+        if not self.closed:
+            self.client.write(data)
+
+    def client_write_paused(self, paused: bool) -> None:
+        """The client reads slowly: stop reading from the backend until it catches up."""
+        _set_reading(self.backend, not paused)
+
+    def backend_write_paused(self, paused: bool) -> None:
+        _set_reading(self.client, not paused)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.client.close()
+        self.backend.close()
+
+
+def _set_reading(transport: asyncio.Transport, reading: bool) -> None:
+    if transport.is_closing():
+        return
+    if reading and not transport.is_reading():
+        transport.resume_reading()
+    elif not reading and transport.is_reading():
+        transport.pause_reading()

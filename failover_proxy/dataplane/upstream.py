@@ -1,0 +1,274 @@
+"""Connections to backends and their keep-alive pools (plain TCP or TLS with SNI).
+
+An `UpstreamConnection` parses responses with llhttp and hands every event to the attempt that
+currently owns it; between requests it rests in its backend's `UpstreamPool`, newest first, and
+is closed after `idle_timeout` so that we, not the backend, end idle connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from .headers import Header
+
+if TYPE_CHECKING:
+    from .tunnel import Tunnel
+
+
+class ResponseHandler(Protocol):
+    """What an upstream connection reports to the attempt that owns it."""
+
+    head_only: bool
+
+    def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
+        ...
+
+    def on_body(self, chunk: bytes) -> None: ...
+    def on_complete(self) -> None: ...
+    def on_upgrade(self, leftover: bytes) -> None: ...
+    def on_lost(self, exc: Exception | None) -> None: ...
+    def on_bad_response(self, reason: str) -> None: ...
+    def on_write_paused(self, paused: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to a backend; parses responses and forwards events to its owner."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.owner: ResponseHandler | None = None
+        self.tunnel: Tunnel | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reading_paused = False
+        self.bytes_received = 0
+        """Bytes received since the current owner took the connection (0 = the backend is mute)."""
+        self._headers: list[Header] = []
+        self._reason = b""
+        self._in_head = False
+        self._informational = False
+        self._head_only_done = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.pool.open_connections += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            owner.on_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; an HTTP/1.1 backend that half-closes is done
+
+    def close(self) -> None:
+        self.closed = True
+        self.owner = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.owner = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is None or paused == self.reading_paused or self.closed:
+            return
+        self.reading_paused = paused
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    # -- flow control from the kernel ----------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.backend_write_paused(True)
+        elif self.owner is not None:
+            self.owner.on_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.backend_write_paused(False)
+        elif self.owner is not None:
+            self.owner.on_write_paused(False)
+
+    # -- bytes in ------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_backend(data)
+            return
+        if self.owner is None:
+            # Bytes nobody asked for on an idle connection: it can no longer be trusted.
+            self.abort()
+            return
+        self.bytes_received += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            owner = self.owner
+            if owner is not None:
+                owner.on_upgrade(data[upgrade.args[0] :])
+        except httptools.HttpParserCallbackError as exc:
+            self._bad_response(f"response handling failed: {exc.__context__!r}")
+        except httptools.HttpParserError as exc:
+            self._bad_response(f"invalid response from backend: {exc}")
+
+    def _bad_response(self, reason: str) -> None:
+        owner = self.owner
+        self.abort()
+        if owner is not None:
+            owner.on_bad_response(reason)
+
+    # -- llhttp callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+        self._in_head = True
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # headers after the head are trailers: not forwarded
+            self._headers.append((name.lower(), name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
+            return
+        owner = self.owner
+        if owner is None:
+            return
+        owner.on_head(status, self._reason, self._headers, self.parser.should_keep_alive())
+        if owner.head_only and status != 101:
+            # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
+            # response and treat any body bytes of this one as a protocol error.
+            self.parser = httptools.HttpResponseParser(self)
+            self._head_only_done = True
+            owner.on_complete()
+
+    def on_body(self, chunk: bytes) -> None:
+        if self._head_only_done:
+            self._head_only_done = False
+            self.abort()
+            return
+        owner = self.owner
+        if owner is not None:
+            owner.on_body(chunk)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        if self._head_only_done:
+            self._head_only_done = False
+            return
+        owner = self.owner
+        if owner is not None and self.parser.get_status_code() != 101:
+            owner.on_complete()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one backend, reused newest first."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+        connect_timeout: float,
+        max_idle: int,
+        idle_timeout: float,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.idle: list[UpstreamConnection] = []
+        self.open_connections = 0
+        self.closed = False
+
+    def take_idle(self, now: float) -> UpstreamConnection | None:
+        """The most recently used live connection, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if now - conn.idle_since >= self.idle_timeout:
+                conn.close()
+                continue
+            conn.bytes_received = 0
+            return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection; raises TimeoutError after connect_timeout, OSError when refused."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            _, protocol = await loop.create_connection(
+                lambda: UpstreamConnection(self),
+                self.host,
+                self.port,
+                ssl=self.ssl_context,
+                server_hostname=self.server_hostname,
+            )
+        return protocol
+
+    def release(self, conn: UpstreamConnection, now: float) -> None:
+        """Keep a connection whose exchange ended cleanly, or close it when the pool is full."""
+        conn.owner = None
+        if conn.closed or self.closed or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.pause_reading(False)  # an idle connection must see the backend's close
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.open_connections -= 1
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle for longer than idle_timeout (oldest are at the front)."""
+        idle = self.idle
+        while idle and now - idle[0].idle_since >= self.idle_timeout:
+            idle.pop(0).close()
+
+    def close(self) -> None:
+        self.closed = True
+        while self.idle:
+            self.idle.pop().close()

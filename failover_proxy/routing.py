@@ -1,0 +1,73 @@
+"""Route matching: which upstream serves a request, by host and longest path prefix.
+
+A route with an exact host beats a `*.suffix` route, which beats a route for any host; among
+routes of the same host rank the longest path prefix wins (a plain string prefix, as in Envoy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Route(Generic[T]):
+    host: str | None
+    path_prefix: str
+    target: T
+
+
+class Router(Generic[T]):
+    """Matches (host, path) to a route's target without allocating on the hot path."""
+
+    def __init__(self, routes: Sequence[Route[T]]) -> None:
+        self._exact: dict[str, list[tuple[bytes, Route[T]]]] = {}
+        self._wildcard: list[tuple[str, list[tuple[bytes, Route[T]]]]] = []
+        self._any: list[tuple[bytes, Route[T]]] = []
+        wildcard: dict[str, list[tuple[bytes, Route[T]]]] = {}
+        for route in routes:
+            entry = (route.path_prefix.encode(), route)
+            if route.host is None:
+                self._any.append(entry)
+            elif route.host.startswith("*."):
+                wildcard.setdefault(route.host[1:], []).append(entry)
+            else:
+                self._exact.setdefault(route.host, []).append(entry)
+        for group in (*self._exact.values(), *wildcard.values(), self._any):
+            group.sort(key=lambda item: len(item[0]), reverse=True)
+        # Longest suffix first, so *.eu.example.com beats *.example.com.
+        self._wildcard = sorted(wildcard.items(), key=lambda item: len(item[0]), reverse=True)
+
+    def match(self, host: str, path: bytes) -> Route[T] | None:
+        """The route for a lower-case host (port removed) and a request path, or None."""
+        group = self._exact.get(host)
+        if group is not None and (found := _longest_prefix(group, path)) is not None:
+            return found
+        for suffix, wild_group in self._wildcard:
+            if (
+                host.endswith(suffix)
+                and len(host) > len(suffix)
+                and (found := _longest_prefix(wild_group, path)) is not None
+            ):
+                return found
+        return _longest_prefix(self._any, path)
+
+
+def _longest_prefix(group: list[tuple[bytes, Route[T]]], path: bytes) -> Route[T] | None:
+    for prefix, route in group:
+        if path.startswith(prefix):
+            return route
+    return None
+
+
+def normalize_host(raw: bytes) -> str:
+    """Host header value → lower-case name without port (IPv6 brackets kept)."""
+    host = raw.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end != -1 else host
+    colon = host.rfind(":")
+    return host[:colon] if colon != -1 else host
