@@ -63,8 +63,22 @@ def _longest_prefix(group: list[tuple[bytes, Route[T]]], path: bytes) -> Route[T
     return None
 
 
+_HOST_CACHE: dict[bytes, str] = {}
+_HOST_CACHE_MAX = 4096
+
+
 def normalize_host(raw: bytes) -> str:
-    """Host header value → lower-case name without port (IPv6 brackets kept)."""
+    """Host header value → lower-case name without port (IPv6 brackets kept), memoized."""
+    host = _HOST_CACHE.get(raw)
+    if host is None:
+        host = _normalize_host(raw)
+        if len(_HOST_CACHE) >= _HOST_CACHE_MAX:
+            _HOST_CACHE.clear()
+        _HOST_CACHE[raw] = host
+    return host
+
+
+def _normalize_host(raw: bytes) -> str:
     host = raw.decode("latin-1").strip().lower()
     if host.startswith("["):
         end = host.find("]")

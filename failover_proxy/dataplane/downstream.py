@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from ..routing import normalize_host
-from .forward import forward
-from .headers import error_response, new_request_id
-from .request import Request, RequestBody
+from .forward import Exchange
+from .headers import error_response, join_values, new_request_id
+from .request import EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from .forward import Attempt
     from .state import DataPlane
 
 # Reasons to stop reading from the client; reading resumes when none is left.
@@ -69,8 +68,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.client_ip = b"unknown"
         self.queue: deque[Request | _Rejection] = deque()
-        self.task: asyncio.Task[None] | None = None
-        self.attempt: Attempt | None = None
+        self.exchange: Exchange | None = None
+        self._serving = False
         self.tunnel: Tunnel | None = None
         self.write_paused = False
         self.closed = False
@@ -110,8 +109,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.plane.connections.discard(self)
         if self.tunnel is not None:
             self.tunnel.close()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        if self.exchange is not None:
+            self.exchange.abandon()
+            self.exchange = None
         self.queue.clear()
 
     def eof_received(self) -> bool | None:
@@ -120,21 +120,21 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             return None
         self._client_eof = True
-        return True if (self.task is not None or self.queue) else None
+        return True if (self.exchange is not None or self.queue) else None
 
     def pause_writing(self) -> None:
         self.write_paused = True
         if self.tunnel is not None:
             self.tunnel.client_write_paused(True)
-        elif self.attempt is not None:
-            self.attempt.conn.pause_reading(True)
+        elif self.exchange is not None and self.exchange.attempt is not None:
+            self.exchange.attempt.conn.pause_reading(True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.tunnel is not None:
             self.tunnel.client_write_paused(False)
-        elif self.attempt is not None:
-            self.attempt.conn.pause_reading(False)
+        elif self.exchange is not None and self.exchange.attempt is not None:
+            self.exchange.attempt.conn.pause_reading(False)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._url_parts = []
         self._header_bytes = 0
         self._in_head = True
-        if self.task is None and not self.queue:
+        if self.exchange is None and not self.queue:
             self._set_deadline(self.limits.header_timeout, 408)
 
     def on_url(self, url: bytes) -> None:
@@ -260,17 +260,19 @@ class DownstreamProtocol(asyncio.Protocol):
         target = b"".join(self._url_parts)
         self._read_framing(request, target)
         self._in_head = False
-        body_complete = request.content_length in (None, 0) and not request.chunked
-        request.body = RequestBody(
-            self.limits.replay_buffer_bytes,
-            self._pause_for_body,
-            self._resume_for_body,
-            complete=body_complete,
-        )
+        if request.chunked or request.content_length:
+            request.body = RequestBody(
+                self.limits.replay_buffer_bytes, self._pause_for_body, self._resume_for_body
+            )
+        else:
+            request.body = EMPTY_BODY
+        self.deadline = 0.0
+        if self.exchange is None and not self.queue and not self._serving:
+            self._start_exchange(request)  # the common case: nothing ahead of it
+            return
         self.queue.append(request)
         if len(self.queue) >= _MAX_PIPELINED:
             self._pause(_PAUSE_PIPELINE_FULL)
-        self.deadline = 0.0
         self._ensure_serving()
 
     def _read_framing(self, request: Request, target: bytes) -> None:
@@ -287,6 +289,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 request.chunked = True
             elif lname == b"content-length":
                 request.content_length = int(value)
+            elif lname == b"connection":
+                request.connection = join_values(request.connection, value)
             elif lname == b"expect":
                 if value.strip().lower() != b"100-continue":
                     raise RejectRequest(417, "Expectation Failed", "unsupported expectation")
@@ -333,50 +337,70 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- serving the queue in order ------------------------------------------------------------
 
     def _ensure_serving(self) -> None:
-        if self.task is None:
-            self.task = self.loop.create_task(self._serve())
+        if self.exchange is None:
+            self._serve_next()
 
-    async def _serve(self) -> None:
-        queue = self.queue
+    def _serve_next(self) -> None:
+        """Start the next queued request, unless one is in progress (responses go in order)."""
+        if self._serving:
+            return  # called back from inside the loop below: the loop carries on
+        self._serving = True
         try:
-            while queue and not self.closed:
+            queue = self.queue
+            while queue and self.exchange is None and not self.closed:
                 item = queue.popleft()
-                if len(queue) < _MAX_PIPELINED and not isinstance(item, _Rejection):
-                    self._resume(_PAUSE_PIPELINE_FULL)
                 if isinstance(item, _Rejection):
                     self.write(item.payload)
                     self.close()
                     return
-                await self._serve_one(item)
-                if item.close_connection:
-                    self.close()
-                    return
-                if self.tunnel is not None:
+                if len(queue) < _MAX_PIPELINED:
+                    self._resume(_PAUSE_PIPELINE_FULL)
+                self._start_exchange(item)
+                if item.close_connection and self.exchange is None:
                     return
         finally:
-            self.task = None
-        if self._client_eof:
-            self.close()
-        elif not self.closed:
-            self._set_deadline(self.limits.keepalive_timeout, 0)
+            self._serving = False
+        if self.exchange is None and not self.closed and self.tunnel is None:
+            if self._client_eof:
+                self.close()
+            else:
+                self._set_deadline(self.limits.keepalive_timeout, 0)
 
-    async def _serve_one(self, request: Request) -> None:
-        topology = self.plane.topology
-        route = topology.router.match(request.host, request.path)
+    def _start_exchange(self, request: Request) -> None:
+        route = self.plane.topology.router.match(request.host, request.path)
         if route is None:
-            request.close_connection = request.close_connection or not request.body.complete
-            self.write(
-                error_response(
-                    404, "Not Found", "no route for this host and path", request.request_id,
-                    close=request.close_connection or not request.keep_alive,
-                )
-            )
-            if not request.keep_alive:
-                request.close_connection = True
+            self._answer_no_route(request)
+            if request.close_connection:
+                self.close()
             return
-        await forward(self, request, route.target)
-        if request.upgrade is not None and self.tunnel is None:
+        exchange = Exchange(self, request, route.target)
+        self.exchange = exchange
+        exchange.begin()
+
+    def _answer_no_route(self, request: Request) -> None:
+        if not request.keep_alive or not request.body.complete:
+            request.close_connection = True
+        self.write(
+            error_response(
+                404, "Not Found", "no route for this host and path", request.request_id,
+                close=request.close_connection,
+            )
+        )
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        """Called by an exchange when its response is complete (or failed)."""
+        if self.exchange is not exchange:
+            return
+        self.exchange = None
+        request = exchange.request
+        if self.tunnel is not None:
+            return
+        if request.upgrade is not None:
             request.close_connection = True  # the backend refused the upgrade
+        if request.close_connection:
+            self.close()
+            return
+        self._serve_next()
 
     def start_tunnel(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """The backend switched protocols: from now on bytes flow untouched both ways."""
@@ -405,7 +429,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_deadline(self) -> None:
         """Called by the sweeper when the client took too long (or idled too long)."""
         self.deadline = 0.0
-        if self.task is not None or self.tunnel is not None:
+        if self.exchange is not None or self.tunnel is not None:
             return
         if self.deadline_status == 408 and self._current is not None and self._in_head:
             self.write(

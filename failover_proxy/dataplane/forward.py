@@ -2,9 +2,9 @@
 
 An `Attempt` is one try on one upstream connection. It owns that connection's events and writes
 the response to the client as it arrives (no buffering), so the hot path is a handful of
-callbacks. `forward` drives attempts: it retries once on a fresh connection when a reused
-keep-alive connection turns out closed before any response byte (the keep-alive race), and
-otherwise answers 502 / 503 / 504 with a short plain reason.
+callbacks. An `Exchange` drives the attempts of one request: it retries once on a fresh
+connection when a reused keep-alive connection turns out closed before any response byte (the
+keep-alive race), and otherwise answers 502 / 503 / 504 with a short plain reason.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ import asyncio
 import enum
 from typing import TYPE_CHECKING
 
-from .headers import Header, build_request_head, build_response_head, error_response, first_value
+from .headers import (
+    Header,
+    build_request_head,
+    build_response_head,
+    error_response,
+    first_value,
+    join_values,
+)
 from .request import Request
 from .upstream import UpstreamConnection
 
@@ -40,48 +47,48 @@ class Attempt:
     """Sends one request on one connection and streams the response to the client."""
 
     __slots__ = (
-        "_timer",
-        "backend",
         "chunked_out",
+        "close_delimited",
         "conn",
         "detail",
         "done",
         "downstream",
+        "exchange",
         "head_only",
         "head_sent",
+        "held_head",
         "last_activity",
         "loop",
         "read_timeout",
         "request",
         "response_started",
         "reusable",
+        "reused",
+        "upgrade_headers",
         "upstream_chunked",
     )
 
-    def __init__(
-        self,
-        downstream: DownstreamProtocol,
-        request: Request,
-        backend: Backend,
-        conn: UpstreamConnection,
-        read_timeout: float,
-    ) -> None:
-        self.downstream = downstream
-        self.request = request
-        self.backend = backend
+    def __init__(self, exchange: Exchange, conn: UpstreamConnection, reused: bool) -> None:
+        self.exchange = exchange
+        self.downstream = downstream = exchange.downstream
+        self.request = request = exchange.request
         self.conn = conn
-        self.read_timeout = read_timeout
+        self.reused = reused
+        self.read_timeout = exchange.upstream.config.timeouts.read
         self.loop = downstream.loop
-        self.done: asyncio.Future[Outcome] = self.loop.create_future()
+        self.done = False
         self.head_only = request.method == b"HEAD"
         self.response_started = False
         self.head_sent = False
+        self.held_head: bytes | None = None
+        """A response head not written yet, so it can leave in one write with the first body."""
         self.chunked_out = False
+        self.close_delimited = False
         self.upstream_chunked = False
+        self.upgrade_headers: list[Header] = []
         self.reusable = False
         self.detail = ""
         self.last_activity = self.loop.time()
-        self._timer: asyncio.TimerHandle | None = None
 
     def start(self, head: bytes) -> None:
         """Send the request head, hand the body over, and arm the read timeout."""
@@ -99,7 +106,6 @@ class Attempt:
             return
         if self.downstream.write_paused:
             conn.pause_reading(True)
-        self._timer = self.loop.call_at(self.last_activity + self.read_timeout, self._check_timeout)
 
     # -- the request body, as a BodySink -------------------------------------------------------
 
@@ -130,14 +136,22 @@ class Attempt:
         request = self.request
         downstream = self.downstream
         if status == 101:
+            self.upgrade_headers = headers
             if request.upgrade is None:
                 self.conn.abort()
                 self._finish(Outcome.BAD_RESPONSE, "backend switched protocols unasked")
             return
-        content_length = first_value(headers, b"content-length")
-        self.upstream_chunked = first_value(headers, b"transfer-encoding") is not None
+        content_length = connection = None
+        for lname, _, value in headers:
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                self.upstream_chunked = True
+            elif lname == b"connection":
+                connection = join_values(connection, value)
         no_body = self.head_only or status in (204, 304)
         close_delimited = not no_body and not self.upstream_chunked and content_length is None
+        self.close_delimited = close_delimited
         client_keeps = (
             request.keep_alive
             and request.upgrade is None
@@ -151,7 +165,8 @@ class Attempt:
             not no_body and (self.upstream_chunked or close_delimited) and not request.http10
         )
         self.reusable = keep_alive and not close_delimited
-        downstream.write(
+        self.head_sent = True
+        self.held_head = (
             build_response_head(
                 status,
                 reason,
@@ -161,19 +176,37 @@ class Attempt:
                 keep_alive=client_keeps,
                 client_http10=request.http10,
                 request_id=request.request_id,
+                connection=connection,
             )
         )
-        self.head_sent = True
+
+    def flush_head(self) -> None:
+        """Write a held response head (called when a read from the backend ended without body)."""
+        head = self.held_head
+        if head is not None:
+            self.held_head = None
+            self.downstream.write(head)
 
     def on_body(self, chunk: bytes) -> None:
         self.last_activity = self.loop.time()
-        if self.chunked_out:
+        head = self.held_head
+        if head is not None:
+            self.held_head = None
+            if self.chunked_out:
+                self.downstream.writelines((head, b"%x\r\n" % len(chunk), chunk, _CRLF))
+            else:
+                self.downstream.writelines((head, chunk))
+        elif self.chunked_out:
             self.downstream.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))
         else:
             self.downstream.write(chunk)
 
     def on_complete(self) -> None:
-        if self.chunked_out:
+        head = self.held_head
+        if head is not None:
+            self.held_head = None
+            self.downstream.write(head + _LAST_CHUNK if self.chunked_out else head)
+        elif self.chunked_out:
             self.downstream.write(_LAST_CHUNK)
         if not self.request.body.complete:
             self.reusable = False  # the backend answered before reading the whole body
@@ -188,13 +221,13 @@ class Attempt:
             build_response_head(
                 101,
                 b"Switching Protocols",
-                self.conn._headers,
+                self.upgrade_headers,
                 content_length=None,
                 chunked=False,
                 keep_alive=True,
                 client_http10=False,
                 request_id=request.request_id,
-                upgrade=first_value(self.conn._headers, b"upgrade") or request.upgrade,
+                upgrade=first_value(self.upgrade_headers, b"upgrade") or request.upgrade,
             )
         )
         self.head_sent = True
@@ -203,11 +236,9 @@ class Attempt:
         self._finish(Outcome.UPGRADED)
 
     def on_lost(self, exc: Exception | None) -> None:
-        if self.head_sent and not self.upstream_chunked and not self.reusable:
+        if self.close_delimited:
             # No Content-Length and no chunking: the backend's close ends the body.
-            if self.chunked_out:
-                self.downstream.write(_LAST_CHUNK)
-            self._finish(Outcome.OK)
+            self.on_complete()
             return
         why = f"connection to backend lost ({exc})" if exc else "backend closed the connection"
         if not self.response_started:
@@ -224,42 +255,29 @@ class Attempt:
 
     # -- ending --------------------------------------------------------------------------------
 
-    def _check_timeout(self) -> None:
-        if self.done.done():
-            return
-        deadline = self.last_activity + self.read_timeout
-        if self.loop.time() < deadline:
-            self._timer = self.loop.call_at(deadline, self._check_timeout)
-            return
-        self.conn.abort()
-        self._finish(Outcome.TIMEOUT, f"backend sent nothing for {self.read_timeout:g}s")
+    def check_timeout(self, now: float) -> None:
+        """Called by the data plane's sweep: end an attempt whose backend has gone silent."""
+        if not self.done and now - self.last_activity >= self.read_timeout:
+            self.conn.abort()
+            self._finish(Outcome.TIMEOUT, f"backend sent nothing for {self.read_timeout:g}s")
 
     def _finish(self, outcome: Outcome, detail: str = "") -> None:
-        if self.done.done():
+        if self.done:
             return
+        self.done = True
         self.detail = detail
-        if self._timer is not None:
-            self._timer.cancel()
         self.request.body.detach()
         if self.conn.owner is self:
             self.conn.owner = None
         self.downstream.set_paused_by_upstream(False)
-        self.done.set_result(outcome)
+        self.exchange.attempt_done(self, outcome)
 
     def abandon(self) -> None:
-        """The client went away or the task was cancelled: drop the backend connection."""
-        if not self.done.done():
+        """The client went away: drop the backend connection, report nothing."""
+        if not self.done:
+            self.done = True
+            self.request.body.detach()
             self.conn.abort()
-            self._finish(Outcome.RESET, "client gone")
-
-
-def _error(downstream: DownstreamProtocol, request: Request, status: int, detail: str) -> None:
-    reasons = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
-    close = request.close_connection or not request.body.complete or not request.keep_alive
-    if close:
-        request.close_connection = True
-    payload = error_response(status, reasons[status], detail, request.request_id, close=close)
-    downstream.write(payload)
 
 
 def request_target(backend: Backend, request: Request) -> bytes:
@@ -268,79 +286,167 @@ def request_target(backend: Backend, request: Request) -> bytes:
     return request.target
 
 
-async def forward(downstream: DownstreamProtocol, request: Request, upstream: Upstream) -> None:
-    """Forward one request to a backend of `upstream` and stream the answer back."""
-    backend = upstream.balancer.pick()
-    pool = backend.pool
-    config = upstream.config
-    host = backend.host_header if config.host_header == "backend" else None
-    head = build_request_head(
-        request.method,
-        request_target(backend, request),
-        request.headers,
-        host=host or request.raw_host or backend.host_header,
-        client_ip=downstream.client_ip,
-        scheme=downstream.scheme,
-        request_id=request.request_id,
-        content_length=request.content_length,
-        chunked=request.chunked,
-        upgrade=request.upgrade,
+_REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+class Exchange:
+    """One request's journey through its attempts, driven by callbacks.
+
+    On the common path (an idle pooled connection) no task or future is created: the request is
+    written from the client's parser callback and the response from the backend's. Only opening a
+    new connection runs as a task.
+    """
+
+    __slots__ = (
+        "attempt",
+        "backend",
+        "connecting",
+        "downstream",
+        "finished",
+        "head",
+        "request",
+        "retried_stale",
+        "upstream",
     )
-    retried_stale = False
-    backend.in_flight += 1
-    try:
-        while True:
-            if request.body.failed:
-                return  # the rejection queued behind this request answers the client
-            conn = pool.take_idle(downstream.loop.time())
-            reused = conn is not None
-            if conn is None:
-                try:
-                    conn = await pool.connect()
-                except TimeoutError:
-                    _error(downstream, request, 504, f"connect to backend {backend.name} timed out")
-                    return
-                except OSError as exc:
-                    why = exc.strerror or str(exc) or type(exc).__name__
-                    detail = f"cannot connect to backend {backend.name}: {why}"
-                    _error(downstream, request, 502, detail)
-                    return
-            attempt = Attempt(downstream, request, backend, conn, config.timeouts.read)
-            downstream.attempt = attempt
-            try:
-                attempt.start(head)
-                outcome = await attempt.done
-            except BaseException:
-                attempt.abandon()
-                raise
-            finally:
-                downstream.attempt = None
-            if outcome is Outcome.OK:
-                if attempt.reusable:
-                    pool.release(conn, downstream.loop.time())
-                else:
-                    conn.close()
-                return
-            if outcome is Outcome.UPGRADED:
-                return
-            conn.abort()
-            if outcome is Outcome.CLIENT_ERROR and not attempt.head_sent:
-                return  # the rejection queued behind this request answers the client
-            if attempt.head_sent:
-                request.close_connection = True  # the response is cut short: the client must see it
-                downstream.abort()
-                return
-            if (
-                outcome is Outcome.RESET
-                and reused
-                and conn.bytes_received == 0
-                and not retried_stale
-                and request.body.replayable
-            ):
-                retried_stale = True  # the keep-alive race: try once more on a new connection
-                continue
-            status = 504 if outcome is Outcome.TIMEOUT else 502
-            _error(downstream, request, status, f"backend {backend.name}: {attempt.detail}")
+
+    def __init__(
+        self, downstream: DownstreamProtocol, request: Request, upstream: Upstream
+    ) -> None:
+        self.downstream = downstream
+        self.request = request
+        self.upstream = upstream
+        self.attempt: Attempt | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.retried_stale = False
+        self.finished = False
+        backend = upstream.balancer.pick()
+        self.backend = backend
+        config = upstream.config
+        self.head = build_request_head(
+            request.method,
+            request_target(backend, request),
+            request.headers,
+            host=backend.host_header
+            if config.host_header == "backend"
+            else (request.raw_host or backend.host_header),
+            client_ip=downstream.client_ip,
+            scheme=downstream.scheme,
+            request_id=request.request_id,
+            content_length=request.content_length,
+            chunked=request.chunked,
+            upgrade=request.upgrade,
+            connection=request.connection,
+        )
+
+    def begin(self) -> None:
+        self.backend.in_flight += 1
+        self._next_connection()
+
+    def _next_connection(self) -> None:
+        if self.request.body.failed:
+            self._end()  # the rejection queued behind this request answers the client
             return
-    finally:
-        backend.in_flight -= 1
+        pool = self.backend.pool
+        conn = pool.take_idle(self.downstream.loop.time())
+        if conn is not None:
+            self._start(conn, reused=True)
+        else:
+            self.connecting = self.downstream.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        backend = self.backend
+        try:
+            conn = await backend.pool.connect()
+        except TimeoutError:
+            self._error(504, f"connect to backend {backend.name} timed out")
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
+            self._error(502, f"cannot connect to backend {backend.name}: {why}")
+        else:
+            self.connecting = None
+            if self.finished:
+                conn.close()
+            else:
+                self._start(conn, reused=False)
+
+    def _start(self, conn: UpstreamConnection, reused: bool) -> None:
+        attempt = Attempt(self, conn, reused)
+        self.attempt = attempt
+        attempt.start(self.head)
+
+    def attempt_done(self, attempt: Attempt, outcome: Outcome) -> None:
+        """Called by the attempt when it ends, whichever way."""
+        self.attempt = None
+        conn = attempt.conn
+        if outcome is Outcome.OK:
+            if attempt.reusable:
+                self.backend.pool.release(conn, self.downstream.loop.time())
+            else:
+                conn.close()
+            self._end()
+            return
+        if outcome is Outcome.UPGRADED:
+            self._end()
+            return
+        conn.abort()
+        if self.finished:
+            return
+        request = self.request
+        written = attempt.head_sent and attempt.held_head is None
+        if outcome is Outcome.CLIENT_ERROR and not written:
+            self._end()  # the rejection queued behind this request answers the client
+            return
+        if written:
+            request.close_connection = True  # the response is cut short: the client must see it
+            self.downstream.abort()
+            self._end()
+            return
+        if (
+            outcome is Outcome.RESET
+            and attempt.reused
+            and conn.bytes_received == 0
+            and not self.retried_stale
+            and request.body.replayable
+        ):
+            self.retried_stale = True  # the keep-alive race: try once more on a new connection
+            self._next_connection()
+            return
+        status = 504 if outcome is Outcome.TIMEOUT else 502
+        self._error(status, f"backend {self.backend.name}: {attempt.detail}")
+
+    def _error(self, status: int, detail: str) -> None:
+        request = self.request
+        self.connecting = None
+        if self.finished:
+            return
+        close = request.close_connection or not request.body.complete or not request.keep_alive
+        if close:
+            request.close_connection = True
+        self.downstream.write(
+            error_response(status, _REASONS[status], detail, request.request_id, close=close)
+        )
+        self._end()
+
+    def _end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.backend.in_flight -= 1
+        self.downstream.exchange_done(self)
+
+    def check_timeout(self, now: float) -> None:
+        attempt = self.attempt
+        if attempt is not None:
+            attempt.check_timeout(now)
+
+    def abandon(self) -> None:
+        """The client is gone: stop whatever is in progress and free the backend connection."""
+        if self.finished:
+            return
+        self.finished = True
+        self.backend.in_flight -= 1
+        if self.connecting is not None:
+            self.connecting.cancel()
+        attempt = self.attempt
+        if attempt is not None:
+            attempt.abandon()

@@ -51,14 +51,20 @@ def connection_tokens(value: bytes) -> set[bytes]:
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
-def _extra_hop_by_hop(headers: list[Header]) -> set[bytes]:
+_PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_NOTHING: frozenset[bytes] = frozenset()
+
+
+def _extra_hop_by_hop(connection: bytes | None) -> frozenset[bytes] | set[bytes]:
     """Names a Connection header declares hop-by-hop (beyond close / keep-alive / upgrade)."""
-    listed: set[bytes] = set()
-    for lname, _, value in headers:
-        if lname == b"connection":
-            listed |= connection_tokens(value)
-    listed -= {b"close", b"keep-alive", b"upgrade"}
-    return listed
+    if not connection or connection.lower() in _PLAIN_CONNECTION_TOKENS:
+        return _NOTHING
+    return connection_tokens(connection) - _PLAIN_CONNECTION_TOKENS
+
+
+def join_values(previous: bytes | None, value: bytes) -> bytes:
+    """Combine repeated list-valued header fields (RFC 9110 §5.3)."""
+    return value if previous is None else previous + b", " + value
 
 
 def first_value(headers: list[Header], lname: bytes) -> bytes | None:
@@ -80,10 +86,11 @@ def build_request_head(
     content_length: int | None,
     chunked: bool,
     upgrade: bytes | None,
+    connection: bytes | None,
 ) -> bytes:
     """The request head sent to a backend, framed by the proxy itself (never the client)."""
     out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    extra = _extra_hop_by_hop(headers)
+    extra = _extra_hop_by_hop(connection)
     forwarded_for = client_ip
     original_host = b""
     via = VIA_TOKEN
@@ -128,11 +135,12 @@ def build_response_head(
     keep_alive: bool,
     client_http10: bool,
     request_id: bytes,
+    connection: bytes | None = None,
     upgrade: bytes | None = None,
 ) -> bytes:
     """The response head sent to the client, with our own framing and connection headers."""
     out = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
-    extra = _extra_hop_by_hop(headers)
+    extra = _extra_hop_by_hop(connection)
     via = VIA_TOKEN
     has_request_id = False
     for lname, name, value in headers:

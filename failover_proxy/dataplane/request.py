@@ -136,6 +136,7 @@ class Request:
         "body",
         "chunked",
         "close_connection",
+        "connection",
         "content_length",
         "expect_continue",
         "headers",
@@ -165,4 +166,34 @@ class Request:
         self.expect_continue = False
         self.request_id = b""
         self.close_connection = False
+        self.connection: bytes | None = None
+        """The Connection header's values, joined (names it lists are not forwarded)."""
         self.body: RequestBody
+
+
+class _EmptyBody(RequestBody):
+    """The body of a request that has none: shared, stateless, nothing to send or replay."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(0, _never, _never, complete=True)
+
+    def feed(self, chunk: bytes) -> None:
+        raise AssertionError("a request without a body received body bytes")
+
+    def fail(self) -> None:
+        raise AssertionError("a request without a body cannot fail mid-body")
+
+    def attach(self, sink: BodySink) -> bool:
+        return True
+
+    def detach(self) -> None:
+        pass
+
+
+def _never() -> None:
+    raise AssertionError("an empty body never pauses the client")
+
+
+EMPTY_BODY: RequestBody = _EmptyBody()

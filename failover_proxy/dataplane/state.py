@@ -16,7 +16,8 @@ from .downstream import DownstreamProtocol
 if TYPE_CHECKING:
     from ..topology import Topology
 
-SWEEP_INTERVAL = 1.0
+SWEEP_INTERVAL = 0.2
+"""Resolution of every timeout the sweep enforces (client deadlines, backend read timeouts)."""
 
 
 class DataPlane:
@@ -58,6 +59,8 @@ class DataPlane:
         for connection in list(self.connections):
             if connection.deadline and now >= connection.deadline:
                 connection.on_deadline()
+            elif connection.exchange is not None:
+                connection.exchange.check_timeout(now)
         for upstream in self.topology.upstreams.values():
             for backend in upstream.backends:
                 backend.pool.sweep(now)
@@ -65,9 +68,9 @@ class DataPlane:
     def close_idle_connections(self) -> None:
         """Close client connections that have no request in progress (for shutdown)."""
         for connection in list(self.connections):
-            if connection.task is None and connection.tunnel is None:
+            if connection.exchange is None and connection.tunnel is None:
                 connection.close()
 
     @property
     def busy_connections(self) -> int:
-        return sum(1 for c in self.connections if c.task is not None or c.tunnel is not None)
+        return sum(1 for c in self.connections if c.exchange is not None or c.tunnel is not None)

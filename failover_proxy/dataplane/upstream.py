@@ -25,7 +25,9 @@ class ResponseHandler(Protocol):
     """What an upstream connection reports to the attempt that owns it."""
 
     head_only: bool
+    held_head: bytes | None
 
+    def flush_head(self) -> None: ...
     def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
         ...
 
@@ -53,7 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Bytes received since the current owner took the connection (0 = the backend is mute)."""
         self._headers: list[Header] = []
         self._reason = b""
-        self._in_head = False
+        self._in_head = True
         self._informational = False
         self._head_only_done = False
 
@@ -136,6 +138,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._bad_response(f"response handling failed: {exc.__context__!r}")
         except httptools.HttpParserError as exc:
             self._bad_response(f"invalid response from backend: {exc}")
+        owner = self.owner
+        if owner is not None and owner.held_head is not None:
+            owner.flush_head()
 
     def _bad_response(self, reason: str) -> None:
         owner = self.owner
@@ -144,11 +149,6 @@ class UpstreamConnection(asyncio.Protocol):
             owner.on_bad_response(reason)
 
     # -- llhttp callbacks ----------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._reason = b""
-        self._in_head = True
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -160,13 +160,16 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         status = self.parser.get_status_code()
+        headers, reason = self._headers, self._reason
+        self._headers = []
+        self._reason = b""
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
             return
         owner = self.owner
         if owner is None:
             return
-        owner.on_head(status, self._reason, self._headers, self.parser.should_keep_alive())
+        owner.on_head(status, reason, headers, self.parser.should_keep_alive())
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
             # response and treat any body bytes of this one as a protocol error.
@@ -184,6 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
             owner.on_body(chunk)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
         if self._informational:
             self._informational = False
             return
