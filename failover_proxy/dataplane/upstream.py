@@ -138,6 +138,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._bad_response(f"response handling failed: {exc.__context__!r}")
         except httptools.HttpParserError as exc:
             self._bad_response(f"invalid response from backend: {exc}")
+        self._head_only_done = False  # later bytes go to the fresh parser
         owner = self.owner
         if owner is not None and owner.held_head is not None:
             owner.flush_head()
@@ -172,15 +173,15 @@ class UpstreamConnection(asyncio.Protocol):
         owner.on_head(status, reason, headers, self.parser.should_keep_alive())
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
-            # response and treat any body bytes of this one as a protocol error.
+            # response. Until this read is parsed, events come from the old parser: body bytes
+            # are a protocol error, its message-complete is ignored.
             self.parser = httptools.HttpResponseParser(self)
             self._head_only_done = True
             owner.on_complete()
 
     def on_body(self, chunk: bytes) -> None:
         if self._head_only_done:
-            self._head_only_done = False
-            self.abort()
+            self.abort()  # body bytes after a response to HEAD: the backend is broken
             return
         owner = self.owner
         if owner is not None:
@@ -192,8 +193,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._informational = False
             return
         if self._head_only_done:
-            self._head_only_done = False
-            return
+            return  # the old parser finishing the HEAD response it was handed
         owner = self.owner
         if owner is not None and self.parser.get_status_code() != 101:
             owner.on_complete()

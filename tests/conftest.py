@@ -1,0 +1,242 @@
+"""Shared test parts: real backends on loopback, the real proxy, raw-socket clients.
+
+Nothing here mocks the network path: backends are aiohttp servers or raw asyncio servers bound
+to 127.0.0.1, the proxy is the real `ProxyServer` (in the test's uvloop event loop) or the real
+`failover-proxy` process, and clients speak over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from aiohttp import web
+
+from failover_proxy.config import parse_config
+from failover_proxy.server import ProxyServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """Every async test runs on uvloop, as the proxy does in production."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def backend_entry(name: str, port: int, provider: str = "aws", **extra: Any) -> str:
+    fields = ", ".join(f"{key}: {value}" for key, value in extra.items())
+    tail = f", {fields}" if fields else ""
+    return (
+        f'      - {{name: {name}, url: "http://127.0.0.1:{port}", provider: {provider}{tail}}}\n'
+    )
+
+
+def single_upstream_config(
+    ports: list[int], upstream_extra: str = "", top_extra: str = "", listen_port: int = 0
+) -> str:
+    """A config with one upstream `web` over the given backend ports, routed at `/`."""
+    backends = "".join(backend_entry(f"b{i}", port) for i, port in enumerate(ports))
+    return (
+        f"listen: {{host: 127.0.0.1, port: {listen_port}}}\n"
+        f"upstreams:\n  web:\n    backends:\n{backends}{upstream_extra}"
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+        f"{top_extra}"
+    )
+
+
+# -- backends -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def aiohttp_backend() -> AsyncIterator[Callable[[web.Application], Awaitable[int]]]:
+    """Start aiohttp apps on loopback; returns their ports; cleans up after the test."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> int:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        server = site._server
+        assert server is not None
+        port: int = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return port
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def raw_backend() -> AsyncIterator[Callable[[RawHandler], Awaitable[int]]]:
+    """Start raw asyncio servers, for responses an HTTP library would refuse to produce."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: RawHandler) -> int:
+        async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(guarded, "127.0.0.1", 0)
+        servers.append(server)
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+# -- the proxy ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[Callable[[str], Awaitable[ProxyServer]]]:
+    """Start the real proxy in this event loop from config text; returns the running server."""
+    servers: list[ProxyServer] = []
+
+    async def start(config_text: str) -> ProxyServer:
+        server = ProxyServer(parse_config(config_text, "test.yaml"))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop(grace=0.5)
+
+
+class ProxyProcess:
+    """The `failover-proxy run` command as a separate process (for memory and signal tests)."""
+
+    def __init__(self, config_path: Path, port: int) -> None:
+        self.port = port
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "failover_proxy", "run", "-c", str(config_path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_port(port, process=self.process)
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            out, _ = self.process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, _ = self.process.communicate()
+        return out.decode(errors="replace")
+
+
+def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            out = process.stdout.read().decode() if process.stdout else ""
+            raise RuntimeError(f"process exited with {process.returncode}: {out}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+@pytest.fixture
+def proxy_process(tmp_path: Path) -> Iterator[Callable[[str, int], ProxyProcess]]:
+    started: list[ProxyProcess] = []
+
+    def start(config_text: str, port: int) -> ProxyProcess:
+        path = tmp_path / "proxy.yaml"
+        path.write_text(config_text)
+        process = ProxyProcess(path, port)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+# -- raw clients ----------------------------------------------------------------------------------
+
+
+async def raw_request(
+    port: int, data: bytes, *, until_close: bool = True, timeout: float = 5.0
+) -> bytes:
+    """Send raw bytes; read until the proxy closes (or until one response, when not)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if until_close:
+            return await asyncio.wait_for(reader.read(), timeout)
+        return await asyncio.wait_for(read_one_response(reader), timeout)
+    finally:
+        writer.close()
+
+
+async def read_one_response(reader: asyncio.StreamReader, head_request: bool = False) -> bytes:
+    """One HTTP/1.1 response (Content-Length or chunked framing) read off a stream."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    status = int(head.split(b" ", 2)[1])
+    if head_request or status in (204, 304) or 100 <= status < 200:
+        return head
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            body += size_line + chunk
+            if size == 0:
+                return head + body
+    for line in lower.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return head + await reader.readexactly(int(line.split(b":")[1]))
+    return head + await reader.read()
+
+
+def env_without_proxy_vars() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        env.pop(name, None)
+    return env

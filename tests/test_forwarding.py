@@ -1,0 +1,356 @@
+"""Forwarding through the real proxy: bytes, headers, framing, ordering, balancing."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import httpx
+from aiohttp import web
+
+from failover_proxy.server import ProxyServer
+
+from .conftest import RawHandler, raw_request, read_one_response, read_request_head, single_upstream_config
+
+StartApp = Callable[[web.Application], Awaitable[int]]
+StartRaw = Callable[[RawHandler], Awaitable[int]]
+StartProxy = Callable[[str], Awaitable[ProxyServer]]
+
+
+def echo_app(name: str = "b0") -> web.Application:
+    """Answers with everything it received, so tests can see what the proxy sent."""
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        payload = {
+            "backend": name,
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body": body.decode("latin-1"),
+        }
+        return web.json_response(payload)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+def client(proxy: ProxyServer) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxy.port}", trust_env=False, timeout=10)
+
+
+async def test_methods_paths_and_queries_pass_byte_for_byte(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    port = await aiohttp_backend(echo_app())
+    server = await proxy(single_upstream_config([port]))
+    targets = [b"/", b"/a/b%2Fc?x=1&y=%20z&x=2", b"/%7Euser/./../p;params?q=%E2%82%AC#", b"/?"]
+    for method in (b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"PURGE"):
+        for target in targets:
+            raw = await raw_request(
+                server.port,
+                method + b" " + target + b" HTTP/1.1\r\nHost: example\r\nContent-Length: 0\r\n\r\n",
+                until_close=False,
+            )
+            body = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+            assert body["method"] == method.decode()
+            assert body["raw_path"] == target.decode().split("#")[0] or target.endswith(b"#")
+
+
+async def test_request_headers_rewritten_like_a_proxy(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    port = await aiohttp_backend(echo_app())
+    server = await proxy(single_upstream_config([port]))
+    request = (
+        b"GET /h HTTP/1.1\r\nHost: shop.example.com\r\n"
+        b"Connection: keep-alive, X-Secret-Hop\r\nX-Secret-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+        b"TE: trailers\r\nProxy-Connection: keep-alive\r\nUpgrade-Insecure-Requests: 1\r\n"
+        b"X-Forwarded-For: 203.0.113.7\r\nVia: 1.1 cdn\r\nX-Custom: a\r\nX-Custom: b\r\n\r\n"
+    )
+    raw = await raw_request(server.port, request, until_close=False)
+    headers = json.loads(raw.split(b"\r\n\r\n", 1)[1])["headers"]
+    names = [name.lower() for name, _ in headers]
+    for hop in ("connection", "x-secret-hop", "keep-alive", "te", "proxy-connection"):
+        assert hop not in names, hop
+    got = {name.lower(): value for name, value in headers}
+    assert got["upgrade-insecure-requests"] == "1"  # not hop-by-hop despite its name
+    assert got["host"] == f"127.0.0.1:{port}"  # host_header: backend (the default)
+    assert got["x-forwarded-host"] == "shop.example.com"
+    assert got["x-forwarded-proto"] == "http"
+    assert got["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert got["via"] == "1.1 cdn, 1.1 failover-proxy"
+    assert got["x-request-id"]
+    assert [v for n, v in headers if n.lower() == "x-custom"] == ["a", "b"]
+
+
+async def test_request_id_kept_when_present_and_returned(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    port = await aiohttp_backend(echo_app())
+    server = await proxy(single_upstream_config([port]))
+    async with client(server) as http:
+        given = await http.get("/", headers={"X-Request-Id": "abc-123"})
+        seen = dict((k.lower(), v) for k, v in given.json()["headers"])
+        assert seen["x-request-id"] == "abc-123"
+        fresh = await http.get("/")
+        assert fresh.headers["x-request-id"]
+        assert fresh.headers["x-request-id"] == dict(
+            (k.lower(), v) for k, v in fresh.json()["headers"]
+        )["x-request-id"]
+        assert fresh.headers["via"] == "1.1 failover-proxy"
+
+
+async def test_host_header_preserve_and_base_path(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    port = await aiohttp_backend(echo_app())
+    config = (
+        "upstreams:\n  web:\n    host_header: preserve\n    backends:\n"
+        f'      - {{name: b0, url: "http://127.0.0.1:{port}/base/", provider: aws}}\n'
+        "routes:\n  - {path_prefix: /, upstream: web}\nlisten: {port: 0}\n"
+    )
+    server = await proxy(config)
+    async with client(server) as http:
+        answer = (await http.get("/v1/x?q=1", headers={"Host": "api.example.com"})).json()
+    assert answer["raw_path"] == "/base/v1/x?q=1"
+    assert dict((k.lower(), v) for k, v in answer["headers"])["host"] == "api.example.com"
+
+
+async def test_repeated_response_headers_keep_their_order(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    async def cookies(_: web.Request) -> web.Response:
+        response = web.Response(text="ok")
+        for value in ("a=1; Path=/", "b=2; HttpOnly", "c=3"):
+            response.headers.add("Set-Cookie", value)
+        response.headers["Connection"] = "X-Drop-Me"
+        response.headers["X-Drop-Me"] = "secret"
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", cookies)
+    server = await proxy(single_upstream_config([await aiohttp_backend(app)]))
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert [h for h in head if h.startswith(b"Set-Cookie")] == [
+        b"Set-Cookie: a=1; Path=/",
+        b"Set-Cookie: b=2; HttpOnly",
+        b"Set-Cookie: c=3",
+    ]
+    assert not any(h.lower().startswith(b"x-drop-me") for h in head)
+
+
+async def test_bodies_are_never_decompressed(raw_backend: StartRaw, proxy: StartProxy) -> None:
+    compressed = gzip.compress(b"hello " * 1000)
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_request_head(reader)
+        assert b"Content-Encoding: gzip" in head
+        received.append(await reader.readexactly(len(compressed)))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(compressed), compressed)
+        )
+        await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    head = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nAccept-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(compressed)
+    )
+    raw = await raw_request(server.port, head + compressed, until_close=False)
+    response_head, body = raw.split(b"\r\n\r\n", 1)
+    assert received == [compressed]
+    assert b"Content-Encoding: gzip" in response_head
+    assert body == compressed
+
+
+async def test_chunked_request_is_reframed_and_delivered(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    port = await aiohttp_backend(echo_app())
+    server = await proxy(single_upstream_config([port]))
+    request = (
+        b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    raw = await raw_request(server.port, request, until_close=False)
+    answer = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    assert answer["body"] == "hello world!"
+    sent = {k.lower(): v for k, v in answer["headers"]}
+    assert sent["transfer-encoding"] == "chunked"
+    assert "x-trailer" not in sent
+
+
+async def test_response_framings_reach_the_client_intact(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """Content-Length, chunked, and close-delimited backend responses; HEAD, 204 and 304."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request_head(reader)
+            path = head.split(b" ")[1]
+            if path == b"/chunked":
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+            elif path == b"/close":
+                writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+                await writer.drain()
+                return
+            elif path == b"/head":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+            elif path == b"/204":
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            elif path == b"/304":
+                writer.write(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+            await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+    async def ask(request: bytes, head_request: bool = False) -> bytes:
+        writer.write(request)
+        return await asyncio.wait_for(read_one_response(reader, head_request), 5)
+
+    plain = await ask(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert plain.endswith(b"Content-Length: 5\r\n\r\nplain")
+    chunked = await ask(b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in chunked
+    assert chunked.endswith(b"\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+    head = await ask(b"HEAD /head HTTP/1.1\r\nHost: x\r\n\r\n", head_request=True)
+    assert b"Content-Length: 1234" in head
+    no_content = await ask(b"GET /204 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert no_content.startswith(b"HTTP/1.1 204 ")
+    not_modified = await ask(b"GET /304 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not_modified.startswith(b"HTTP/1.1 304 ") and b'ETag: "v1"' in not_modified
+    # The connection is still good after all of that.
+    again = await ask(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert again.endswith(b"plain")
+    # A close-delimited body is re-framed as chunked for an HTTP/1.1 client.
+    closing = await ask(b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in closing
+    assert closing.endswith(b"d\r\nuntil the end\r\n0\r\n\r\n")
+    writer.close()
+
+
+async def test_http10_client_gets_close_delimited_body(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nold!\r\n0\r\n\r\n")
+        await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    raw = await raw_request(server.port, b"GET / HTTP/1.0\r\n\r\n")
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert body == b"old!"
+
+
+async def test_expect_100_continue(aiohttp_backend: StartApp, proxy: StartProxy) -> None:
+    server = await proxy(single_upstream_config([await aiohttp_backend(echo_app())]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"PUT /f HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"data")
+    final = await asyncio.wait_for(read_one_response(reader), 5)
+    answer = json.loads(final.split(b"\r\n\r\n", 1)[1])
+    assert answer["body"] == "data"
+    assert "expect" not in {k.lower() for k, _ in answer["headers"]}
+    writer.close()
+
+
+async def test_pipelined_requests_answered_in_order(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request_head(reader)
+            path = head.split(b" ")[1]
+            if path == b"/slow":
+                await asyncio.sleep(0.3)  # an earlier request that finishes last
+            body = path + b" "
+            if b"Content-Length: " in head:
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                body += await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    # Two backends: pipelined requests may be spread, answers must still come back in order.
+    server = await proxy(
+        single_upstream_config([await raw_backend(handler), await raw_backend(handler)])
+    )
+    requests = (
+        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /four HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    raw = await raw_request(server.port, requests)
+    bodies = [part.split(b"\r\n\r\n")[1] for part in raw.split(b"HTTP/1.1 200 OK")[1:]]
+    assert bodies == [
+        b"/slow ",
+        b"/two abc",
+        b"/three ",
+        b"/four ",
+    ]
+
+
+async def test_smooth_weighted_round_robin_across_backends(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    ports = [await aiohttp_backend(echo_app(f"b{i}")) for i in range(3)]
+    backends = "".join(
+        f'      - {{name: b{i}, url: "http://127.0.0.1:{port}", provider: p{i}, weight: {w}}}\n'
+        for i, (port, w) in enumerate(zip(ports, (3, 2, 1), strict=True))
+    )
+    server = await proxy(
+        f"listen: {{port: 0}}\nupstreams:\n  web:\n    backends:\n{backends}"
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+    )
+    async with client(server) as http:
+        seen = [(await http.get("/")).json()["backend"] for _ in range(60)]
+    assert Counter(seen) == {"b0": 30, "b1": 20, "b2": 10}
+
+
+async def test_routes_by_host_and_longest_prefix(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    api, static, default = [await aiohttp_backend(echo_app(n)) for n in ("api", "static", "default")]
+    config = f"""
+listen: {{port: 0}}
+upstreams:
+  api: {{backends: [{{name: api, url: "http://127.0.0.1:{api}", provider: aws}}]}}
+  static: {{backends: [{{name: static, url: "http://127.0.0.1:{static}", provider: gcp}}]}}
+  default: {{backends: [{{name: default, url: "http://127.0.0.1:{default}", provider: azure}}]}}
+routes:
+  - {{host: "*.example.com", path_prefix: /, upstream: api}}
+  - {{path_prefix: /static/, upstream: static}}
+  - {{path_prefix: /, upstream: default}}
+"""
+    server = await proxy(config)
+    async with client(server) as http:
+        assert (await http.get("/x", headers={"Host": "a.example.com"})).json()["backend"] == "api"
+        assert (await http.get("/static/a.css")).json()["backend"] == "static"
+        assert (await http.get("/stat")).json()["backend"] == "default"
+
+
+async def test_no_route_is_404(aiohttp_backend: StartApp, proxy: StartProxy) -> None:
+    port = await aiohttp_backend(echo_app())
+    config = single_upstream_config([port]).replace("{path_prefix: /,", "{path_prefix: /api,")
+    server = await proxy(config)
+    async with client(server) as http:
+        response = await http.get("/other")
+    assert response.status_code == 404
+    assert "no route" in response.text and response.headers["x-request-id"] in response.text
