@@ -114,7 +114,8 @@ def run_wrk(port: int, duration: int, connections: int) -> WrkResult:
     errors = 0
     if match := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         errors += int(match.group(1))
-    if match := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+    socket_errors = r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+    if match := re.search(socket_errors, out):
         errors += sum(int(group) for group in match.groups())
     assert p50 and p99
     return WrkResult(rps, _ms(*p50.groups()), _ms(*p99.groups()), errors)
@@ -144,7 +145,8 @@ def main() -> int:
             config.write_text(
                 f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\n"
                 "upstreams:\n  bench:\n    backends:\n"
-                f"      - {{name: nginx, url: 'http://127.0.0.1:{backend_port}', provider: local}}\n"
+                f"      - {{name: nginx, url: 'http://127.0.0.1:{backend_port}',"
+                " provider: local}\n"
                 "routes:\n  - {path_prefix: /, upstream: bench}\n"
             )
             processes.append(subprocess.Popen(
@@ -162,7 +164,9 @@ def main() -> int:
                     print(f"  {name:15} {result.requests_per_second:10.0f} req/s  "
                           f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  "
                           f"errors {result.errors}", flush=True)
-                    if name not in best or result.requests_per_second > best[name].requests_per_second:
+                    previous = best.get(name)
+                    rps = result.requests_per_second
+                    if previous is None or rps > previous.requests_per_second:
                         best[name] = result
         finally:
             for process in processes:

@@ -13,7 +13,13 @@ from aiohttp import web
 
 from failover_proxy.server import ProxyServer
 
-from .conftest import RawHandler, raw_request, read_one_response, read_request_head, single_upstream_config
+from .conftest import (
+    RawHandler,
+    raw_request,
+    read_one_response,
+    read_request_head,
+    single_upstream_config,
+)
 
 StartApp = Callable[[web.Application], Awaitable[int]]
 StartRaw = Callable[[RawHandler], Awaitable[int]]

@@ -370,6 +370,10 @@ class Exchange:
                 self._start(conn, reused=False)
 
     def _start(self, conn: UpstreamConnection, reused: bool) -> None:
+        if self.request.body.failed:  # broken by the client while we connected
+            self.backend.pool.release(conn, self.downstream.loop.time())
+            self._end()
+            return
         attempt = Attempt(self, conn, reused)
         self.attempt = attempt
         attempt.start(self.head)

@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   run the proxy in front of three simulated providers (aws, azure, gcp) on loopback
+#   make test   lint, type-check and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/failover-proxy demo
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check failover_proxy tests benchmarks
+	$(BIN)/mypy --strict failover_proxy
+	$(BIN)/pytest -q
+
+# Installs nginx and wrk with apt-get when missing; prints req/s, p50, p99 and the ratio to nginx.
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/proxy_vs_nginx.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

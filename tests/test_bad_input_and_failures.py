@@ -1,0 +1,212 @@
+"""Malformed, oversized and smuggling requests; dead, hung and rude backends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from failover_proxy.server import ProxyServer
+
+from .conftest import RawHandler, free_port, raw_request, read_request_head, single_upstream_config
+
+StartRaw = Callable[[RawHandler], Awaitable[int]]
+StartProxy = Callable[[str], Awaitable[ProxyServer]]
+
+
+class CountingBackend:
+    """Answers every request with 'ok' and remembers each request head it saw."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request_head(reader)
+            self.heads.append(head)
+            lower = head.lower()
+            if b"content-length: " in lower:
+                await reader.readexactly(int(lower.split(b"content-length: ")[1].split(b"\r\n")[0]))
+            elif b"transfer-encoding: chunked" in lower:
+                while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) != 0:
+                    await reader.readexactly(size + 2)
+                await reader.readuntil(b"\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+
+def status_of(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1])
+
+
+@pytest.fixture
+async def counted(raw_backend: StartRaw, proxy: StartProxy) -> tuple[CountingBackend, ProxyServer]:
+    backend = CountingBackend()
+    server = await proxy(
+        single_upstream_config(
+            [await raw_backend(backend)],
+            top_extra="limits: {max_header_bytes: 4KiB, max_url_bytes: 1KiB, max_body_bytes: 1KiB,"
+            " header_timeout: 500ms}\n",
+        )
+    )
+    return backend, server
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: a\r\n folded\r\nHost: x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET nothing HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n\r\n", 417),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"800\r\n" + b"a" * 2048 + b"\r\n0\r\n\r\n", 413),
+        (b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-N: 1\r\n" * 150 + b"\r\n", 431),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n", 400),
+    ],
+)
+async def test_bad_requests_get_4xx_and_close_and_smuggle_nothing(
+    counted: tuple[CountingBackend, ProxyServer], request_bytes: bytes, status: int
+) -> None:
+    backend, server = counted
+    raw = await raw_request(server.port, request_bytes)  # reads until the proxy closes
+    assert status_of(raw) == status, raw[:200]
+    assert raw.count(b"HTTP/1.1 ") == 1 or raw.startswith(b"HTTP/1.1 200")
+    assert b"Connection: close" in raw.split(b"\r\n\r\n")[0]
+    assert b"request id" in raw
+    assert all(b"/smuggled" not in head for head in backend.heads)
+    assert b"Traceback" not in raw
+
+
+async def test_answers_ahead_of_a_bad_pipelined_request_still_arrive(
+    counted: tuple[CountingBackend, ProxyServer],
+) -> None:
+    backend, server = counted
+    raw = await raw_request(
+        server.port,
+        b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\nBROKEN\r\n\r\n",
+    )
+    assert raw.count(b"HTTP/1.1 200 OK") == 2
+    assert raw.rindex(b"HTTP/1.1 400 ") > raw.rindex(b"HTTP/1.1 200 OK")
+    assert len(backend.heads) == 2
+
+
+async def test_slow_request_head_gets_408(counted: tuple[CountingBackend, ProxyServer]) -> None:
+    _, server = counted
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    raw = await asyncio.wait_for(reader.read(), 5)
+    assert status_of(raw) == 408
+    writer.close()
+
+
+async def test_connection_refused_is_502_naming_the_backend(proxy: StartProxy) -> None:
+    server = await proxy(single_upstream_config([free_port()]))
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
+    assert status_of(raw) == 502
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    assert b"cannot connect to backend b0" in body and b"request id" in body
+
+
+async def test_hung_backend_is_504_after_read_timeout(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        await asyncio.sleep(30)
+
+    server = await proxy(
+        single_upstream_config([await raw_backend(hang)], "    timeouts: {read: 300ms}\n")
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
+    assert status_of(raw) == 504
+    assert b"sent nothing for 0.3s" in raw
+    assert 0.25 <= loop.time() - started < 2.0
+
+
+async def test_connect_timeout_is_504(proxy: StartProxy) -> None:
+    # A listening socket whose accept queue is full never completes new handshakes.
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(0)
+    port = blocker.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        server = await proxy(
+            single_upstream_config([port], "    timeouts: {connect: 200ms}\n")
+        )
+        raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
+        assert status_of(raw) in (502, 504)
+        if status_of(raw) == 504:
+            assert b"timed out" in raw
+    finally:
+        for filler in fillers:
+            filler.close()
+        blocker.close()
+
+
+async def test_garbage_from_backend_is_502(raw_backend: StartRaw, proxy: StartProxy) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(garbage)]))
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
+    assert status_of(raw) == 502
+    assert b"invalid response" in raw
+
+
+async def test_backend_reset_mid_body_cuts_the_client_off(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await proxy(single_upstream_config([await raw_backend(cut)]))
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    # The client must see a truncated response (never a "complete" one).
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert b"Content-Length: 100" in head and body == b"only part"
+
+
+async def test_backend_closing_before_answering_is_502(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+
+    server = await proxy(single_upstream_config([await raw_backend(close_at_once)]))
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
+    assert status_of(raw) == 502
+    assert b"before responding" in raw

@@ -1,0 +1,83 @@
+"""The commands as a user runs them: `demo`, `run`, `python -m failover_proxy`."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from .conftest import ROOT, env_without_proxy_vars, free_port, wait_for_port
+
+
+def test_demo_serves_three_providers_and_stops_cleanly_on_ctrl_c() -> None:
+    port = free_port()
+    env = env_without_proxy_vars() | {"PROXY_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "failover_proxy", "demo"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, process=process)
+        with httpx.Client(trust_env=False, timeout=5) as http:
+            answers = [http.get(f"http://127.0.0.1:{port}/hello").json() for _ in range(6)]
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=20)
+    text = out.decode()
+    assert {a["provider"] for a in answers} == {"aws", "azure", "gcp"}
+    assert {a["backend"] for a in answers} == {
+        "aws-use1-a", "aws-use1-b", "azure-eus-a", "azure-eus-b", "gcp-usc1-a", "gcp-usc1-b",
+    }
+    assert all(a["path"] == "/hello" and a["region"] for a in answers)
+    assert f"curl http://127.0.0.1:{port}/" in text
+    assert process.returncode == 0, text
+    assert "Traceback" not in text
+
+
+def test_run_serves_a_config_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"listen: {{port: {port}}}\n"
+        "upstreams:\n  web:\n    backends:\n"
+        f"      - {{name: dead, url: 'http://127.0.0.1:{free_port()}', provider: aws}}\n"
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "failover_proxy", "run", "-c", str(config)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, process=process)
+        with httpx.Client(trust_env=False, timeout=5) as http:
+            response = http.get(f"http://127.0.0.1:{port}/")
+        assert response.status_code == 502
+        assert "cannot connect to backend dead" in response.text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=20)
+    assert process.returncode == 0, out.decode()
+
+
+def test_run_refuses_a_bad_config_with_its_location(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("listen: {port: 70000}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "failover_proxy", "run", "-c", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"{config}:1: listen.port: Input should be less than or equal to 65535" in result.stderr
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "failover-proxy"
+    result = subprocess.run(
+        [str(script), "check", "-c", str(ROOT / "config" / "demo.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1
