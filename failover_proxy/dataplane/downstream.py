@@ -56,8 +56,8 @@ class _Rejection:
         self.payload = payload
 
 
-class DownstreamProtocol(asyncio.Protocol):
-    """One client connection."""
+class DownstreamProtocol:
+    """One client connection (an asyncio protocol by duck typing, so mypyc compiles it natively)."""
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -222,14 +222,13 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- llhttp callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        request = Request()
-        request.request_id = new_request_id()
-        self._current = request
+        self._current = Request(new_request_id())
         self._url_parts = []
         self._header_bytes = 0
         self._in_head = True
         if self.exchange is None and not self.queue:
-            self._set_deadline(self.limits.header_timeout, 408)
+            self.deadline = self.loop.time() + self.limits.header_timeout
+            self.deadline_status = 408
 
     def on_url(self, url: bytes) -> None:
         self._url_parts.append(url)
@@ -399,8 +398,11 @@ class DownstreamProtocol(asyncio.Protocol):
             request.close_connection = True  # the backend refused the upgrade
         if request.close_connection:
             self.close()
-            return
-        self._serve_next()
+        elif self.queue or self._serving or self._client_eof:
+            self._serve_next()
+        else:  # the common case: idle until the next request
+            self.deadline = self.loop.time() + self.limits.keepalive_timeout
+            self.deadline_status = 0
 
     def start_tunnel(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """The backend switched protocols: from now on bytes flow untouched both ways."""

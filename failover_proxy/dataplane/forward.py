@@ -46,49 +46,33 @@ class Outcome(enum.Enum):
 class Attempt:
     """Sends one request on one connection and streams the response to the client."""
 
-    __slots__ = (
-        "chunked_out",
-        "close_delimited",
-        "conn",
-        "detail",
-        "done",
-        "downstream",
-        "exchange",
-        "head_only",
-        "head_sent",
-        "held_head",
-        "last_activity",
-        "loop",
-        "read_timeout",
-        "request",
-        "response_started",
-        "reusable",
-        "reused",
-        "upgrade_headers",
-        "upstream_chunked",
-    )
+    # Defaults live on the class: a new attempt sets only what differs (cheaper per request).
+    done = False
+    response_started = False
+    head_sent = False
+    held_head: bytes | None = None
+    """A response head not written yet, so it can leave in one write with the first body."""
+    chunked_out = False
+    close_delimited = False
+    upstream_chunked = False
+    reusable = False
+    paused_client = False
+    detail = ""
+    upgrade_headers: list[Header] = []
 
     def __init__(self, exchange: Exchange, conn: UpstreamConnection, reused: bool) -> None:
         self.exchange = exchange
         self.downstream = downstream = exchange.downstream
+        client = downstream.transport
+        assert client is not None
+        self.client: asyncio.Transport = client
         self.request = request = exchange.request
         self.conn = conn
         self.reused = reused
-        self.read_timeout = exchange.upstream.config.timeouts.read
-        self.loop = downstream.loop
-        self.done = False
+        self.read_timeout = exchange.read_timeout
+        self.loop = loop = downstream.loop
         self.head_only = request.method == b"HEAD"
-        self.response_started = False
-        self.head_sent = False
-        self.held_head: bytes | None = None
-        """A response head not written yet, so it can leave in one write with the first body."""
-        self.chunked_out = False
-        self.close_delimited = False
-        self.upstream_chunked = False
-        self.upgrade_headers: list[Header] = []
-        self.reusable = False
-        self.detail = ""
-        self.last_activity = self.loop.time()
+        self.last_activity = loop.time()
 
     def start(self, head: bytes) -> None:
         """Send the request head, hand the body over, and arm the read timeout."""
@@ -148,7 +132,7 @@ class Attempt:
             elif lname == b"transfer-encoding":
                 self.upstream_chunked = True
             elif lname == b"connection":
-                connection = join_values(connection, value)
+                connection = value if connection is None else join_values(connection, value)
         no_body = self.head_only or status in (204, 304)
         close_delimited = not no_body and not self.upstream_chunked and content_length is None
         self.close_delimited = close_delimited
@@ -180,12 +164,15 @@ class Attempt:
             )
         )
 
+    # The client transport is written directly: while an attempt receives events the client is
+    # connected (a client that goes away abandons the attempt first).
+
     def flush_head(self) -> None:
         """Write a held response head (called when a read from the backend ended without body)."""
         head = self.held_head
         if head is not None:
             self.held_head = None
-            self.downstream.write(head)
+            self.client.write(head)
 
     def on_body(self, chunk: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -193,21 +180,21 @@ class Attempt:
         if head is not None:
             self.held_head = None
             if self.chunked_out:
-                self.downstream.writelines((head, b"%x\r\n" % len(chunk), chunk, _CRLF))
+                self.client.writelines((head, b"%x\r\n" % len(chunk), chunk, _CRLF))
             else:
-                self.downstream.writelines((head, chunk))
+                self.client.writelines((head, chunk))
         elif self.chunked_out:
-            self.downstream.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))
+            self.client.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))
         else:
-            self.downstream.write(chunk)
+            self.client.write(chunk)
 
     def on_complete(self) -> None:
         head = self.held_head
         if head is not None:
             self.held_head = None
-            self.downstream.write(head + _LAST_CHUNK if self.chunked_out else head)
+            self.client.write(head + _LAST_CHUNK if self.chunked_out else head)
         elif self.chunked_out:
-            self.downstream.write(_LAST_CHUNK)
+            self.client.write(_LAST_CHUNK)
         if not self.request.body.complete:
             self.reusable = False  # the backend answered before reading the whole body
         self._finish(Outcome.OK)
@@ -251,6 +238,7 @@ class Attempt:
 
     def on_write_paused(self, paused: bool) -> None:
         """The backend reads the request body slowly: slow the client down with it."""
+        self.paused_client = paused
         self.downstream.set_paused_by_upstream(paused)
 
     # -- ending --------------------------------------------------------------------------------
@@ -266,10 +254,14 @@ class Attempt:
             return
         self.done = True
         self.detail = detail
-        self.request.body.detach()
-        if self.conn.owner is self:
-            self.conn.owner = None
-        self.downstream.set_paused_by_upstream(False)
+        body = self.request.body
+        if body.sink is not None:
+            body.detach()
+        conn = self.conn
+        if conn.owner is self:
+            conn.owner = None
+        if self.paused_client:
+            self.downstream.set_paused_by_upstream(False)
         self.exchange.attempt_done(self, outcome)
 
     def abandon(self) -> None:
@@ -304,6 +296,7 @@ class Exchange:
         "downstream",
         "finished",
         "head",
+        "read_timeout",
         "request",
         "retried_stale",
         "upstream",
@@ -322,6 +315,7 @@ class Exchange:
         backend = upstream.balancer.pick()
         self.backend = backend
         config = upstream.config
+        self.read_timeout = config.timeouts.read
         self.head = build_request_head(
             request.method,
             request_target(backend, request),

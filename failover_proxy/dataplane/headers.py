@@ -90,7 +90,7 @@ def build_request_head(
 ) -> bytes:
     """The request head sent to a backend, framed by the proxy itself (never the client)."""
     out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    extra = _extra_hop_by_hop(connection)
+    extra = _extra_hop_by_hop(connection) if connection else _NOTHING
     forwarded_for = client_ip
     original_host = b""
     via = VIA_TOKEN
@@ -140,7 +140,7 @@ def build_response_head(
 ) -> bytes:
     """The response head sent to the client, with our own framing and connection headers."""
     out = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
-    extra = _extra_hop_by_hop(connection)
+    extra = _extra_hop_by_hop(connection) if connection else _NOTHING
     via = VIA_TOKEN
     has_request_id = False
     for lname, name, value in headers:

@@ -132,43 +132,26 @@ class RequestBody:
 class Request:
     """One parsed request head plus its body stream; what the forwarder works from."""
 
-    __slots__ = (
-        "body",
-        "chunked",
-        "close_connection",
-        "connection",
-        "content_length",
-        "expect_continue",
-        "headers",
-        "host",
-        "http10",
-        "keep_alive",
-        "method",
-        "path",
-        "raw_host",
-        "request_id",
-        "target",
-        "upgrade",
-    )
+    # Defaults live on the class: parsing sets only what a request actually carries.
+    method = b""
+    target = b""
+    path = b"/"
+    host = ""
+    raw_host: bytes | None = None
+    http10 = False
+    keep_alive = True
+    upgrade: bytes | None = None
+    chunked = False
+    content_length: int | None = None
+    expect_continue = False
+    close_connection = False
+    connection: bytes | None = None
+    """The Connection header's values, joined (names it lists are not forwarded)."""
+    body: RequestBody
 
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.path = b"/"
+    def __init__(self, request_id: bytes) -> None:
+        self.request_id = request_id
         self.headers: list[Header] = []
-        self.host = ""
-        self.raw_host: bytes | None = None
-        self.http10 = False
-        self.keep_alive = True
-        self.upgrade: bytes | None = None
-        self.chunked = False
-        self.content_length: int | None = None
-        self.expect_continue = False
-        self.request_id = b""
-        self.close_connection = False
-        self.connection: bytes | None = None
-        """The Connection header's values, joined (names it lists are not forwarded)."""
-        self.body: RequestBody
 
 
 class _EmptyBody(RequestBody):

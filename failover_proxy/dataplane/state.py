@@ -8,7 +8,7 @@ writes a deadline number.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..config import LimitsConfig
 from .downstream import DownstreamProtocol
@@ -39,8 +39,9 @@ class DataPlane:
         self.tunnels = 0
         self._sweeper: asyncio.Task[None] | None = None
 
-    def protocol_factory(self) -> DownstreamProtocol:
-        return DownstreamProtocol(self)
+    def protocol_factory(self) -> asyncio.Protocol:
+        """What the listener calls per accepted connection (a duck-typed asyncio protocol)."""
+        return cast(asyncio.Protocol, DownstreamProtocol(self))
 
     def start(self) -> None:
         self._sweeper = self.loop.create_task(self._sweep_forever())

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -39,8 +40,11 @@ class ResponseHandler(Protocol):
     def on_write_paused(self, paused: bool) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One connection to a backend; parses responses and forwards events to its owner."""
+class UpstreamConnection:
+    """One connection to a backend; parses responses and forwards events to its owner.
+
+    An asyncio protocol by duck typing (no base class), so mypyc compiles it as a native class.
+    """
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -243,13 +247,13 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout):
             _, protocol = await loop.create_connection(
-                lambda: UpstreamConnection(self),
+                cast("Callable[[], asyncio.Protocol]", lambda: UpstreamConnection(self)),
                 self.host,
                 self.port,
                 ssl=self.ssl_context,
                 server_hostname=self.server_hostname,
             )
-        return protocol
+        return cast(UpstreamConnection, protocol)
 
     def release(self, conn: UpstreamConnection, now: float) -> None:
         """Keep a connection whose exchange ended cleanly, or close it when the pool is full."""
@@ -257,7 +261,8 @@ class UpstreamPool:
         if conn.closed or self.closed or len(self.idle) >= self.max_idle:
             conn.close()
             return
-        conn.pause_reading(False)  # an idle connection must see the backend's close
+        if conn.reading_paused:
+            conn.pause_reading(False)  # an idle connection must see the backend's close
         conn.idle_since = now
         self.idle.append(conn)
 

@@ -1,0 +1,26 @@
+"""Build hook: compile the data plane with mypyc (typed Python → C), about 2x less CPU per request.
+
+The same modules run unchanged as plain Python: set FAILOVER_PROXY_PURE=1 to skip compiling
+(for example where no C compiler is available). Everything else lives in pyproject.toml.
+"""
+
+import os
+
+from setuptools import setup
+
+COMPILED = [
+    "failover_proxy/dataplane/headers.py",
+    "failover_proxy/dataplane/request.py",
+    "failover_proxy/dataplane/upstream.py",
+    "failover_proxy/dataplane/forward.py",
+    "failover_proxy/dataplane/downstream.py",
+    "failover_proxy/dataplane/tunnel.py",
+]
+
+extensions = []
+if os.environ.get("FAILOVER_PROXY_PURE") != "1":
+    from mypyc.build import mypycify
+
+    extensions = mypycify(["--strict", *COMPILED], opt_level="3")
+
+setup(ext_modules=extensions)
