@@ -1,9 +1,11 @@
 """wrk against failover-proxy and nginx (as a reverse proxy) in front of the same backend.
 
 Both proxies run with one worker, keep-alive to the backend, and no access log. The backend is
-a separate nginx serving a fixed small body. Runs alternate (proxy, nginx, proxy, nginx…) so
-that drift on a shared machine hits both alike; the table reports the best round of each and
-the ratio. Everything listens on 127.0.0.1 only.
+a separate nginx serving a fixed small body. On a machine with two or more cores the proxy
+under test is pinned to core 0 and the backend and wrk to core 1 (the same for both proxies), so
+they do not fight over one core. Runs alternate (proxy, nginx, proxy, nginx…) so that drift
+hits both alike; the table reports the best round of each and the ratio. Everything listens
+on 127.0.0.1 only.
 
     python benchmarks/proxy_vs_nginx.py [--duration 10] [--connections 64] [--rounds 2]
 """
@@ -78,13 +80,22 @@ http {{
 """
 
 
-def start_nginx(name: str, server_block: str, tmp: Path) -> subprocess.Popen[bytes]:
+PIN = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *argv] if PIN else argv
+
+
+def start_nginx(
+    name: str, server_block: str, tmp: Path, core: int
+) -> subprocess.Popen[bytes]:
     workdir = tmp / name
     workdir.mkdir()
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_conf(workdir, server_block))
     return subprocess.Popen(
-        ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off; user root;"],
+        pinned(core, ["nginx", "-p", str(workdir), "-c", str(conf), "-g", "daemon off; user root;"]),  # noqa: E501
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -104,8 +115,8 @@ def _ms(value: str, unit: str) -> float:
 
 def run_wrk(port: int, duration: int, connections: int) -> WrkResult:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
-         f"http://127.0.0.1:{port}/"],
+        pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+                   f"http://127.0.0.1:{port}/"]),
         check=True, capture_output=True, text=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -135,12 +146,12 @@ def main() -> int:
         try:
             processes.append(start_nginx("backend", f"""
     server {{ listen 127.0.0.1:{backend_port}; keepalive_timeout 300s;
-             location / {{ default_type text/plain; return 200 "{SMALL_BODY}"; }} }}""", tmp))
+             location / {{ default_type text/plain; return 200 "{SMALL_BODY}"; }} }}""", tmp, 1))
             processes.append(start_nginx("proxy", f"""
     upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 128; }}
     server {{ listen 127.0.0.1:{nginx_port};
              location / {{ proxy_pass http://backend; proxy_http_version 1.1;
-                          proxy_set_header Connection ""; }} }}""", tmp))
+                          proxy_set_header Connection ""; }} }}""", tmp, 0))
             config = tmp / "proxy.yaml"
             config.write_text(
                 f"listen: {{host: 127.0.0.1, port: {proxy_port}}}\n"
@@ -150,7 +161,7 @@ def main() -> int:
                 "routes:\n  - {path_prefix: /, upstream: bench}\n"
             )
             processes.append(subprocess.Popen(
-                [sys.executable, "-m", "failover_proxy", "run", "-c", str(config)],
+                pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(config)]),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
             ))
             for port in (backend_port, nginx_port, proxy_port):
@@ -180,7 +191,8 @@ def main() -> int:
     ratio = ours.requests_per_second / theirs.requests_per_second
     table = (
         f"wrk -t1 -c{args.connections} -d{args.duration}s, {len(SMALL_BODY)}-byte responses, "
-        "1 worker each, keep-alive to backend, access log off\n\n"
+        "1 worker each, keep-alive to backend, access log off, "
+        f"{'proxy on core 0, backend and wrk on core 1' if PIN else 'unpinned'}\n\n"
         "| proxy | req/s | p50 ms | p99 ms | errors | req/s vs nginx |\n|---|---|---|---|---|---|\n"
         f"| failover-proxy | {ours.requests_per_second:.0f} | {ours.p50_ms:.2f} | "
         f"{ours.p99_ms:.2f} | {ours.errors} | {ratio:.2f}x |\n"

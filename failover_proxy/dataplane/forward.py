@@ -57,6 +57,9 @@ class Attempt:
     upstream_chunked = False
     reusable = False
     paused_client = False
+    activity = 0
+    """Counts events from and to the backend; the sweep turns changes into `last_activity`."""
+    seen_activity = -1  # the first sweep after the start stamps the time
     detail = ""
     upgrade_headers: list[Header] = []
 
@@ -70,9 +73,8 @@ class Attempt:
         self.conn = conn
         self.reused = reused
         self.read_timeout = exchange.read_timeout
-        self.loop = loop = downstream.loop
         self.head_only = request.method == b"HEAD"
-        self.last_activity = loop.time()
+        self.last_activity = downstream.plane.clock
 
     def start(self, head: bytes) -> None:
         """Send the request head, hand the body over, and arm the read timeout."""
@@ -97,7 +99,7 @@ class Attempt:
         transport = self.conn.transport
         if transport is None or self.conn.closed:
             return
-        self.last_activity = self.loop.time()
+        self.activity += 1
         if self.request.chunked:
             transport.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))
         else:
@@ -116,7 +118,7 @@ class Attempt:
 
     def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
         self.response_started = True
-        self.last_activity = self.loop.time()
+        self.activity += 1
         request = self.request
         downstream = self.downstream
         if status == 101:
@@ -175,7 +177,7 @@ class Attempt:
             self.client.write(head)
 
     def on_body(self, chunk: bytes) -> None:
-        self.last_activity = self.loop.time()
+        self.activity += 1
         head = self.held_head
         if head is not None:
             self.held_head = None
@@ -245,7 +247,12 @@ class Attempt:
 
     def check_timeout(self, now: float) -> None:
         """Called by the data plane's sweep: end an attempt whose backend has gone silent."""
-        if not self.done and now - self.last_activity >= self.read_timeout:
+        if self.done:
+            return
+        if self.activity != self.seen_activity:
+            self.seen_activity = self.activity
+            self.last_activity = now
+        elif now - self.last_activity >= self.read_timeout:
             self.conn.abort()
             self._finish(Outcome.TIMEOUT, f"backend sent nothing for {self.read_timeout:g}s")
 
@@ -341,7 +348,7 @@ class Exchange:
             self._end()  # the rejection queued behind this request answers the client
             return
         pool = self.backend.pool
-        conn = pool.take_idle(self.downstream.loop.time())
+        conn = pool.take_idle(self.downstream.plane.clock)
         if conn is not None:
             self._start(conn, reused=True)
         else:
@@ -365,7 +372,7 @@ class Exchange:
 
     def _start(self, conn: UpstreamConnection, reused: bool) -> None:
         if self.request.body.failed:  # broken by the client while we connected
-            self.backend.pool.release(conn, self.downstream.loop.time())
+            self.backend.pool.release(conn, self.downstream.plane.clock)
             self._end()
             return
         attempt = Attempt(self, conn, reused)
@@ -378,7 +385,7 @@ class Exchange:
         conn = attempt.conn
         if outcome is Outcome.OK:
             if attempt.reusable:
-                self.backend.pool.release(conn, self.downstream.loop.time())
+                self.backend.pool.release(conn, self.downstream.plane.clock)
             else:
                 conn.close()
             self._end()

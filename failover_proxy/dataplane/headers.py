@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from http import HTTPStatus
 
 Header = tuple[bytes, bytes, bytes]
 
@@ -39,6 +40,13 @@ _REWRITTEN_RESPONSE = HOP_BY_HOP | {b"content-length", b"via"}
 VIA_TOKEN = b"1.1 failover-proxy"
 _REQUEST_ID_PREFIX = os.urandom(6).hex().encode()
 _request_counter = itertools.count(1)
+
+
+_REASON_PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASON_PHRASES.get(status, b"Unknown")
 
 
 def new_request_id() -> bytes:

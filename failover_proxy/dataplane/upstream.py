@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from .headers import Header
+from .headers import Header, reason_phrase
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -58,7 +58,6 @@ class UpstreamConnection:
         self.bytes_received = 0
         """Bytes received since the current owner took the connection (0 = the backend is mute)."""
         self._headers: list[Header] = []
-        self._reason = b""
         self._in_head = True
         self._informational = False
         self._head_only_done = False
@@ -155,9 +154,6 @@ class UpstreamConnection:
 
     # -- llhttp callbacks ----------------------------------------------------------------------
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # headers after the head are trailers: not forwarded
             self._headers.append((name.lower(), name, value))
@@ -165,16 +161,17 @@ class UpstreamConnection:
     def on_headers_complete(self) -> None:
         self._in_head = False
         status = self.parser.get_status_code()
-        headers, reason = self._headers, self._reason
+        headers = self._headers
         self._headers = []
-        self._reason = b""
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
             return
         owner = self.owner
         if owner is None:
             return
-        owner.on_head(status, reason, headers, self.parser.should_keep_alive())
+        # The reason phrase is the standard one (RFC 9112 §4: clients ignore it), which spares a
+        # parser callback per response.
+        owner.on_head(status, reason_phrase(status), headers, self.parser.should_keep_alive())
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
             # response. Until this read is parsed, events come from the old parser: body bytes
