@@ -7,8 +7,9 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# The data plane is compiled with mypyc at install: editing it reinstalls (see setup.py).
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard failover_proxy/dataplane/*.py)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 

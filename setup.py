@@ -1,13 +1,16 @@
 """Build hook: compile the data plane with mypyc (typed Python → C), about 2x less CPU per request.
 
 The same modules run unchanged as plain Python: set FAILOVER_PROXY_PURE=1 to skip compiling
-(for example where no C compiler is available). Everything else lives in pyproject.toml.
+(for example where no C compiler is available); that also removes compiled copies left in a
+source checkout, so they cannot shadow edited sources. Everything else is in pyproject.toml.
 """
 
 import os
+from pathlib import Path
 
 from setuptools import setup
 
+HERE = Path(__file__).resolve().parent
 COMPILED = [
     "failover_proxy/dataplane/headers.py",
     "failover_proxy/dataplane/request.py",
@@ -18,7 +21,10 @@ COMPILED = [
 ]
 
 extensions = []
-if os.environ.get("FAILOVER_PROXY_PURE") != "1":
+if os.environ.get("FAILOVER_PROXY_PURE") == "1":
+    for stale in [*HERE.glob("failover_proxy/dataplane/*.so"), *HERE.glob("*__mypyc*.so")]:
+        stale.unlink()
+else:
     from mypyc.build import mypycify
 
     extensions = mypycify(["--strict", *COMPILED], opt_level="3")

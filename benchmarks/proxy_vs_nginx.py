@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,16 +170,19 @@ def main() -> int:
             for port in (nginx_port, proxy_port):  # warm up pools and caches
                 run_wrk(port, 2, args.connections)
             best: dict[str, WrkResult] = {}
+            paired_ratios: list[float] = []
             for _ in range(args.rounds):
+                round_rps: dict[str, float] = {}
                 for name, port in (("failover-proxy", proxy_port), ("nginx", nginx_port)):
                     result = run_wrk(port, args.duration, args.connections)
                     print(f"  {name:15} {result.requests_per_second:10.0f} req/s  "
                           f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  "
                           f"errors {result.errors}", flush=True)
                     previous = best.get(name)
-                    rps = result.requests_per_second
+                    rps = round_rps[name] = result.requests_per_second
                     if previous is None or rps > previous.requests_per_second:
                         best[name] = result
+                paired_ratios.append(round_rps["failover-proxy"] / round_rps["nginx"])
         finally:
             for process in processes:
                 process.send_signal(signal.SIGTERM)
@@ -189,6 +193,7 @@ def main() -> int:
                     process.kill()
     ours, theirs = best["failover-proxy"], best["nginx"]
     ratio = ours.requests_per_second / theirs.requests_per_second
+    median_ratio = statistics.median(paired_ratios)
     table = (
         f"wrk -t1 -c{args.connections} -d{args.duration}s, {len(SMALL_BODY)}-byte responses, "
         "1 worker each, keep-alive to backend, access log off, "
@@ -197,13 +202,16 @@ def main() -> int:
         f"| failover-proxy | {ours.requests_per_second:.0f} | {ours.p50_ms:.2f} | "
         f"{ours.p99_ms:.2f} | {ours.errors} | {ratio:.2f}x |\n"
         f"| nginx | {theirs.requests_per_second:.0f} | {theirs.p50_ms:.2f} | "
-        f"{theirs.p99_ms:.2f} | {theirs.errors} | 1.00x |\n"
+        f"{theirs.p99_ms:.2f} | {theirs.errors} | 1.00x |\n\n"
+        f"best round of each: {ratio:.2f}x nginx; median of {len(paired_ratios)} paired rounds: "
+        f"{median_ratio:.2f}x\n"
     )
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "proxy_vs_nginx.md").write_text(table)
     (RESULTS / "proxy_vs_nginx.json").write_text(json.dumps(
         {"failover-proxy": asdict(ours), "nginx": asdict(theirs), "ratio_rps": ratio,
+         "median_paired_ratio_rps": median_ratio, "paired_ratios": paired_ratios,
          "connections": args.connections, "duration_s": args.duration}, indent=2) + "\n")
     return 0
 

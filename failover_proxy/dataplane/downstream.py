@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -35,6 +36,10 @@ _PAUSE_UPGRADING = 8
 _PAUSE_STOPPED = 16
 
 _MAX_PIPELINED = 16
+
+
+def _not_connected(_: object) -> None:
+    raise ConnectionError("not connected")
 
 
 class RejectRequest(Exception):
@@ -66,6 +71,10 @@ class DownstreamProtocol:
         self.scheme = plane.scheme
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        self._feed: Callable[[bytes], None] = self.parser.feed_data
+        # Bound methods kept once per connection: the hot path skips a method lookup per call.
+        self.send: Callable[[bytes], None] = _not_connected
+        self.send_parts: Callable[[Iterable[bytes]], None] = _not_connected
         self.client_ip = b"unknown"
         self.queue: deque[Request | _Rejection] = deque()
         self.exchange: Exchange | None = None
@@ -94,6 +103,8 @@ class DownstreamProtocol:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.send = transport.write
+        self.send_parts = transport.writelines
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
@@ -189,7 +200,7 @@ class DownstreamProtocol:
                 self._upgrade_buffer.append(data)
             return
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as upgrade:
             # The request asked to switch protocols: what follows is not HTTP unless the backend
             # refuses, so hold it until the backend answers.

@@ -66,9 +66,8 @@ class Attempt:
     def __init__(self, exchange: Exchange, conn: UpstreamConnection, reused: bool) -> None:
         self.exchange = exchange
         self.downstream = downstream = exchange.downstream
-        client = downstream.transport
-        assert client is not None
-        self.client: asyncio.Transport = client
+        self.send_client = downstream.send
+        self.send_client_parts = downstream.send_parts
         self.request = request = exchange.request
         self.conn = conn
         self.reused = reused
@@ -79,10 +78,8 @@ class Attempt:
     def start(self, head: bytes) -> None:
         """Send the request head, hand the body over, and arm the read timeout."""
         conn = self.conn
-        transport = conn.transport
-        assert transport is not None
         conn.owner = self
-        transport.write(head)
+        conn.send(head)
         request = self.request
         if request.expect_continue and request.body.received == 0 and not request.body.complete:
             self.downstream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -96,14 +93,14 @@ class Attempt:
     # -- the request body, as a BodySink -------------------------------------------------------
 
     def write_body(self, chunk: bytes) -> None:
-        transport = self.conn.transport
-        if transport is None or self.conn.closed:
+        conn = self.conn
+        if conn.closed:
             return
         self.activity += 1
         if self.request.chunked:
-            transport.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))
+            conn.send_parts((b"%x\r\n" % len(chunk), chunk, _CRLF))
         else:
-            transport.write(chunk)
+            conn.send(chunk)
 
     def end_body(self) -> None:
         transport = self.conn.transport
@@ -174,7 +171,7 @@ class Attempt:
         head = self.held_head
         if head is not None:
             self.held_head = None
-            self.client.write(head)
+            self.send_client(head)
 
     def on_body(self, chunk: bytes) -> None:
         self.activity += 1
@@ -182,21 +179,21 @@ class Attempt:
         if head is not None:
             self.held_head = None
             if self.chunked_out:
-                self.client.writelines((head, b"%x\r\n" % len(chunk), chunk, _CRLF))
+                self.send_client_parts((head, b"%x\r\n" % len(chunk), chunk, _CRLF))
             else:
-                self.client.writelines((head, chunk))
+                self.send_client_parts((head, chunk))
         elif self.chunked_out:
-            self.client.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))
+            self.send_client_parts((b"%x\r\n" % len(chunk), chunk, _CRLF))
         else:
-            self.client.write(chunk)
+            self.send_client(chunk)
 
     def on_complete(self) -> None:
         head = self.held_head
         if head is not None:
             self.held_head = None
-            self.client.write(head + _LAST_CHUNK if self.chunked_out else head)
+            self.send_client(head + _LAST_CHUNK if self.chunked_out else head)
         elif self.chunked_out:
-            self.client.write(_LAST_CHUNK)
+            self.send_client(_LAST_CHUNK)
         if not self.request.body.complete:
             self.reusable = False  # the backend answered before reading the whole body
         self._finish(Outcome.OK)

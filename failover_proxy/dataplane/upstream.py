@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -20,6 +20,10 @@ from .headers import Header, reason_phrase
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
+
+
+def _not_connected(_: object) -> None:
+    raise ConnectionError("not connected")
 
 
 class ResponseHandler(Protocol):
@@ -50,6 +54,10 @@ class UpstreamConnection:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self._feed: Callable[[bytes], None] = self.parser.feed_data
+        self.send: Callable[[bytes], None] = _not_connected
+        """The transport's write, bound once (no method lookup per request)."""
+        self.send_parts: Callable[[Iterable[bytes]], None] = _not_connected
         self.owner: ResponseHandler | None = None
         self.tunnel: Tunnel | None = None
         self.closed = False
@@ -66,6 +74,8 @@ class UpstreamConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.send = transport.write
+        self.send_parts = transport.writelines
         self.pool.open_connections += 1
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -132,7 +142,7 @@ class UpstreamConnection:
             return
         self.bytes_received += len(data)
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as upgrade:
             owner = self.owner
             if owner is not None:
@@ -177,6 +187,7 @@ class UpstreamConnection:
             # response. Until this read is parsed, events come from the old parser: body bytes
             # are a protocol error, its message-complete is ignored.
             self.parser = httptools.HttpResponseParser(self)
+            self._feed = self.parser.feed_data
             self._head_only_done = True
             owner.on_complete()
 
