@@ -360,3 +360,47 @@ async def test_no_route_is_404(aiohttp_backend: StartApp, proxy: StartProxy) -> 
         response = await http.get("/other")
     assert response.status_code == 404
     assert "no route" in response.text and response.headers["x-request-id"] in response.text
+
+
+async def test_interim_responses_are_absorbed_and_trailers_dropped(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request_head(reader)
+            if b"/split" in head:  # interim and final response in separate writes
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsplit")
+            else:  # 103 Early Hints, then a chunked body with a trailer, in one write
+                writer.write(
+                    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+                    b"4\r\nbody\r\n0\r\nX-Sum: 42\r\n\r\n"
+                )
+            await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /split HTTP/1.1\r\nHost: x\r\n\r\n")
+    split = await asyncio.wait_for(read_one_response(reader), 5)
+    assert split.startswith(b"HTTP/1.1 200 OK\r\n") and split.endswith(b"\r\n\r\nsplit")
+    writer.write(b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n")
+    hinted = await asyncio.wait_for(read_one_response(reader), 5)
+    assert hinted.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Trailer" not in hinted and b"X-Sum" not in hinted
+    assert hinted.endswith(b"4\r\nbody\r\n0\r\n\r\n")
+    writer.close()
+
+
+async def test_oversized_response_head_is_502(raw_backend: StartRaw, proxy: StartProxy) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Junk: " + b"j" * 100_000 + b"\r\n\r\n")
+        await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
+    assert raw.startswith(b"HTTP/1.1 502 ")
+    assert b"response head too large" in raw
