@@ -13,7 +13,14 @@ import asyncio
 import enum
 from typing import TYPE_CHECKING
 
-from .headers import ResponseHead, build_request_head, build_response_head, error_response
+from .headers import (
+    Header,
+    build_request_head,
+    build_response_head,
+    error_response,
+    first_value,
+    join_values,
+)
 from .request import Request
 from .upstream import UpstreamConnection
 
@@ -54,7 +61,7 @@ class Attempt:
     """Counts events from and to the backend; the sweep turns changes into `last_activity`."""
     seen_activity = -1  # the first sweep after the start stamps the time
     detail = ""
-    upgrade_head: ResponseHead | None = None
+    upgrade_headers: list[Header] = []
 
     def __init__(self, exchange: Exchange, conn: UpstreamConnection, reused: bool) -> None:
         self.exchange = exchange
@@ -106,42 +113,54 @@ class Attempt:
 
     # -- events from the upstream connection ---------------------------------------------------
 
-    def on_head(self, status: int, head: ResponseHead, keep_alive: bool) -> None:
+    def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
         self.response_started = True
         self.activity += 1
         request = self.request
+        downstream = self.downstream
         if status == 101:
-            self.upgrade_head = head
+            self.upgrade_headers = headers
             if request.upgrade is None:
                 self.conn.abort()
                 self._finish(Outcome.BAD_RESPONSE, "backend switched protocols unasked")
             return
-        self.upstream_chunked = upstream_chunked = head.chunked
-        no_body = self.head_only or status == 204 or status == 304
-        close_delimited = not no_body and not upstream_chunked and head.content_length is None
+        content_length = connection = None
+        for lname, _, value in headers:
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                self.upstream_chunked = True
+            elif lname == b"connection":
+                connection = value if connection is None else join_values(connection, value)
+        no_body = self.head_only or status in (204, 304)
+        close_delimited = not no_body and not self.upstream_chunked and content_length is None
         self.close_delimited = close_delimited
         client_keeps = (
             request.keep_alive
             and request.upgrade is None
             and request.body.complete
-            and not self.downstream.draining
-            and not (request.http10 and (close_delimited or upstream_chunked))
+            and not downstream.draining
+            and not (request.http10 and (close_delimited or self.upstream_chunked))
         )
         if not client_keeps:
             request.close_connection = True
-        self.chunked_out = chunked_out = (
-            not no_body and (upstream_chunked or close_delimited) and not request.http10
+        self.chunked_out = (
+            not no_body and (self.upstream_chunked or close_delimited) and not request.http10
         )
         self.reusable = keep_alive and not close_delimited
         self.head_sent = True
-        self.held_head = build_response_head(
-            status,
-            head,
-            content_length=None if upstream_chunked else head.content_length,
-            chunked=chunked_out,
-            keep_alive=client_keeps,
-            client_http10=request.http10,
-            request_id=request.request_id,
+        self.held_head = (
+            build_response_head(
+                status,
+                reason,
+                headers,
+                content_length=content_length if not self.upstream_chunked else None,
+                chunked=self.chunked_out,
+                keep_alive=client_keeps,
+                client_http10=request.http10,
+                request_id=request.request_id,
+                connection=connection,
+            )
         )
 
     # The client transport is written directly: while an attempt receives events the client is
@@ -184,18 +203,17 @@ class Attempt:
         if request.upgrade is None or not self.response_started:
             self.on_bad_response("backend switched protocols unasked")
             return
-        head = self.upgrade_head
-        assert head is not None
         self.downstream.write(
             build_response_head(
                 101,
-                head,
+                b"Switching Protocols",
+                self.upgrade_headers,
                 content_length=None,
                 chunked=False,
                 keep_alive=True,
                 client_http10=False,
                 request_id=request.request_id,
-                upgrade=head.upgrade or request.upgrade,
+                upgrade=first_value(self.upgrade_headers, b"upgrade") or request.upgrade,
             )
         )
         self.head_sent = True

@@ -37,6 +37,7 @@ _REWRITTEN_REQUEST = HOP_BY_HOP | {
 }
 _REWRITTEN_RESPONSE = HOP_BY_HOP | {b"content-length", b"via"}
 MAX_RESPONSE_HEAD = 64 * 1024
+"""A backend sending a larger head is treated as broken (llhttp itself sets no limit)."""
 
 VIA_TOKEN = b"1.1 failover-proxy"
 _REQUEST_ID_PREFIX = os.urandom(6).hex().encode()
@@ -134,88 +135,49 @@ def build_request_head(
     return b"".join(out)
 
 
-class ResponseHead:
-    """A backend's response head as raw lines, with what the proxy must know pulled out.
-
-    Kept lines are forwarded exactly as the backend wrote them; framing, hop-by-hop and Via
-    lines are held back for the proxy to write its own.
-    """
-
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
-        self.content_length: bytes | None = None
-        self.chunked = False
-        self.connection: bytes | None = None
-        self.upgrade: bytes | None = None
-        self.via: bytes | None = None
-        self.has_request_id = False
-
-
-def parse_response_head(head: bytes) -> ResponseHead:
-    """Split a head llhttp has already validated (status line first, no final blank line)."""
-    parsed = ResponseHead()
-    kept = parsed.lines
-    lines = head.split(b"\r\n")
-    for index in range(1, len(lines)):
-        line = lines[index]
-        colon = line.find(b":")
-        lname = line[:colon].lower()
-        if lname in _REWRITTEN_RESPONSE:
-            value = line[colon + 1 :].strip()
-            if lname == b"content-length":
-                parsed.content_length = value
-            elif lname == b"transfer-encoding":
-                parsed.chunked = True
-            elif lname == b"connection":
-                connection = parsed.connection
-                parsed.connection = value if connection is None else connection + b", " + value
-            elif lname == b"via":
-                parsed.via = value
-            elif lname == b"upgrade":
-                parsed.upgrade = value
-            continue
-        if lname == b"x-request-id":
-            parsed.has_request_id = True
-        kept.append(line)
-    connection = parsed.connection
-    if connection is not None and connection.lower() not in _PLAIN_CONNECTION_TOKENS:
-        extra = _extra_hop_by_hop(connection)
-        if extra:
-            parsed.lines = [
-                line for line in kept if line[: line.find(b":")].lower() not in extra
-            ]
-    return parsed
-
-
 def build_response_head(
     status: int,
-    head: ResponseHead,
+    reason: bytes,
+    headers: list[Header],
     *,
     content_length: bytes | None,
     chunked: bool,
     keep_alive: bool,
     client_http10: bool,
     request_id: bytes,
+    connection: bytes | None = None,
     upgrade: bytes | None = None,
 ) -> bytes:
     """The response head sent to the client, with our own framing and connection headers."""
-    out = [b"HTTP/1.1 %d %s" % (status, reason_phrase(status)), *head.lines]
-    if not head.has_request_id:
-        out.append(b"X-Request-Id: " + request_id)
-    via = head.via
-    out.append(b"Via: " + VIA_TOKEN if via is None else b"Via: " + via + b", " + VIA_TOKEN)
+    out = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    extra = _extra_hop_by_hop(connection) if connection else _NOTHING
+    via = VIA_TOKEN
+    has_request_id = False
+    for lname, name, value in headers:
+        if lname in _REWRITTEN_RESPONSE:
+            if lname == b"via":
+                via = value + b", " + VIA_TOKEN
+            continue
+        if extra and lname in extra:
+            continue
+        if lname == b"x-request-id":
+            has_request_id = True
+        out += (name, b": ", value, b"\r\n")
+    if not has_request_id:
+        out += (b"X-Request-Id: ", request_id, b"\r\n")
+    out += (b"Via: ", via, b"\r\n")
     if upgrade is not None:
-        out.append(b"Connection: upgrade\r\nUpgrade: " + upgrade)
+        out += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     elif not keep_alive:
-        out.append(b"Connection: close")
+        out.append(b"Connection: close\r\n")
     elif client_http10:
-        out.append(b"Connection: keep-alive")
+        out.append(b"Connection: keep-alive\r\n")
     if chunked:
-        out.append(b"Transfer-Encoding: chunked")
+        out.append(b"Transfer-Encoding: chunked\r\n")
     elif content_length is not None:
-        out.append(b"Content-Length: " + content_length)
+        out += (b"Content-Length: ", content_length, b"\r\n")
     out.append(b"\r\n")
-    return b"\r\n".join(out)
+    return b"".join(out)
 
 
 def error_response(

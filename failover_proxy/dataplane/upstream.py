@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from .headers import MAX_RESPONSE_HEAD, ResponseHead, parse_response_head
+from .headers import MAX_RESPONSE_HEAD, Header, reason_phrase
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -33,7 +33,8 @@ class ResponseHandler(Protocol):
     held_head: bytes | None
 
     def flush_head(self) -> None: ...
-    def on_head(self, status: int, head: ResponseHead, keep_alive: bool) -> None: ...
+    def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
+        ...
 
     def on_body(self, chunk: bytes) -> None: ...
     def on_complete(self) -> None: ...
@@ -64,8 +65,8 @@ class UpstreamConnection:
         self.reading_paused = False
         self.bytes_received = 0
         """Bytes received since the current owner took the connection (0 = the backend is mute)."""
-        self._head_buf = b""
-        self._head_pos = 0
+        self._headers: list[Header] = []
+        self._head_bytes = 0
         self._in_head = True
         self._informational = False
         self._head_only_done = False
@@ -141,13 +142,6 @@ class UpstreamConnection:
             self.abort()
             return
         self.bytes_received += len(data)
-        if self._in_head:
-            # Keep the raw head: it is split once when complete (no callback per header line).
-            buffered = self._head_buf
-            self._head_buf = buffered + data if buffered else data
-            if len(self._head_buf) - self._head_pos > MAX_RESPONSE_HEAD:
-                self._bad_response("response head too large")
-                return
         try:
             self._feed(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -155,7 +149,7 @@ class UpstreamConnection:
             if owner is not None:
                 owner.on_upgrade(data[upgrade.args[0] :])
         except httptools.HttpParserCallbackError as exc:
-            self._bad_response(f"response handling failed: {exc.__context__!r}")
+            self._bad_response(f"invalid response from backend: {exc.__context__}")
         except httptools.HttpParserError as exc:
             self._bad_response(f"invalid response from backend: {exc}")
         self._head_only_done = False  # later bytes go to the fresh parser
@@ -171,24 +165,28 @@ class UpstreamConnection:
 
     # -- llhttp callbacks ----------------------------------------------------------------------
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:  # headers after the head are trailers: not forwarded
+            self._head_bytes += len(name) + len(value)
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                raise ValueError("response head too large")
+            self._headers.append((name.lower(), name, value))
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         status = self.parser.get_status_code()
-        buf = self._head_buf
-        start = self._head_pos
-        end = buf.find(b"\r\n\r\n", start)
-        if end == -1:
-            raise ValueError("response head without its blank line")
+        headers = self._headers
+        self._headers = []
+        self._head_bytes = 0
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
-            self._head_pos = end + 4  # the final head follows in the same buffer
             return
-        self._head_buf = b""
-        self._head_pos = 0
         owner = self.owner
         if owner is None:
             return
-        owner.on_head(status, parse_response_head(buf[start:end]), self.parser.should_keep_alive())
+        # The reason phrase is the standard one (RFC 9112 §4: clients ignore it), which spares a
+        # parser callback per response.
+        owner.on_head(status, reason_phrase(status), headers, self.parser.should_keep_alive())
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
             # response. Until this read is parsed, events come from the old parser: body bytes
@@ -196,7 +194,6 @@ class UpstreamConnection:
             self.parser = httptools.HttpResponseParser(self)
             self._feed = self.parser.feed_data
             self._head_only_done = True
-            self._in_head = True  # the next response starts a new head
             owner.on_complete()
 
     def on_body(self, chunk: bytes) -> None:
