@@ -66,8 +66,37 @@ def parse_size(value: object) -> int:
     return size
 
 
+def parse_fraction(value: object) -> float:
+    """A share from `10%` or a number between 0 and 1."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError as exc:
+            raise ValueError(f"expected a percentage such as 10%, got {value!r}") from exc
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a fraction such as 0.1 or 10%, got {value!r}")
+    if not 0 <= value <= 1:
+        raise ValueError("a fraction must be between 0 and 1 (0% and 100%)")
+    return float(value)
+
+
+def parse_status_range(value: object) -> tuple[int, int]:
+    """`200-399` or `200` → an inclusive range of HTTP status codes."""
+    text = str(value).strip()
+    low, _, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high or low))
+    except ValueError as exc:
+        raise ValueError(f"expected a status or a range such as 200-399, got {value!r}") from exc
+    if not 100 <= bounds[0] <= bounds[1] <= 599:
+        raise ValueError(f"status range must lie within 100-599, got {value!r}")
+    return bounds
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
+Fraction = Annotated[float, BeforeValidator(parse_fraction)]
+StatusRange = Annotated[tuple[int, int], BeforeValidator(parse_status_range)]
 
 
 class _Strict(BaseModel):
@@ -131,12 +160,124 @@ class BackendConfig(_Strict):
         return url
 
 
+class HealthCheckConfig(_Strict):
+    """Active probes, run once per backend on their own schedule, never on the request path."""
+
+    type: Literal["http", "tcp"] = "http"
+    path: str = "/healthz"
+    method: str = "GET"
+    expect_status: list[StatusRange] = Field(default_factory=lambda: [(200, 399)], min_length=1)
+    expect_body: str | None = None
+    """A substring the probe's response body must contain."""
+    interval: Duration = 2.0
+    unhealthy_interval: Duration = 0.5
+    """Probe faster while a backend is unhealthy, so it returns sooner."""
+    timeout: Duration = 1.0
+    jitter: Fraction = 0.1
+    healthy_threshold: int = Field(2, ge=1)
+    unhealthy_threshold: int = Field(2, ge=1)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {path!r}")
+        return path
+
+
+class OutlierConfig(_Strict):
+    """Passive detection from real traffic (Envoy's consecutive-5xx outlier detection)."""
+
+    consecutive_failures: int = Field(5, ge=1)
+    failure_statuses: list[int] = Field(default_factory=lambda: [502, 503, 504])
+    base_ejection: Duration = 30.0
+    max_ejection: Duration = 300.0
+    max_ejection_percent: int = Field(50, ge=0, le=100)
+
+
+class CorrelatedFailuresConfig(_Strict):
+    backends: int = Field(2, ge=1)
+    """Distinct backends of one provider failing within `window` take the provider down."""
+    window: Duration = 1.0
+
+
+class PolicyConfig(_Strict):
+    """How traffic is spread over providers, and when a provider counts as down."""
+
+    strategy: Literal["priority", "weighted"] = "weighted"
+    providers: list[str] | None = None
+    """Priority order (strategy priority); default: the order backends are listed in."""
+    provider_weights: dict[str, int] | None = None
+    """Share per provider (strategy weighted); default: the sum of its backends' weights."""
+    min_healthy_fraction: Fraction = 0.5
+    correlated_failures: CorrelatedFailuresConfig = CorrelatedFailuresConfig()
+    hold_down: Duration = 10.0
+    """A provider taken down stays down at least this long (no flapping)."""
+
+
+RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "timeout", "502", "503", "504"})
+
+
+class RetryConfig(_Strict):
+    attempts: int = Field(3, ge=1, le=10)
+    on: list[str] = Field(
+        default_factory=lambda: ["connect-failure", "reset", "timeout", "502", "503", "504"]
+    )
+    per_try_timeout: Duration | None = None
+    """Longest wait for a response head per attempt; default: timeouts.read."""
+    next_attempt: Literal["different_provider", "any"] = "different_provider"
+    budget_percent: float = Field(50.0, ge=0, le=100)
+    """Retries in flight may be at most this share of requests in flight. Large enough that a
+    whole provider failing (a third or half of traffic) is retried, small enough that when
+    everything fails retries cannot multiply the load."""
+    min_retry_concurrency: int = Field(10, ge=0)
+    replay_max_bytes: ByteSize = 1024 * 1024
+    """Request body kept for a retry; a larger body streams and is not retried."""
+    retry_with_idempotency_key: bool = False
+
+    @field_validator("on")
+    @classmethod
+    def _known_conditions(cls, conditions: list[str]) -> list[str]:
+        for index, condition in enumerate(conditions):
+            if condition not in RETRY_CONDITIONS:
+                known = ", ".join(sorted(RETRY_CONDITIONS))
+                raise _LocatedError((index,), f"unknown retry condition {condition!r} ({known})")
+        return conditions
+
+
 class UpstreamConfig(_Strict):
     backends: list[BackendConfig] = Field(min_length=1)
     timeouts: TimeoutsConfig = TimeoutsConfig()
     host_header: Literal["backend", "preserve"] = "backend"
     tls: TlsConfig = TlsConfig()
     pool: PoolConfig = PoolConfig()
+    health_check: HealthCheckConfig | None = None
+    outlier: OutlierConfig = OutlierConfig()
+    policy: PolicyConfig = PolicyConfig()
+    retry: RetryConfig = RetryConfig()
+
+    @model_validator(mode="after")
+    def _policy_names_known_providers(self) -> UpstreamConfig:
+        known = list(dict.fromkeys(b.provider for b in self.backends))
+        policy = self.policy
+        for index, name in enumerate(policy.providers or []):
+            if name not in known:
+                raise _LocatedError(
+                    ("policy", "providers", index),
+                    f"no backend of provider {name!r} (providers: {', '.join(known)})",
+                )
+        for name, weight in (policy.provider_weights or {}).items():
+            if name not in known:
+                raise _LocatedError(
+                    ("policy", "provider_weights", name),
+                    f"no backend of provider {name!r} (providers: {', '.join(known)})",
+                )
+            if weight < 0:
+                raise _LocatedError(
+                    ("policy", "provider_weights", name), "weights cannot be negative"
+                )
+        return self
 
     @field_validator("backends")
     @classmethod
@@ -181,8 +322,6 @@ class LimitsConfig(_Strict):
     header_timeout: Duration = 10.0
     """Time a client gets to send a whole request head (slowloris guard)."""
     keepalive_timeout: Duration = 75.0
-    replay_buffer_bytes: ByteSize = 1024 * 1024
-    """Request body kept so a request can be re-sent after a stale keep-alive connection."""
 
 
 class ProxyConfig(_Strict):

@@ -9,6 +9,7 @@ import signal
 
 from .config import ProxyConfig
 from .dataplane.state import DataPlane
+from .health import HealthChecker
 from .topology import build_topology
 
 log = logging.getLogger("failover_proxy")
@@ -20,6 +21,7 @@ class ProxyServer:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.plane: DataPlane | None = None
+        self.health: HealthChecker | None = None
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -35,6 +37,8 @@ class ProxyServer:
             reuse_address=True,
         )
         self.plane.start()
+        self.health = HealthChecker(list(topology.upstreams.values()))
+        self.health.start()  # probes start at once, beside the listener
         log.info("proxy listening on %s", ", ".join(self.addresses))
 
     @property
@@ -57,6 +61,8 @@ class ProxyServer:
         plane = self.plane
         if self._server is not None:
             self._server.close()
+        if self.health is not None:
+            await self.health.stop()
         if plane is None:
             return
         plane.draining = True

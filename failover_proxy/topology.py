@@ -8,47 +8,212 @@ headers, base paths, TLS contexts).
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .balance import SmoothWeightedRoundRobin
 from .config import BackendConfig, ProxyConfig, UpstreamConfig
 from .dataplane.upstream import UpstreamPool
+from .outlier import OutlierDetector
+from .policy import ProviderPolicy
 from .routing import Route, Router
 
 
-@dataclass(eq=False)
 class Backend:
-    """One origin: where it is, which provider and region it belongs to, and its pool."""
+    """One origin: where it is, its provider and region, its pool, and what we know of its health.
 
-    name: str
-    provider: str
-    region: str
-    weight: int
-    scheme: str
-    host: str
-    port: int
-    base_path: bytes
-    host_header: bytes
-    pool: UpstreamPool
-    in_flight: int = 0
+    `usable` is what the policy reads on the hot path; it is recomputed by `Upstream.refresh`
+    whenever a health check, an ejection or an operator changes one of its inputs.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        provider: str,
+        region: str,
+        weight: int,
+        scheme: str,
+        host: str,
+        port: int,
+        base_path: bytes,
+        host_header: bytes,
+        pool: UpstreamPool,
+    ) -> None:
+        self.name = name
+        self.provider = provider
+        self.region = region
+        self.weight = weight
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.base_path = base_path
+        self.host_header = host_header
+        self.pool = pool
+        self.in_flight = 0
+        self.attempts_total = 0
+        self.last_attempt_at = 0.0
+        """When an attempt on this backend last started (loop time; for failover reports)."""
+        self.healthy = True
+        """Active health checks' verdict (optimistic until they say otherwise)."""
+        self.last_check = ""
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.consecutive_failures = 0
+        self.draining = False
+        self.usable = True
+        self.reason = ""
 
     @property
     def address(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
 
+    @property
+    def state(self) -> str:
+        if self.draining:
+            return "draining"
+        if not self.healthy:
+            return "unhealthy"
+        if self.ejected_until:
+            return "ejected"
+        return "healthy"
 
-@dataclass(eq=False)
+
+class Provider:
+    """The backends of one provider inside one upstream, and the provider's own state."""
+
+    def __init__(self, name: str, backends: list[Backend], weight: int) -> None:
+        self.name = name
+        self.backends = backends
+        self.weight = weight
+        self.state = "up"
+        self.reason = ""
+        self.down_until = 0.0
+        """While in the future the provider stays down (hold-down, correlated failure)."""
+        self.down_since = 0.0
+        self.up_since = 0.0
+        self.downs = 0
+        """Times taken down in a row without a healthy stretch; each doubles the hold-down."""
+        self.forced_down = False
+        """Taken down by an operator (a failover drill) until restored."""
+        self.balancer: SmoothWeightedRoundRobin[Backend] | None = SmoothWeightedRoundRobin(
+            backends, [b.weight for b in backends]
+        )
+        self.recent_failures: dict[str, float] = {}
+
+    @property
+    def usable(self) -> bool:
+        return self.state != "down" and self.balancer is not None
+
+
 class Upstream:
-    """A named pool of backends spread over providers, with its balancing and timeouts."""
+    """A named pool of backends spread over providers, with its policy and settings."""
 
-    name: str
-    config: UpstreamConfig
-    backends: list[Backend]
-    balancer: SmoothWeightedRoundRobin[Backend] = field(init=False)
+    def __init__(self, name: str, config: UpstreamConfig, backends: list[Backend]) -> None:
+        self.name = name
+        self.config = config
+        self.backends = backends
+        by_provider: dict[str, list[Backend]] = {}
+        for backend in backends:
+            by_provider.setdefault(backend.provider, []).append(backend)
+        weights = config.policy.provider_weights or {}
+        self.providers = {
+            name: Provider(name, members, weights.get(name, sum(b.weight for b in members)))
+            for name, members in by_provider.items()
+        }
+        self.policy = ProviderPolicy(config.policy, list(self.providers.values()))
+        self.outlier = OutlierDetector(self)
+        self.failure_statuses = frozenset(config.outlier.failure_statuses)
+        self.active_requests = 0
+        self.active_retries = 0
+        self.retries_total = 0
+        self.retry_budget_exhausted = 0
+        self.generation = 0
+        self.ssl_context: ssl.SSLContext | None = None
+        self.listeners: list[Callable[[Upstream], None]] = []
+        """Called after every change of state (metrics, status page)."""
 
-    def __post_init__(self) -> None:
-        self.balancer = SmoothWeightedRoundRobin(self.backends, [b.weight for b in self.backends])
+    def refresh(self, now: float) -> None:
+        """Recompute backend usability, provider states and balancers after any change."""
+        minimum = self.config.policy.min_healthy_fraction
+        hold_down = self.config.policy.hold_down
+        for backend in self.backends:
+            if backend.ejected_until and now >= backend.ejected_until:
+                backend.ejected_until = 0.0  # back on probation
+            backend.usable = backend.healthy and not backend.ejected_until and not backend.draining
+        for provider in self.providers.values():
+            usable = [b for b in provider.backends if b.usable]
+            fraction = len(usable) / len(provider.backends)
+            was_down = provider.state == "down"
+            if provider.forced_down or now < provider.down_until:
+                state = "down"
+            elif not usable or fraction < minimum:
+                state = "down"
+                provider.reason = (
+                    f"provider {provider.name} down: {len(usable)} of "
+                    f"{len(provider.backends)} backends usable"
+                )
+            else:
+                state = "up" if len(usable) == len(provider.backends) else "degraded"
+                provider.reason = "" if state == "up" else (
+                    f"provider {provider.name} degraded: {len(usable)} of "
+                    f"{len(provider.backends)} backends usable"
+                )
+            if state == "down" and not was_down:
+                provider.down_since = now
+                if not provider.forced_down:
+                    provider.down_until = max(provider.down_until, now + hold_down)
+            elif state != "down" and was_down:
+                provider.up_since = now
+            provider.state = state
+            provider.balancer = (
+                SmoothWeightedRoundRobin(usable, [b.weight for b in usable]) if usable else None
+            )
+        self.policy.rebuild()
+        self.generation += 1
+        for listener in self.listeners:
+            listener(self)
+
+    def take_provider_down(self, provider: Provider, now: float, reason: str) -> None:
+        """A provider-wide failure: out of rotation at once, for at least the hold-down.
+
+        A provider that fails again soon after coming back stays down twice as long each time
+        (capped at outlier.max_ejection), so a provider that passes health checks but fails real
+        traffic is not flapped in and out.
+        """
+        policy = self.config.policy
+        stable = now - provider.up_since > 10 * policy.hold_down
+        provider.downs = 1 if stable else provider.downs + 1
+        hold = min(policy.hold_down * 2 ** (provider.downs - 1), self.config.outlier.max_ejection)
+        provider.down_until = now + max(hold, policy.hold_down)
+        provider.reason = reason
+        self.refresh(now)
+
+    def choose(
+        self, tried_backends: list[Backend], tried_providers: list[str]
+    ) -> tuple[Backend | None, str]:
+        """The backend for an attempt, and why it was chosen when it is not the plain choice."""
+        different = self.config.retry.next_attempt == "different_provider"
+        provider = self.policy.pick(tried_providers if different else [])
+        reason = ""
+        if provider is None and tried_providers:
+            provider = self.policy.pick([])
+            reason = "no other provider usable"
+        if provider is None or provider.balancer is None:
+            return None, "no usable backend: " + "; ".join(
+                p.reason or f"provider {p.name} down" for p in self.providers.values()
+            )
+        backend = provider.balancer.pick()
+        for _ in range(len(provider.balancer)):
+            if backend not in tried_backends:
+                break
+            backend = provider.balancer.pick()
+        if tried_providers and not reason:
+            reason = f"retry on provider {provider.name} after {', '.join(tried_providers)}"
+        elif not tried_providers and provider is not self.policy.preferred:
+            reason = self.policy.why_not_preferred()
+        return backend, reason
 
     def close(self) -> None:
         for backend in self.backends:
@@ -65,22 +230,23 @@ def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
     return context
 
 
-def build_backend(backend: BackendConfig, upstream: UpstreamConfig) -> Backend:
+def build_backend(
+    backend: BackendConfig, upstream: UpstreamConfig, ssl_context: ssl.SSLContext | None
+) -> Backend:
     parts = urlsplit(backend.url)
     scheme = parts.scheme
     host = parts.hostname or ""
-    port = parts.port or (443 if scheme == "https" else 80)
     default_port = 443 if scheme == "https" else 80
+    port = parts.port or default_port
     host_for_header = f"[{host}]" if ":" in host else host
     if port != default_port:
         host_for_header = f"{host_for_header}:{port}"
-    ssl_context = tls_context(upstream) if scheme == "https" else None
-    server_name = upstream.tls.server_name or host
+    tls = ssl_context if scheme == "https" else None
     pool = UpstreamPool(
         host=host,
         port=port,
-        ssl_context=ssl_context,
-        server_hostname=server_name if ssl_context else None,
+        ssl_context=tls,
+        server_hostname=(upstream.tls.server_name or host) if tls else None,
         connect_timeout=upstream.timeouts.connect,
         max_idle=upstream.pool.max_idle_per_backend,
         idle_timeout=upstream.pool.idle_timeout,
@@ -94,9 +260,18 @@ def build_backend(backend: BackendConfig, upstream: UpstreamConfig) -> Backend:
         host=host,
         port=port,
         base_path=parts.path.rstrip("/").encode(),
-        host_header=host_for_header.encode("idna" if host_for_header.isascii() else "utf-8"),
+        host_header=host_for_header.encode("idna"),
         pool=pool,
     )
+
+
+def build_upstream(name: str, config: UpstreamConfig) -> Upstream:
+    needs_tls = any(b.url.startswith("https://") for b in config.backends)
+    ssl_context = tls_context(config) if needs_tls else None
+    backends = [build_backend(backend, config, ssl_context) for backend in config.backends]
+    upstream = Upstream(name, config, backends)
+    upstream.ssl_context = ssl_context
+    return upstream
 
 
 @dataclass(eq=False)
@@ -112,14 +287,7 @@ class Topology:
 
 
 def build_topology(config: ProxyConfig) -> Topology:
-    upstreams = {
-        name: Upstream(
-            name=name,
-            config=upstream,
-            backends=[build_backend(backend, upstream) for backend in upstream.backends],
-        )
-        for name, upstream in config.upstreams.items()
-    }
+    upstreams = {name: build_upstream(name, cfg) for name, cfg in config.upstreams.items()}
     router = Router(
         [Route(r.host, r.path_prefix, upstreams[r.upstream]) for r in config.routes]
     )

@@ -21,7 +21,7 @@ import httptools
 from ..routing import normalize_host
 from .forward import Exchange
 from .headers import error_response, join_values, new_request_id
-from .request import EMPTY_BODY, Request, RequestBody
+from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
 
@@ -274,7 +274,7 @@ class DownstreamProtocol:
         self._in_head = False
         if request.chunked or request.content_length:
             request.body = RequestBody(
-                self.limits.replay_buffer_bytes, self._pause_for_body, self._resume_for_body
+                DEFAULT_REPLAY_BYTES, self._pause_for_body, self._resume_for_body
             )
         else:
             request.body = EMPTY_BODY
@@ -385,7 +385,11 @@ class DownstreamProtocol:
             if request.close_connection:
                 self.close()
             return
-        exchange = Exchange(self, request, route.target)
+        upstream = route.target
+        body = request.body
+        if body.replay_limit != upstream.config.retry.replay_max_bytes and body is not EMPTY_BODY:
+            body.set_replay_limit(upstream.config.retry.replay_max_bytes)
+        exchange = Exchange(self, request, upstream)
         self.exchange = exchange
         exchange.begin()
 

@@ -41,6 +41,7 @@ class Outcome(enum.Enum):
     BAD_RESPONSE = "bad_response"
     BODY_LOST = "body_lost"  # the request body could not be sent again
     CLIENT_ERROR = "client_error"  # the client broke its own request body
+    FAILURE_STATUS = "failure_status"  # a 5xx that will be retried elsewhere, not forwarded
 
 
 class Attempt:
@@ -57,6 +58,10 @@ class Attempt:
     upstream_chunked = False
     reusable = False
     paused_client = False
+    failure_status = False
+    head_swept = False
+    per_try_timer: asyncio.TimerHandle | None = None
+    """The response carried a failure status (already counted against the backend)."""
     activity = 0
     """Counts events from and to the backend; the sweep turns changes into `last_activity`."""
     seen_activity = -1  # the first sweep after the start stamps the time
@@ -71,7 +76,7 @@ class Attempt:
         self.request = request = exchange.request
         self.conn = conn
         self.reused = reused
-        self.read_timeout = exchange.read_timeout
+        self.read_timeout = exchange.first_byte_timeout
         self.head_only = request.method == b"HEAD"
         self.last_activity = downstream.plane.clock
 
@@ -89,6 +94,18 @@ class Attempt:
             return
         if self.downstream.write_paused:
             conn.pause_reading(True)
+        per_try = self.exchange.per_try_timeout
+        if per_try is not None and not self.done:
+            # An explicit per-try timeout is kept exactly, with a timer (the sweep is coarse).
+            self.per_try_timer = self.downstream.loop.call_later(per_try, self._per_try_expired)
+
+    def _per_try_expired(self) -> None:
+        self.per_try_timer = None
+        if not self.done and not self.response_started:
+            self.conn.abort()
+            self._finish(
+                Outcome.TIMEOUT, f"no response within {self.exchange.per_try_timeout:g}s"
+            )
 
     # -- the request body, as a BodySink -------------------------------------------------------
 
@@ -116,7 +133,17 @@ class Attempt:
     def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
         self.response_started = True
         self.activity += 1
+        self.read_timeout = self.exchange.read_timeout
+        if self.per_try_timer is not None:
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
         request = self.request
+        if status >= 500 and status in self.exchange.upstream.failure_statuses:
+            self.failure_status = True
+            if self.exchange.on_failure_status(status):
+                self.conn.abort()
+                self._finish(Outcome.FAILURE_STATUS, f"status {status}")
+                return
         downstream = self.downstream
         if status == 101:
             self.upgrade_headers = headers
@@ -148,7 +175,7 @@ class Attempt:
             not no_body and (self.upstream_chunked or close_delimited) and not request.http10
         )
         self.reusable = keep_alive and not close_delimited
-        self.head_sent = True
+        self.head_sent = True  # held until the first body byte, completion or the next sweep
         self.held_head = (
             build_response_head(
                 status,
@@ -246,6 +273,14 @@ class Attempt:
         """Called by the data plane's sweep: end an attempt whose backend has gone silent."""
         if self.done:
             return
+        if self.held_head is not None:
+            # A head whose body has not started by the second sweep goes out alone (long
+            # polls, event streams): 0.2-0.4 s. Until then a backend that fails right after its
+            # head can still be retried elsewhere, unseen by the client.
+            if self.head_swept:
+                self.flush_head()
+            else:
+                self.head_swept = True
         if self.activity != self.seen_activity:
             self.seen_activity = self.activity
             self.last_activity = now
@@ -258,6 +293,9 @@ class Attempt:
             return
         self.done = True
         self.detail = detail
+        if self.per_try_timer is not None:
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
         body = self.request.body
         if body.sink is not None:
             body.detach()
@@ -272,6 +310,8 @@ class Attempt:
         """The client went away: drop the backend connection, report nothing."""
         if not self.done:
             self.done = True
+            if self.per_try_timer is not None:
+                self.per_try_timer.cancel()
             self.request.body.detach()
             self.conn.abort()
 
@@ -285,24 +325,34 @@ def request_target(backend: Backend, request: Request) -> bytes:
 _REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
 class Exchange:
     """One request's journey through its attempts, driven by callbacks.
 
     On the common path (an idle pooled connection) no task or future is created: the request is
     written from the client's parser callback and the response from the backend's. Only opening a
-    new connection runs as a task.
+    new connection runs as a task. A failed attempt is retried on another backend (another
+    provider first) when that is safe, allowed and within the retry budget.
     """
 
     __slots__ = (
         "attempt",
+        "attempts",
         "backend",
         "connecting",
         "downstream",
         "finished",
+        "first_byte_timeout",
         "head",
+        "per_try_timeout",
         "read_timeout",
+        "reason",
         "request",
         "retried_stale",
+        "retrying",
+        "tried",
         "upstream",
     )
 
@@ -315,17 +365,30 @@ class Exchange:
         self.attempt: Attempt | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.retried_stale = False
+        self.retrying = False
         self.finished = False
-        backend = upstream.balancer.pick()
-        self.backend = backend
+        self.attempts = 0
+        self.tried: list[Backend] = []
         config = upstream.config
         self.read_timeout = config.timeouts.read
+        self.per_try_timeout = config.retry.per_try_timeout
+        self.first_byte_timeout = self.per_try_timeout or config.timeouts.read
+        self.head = b""
+        backend, self.reason = upstream.choose([], [])
+        self.backend = backend
+        if backend is not None:
+            self._prepare(backend)
+
+    def _prepare(self, backend: Backend) -> None:
+        request = self.request
+        downstream = self.downstream
+        self.backend = backend
         self.head = build_request_head(
             request.method,
             request_target(backend, request),
             request.headers,
             host=backend.host_header
-            if config.host_header == "backend"
+            if self.upstream.config.host_header == "backend"
             else (request.raw_host or backend.host_header),
             client_ip=downstream.client_ip,
             scheme=downstream.scheme,
@@ -337,29 +400,39 @@ class Exchange:
         )
 
     def begin(self) -> None:
-        self.backend.in_flight += 1
+        self.upstream.active_requests += 1
+        backend = self.backend
+        if backend is None:
+            self._error(503, self.reason, retry_after=True)
+            return
+        backend.in_flight += 1
         self._next_connection()
 
     def _next_connection(self) -> None:
         if self.request.body.failed:
             self._end()  # the rejection queued behind this request answers the client
             return
-        pool = self.backend.pool
-        conn = pool.take_idle(self.downstream.plane.clock)
+        backend = self.backend
+        assert backend is not None
+        self.attempts += 1
+        backend.attempts_total += 1
+        backend.last_attempt_at = self.downstream.loop.time()
+        conn = backend.pool.take_idle(self.downstream.plane.clock)
         if conn is not None:
             self._start(conn, reused=True)
         else:
-            self.connecting = self.downstream.loop.create_task(self._connect())
+            self.connecting = self.downstream.loop.create_task(self._connect(backend))
 
-    async def _connect(self) -> None:
-        backend = self.backend
+    async def _connect(self, backend: Backend) -> None:
         try:
             conn = await backend.pool.connect()
         except TimeoutError:
-            self._error(504, f"connect to backend {backend.name} timed out")
+            self.connecting = None
+            self._failed("connect-failure", f"connect to backend {backend.name} timed out", 504)
         except OSError as exc:
+            self.connecting = None
             why = exc.strerror or str(exc) or type(exc).__name__
-            self._error(502, f"cannot connect to backend {backend.name}: {why}")
+            self._failed("connect-failure", f"cannot connect to backend {backend.name}: {why}", 502)
         else:
             self.connecting = None
             if self.finished:
@@ -368,8 +441,10 @@ class Exchange:
                 self._start(conn, reused=False)
 
     def _start(self, conn: UpstreamConnection, reused: bool) -> None:
+        backend = self.backend
+        assert backend is not None
         if self.request.body.failed:  # broken by the client while we connected
-            self.backend.pool.release(conn, self.downstream.plane.clock)
+            backend.pool.release(conn, self.downstream.plane.clock)
             self._end()
             return
         attempt = Attempt(self, conn, reused)
@@ -380,11 +455,15 @@ class Exchange:
         """Called by the attempt when it ends, whichever way."""
         self.attempt = None
         conn = attempt.conn
+        backend = self.backend
+        assert backend is not None
         if outcome is Outcome.OK:
             if attempt.reusable:
-                self.backend.pool.release(conn, self.downstream.plane.clock)
+                backend.pool.release(conn, self.downstream.plane.clock)
             else:
                 conn.close()
+            if backend.consecutive_failures and not attempt.failure_status:
+                self.upstream.outlier.on_success(backend)
             self._end()
             return
         if outcome is Outcome.UPGRADED:
@@ -401,6 +480,7 @@ class Exchange:
         if written:
             request.close_connection = True  # the response is cut short: the client must see it
             self.downstream.abort()
+            self.upstream.outlier.on_failure(backend, self.downstream.plane.clock, "reset")
             self._end()
             return
         if (
@@ -411,12 +491,80 @@ class Exchange:
             and request.body.replayable
         ):
             self.retried_stale = True  # the keep-alive race: try once more on a new connection
+            self.attempts -= 1
             self._next_connection()
             return
+        if outcome is Outcome.FAILURE_STATUS:
+            self._retry_elsewhere()  # on_failure_status already counted it and allowed it
+            return
+        condition = {Outcome.TIMEOUT: "timeout", Outcome.RESET: "reset"}.get(outcome, "reset")
         status = 504 if outcome is Outcome.TIMEOUT else 502
-        self._error(status, f"backend {self.backend.name}: {attempt.detail}")
+        self._failed(condition, f"backend {backend.name}: {attempt.detail}", status)
 
-    def _error(self, status: int, detail: str) -> None:
+    def on_failure_status(self, status: int) -> bool:
+        """A response with a failure status arrived: count it; True when it will be retried."""
+        backend = self.backend
+        assert backend is not None
+        self.upstream.outlier.on_failure(backend, self.downstream.plane.clock, f"status {status}")
+        return self._may_retry(str(status), nothing_sent=False)
+
+    def _failed(self, condition: str, detail: str, status: int) -> None:
+        """An attempt failed before any response byte reached the client."""
+        backend = self.backend
+        assert backend is not None
+        self.upstream.outlier.on_failure(backend, self.downstream.plane.clock, condition)
+        if self._may_retry(condition, nothing_sent=condition == "connect-failure"):
+            self._retry_elsewhere()
+        else:
+            self._error(status, detail)
+
+    def _may_retry(self, condition: str, nothing_sent: bool) -> bool:
+        if self.finished:
+            return False
+        retry = self.upstream.config.retry
+        request = self.request
+        if condition not in retry.on or self.attempts >= retry.attempts:
+            return False
+        safe = (
+            nothing_sent
+            or request.method in _IDEMPOTENT
+            or (
+                retry.retry_with_idempotency_key
+                and any(lname == b"idempotency-key" for lname, _, _ in request.headers)
+            )
+        )
+        if not safe or not request.body.replayable or request.upgrade is not None:
+            return False
+        if not self.retrying:
+            upstream = self.upstream
+            budget = max(
+                retry.min_retry_concurrency,
+                int(upstream.active_requests * retry.budget_percent / 100),
+            )
+            if upstream.active_retries >= budget:
+                upstream.retry_budget_exhausted += 1
+                return False
+        return True
+
+    def _retry_elsewhere(self) -> None:
+        previous = self.backend
+        assert previous is not None
+        self.tried.append(previous)
+        backend, reason = self.upstream.choose(self.tried, [b.provider for b in self.tried])
+        if backend is None:
+            self._error(503, reason, retry_after=True)
+            return
+        if not self.retrying:
+            self.retrying = True
+            self.upstream.active_retries += 1
+        self.upstream.retries_total += 1
+        previous.in_flight -= 1
+        backend.in_flight += 1
+        self.reason = reason
+        self._prepare(backend)
+        self._next_connection()
+
+    def _error(self, status: int, detail: str, retry_after: bool = False) -> None:
         request = self.request
         self.connecting = None
         if self.finished:
@@ -425,7 +573,10 @@ class Exchange:
         if close:
             request.close_connection = True
         self.downstream.write(
-            error_response(status, _REASONS[status], detail, request.request_id, close=close)
+            error_response(
+                status, _REASONS[status], detail, request.request_id, close=close,
+                retry_after=1 if retry_after else None,
+            )
         )
         self._end()
 
@@ -433,8 +584,16 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self.backend.in_flight -= 1
+        self._release_counters()
         self.downstream.exchange_done(self)
+
+    def _release_counters(self) -> None:
+        upstream = self.upstream
+        upstream.active_requests -= 1
+        if self.retrying:
+            upstream.active_retries -= 1
+        if self.backend is not None:
+            self.backend.in_flight -= 1
 
     def check_timeout(self, now: float) -> None:
         attempt = self.attempt
@@ -446,7 +605,7 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self.backend.in_flight -= 1
+        self._release_counters()
         if self.connecting is not None:
             self.connecting.cancel()
         attempt = self.attempt

@@ -181,13 +181,22 @@ def build_response_head(
 
 
 def error_response(
-    status: int, reason: str, detail: str, request_id: bytes, *, close: bool = False
+    status: int,
+    reason: str,
+    detail: str,
+    request_id: bytes,
+    *,
+    close: bool = False,
+    retry_after: int | None = None,
 ) -> bytes:
     """A short plain-text answer of the proxy's own: what failed and which request it was."""
     body = f"{status} {reason}: {detail} (request id {request_id.decode()})\n".encode()
     connection = b"close" if close else b"keep-alive"
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-        b"X-Request-Id: %s\r\nConnection: %s\r\n\r\n%s"
-        % (status, reason.encode(), len(body), request_id, connection, body)
+        b"X-Request-Id: %s\r\nConnection: %s\r\n%s\r\n%s"
+        % (
+            status, reason.encode(), len(body), request_id, connection,
+            b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b"", body,
+        )
     )

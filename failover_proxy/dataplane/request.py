@@ -15,6 +15,8 @@ from .headers import Header
 
 # Backlog held for an attempt that is not attached yet, before the client is paused.
 PENDING_HIGH_WATER = 256 * 1024
+DEFAULT_REPLAY_BYTES = 1024 * 1024
+"""Replay buffer until the route is known (then the upstream's retry.replay_max_bytes)."""
 
 
 class BodySink(Protocol):
@@ -92,6 +94,11 @@ class RequestBody:
         self.complete = True
         if self.sink is not None:
             self.sink.end_body()
+
+    def set_replay_limit(self, limit: int) -> None:
+        self.replay_limit = limit
+        if self.replay_bytes > limit:
+            self.replay = None
 
     def fail(self) -> None:
         """The client broke the body (bad framing, over the size limit): abandon the request."""

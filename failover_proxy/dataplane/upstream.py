@@ -30,9 +30,6 @@ class ResponseHandler(Protocol):
     """What an upstream connection reports to the attempt that owns it."""
 
     head_only: bool
-    held_head: bytes | None
-
-    def flush_head(self) -> None: ...
     def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
         ...
 
@@ -153,9 +150,6 @@ class UpstreamConnection:
         except httptools.HttpParserError as exc:
             self._bad_response(f"invalid response from backend: {exc}")
         self._head_only_done = False  # later bytes go to the fresh parser
-        owner = self.owner
-        if owner is not None and owner.held_head is not None:
-            owner.flush_head()
 
     def _bad_response(self, reason: str) -> None:
         owner = self.owner

@@ -1,0 +1,113 @@
+"""Active health checks: one probe loop per backend, off the request path.
+
+HTTP probes use one shared aiohttp session (the control plane's client); TCP probes only
+connect. Probes start at once, repeat every `interval` (every `unhealthy_interval` while the
+backend is down, so it comes back sooner), with jitter so that many proxies do not probe in
+lockstep. `unhealthy_threshold` failures in a row mark a backend unhealthy,
+`healthy_threshold` passes bring it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+import aiohttp
+
+from .config import HealthCheckConfig
+from .topology import Backend, Upstream
+
+log = logging.getLogger("failover_proxy.health")
+
+
+class HealthChecker:
+    """Probes every backend of the upstreams that configure a health check."""
+
+    def __init__(self, upstreams: list[Upstream]) -> None:
+        self.upstreams = [u for u in upstreams if u.config.health_check is not None]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self.probes_total: dict[tuple[str, str, str], int] = {}
+
+    def start(self) -> None:
+        if not self.upstreams:
+            return
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        loop = asyncio.get_running_loop()
+        for upstream in self.upstreams:
+            for backend in upstream.backends:
+                self._tasks.append(loop.create_task(self._probe_forever(upstream, backend)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _probe_forever(self, upstream: Upstream, backend: Backend) -> None:
+        config = upstream.config.health_check
+        assert config is not None
+        loop = asyncio.get_running_loop()
+        passes = failures = 0
+        while True:
+            ok, detail = await self.probe(upstream, backend, config)
+            key = (upstream.name, backend.name, "ok" if ok else "fail")
+            self.probes_total[key] = self.probes_total.get(key, 0) + 1
+            backend.last_check = f"{'ok' if ok else 'failed'}: {detail}"
+            if ok:
+                passes, failures = passes + 1, 0
+                if not backend.healthy and passes >= config.healthy_threshold:
+                    backend.healthy = True
+                    backend.reason = ""
+                    log.info("%s/%s healthy again", upstream.name, backend.name)
+                    upstream.refresh(loop.time())
+            else:
+                passes, failures = 0, failures + 1
+                if backend.healthy and failures >= config.unhealthy_threshold:
+                    backend.healthy = False
+                    backend.reason = f"health check failed {failures} times: {detail}"
+                    log.warning("%s/%s unhealthy: %s", upstream.name, backend.name, detail)
+                    upstream.refresh(loop.time())
+            interval = config.interval if backend.healthy else config.unhealthy_interval
+            await asyncio.sleep(interval * (1 + random.uniform(-config.jitter, config.jitter)))
+
+    async def probe(
+        self, upstream: Upstream, backend: Backend, config: HealthCheckConfig
+    ) -> tuple[bool, str]:
+        """One probe: (passed, what was seen)."""
+        try:
+            async with asyncio.timeout(config.timeout):
+                if config.type == "tcp":
+                    _, writer = await asyncio.open_connection(backend.host, backend.port)
+                    writer.close()
+                    return True, "connected"
+                return await self._http_probe(upstream, backend, config)
+        except TimeoutError:
+            return False, f"no answer within {config.timeout:g}s"
+        except (OSError, aiohttp.ClientError) as exc:
+            return False, str(exc) or type(exc).__name__
+
+    async def _http_probe(
+        self, upstream: Upstream, backend: Backend, config: HealthCheckConfig
+    ) -> tuple[bool, str]:
+        assert self._session is not None
+        url = f"{backend.address}{backend.base_path.decode()}{config.path}"
+        ssl_context = upstream.ssl_context if backend.scheme == "https" else None
+        headers = {"Host": backend.host_header.decode(), **config.headers}
+        async with self._session.request(
+            config.method, url, headers=headers, ssl=ssl_context or True, allow_redirects=False
+        ) as response:
+            body = await response.read() if config.expect_body is not None else b""
+            status = response.status
+        if not any(low <= status <= high for low, high in config.expect_status):
+            return False, f"status {status}"
+        if config.expect_body is not None and config.expect_body.encode() not in body:
+            return False, f"status {status}, body lacks {config.expect_body!r}"
+        return True, f"status {status}"

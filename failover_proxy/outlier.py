@@ -1,0 +1,88 @@
+"""Passive outlier detection from real requests, and correlated (provider-wide) failure.
+
+A backend that fails `consecutive_failures` requests in a row is ejected for
+`base_ejection * n` (n = times ejected, capped at `max_ejection`), unless that would take more
+than `max_ejection_percent` of the upstream out. When failures hit several distinct backends of
+one provider within a short window, the provider is taken out in one step: a provider-wide
+outage is handled at once, not backend by backend.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .topology import Backend, Upstream
+
+
+class OutlierDetector:
+    """Counts outcomes per backend for one upstream and ejects what fails."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.config = upstream.config.outlier
+        self.correlated = upstream.config.policy.correlated_failures
+        self.ejections_total = 0
+        self.provider_downs_total = 0
+
+    def on_success(self, backend: Backend) -> None:
+        backend.consecutive_failures = 0
+
+    def on_failure(self, backend: Backend, now: float, why: str) -> None:
+        """A request to `backend` failed (connect failure, reset, timeout or a failure status)."""
+        backend.consecutive_failures += 1
+        upstream = self.upstream
+        provider = upstream.providers[backend.provider]
+        others_usable = any(p.usable for p in upstream.providers.values() if p is not provider)
+        if provider.state != "down" and self._provider_wide(backend, now) and others_usable:
+            # Never the last usable provider: taking it out would only turn errors into 503s.
+            self.provider_downs_total += 1
+            failing = len(provider.recent_failures)
+            upstream.take_provider_down(
+                provider,
+                now,
+                f"provider {provider.name} down: {failing} backends failed within "
+                f"{self.correlated.window:g}s ({why})",
+            )
+        if backend.consecutive_failures >= self.config.consecutive_failures and self._may_eject():
+            self._eject(backend, now, why)
+
+    def _provider_wide(self, backend: Backend, now: float) -> bool:
+        provider = self.upstream.providers[backend.provider]
+        recent = provider.recent_failures
+        recent[backend.name] = now
+        window = self.correlated.window
+        for name, when in list(recent.items()):
+            if now - when > window:
+                del recent[name]
+        return len(recent) >= min(self.correlated.backends, len(provider.backends))
+
+    def _may_eject(self) -> bool:
+        backends = self.upstream.backends
+        ejected = sum(1 for b in backends if b.ejected_until)
+        return (ejected + 1) * 100 <= self.config.max_ejection_percent * len(backends)
+
+    def _eject(self, backend: Backend, now: float, why: str) -> None:
+        backend.ejections += 1
+        duration = min(self.config.base_ejection * backend.ejections, self.config.max_ejection)
+        backend.ejected_until = now + duration
+        backend.consecutive_failures = 0
+        backend.reason = (
+            f"ejected for {duration:g}s after {self.config.consecutive_failures} failures ({why})"
+        )
+        self.ejections_total += 1
+        self.upstream.refresh(now)
+
+    def sweep(self, now: float) -> None:
+        """Return backends whose ejection ended and providers whose hold-down ended."""
+        upstream = self.upstream
+        expired = any(b.ejected_until and now >= b.ejected_until for b in upstream.backends)
+        held = any(
+            p.state == "down" and p.down_until and now >= p.down_until
+            for p in upstream.providers.values()
+        )
+        if expired or held:
+            for provider in upstream.providers.values():
+                if provider.down_until and now >= provider.down_until:
+                    provider.down_until = 0.0
+            upstream.refresh(now)

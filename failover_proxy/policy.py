@@ -1,0 +1,82 @@
+"""Choosing a provider: priority failover or a weighted split that re-spreads when one fails.
+
+The policy is rebuilt whenever a provider's state changes (rare) so that a pick on the hot path
+is one table lookup (priority) or one smooth-WRR step (weighted).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .balance import SmoothWeightedRoundRobin
+from .config import PolicyConfig
+
+if TYPE_CHECKING:
+    from .topology import Provider
+
+
+class ProviderPolicy:
+    """Orders the providers of one upstream for each request."""
+
+    def __init__(self, config: PolicyConfig, providers: list[Provider]) -> None:
+        self.config = config
+        order = config.providers or []
+        ranked = sorted(
+            providers,
+            key=lambda p: order.index(p.name) if p.name in order else len(order),
+        )
+        self.providers = ranked
+        self.preferred: Provider | None = ranked[0] if ranked else None
+        self._split: SmoothWeightedRoundRobin[Provider] | None = None
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Recompute the preferred provider / the weighted split from the providers' states."""
+        up = [p for p in self.providers if p.usable]
+        if not up:
+            # Every provider is down: rather than refuse, use whatever backends still answer
+            # (providers taken down by an operator excepted).
+            up = [p for p in self.providers if p.balancer is not None and not p.forced_down]
+        if self.config.strategy == "priority":
+            self.preferred = up[0] if up else None
+            self._split = None
+        else:
+            weighted = [p for p in up if p.weight > 0] or up
+            self._split = (
+                SmoothWeightedRoundRobin(weighted, [max(p.weight, 1) for p in weighted])
+                if weighted
+                else None
+            )
+            self.preferred = weighted[0] if weighted else None
+        self._up = up
+
+    def pick(self, exclude: list[str]) -> Provider | None:
+        """The provider for this attempt, avoiding the named ones when another is usable."""
+        if self._split is not None:
+            provider = self._split.pick()
+            if not exclude or provider.name not in exclude:
+                return provider
+        for provider in self._up:
+            if provider.name not in exclude:
+                return provider
+        return None
+
+    def shares(self) -> dict[str, float]:
+        """The fraction of new requests each provider gets now."""
+        shares = {p.name: 0.0 for p in self.providers}
+        if self.config.strategy == "priority":
+            if self.preferred is not None:
+                shares[self.preferred.name] = 1.0
+        elif self._split is not None:
+            members = [p for p in self._up if p.weight > 0] or self._up
+            total = sum(max(p.weight, 1) for p in members)
+            for provider in members:
+                shares[provider.name] = max(provider.weight, 1) / total
+        return shares
+
+    def why_not_preferred(self) -> str:
+        """Why traffic is not on the first provider of the configured order."""
+        first = self.providers[0] if self.providers else None
+        if first is None or first.usable or self.config.strategy != "priority":
+            return ""
+        return first.reason or f"provider {first.name} down"

@@ -1,0 +1,135 @@
+"""A backend whose failure mode a test can switch while traffic flows through the proxy.
+
+It is a real HTTP/1.1 server on a loopback port (raw asyncio, so it can misbehave in ways an
+HTTP library would not allow) that records every request it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+MODES = (
+    "healthy",
+    "refusing",  # the port is closed: connections are refused
+    "blackhole",  # accepts and reads, never answers
+    "slow",  # answers after `delay`
+    "5xx",  # answers 503
+    "reset_after_headers",  # sends the response head, then resets
+    "reset_mid_body",  # sends half the body, then resets
+    "flapping",  # alternates healthy and 503, request by request
+)
+
+
+@dataclass
+class Received:
+    at: float
+    method: str
+    path: str
+    body: bytes
+
+
+@dataclass
+class FaultBackend:
+    name: str
+    provider: str
+    port: int = 0
+    mode: str = "healthy"
+    delay: float = 0.5
+    received: list[Received] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _flip: bool = False
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def set_mode(self, mode: str) -> None:
+        assert mode in MODES, mode
+        if mode == "refusing" and self._server is not None:
+            await self.stop()
+        elif mode != "refusing" and self._server is None:
+            await self.start()
+        self.mode = mode
+
+    def requests_since(self, moment: float, path_prefix: str = "/") -> list[Received]:
+        return [r for r in self.received if r.at >= moment and r.path.startswith(path_prefix)]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line = head.split(b"\r\n", 1)[0].decode()
+                method, path, _ = request_line.split(" ", 2)
+                body = b""
+                lower = head.lower()
+                if b"content-length: " in lower:
+                    length = int(lower.split(b"content-length: ")[1].split(b"\r\n")[0])
+                    body = await reader.readexactly(length)
+                elif b"transfer-encoding: chunked" in lower:
+                    while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) != 0:
+                        body += (await reader.readexactly(size + 2))[:-2]
+                    await reader.readuntil(b"\r\n")
+                if path == "/healthz":
+                    if self.mode in ("healthy", "slow"):
+                        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                    elif self.mode == "blackhole":
+                        await asyncio.sleep(3600)
+                    else:
+                        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                    continue
+                self.received.append(Received(time.monotonic(), method, path, body))
+                if not await self._answer(writer):
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _answer(self, writer: asyncio.StreamWriter) -> bool:
+        mode = self.mode
+        if mode == "flapping":
+            self._flip = not self._flip
+            mode = "5xx" if self._flip else "healthy"
+        body = f'{{"backend": "{self.name}", "provider": "{self.provider}"}}'.encode()
+        ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(body), body,
+        )
+        if mode == "blackhole":
+            await asyncio.sleep(3600)
+            return False
+        if mode == "slow":
+            await asyncio.sleep(self.delay)
+        if mode == "5xx":
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
+        elif mode == "reset_after_headers":
+            writer.write(ok[: ok.index(b"\r\n\r\n") + 4])
+            await writer.drain()
+            writer.transport.abort()
+            return False
+        elif mode == "reset_mid_body":
+            writer.write(ok[: len(ok) - len(body) // 2])
+            await writer.drain()
+            writer.transport.abort()
+            return False
+        else:
+            writer.write(ok)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        return True

@@ -1,0 +1,285 @@
+"""Failover under load: break a whole provider while GETs stream through the real proxy.
+
+Three providers with two backends each (fault-injecting backends on loopback). For each fault
+mode the clients must see no errors while other providers are usable, traffic to the broken
+provider must stop within a stated bound, and it must come back after recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from failover_proxy.server import ProxyServer
+from failover_proxy.topology import Upstream
+
+from .faults import FaultBackend
+
+StartProxy = Callable[[str], Awaitable[ProxyServer]]
+PROVIDERS = ("aws", "azure", "gcp")
+
+
+def failover_config(backends: list[FaultBackend], policy: str = "strategy: weighted") -> str:
+    entries = "".join(
+        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
+        for b in backends
+    )
+    return f"""
+listen: {{port: 0}}
+upstreams:
+  web:
+    backends:
+{entries}
+    timeouts: {{connect: 250ms, read: 5s}}
+    health_check: {{path: /healthz, interval: 300ms, unhealthy_interval: 100ms, timeout: 250ms,
+                   healthy_threshold: 2, unhealthy_threshold: 2, jitter: 0%}}
+    outlier: {{consecutive_failures: 3, base_ejection: 2s, max_ejection_percent: 50}}
+    policy: {{{policy}, correlated_failures: {{backends: 2, window: 1s}}, hold_down: 1s}}
+    retry: {{attempts: 3, per_try_timeout: 400ms}}
+routes:
+  - {{path_prefix: /, upstream: web}}
+"""
+
+
+@dataclass
+class Cluster:
+    backends: list[FaultBackend]
+    proxy: ProxyServer
+
+    @property
+    def upstream(self) -> Upstream:
+        assert self.proxy.plane is not None
+        return self.proxy.plane.topology.upstreams["web"]
+
+    def of(self, provider: str) -> list[FaultBackend]:
+        return [b for b in self.backends if b.provider == provider]
+
+    async def break_provider(self, provider: str, mode: str) -> None:
+        for backend in self.of(provider):
+            await backend.set_mode(mode)
+
+    def last_attempt_on(self, provider: str) -> float:
+        return max(b.last_attempt_at for b in self.upstream.providers[provider].backends)
+
+
+@pytest.fixture
+async def cluster(proxy: StartProxy) -> AsyncIterator[Callable[..., Awaitable[Cluster]]]:
+    started: list[FaultBackend] = []
+
+    async def start(policy: str = "strategy: weighted") -> Cluster:
+        backends = [
+            FaultBackend(f"{provider}-{suffix}", provider)
+            for provider in PROVIDERS
+            for suffix in ("a", "b")
+        ]
+        for backend in backends:
+            await backend.start()
+        started.extend(backends)
+        return Cluster(backends, await proxy(failover_config(backends, policy)))
+
+    yield start
+    for backend in started:
+        await backend.stop()
+
+
+@dataclass
+class Load:
+    """Concurrent clients sending GETs (or POSTs) in a loop, recording every outcome."""
+
+    port: int
+    method: str = "GET"
+    clients: int = 6
+    ok: int = 0
+    errors: list[tuple[float, str]] = field(default_factory=list)
+    sent_bodies: list[bytes] = field(default_factory=list)
+    _stop: bool = False
+
+    async def run(self) -> None:
+        limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.port}", trust_env=False, timeout=10, limits=limits
+        ) as http:
+            await asyncio.gather(*(self._client(http, n) for n in range(self.clients)))
+
+    async def _client(self, http: httpx.AsyncClient, number: int) -> None:
+        loop = asyncio.get_running_loop()
+        sequence = 0
+        while not self._stop:
+            sequence += 1
+            body = f"{number}-{sequence}".encode()
+            try:
+                if self.method == "POST":
+                    self.sent_bodies.append(body)
+                    response = await http.post("/work", content=body)
+                else:
+                    response = await http.get("/work")
+                if response.status_code == 200:
+                    self.ok += 1
+                else:
+                    self.errors.append((loop.time(), f"status {response.status_code}"))
+            except httpx.HTTPError as exc:
+                self.errors.append((loop.time(), type(exc).__name__))
+
+    def stop(self) -> None:
+        self._stop = True
+
+
+def first_down(cluster: Cluster, provider: str) -> list[float]:
+    """Loop times at which `provider` went down, recorded as the proxy changes state."""
+    downs: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def watch(upstream: Upstream) -> None:
+        if upstream.providers[provider].state == "down" and not downs:
+            downs.append(loop.time())
+
+    cluster.upstream.listeners.append(watch)
+    return downs
+
+
+async def run_fault(cluster: Cluster, provider: str, mode: str, seconds: float) -> tuple[Load, float]:
+    load = Load(cluster.proxy.port)
+    task = asyncio.create_task(load.run())
+    await asyncio.sleep(0.6)
+    loop = asyncio.get_running_loop()
+    fault_at = loop.time()
+    await cluster.break_provider(provider, mode)
+    await asyncio.sleep(seconds)
+    load.stop()
+    await task
+    return load, fault_at
+
+
+# Bound on how soon the broken provider is taken down, per mode (seconds after the fault).
+BOUNDS = {"refusing": 0.3, "5xx": 0.3, "reset_after_headers": 0.3, "blackhole": 1.0, "slow": 1.0}
+
+
+@pytest.mark.parametrize("mode", list(BOUNDS))
+async def test_provider_failure_is_invisible_to_clients(
+    cluster: Callable[..., Awaitable[Cluster]], mode: str
+) -> None:
+    c = await cluster()
+    downs = first_down(c, "aws")
+    load, fault_at = await run_fault(c, "aws", mode, 2.5)
+    assert load.errors == [], load.errors[:5]
+    assert load.ok > 100
+    aws = c.upstream.providers["aws"]
+    assert aws.state == "down", (aws.state, aws.reason)
+    down_after = downs[0] - fault_at
+    after_down = downs[0] + 0.05
+    on_aws = sum(len(b.requests_since(after_down)) for b in c.of("aws"))
+    everywhere = sum(len(b.requests_since(after_down)) for b in c.backends)
+    print(
+        f"{mode}: {load.ok} ok, {len(load.errors)} errors, aws down {down_after:.3f}s after the "
+        f"fault, then {on_aws} of {everywhere} requests reached aws"
+    )
+    assert 0 <= down_after <= BOUNDS[mode], f"aws went down {down_after:.2f}s after the fault"
+    # Afterwards aws sees at most the few real requests that probe it after each hold-down.
+    assert on_aws <= max(10, everywhere // 20), (on_aws, everywhere)
+    # The others carried the traffic between them.
+    for provider in ("azure", "gcp"):
+        assert sum(len(b.requests_since(fault_at + 0.5)) for b in c.of(provider)) > 20
+
+
+async def test_provider_wide_failure_flips_the_provider_in_one_step(
+    cluster: Callable[..., Awaitable[Cluster]],
+) -> None:
+    c = await cluster()
+    load = Load(c.proxy.port)
+    task = asyncio.create_task(load.run())
+    await asyncio.sleep(0.3)
+    await c.break_provider("gcp", "refusing")
+    await asyncio.sleep(0.3)  # far less than health checks (2 x 100-300 ms) plus ejection need
+    gcp = c.upstream.providers["gcp"]
+    load.stop()
+    await task
+    assert gcp.state == "down"
+    assert "2 backends failed within 1s" in gcp.reason
+    assert load.errors == []
+
+
+async def test_traffic_returns_after_recovery(cluster: Callable[..., Awaitable[Cluster]]) -> None:
+    c = await cluster()
+    load = Load(c.proxy.port)
+    task = asyncio.create_task(load.run())
+    await asyncio.sleep(0.3)
+    await c.break_provider("azure", "5xx")
+    await asyncio.sleep(1.0)
+    assert c.upstream.providers["azure"].state == "down"
+    loop = asyncio.get_running_loop()
+    restored_at = loop.time()
+    await c.break_provider("azure", "healthy")
+    await asyncio.sleep(3.0)  # hold-down (1 s), two passing health checks, ejection end (2 s)
+    load.stop()
+    await task
+    azure = c.upstream.providers["azure"]
+    assert azure.state == "up", azure.reason
+    assert sum(len(b.requests_since(restored_at + 2.5)) for b in c.of("azure")) > 0
+    assert load.errors == []
+
+
+async def test_priority_policy_fails_over_in_order_and_fails_back(
+    cluster: Callable[..., Awaitable[Cluster]],
+) -> None:
+    c = await cluster("strategy: priority, providers: [gcp, aws, azure]")
+    load = Load(c.proxy.port)
+    task = asyncio.create_task(load.run())
+    await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await asyncio.sleep(0.3)
+    assert all(not b.requests_since(start) for b in c.of("aws") + c.of("azure"))
+    await c.break_provider("gcp", "refusing")
+    await asyncio.sleep(0.6)
+    moved = loop.time()
+    await asyncio.sleep(0.5)
+    assert all(not b.requests_since(moved) for b in c.of("gcp"))
+    assert sum(len(b.requests_since(moved)) for b in c.of("aws")) > 10
+    assert all(not b.requests_since(moved) for b in c.of("azure"))
+    await c.break_provider("gcp", "healthy")
+    await asyncio.sleep(2.5)
+    back = loop.time()
+    await asyncio.sleep(0.4)
+    load.stop()
+    await task
+    assert sum(len(b.requests_since(back)) for b in c.of("gcp")) > 10
+    assert load.errors == []
+
+
+async def test_posts_are_never_delivered_twice(cluster: Callable[..., Awaitable[Cluster]]) -> None:
+    c = await cluster()
+    load = Load(c.proxy.port, method="POST")
+    task = asyncio.create_task(load.run())
+    await asyncio.sleep(0.4)
+    await c.break_provider("aws", "reset_after_headers")
+    await asyncio.sleep(0.6)
+    await c.break_provider("azure", "refusing")
+    await asyncio.sleep(0.6)
+    load.stop()
+    await task
+    delivered = [r.body for b in c.backends for r in b.received if r.method == "POST"]
+    assert len(delivered) == len(set(delivered)), "a POST reached backends twice"
+    # Refused connections carry nothing, so those POSTs were retried and answered.
+    assert load.ok > 50
+
+
+async def test_nothing_usable_is_an_immediate_503_with_retry_after(
+    cluster: Callable[..., Awaitable[Cluster]],
+) -> None:
+    c = await cluster()
+    for provider in PROVIDERS:
+        await c.break_provider(provider, "5xx")
+    await asyncio.sleep(0.8)  # health checks mark every backend unhealthy
+    loop = asyncio.get_running_loop()
+    async with httpx.AsyncClient(trust_env=False) as http:
+        started = loop.time()
+        response = await http.get(f"http://127.0.0.1:{c.proxy.port}/work")
+        took = loop.time() - started
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "no usable backend" in response.text
+    assert took < 0.2
