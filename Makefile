@@ -7,8 +7,8 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test bench clean
 
-# The data plane is compiled with mypyc at install: editing it reinstalls (see setup.py).
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard failover_proxy/dataplane/*.py)
+# The hot modules are compiled with mypyc at install: editing them reinstalls (see setup.py).
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard failover_proxy/*.py failover_proxy/dataplane/*.py)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@

@@ -1,3 +1,26 @@
-"""failover-proxy: a multi-cloud failover reverse proxy and traffic router."""
+"""failover-proxy: a multi-cloud failover reverse proxy and traffic router.
+
+The hot modules are compiled with mypyc when the package is built (see setup.py). In a source
+checkout a compiled module older than its source would silently run the old code, so that is
+refused here, with the command that rebuilds it.
+"""
+
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+
+def _refuse_stale_builds() -> None:
+    package = Path(__file__).resolve().parent
+    if not (package.parent / "setup.py").exists():
+        return  # an installed package: sources and builds come together
+    for built in [*package.glob("*.so"), *package.glob("dataplane/*.so")]:
+        source = built.parent / (built.name.split(".", 1)[0] + ".py")
+        if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+            raise ImportError(
+                f"{built.name} is older than {source.name}: rebuild with `make test` or "
+                "`pip install -e .` (or FAILOVER_PROXY_PURE=1 pip install -e . for plain Python)"
+            )
+
+
+_refuse_stale_builds()
