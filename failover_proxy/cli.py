@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_BACKENDS, demo_config_path, start_backends, stop_backends
+    from .demo import CONTROL_PORT, Demo, demo_config_path
     from .server import serve
 
     args.config = args.config or demo_config_path()
@@ -60,24 +60,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
 
     async def demo() -> None:
-        runners = await start_backends()
+        simulated = Demo()
+        await simulated.start()
         ready = asyncio.Event()
         proxy = asyncio.create_task(serve(config, ready))
         await ready.wait()
         url = f"http://{config.listen.host}:{config.listen.port}/"
+        control = f"http://127.0.0.1:{CONTROL_PORT}/providers"
         print(
-            f"failover-proxy demo: {len(DEMO_BACKENDS)} simulated backends "
-            f"(aws, azure, gcp) on 127.0.0.1:{DEMO_BACKENDS[0].port}-{DEMO_BACKENDS[-1].port}\n"
-            f"config: {args.config}\n\n"
+            "failover-proxy demo: simulated providers aws, azure and gcp (two backends each) on "
+            f"127.0.0.1:9101-9106\nconfig: {args.config}\n\n"
             f"Try:\n  curl {url}\n"
-            f"  for i in $(seq 6); do curl -s {url}; done    # watch the providers take turns\n\n"
+            f"  for i in $(seq 6); do curl -s {url}; done   # the providers take turns\n\n"
+            "Break a whole provider, and watch the others take its traffic with no errors:\n"
+            f"  curl -X POST {control}/aws/refusing      # or blackhole, 5xx, slow, flapping\n"
+            f"  for i in $(seq 6); do curl -s {url}; done\n"
+            f"  curl -X POST {control}/aws/healthy       # it returns after its hold-down\n\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
         try:
             await proxy
         finally:
-            await stop_backends(runners)
+            await simulated.stop()
 
     _run_loop(demo)
     return 0

@@ -440,6 +440,15 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def _keys_are_strings(node: yaml.Node) -> None:
+    """YAML 1.1 reads a plain `on:` or `no:` key as a boolean; as a key it is always a name."""
+    for child, _ in _walk_scalars(node, ()):
+        if isinstance(child, yaml.MappingNode):
+            for key, _ in child.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:bool":
+                    key.tag = "tag:yaml.org,2002:str"
+
+
 def _duplicate_keys(node: yaml.Node, path: tuple[str | int, ...]) -> list[tuple[int, str, str]]:
     found: list[tuple[int, str, str]] = []
     for child, child_path in _walk_scalars(node, path):
@@ -487,6 +496,7 @@ def parse_config(
         raise ConfigError([ConfigIssue(file, line, "(yaml)", f"invalid YAML: {problem}")]) from exc
     if root is None:
         raise ConfigError([ConfigIssue(file, 1, "(top level)", "the config file is empty")])
+    _keys_are_strings(root)
     issues = [ConfigIssue(file, line, field, msg) for line, field, msg in _duplicate_keys(root, ())]
     issues += _substitute_tree(root, env, file)
     if issues:

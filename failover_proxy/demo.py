@@ -1,17 +1,21 @@
-"""Simulated cloud providers on loopback, so anyone can watch the proxy work with no cloud account.
+"""Simulated cloud providers on loopback, so anyone can watch failover with no cloud account.
 
-Each simulated backend is a small aiohttp server that answers every path with JSON naming its
-provider, region and backend, and `/healthz` with 200.
+Six simulated backends (aws, azure, gcp; two each) answer JSON naming their provider, region and
+backend. A small control API breaks and restores whole providers:
+
+    curl -X POST http://127.0.0.1:9100/providers/aws/refusing   # or blackhole, 5xx, slow…
+    curl -X POST http://127.0.0.1:9100/providers/aws/healthy
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+
+from .faults import MODES, FaultBackend
+
+CONTROL_PORT = 9100
 
 
 def demo_config_path() -> Path:
@@ -20,60 +24,53 @@ def demo_config_path() -> Path:
     return beside_package if beside_package.exists() else Path.cwd() / "config" / "demo.yaml"
 
 
-@dataclass(frozen=True)
-class SimulatedBackend:
-    name: str
-    provider: str
-    region: str
-    port: int
+def demo_backends() -> list[FaultBackend]:
+    """The simulated providers; their ports match config/demo.yaml."""
+    return [
+        FaultBackend("aws-use1-a", "aws", "us-east-1", 9101),
+        FaultBackend("aws-use1-b", "aws", "us-east-1", 9102),
+        FaultBackend("azure-eus-a", "azure", "eastus", 9103),
+        FaultBackend("azure-eus-b", "azure", "eastus", 9104),
+        FaultBackend("gcp-usc1-a", "gcp", "us-central1", 9105),
+        FaultBackend("gcp-usc1-b", "gcp", "us-central1", 9106),
+    ]
 
 
-DEMO_BACKENDS = (
-    SimulatedBackend("aws-use1-a", "aws", "us-east-1", 9101),
-    SimulatedBackend("aws-use1-b", "aws", "us-east-1", 9102),
-    SimulatedBackend("azure-eus-a", "azure", "eastus", 9103),
-    SimulatedBackend("azure-eus-b", "azure", "eastus", 9104),
-    SimulatedBackend("gcp-usc1-a", "gcp", "us-central1", 9105),
-    SimulatedBackend("gcp-usc1-b", "gcp", "us-central1", 9106),
-)
+class Demo:
+    """The simulated backends plus the control API that breaks them."""
 
+    def __init__(self, host: str = "127.0.0.1", control_port: int = CONTROL_PORT) -> None:
+        self.backends = demo_backends()
+        self.host = host
+        self.control_port = control_port
+        self._runner: web.AppRunner | None = None
 
-def backend_app(backend: SimulatedBackend) -> web.Application:
-    """An app that says who it is for any path and method."""
-    identity = {"provider": backend.provider, "region": backend.region, "backend": backend.name}
+    async def start(self) -> None:
+        for backend in self.backends:
+            await backend.start()
+        app = web.Application()
+        app.router.add_post("/providers/{provider}/{mode}", self._set_mode)
+        app.router.add_get("/providers", self._modes)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.control_port).start()
 
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for backend in self.backends:
+            await backend.stop()
 
-    async def answer(request: web.Request) -> web.Response:
-        body = await request.read()
-        payload = {
-            **identity,
-            "method": request.method,
-            "path": request.path_qs,
-            "request_id": request.headers.get("X-Request-Id"),
-            "body_bytes": len(body),
-        }
-        return web.Response(text=json.dumps(payload) + "\n", content_type="application/json")
+    async def _set_mode(self, request: web.Request) -> web.Response:
+        provider, mode = request.match_info["provider"], request.match_info["mode"]
+        members = [b for b in self.backends if b.provider == provider]
+        if not members:
+            raise web.HTTPNotFound(text=f"no simulated provider {provider!r}\n")
+        if mode not in MODES:
+            raise web.HTTPBadRequest(text=f"unknown mode {mode!r}; modes: {', '.join(MODES)}\n")
+        for backend in members:
+            await backend.set_mode(mode)
+        return web.Response(text=f"{provider}: {mode}\n")
 
-    app = web.Application()
-    app.router.add_get("/healthz", health)
-    app.router.add_route("*", "/{tail:.*}", answer)
-    return app
-
-
-async def start_backends(
-    backends: tuple[SimulatedBackend, ...] = DEMO_BACKENDS, host: str = "127.0.0.1"
-) -> list[web.AppRunner]:
-    """Start every simulated backend; the caller cleans up the runners."""
-    runners = []
-    for backend in backends:
-        runner = web.AppRunner(backend_app(backend), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, backend.port).start()
-        runners.append(runner)
-    return runners
-
-
-async def stop_backends(runners: list[web.AppRunner]) -> None:
-    await asyncio.gather(*(runner.cleanup() for runner in runners))
+    async def _modes(self, _: web.Request) -> web.Response:
+        return web.json_response({b.name: b.mode for b in self.backends})

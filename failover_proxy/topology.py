@@ -107,6 +107,9 @@ class Provider:
         return self.state != "down" and self.balancer is not None
 
 
+_NONE: list[str] = []
+
+
 class Upstream:
     """A named pool of backends spread over providers, with its policy and settings."""
 
@@ -189,6 +192,13 @@ class Upstream:
         provider.down_until = now + max(hold, policy.hold_down)
         provider.reason = reason
         self.refresh(now)
+
+    def pick(self) -> Backend | None:
+        """The first attempt's backend (the hot path; `choose` explains and handles retries)."""
+        provider = self.policy.pick(_NONE)
+        if provider is None or provider.balancer is None:
+            return None
+        return provider.balancer.pick()
 
     def choose(
         self, tried_backends: list[Backend], tried_providers: list[str]

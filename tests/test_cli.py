@@ -23,6 +23,11 @@ def test_demo_serves_three_providers_and_stops_cleanly_on_ctrl_c() -> None:
         wait_for_port(port, process=process)
         with httpx.Client(trust_env=False, timeout=5) as http:
             answers = [http.get(f"http://127.0.0.1:{port}/hello").json() for _ in range(6)]
+            # The printed recipe: break aws, and nothing fails; its share goes elsewhere.
+            broken = http.post("http://127.0.0.1:9100/providers/aws/refusing")
+            assert broken.text == "aws: refusing\n"
+            during = [http.get(f"http://127.0.0.1:{port}/hello") for _ in range(12)]
+            http.post("http://127.0.0.1:9100/providers/aws/healthy")
     finally:
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=20)
@@ -32,6 +37,8 @@ def test_demo_serves_three_providers_and_stops_cleanly_on_ctrl_c() -> None:
         "aws-use1-a", "aws-use1-b", "azure-eus-a", "azure-eus-b", "gcp-usc1-a", "gcp-usc1-b",
     }
     assert all(a["path"] == "/hello" and a["region"] for a in answers)
+    assert [r.status_code for r in during] == [200] * 12
+    assert {r.json()["provider"] for r in during} == {"azure", "gcp"}
     assert f"curl http://127.0.0.1:{port}/" in text
     assert process.returncode == 0, text
     assert "Traceback" not in text

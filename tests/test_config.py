@@ -133,3 +133,42 @@ def test_shipped_configs_pass_check(name: str) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{ROOT / 'config' / name}: OK: ")
     assert "3 provider(s) (aws, azure, gcp)" in result.stdout
+
+
+def test_failover_sections_parse_including_a_plain_on_key() -> None:
+    text = GOOD.replace(
+        "    tls: {verify: true, ca_file: null}\n",
+        "    tls: {verify: true, ca_file: null}\n"
+        "    health_check: {type: tcp, interval: 500ms, jitter: 5%, expect_status: [200, 300-302]}\n"
+        "    policy: {strategy: priority, providers: [gcp, aws], min_healthy_fraction: 50%}\n"
+        "    retry:\n      on: [connect-failure, \"503\"]\n      per_try_timeout: 250ms\n",
+    )
+    web = parse_config(text).upstreams["web"]
+    assert web.retry.on == ["connect-failure", "503"]
+    assert web.retry.per_try_timeout == 0.25
+    assert web.policy.providers == ["gcp", "aws"] and web.policy.min_healthy_fraction == 0.5
+    assert web.health_check is not None and web.health_check.jitter == 0.05
+    assert web.health_check.expect_status == [(200, 200), (300, 302)]
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("    policy: {providers: [aws, oracle]}\n",
+         "10: upstreams.web.policy.providers.1: no backend of provider 'oracle' (providers: aws, gcp)"),
+        ("    policy: {provider_weights: {aws: 1, ibm: 2}}\n",
+         "10: upstreams.web.policy.provider_weights.ibm: no backend of provider 'ibm'"),
+        ("    retry: {on: [reset, teapot]}\n",
+         "10: upstreams.web.retry.on.1: unknown retry condition 'teapot'"),
+        ("    health_check: {expect_status: [700]}\n",
+         "10: upstreams.web.health_check.expect_status.0: status range must lie within 100-599"),
+        ("    policy: {strategy: latency}\n",
+         "10: upstreams.web.policy.strategy: Input should be 'priority' or 'weighted'"),
+    ],
+)
+def test_failover_config_errors(tmp_path: Path, section: str, expected: str) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(GOOD.replace("routes:", section + "routes:", 1))
+    result = check(path)
+    assert result.returncode == 2
+    assert f"{path}:{expected}" in result.stderr, result.stderr

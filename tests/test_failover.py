@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from failover_proxy.faults import FaultBackend
 from failover_proxy.server import ProxyServer
 from failover_proxy.topology import Upstream
-
-from .faults import FaultBackend
 
 StartProxy = Callable[[str], Awaitable[ProxyServer]]
 PROVIDERS = ("aws", "azure", "gcp")

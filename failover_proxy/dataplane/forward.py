@@ -374,10 +374,13 @@ class Exchange:
         self.per_try_timeout = config.retry.per_try_timeout
         self.first_byte_timeout = self.per_try_timeout or config.timeouts.read
         self.head = b""
-        backend, self.reason = upstream.choose([], [])
+        self.reason = ""
+        backend = upstream.pick()
         self.backend = backend
         if backend is not None:
             self._prepare(backend)
+        else:
+            self.reason = upstream.choose([], [])[1]
 
     def _prepare(self, backend: Backend) -> None:
         request = self.request

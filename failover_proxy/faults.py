@@ -1,15 +1,20 @@
-"""A backend whose failure mode a test can switch while traffic flows through the proxy.
+"""Simulated backends whose failure mode can be switched while traffic flows through the proxy.
 
-It is a real HTTP/1.1 server on a loopback port (raw asyncio, so it can misbehave in ways an
-HTTP library would not allow) that records every request it receives.
+Each is a real HTTP/1.1 server on a loopback port (raw asyncio, so it can misbehave in ways an
+HTTP library would not allow) that answers JSON naming its provider, region and backend, and
+records every request it receives. The demo, the failover tests and the failover benchmark all
+break providers with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
+
+_UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 
 MODES = (
     "healthy",
@@ -35,6 +40,7 @@ class Received:
 class FaultBackend:
     name: str
     provider: str
+    region: str = ""
     port: int = 0
     mode: str = "healthy"
     delay: float = 0.5
@@ -90,11 +96,15 @@ class FaultBackend:
                     elif self.mode == "blackhole":
                         await asyncio.sleep(3600)
                     else:
-                        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                        writer.write(_UNAVAILABLE)
                     await writer.drain()
                     continue
                 self.received.append(Received(time.monotonic(), method, path, body))
-                if not await self._answer(writer):
+                request_id = ""
+                if b"x-request-id: " in lower:
+                    start = lower.index(b"x-request-id: ") + 14
+                    request_id = head[start : head.index(b"\r\n", start)].decode()
+                if not await self._answer(writer, method, path, request_id, len(body)):
                     return
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
@@ -102,14 +112,30 @@ class FaultBackend:
             self._writers.discard(writer)
             writer.close()
 
-    async def _answer(self, writer: asyncio.StreamWriter) -> bool:
+    async def _answer(
+        self, writer: asyncio.StreamWriter, method: str, path: str, request_id: str, size: int
+    ) -> bool:
         mode = self.mode
         if mode == "flapping":
             self._flip = not self._flip
             mode = "5xx" if self._flip else "healthy"
-        body = f'{{"backend": "{self.name}", "provider": "{self.provider}"}}'.encode()
-        ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-            len(body), body,
+        body = (
+            json.dumps(
+                {
+                    "provider": self.provider,
+                    "region": self.region,
+                    "backend": self.name,
+                    "method": method,
+                    "path": path,
+                    "request_id": request_id,
+                    "body_bytes": size,
+                }
+            )
+            + "\n"
+        ).encode()
+        ok = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
         )
         if mode == "blackhole":
             await asyncio.sleep(3600)
