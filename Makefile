@@ -21,9 +21,11 @@ test: $(VENV)/.installed
 	$(BIN)/mypy --strict failover_proxy
 	$(BIN)/pytest -q
 
-# Installs nginx and wrk with apt-get when missing; prints req/s, p50, p99 and the ratio to nginx.
+# Installs nginx and wrk with apt-get when missing; prints req/s, p50, p99 and the ratio to nginx;
+# then breaks a provider in every fault mode under load. Tables go to benchmarks/results/.
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/proxy_vs_nginx.py
+	$(BIN)/python benchmarks/failover.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
