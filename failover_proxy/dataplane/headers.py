@@ -119,18 +119,32 @@ def build_request_head(
         if lname == b"x-request-id":
             has_request_id = True
         out += (name, b": ", value, b"\r\n")
-    if not has_request_id:
-        out += (b"X-Request-Id: ", request_id, b"\r\n")
     out += (b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: ", scheme, b"\r\n")
     if original_host:
         out += (b"X-Forwarded-Host: ", original_host, b"\r\n")
+    length = b"%d" % content_length if content_length is not None else None
+    return _finish_head(out, request_id, has_request_id, via, upgrade, chunked, length)
+
+
+def _finish_head(
+    out: list[bytes],
+    request_id: bytes,
+    has_request_id: bool,
+    via: bytes,
+    upgrade: bytes | None,
+    chunked: bool,
+    content_length: bytes | None,
+) -> bytes:
+    """The lines both directions end with: request id, Via, upgrade, framing, blank line."""
+    if not has_request_id:
+        out += (b"X-Request-Id: ", request_id, b"\r\n")
     out += (b"Via: ", via, b"\r\n")
     if upgrade is not None:
         out += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     elif content_length is not None:
-        out += (b"Content-Length: ", b"%d" % content_length, b"\r\n")
+        out += (b"Content-Length: ", content_length, b"\r\n")
     out.append(b"\r\n")
     return b"".join(out)
 
@@ -163,21 +177,12 @@ def build_response_head(
         if lname == b"x-request-id":
             has_request_id = True
         out += (name, b": ", value, b"\r\n")
-    if not has_request_id:
-        out += (b"X-Request-Id: ", request_id, b"\r\n")
-    out += (b"Via: ", via, b"\r\n")
-    if upgrade is not None:
-        out += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
-    elif not keep_alive:
-        out.append(b"Connection: close\r\n")
-    elif client_http10:
-        out.append(b"Connection: keep-alive\r\n")
-    if chunked:
-        out.append(b"Transfer-Encoding: chunked\r\n")
-    elif content_length is not None:
-        out += (b"Content-Length: ", content_length, b"\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+    if upgrade is None:
+        if not keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif client_http10:
+            out.append(b"Connection: keep-alive\r\n")
+    return _finish_head(out, request_id, has_request_id, via, upgrade, chunked, content_length)
 
 
 def error_response(
