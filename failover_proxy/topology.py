@@ -128,6 +128,11 @@ class Upstream:
         self.policy = ProviderPolicy(config.policy, list(self.providers.values()))
         self.outlier = OutlierDetector(self)
         self.failure_statuses = frozenset(config.outlier.failure_statuses)
+        # Settings read per request, kept as plain attributes (cheaper than the config model).
+        self.read_timeout: float = config.timeouts.read
+        self.per_try_timeout: float | None = config.retry.per_try_timeout
+        self.preserve_host = config.host_header == "preserve"
+        self.replay_max_bytes: int = config.retry.replay_max_bytes
         self.active_requests = 0
         self.active_retries = 0
         self.retries_total = 0

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from ..config import LimitsConfig
 from ..routing import normalize_host
 from .forward import Exchange
 from .headers import error_response, join_values, new_request_id
@@ -40,6 +41,18 @@ _MAX_PIPELINED = 16
 
 def _not_connected(_: object) -> None:
     raise ConnectionError("not connected")
+
+
+class ClientLimits:
+    """The client limits as plain attributes (read on every request; a config model is slower)."""
+
+    def __init__(self, config: LimitsConfig) -> None:
+        self.header_timeout: float = config.header_timeout
+        self.keepalive_timeout: float = config.keepalive_timeout
+        self.max_url_bytes: int = config.max_url_bytes
+        self.max_header_bytes: int = config.max_header_bytes
+        self.max_headers: int = config.max_headers
+        self.max_body_bytes: int | None = config.max_body_bytes
 
 
 class RejectRequest(Exception):
@@ -387,8 +400,8 @@ class DownstreamProtocol:
             return
         upstream = route.target
         body = request.body
-        if body.replay_limit != upstream.config.retry.replay_max_bytes and body is not EMPTY_BODY:
-            body.set_replay_limit(upstream.config.retry.replay_max_bytes)
+        if body.replay_limit != upstream.replay_max_bytes and body is not EMPTY_BODY:
+            body.set_replay_limit(upstream.replay_max_bytes)
         exchange = Exchange(self, request, upstream)
         self.exchange = exchange
         exchange.begin()

@@ -369,10 +369,9 @@ class Exchange:
         self.finished = False
         self.attempts = 0
         self.tried: list[Backend] = []
-        config = upstream.config
-        self.read_timeout = config.timeouts.read
-        self.per_try_timeout = config.retry.per_try_timeout
-        self.first_byte_timeout = self.per_try_timeout or config.timeouts.read
+        self.read_timeout = upstream.read_timeout
+        self.per_try_timeout = upstream.per_try_timeout
+        self.first_byte_timeout = upstream.per_try_timeout or upstream.read_timeout
         self.head = b""
         self.reason = ""
         backend = upstream.pick()
@@ -390,9 +389,9 @@ class Exchange:
             request.method,
             request_target(backend, request),
             request.headers,
-            host=backend.host_header
-            if self.upstream.config.host_header == "backend"
-            else (request.raw_host or backend.host_header),
+            host=(request.raw_host or backend.host_header)
+            if self.upstream.preserve_host
+            else backend.host_header,
             client_ip=downstream.client_ip,
             scheme=downstream.scheme,
             request_id=request.request_id,

@@ -11,7 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING, cast
 
 from ..config import LimitsConfig
-from .downstream import DownstreamProtocol
+from .downstream import ClientLimits, DownstreamProtocol
 
 if TYPE_CHECKING:
     from ..topology import Topology
@@ -32,7 +32,7 @@ class DataPlane:
     ) -> None:
         self.loop = loop
         self.topology = topology
-        self.limits = limits
+        self.limits = ClientLimits(limits)
         self.scheme = scheme
         self.connections: set[DownstreamProtocol] = set()
         self.draining = False
