@@ -214,6 +214,17 @@ class PolicyConfig(_Strict):
     correlated_failures: CorrelatedFailuresConfig = CorrelatedFailuresConfig()
     hold_down: Duration = 10.0
     """A provider taken down stays down at least this long (no flapping)."""
+    panic_threshold: Fraction = 0.0
+    """Below this usable share of the upstream's backends, health is no longer trusted."""
+    panic: Literal["spread", "fail"] = "spread"
+    """spread: send to every backend regardless of health; fail: answer 503 at once."""
+
+
+class CircuitBreakerConfig(_Strict):
+    """Beyond these the proxy answers 503 at once instead of piling up work."""
+
+    max_requests_per_backend: int = Field(1024, ge=1)
+    max_requests: int = Field(10000, ge=1)
 
 
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "timeout", "502", "503", "504"})
@@ -256,6 +267,7 @@ class UpstreamConfig(_Strict):
     outlier: OutlierConfig = OutlierConfig()
     policy: PolicyConfig = PolicyConfig()
     retry: RetryConfig = RetryConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
 
     @model_validator(mode="after")
     def _policy_names_known_providers(self) -> UpstreamConfig:

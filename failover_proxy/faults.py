@@ -43,6 +43,8 @@ class FaultBackend:
     region: str = ""
     port: int = 0
     mode: str = "healthy"
+    health_mode: str | None = None
+    """The mode /healthz answers in, when it should differ from real requests."""
     delay: float = 0.5
     received: list[Received] = field(default_factory=list)
     _server: asyncio.Server | None = None
@@ -91,9 +93,10 @@ class FaultBackend:
                         body += (await reader.readexactly(size + 2))[:-2]
                     await reader.readuntil(b"\r\n")
                 if path == "/healthz":
-                    if self.mode in ("healthy", "slow"):
+                    health_mode = self.health_mode or self.mode
+                    if health_mode in ("healthy", "slow"):
                         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
-                    elif self.mode == "blackhole":
+                    elif health_mode == "blackhole":
                         await asyncio.sleep(3600)
                     else:
                         writer.write(_UNAVAILABLE)

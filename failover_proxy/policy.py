@@ -30,9 +30,12 @@ class ProviderPolicy:
         self._split: SmoothWeightedRoundRobin[Provider] | None = None
         self.rebuild()
 
-    def rebuild(self) -> None:
-        """Recompute the preferred provider / the weighted split from the providers' states."""
-        up = [p for p in self.providers if p.usable]
+    def rebuild(self, everyone: bool = False) -> None:
+        """Recompute the preferred provider / the weighted split from the providers' states.
+
+        `everyone` (panic: spread) ignores provider states: every provider with backends left.
+        """
+        up = [p for p in self.providers if p.usable] if not everyone else []
         if not up:
             # Every provider is down: rather than refuse, use whatever backends still answer
             # (providers taken down by an operator excepted).

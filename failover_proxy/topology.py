@@ -133,6 +133,11 @@ class Upstream:
         self.per_try_timeout: float | None = config.retry.per_try_timeout
         self.preserve_host = config.host_header == "preserve"
         self.replay_max_bytes: int = config.retry.replay_max_bytes
+        self.max_requests = config.circuit_breaker.max_requests
+        self.max_requests_per_backend = config.circuit_breaker.max_requests_per_backend
+        self.overflows_total = 0
+        self.panic = False
+        """Too few backends usable: health is ignored (panic: spread) or all is refused (fail)."""
         self.active_requests = 0
         self.active_retries = 0
         self.retries_total = 0
@@ -150,8 +155,13 @@ class Upstream:
             if backend.ejected_until and now >= backend.ejected_until:
                 backend.ejected_until = 0.0  # back on probation
             backend.usable = backend.healthy and not backend.ejected_until and not backend.draining
+        policy = self.config.policy
+        usable_share = sum(1 for b in self.backends if b.usable) / len(self.backends)
+        self.panic = usable_share < policy.panic_threshold
+        spread = self.panic and policy.panic == "spread"
         for provider in self.providers.values():
             usable = [b for b in provider.backends if b.usable]
+            candidates = [b for b in provider.backends if not b.draining] if spread else usable
             fraction = len(usable) / len(provider.backends)
             was_down = provider.state == "down"
             if provider.forced_down or now < provider.down_until:
@@ -176,9 +186,11 @@ class Upstream:
                 provider.up_since = now
             provider.state = state
             provider.balancer = (
-                SmoothWeightedRoundRobin(usable, [b.weight for b in usable]) if usable else None
+                SmoothWeightedRoundRobin(candidates, [b.weight for b in candidates])
+                if candidates and not (self.panic and policy.panic == "fail")
+                else None
             )
-        self.policy.rebuild()
+        self.policy.rebuild(everyone=spread)
         self.generation += 1
         for listener in self.listeners:
             listener(self)
@@ -216,6 +228,8 @@ class Upstream:
             provider = self.policy.pick([])
             reason = "no other provider usable"
         if provider is None or provider.balancer is None:
+            if self.panic and self.config.policy.panic == "fail":
+                return None, "panic: too few usable backends, refusing (panic: fail)"
             return None, "no usable backend: " + "; ".join(
                 p.reason or f"provider {p.name} down" for p in self.providers.values()
             )

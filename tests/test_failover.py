@@ -282,3 +282,52 @@ async def test_nothing_usable_is_an_immediate_503_with_retry_after(
     assert response.headers["retry-after"] == "1"
     assert "no usable backend" in response.text
     assert took < 0.2
+
+
+async def test_circuit_breaker_answers_503_at_once(proxy: StartProxy) -> None:
+    slow = FaultBackend("slow", "aws", mode="slow", delay=0.5)
+    await slow.start()
+    try:
+        server = await proxy(
+            "listen: {port: 0}\nupstreams:\n  web:\n    backends:\n"
+            f'      - {{name: slow, url: "http://127.0.0.1:{slow.port}", provider: aws}}\n'
+            "    circuit_breaker: {max_requests_per_backend: 2}\n"
+            "routes:\n  - {path_prefix: /, upstream: web}\n"
+        )
+        loop = asyncio.get_running_loop()
+        limits = httpx.Limits(max_connections=5)
+        async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=5) as http:
+            started = loop.time()
+
+            async def get() -> tuple[int, float, str]:
+                response = await http.get(f"http://127.0.0.1:{server.port}/")
+                return response.status_code, loop.time() - started, response.text
+
+            results = await asyncio.gather(*(get() for _ in range(5)))
+        assert sorted(status for status, _, _ in results) == [200, 200, 503, 503, 503]
+        for status, took, text in results:
+            if status == 503:
+                assert took < 0.3 and "circuit breaker open" in text
+        assert len(slow.received) == 2
+    finally:
+        await slow.stop()
+
+
+@pytest.mark.parametrize("panic", ["spread", "fail"])
+async def test_panic_when_health_checks_fail_everywhere(
+    cluster: Callable[..., Awaitable[Cluster]], panic: str
+) -> None:
+    c = await cluster(f"strategy: weighted, panic_threshold: 50%, panic: {panic}")
+    for backend in c.backends:
+        backend.health_mode = "5xx"  # probes fail, real requests still work
+    await asyncio.sleep(1.0)
+    assert all(not b.healthy for b in c.upstream.backends)
+    assert c.upstream.panic
+    async with httpx.AsyncClient(trust_env=False) as http:
+        responses = [await http.get(f"http://127.0.0.1:{c.proxy.port}/x") for _ in range(6)]
+    if panic == "spread":
+        assert [r.status_code for r in responses] == [200] * 6
+        assert len({r.json()["provider"] for r in responses}) == 3
+    else:
+        assert {r.status_code for r in responses} == {503}
+        assert "panic" in responses[0].text

@@ -402,13 +402,31 @@ class Exchange:
         )
 
     def begin(self) -> None:
-        self.upstream.active_requests += 1
+        upstream = self.upstream
+        upstream.active_requests += 1
         backend = self.backend
         if backend is None:
             self._error(503, self.reason, retry_after=True)
             return
+        if backend.in_flight >= upstream.max_requests_per_backend:
+            backend, _ = upstream.choose([backend], [])
+            if backend is not None and backend.in_flight < upstream.max_requests_per_backend:
+                self._prepare(backend)
+            else:
+                limit = upstream.max_requests_per_backend
+                self._overflow(f"{limit} requests in flight per backend")
+                return
+        if upstream.active_requests > upstream.max_requests:
+            self._overflow(f"{upstream.max_requests} requests in flight")
+            return
         backend.in_flight += 1
         self._next_connection()
+
+    def _overflow(self, limit: str) -> None:
+        """A circuit breaker is open: refuse at once rather than pile up work."""
+        self.upstream.overflows_total += 1
+        self.backend = None  # holds no in-flight slot
+        self._error(503, f"circuit breaker open: {limit}", retry_after=True)
 
     def _next_connection(self) -> None:
         if self.request.body.failed:
