@@ -51,9 +51,12 @@ class SmoothWeightedRoundRobin(Generic[T]):
             raise ValueError("items and weights differ in length")
         if any(weight <= 0 for weight in weights):
             raise ValueError("weights must be positive")
+        divisor = 0
+        for weight in weights:
+            divisor = gcd(divisor, weight)
         self._items = list(items)
-        self._weights = list(weights)
-        self._total = sum(weights)
+        self._weights = [weight // divisor for weight in weights] if divisor else list(weights)
+        self._total = sum(self._weights)
         self._current = [0] * len(weights)
         self._position = 0
         self._table: list[T] | None = None
@@ -62,6 +65,10 @@ class SmoothWeightedRoundRobin(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def shares(self) -> list[tuple[T, float]]:
+        """Each item with its share of picks."""
+        return [(item, w / self._total) for item, w in zip(self._items, self._weights, strict=True)]
 
     def pick(self) -> T:
         """The next item; raises IndexError when the pool is empty."""

@@ -214,6 +214,8 @@ class PolicyConfig(_Strict):
     correlated_failures: CorrelatedFailuresConfig = CorrelatedFailuresConfig()
     hold_down: Duration = 10.0
     """A provider taken down stays down at least this long (no flapping)."""
+    slow_start: Duration = 0.0
+    """A provider or backend that comes back gets a share growing linearly over this time."""
     panic_threshold: Fraction = 0.0
     """Below this usable share of the upstream's backends, health is no longer trusted."""
     panic: Literal["spread", "fail"] = "spread"

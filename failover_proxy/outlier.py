@@ -81,7 +81,7 @@ class OutlierDetector:
             p.state == "down" and p.down_until and now >= p.down_until
             for p in upstream.providers.values()
         )
-        if expired or held:
+        if expired or held or upstream.ramping:
             for provider in upstream.providers.values():
                 if provider.down_until and now >= provider.down_until:
                     provider.down_until = 0.0

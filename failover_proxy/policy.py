@@ -43,10 +43,16 @@ class ProviderPolicy:
         if self.config.strategy == "priority":
             self.preferred = up[0] if up else None
             self._split = None
+            if len(up) > 1 and up[0].ramp < 1.0:
+                # The first provider is back but ramping up: the next one keeps the rest.
+                share = round(100 * up[0].ramp)
+                self._split = SmoothWeightedRoundRobin(up[:2], [share, 100 - share])
         else:
             weighted = [p for p in up if p.weight > 0] or up
             self._split = (
-                SmoothWeightedRoundRobin(weighted, [max(p.weight, 1) for p in weighted])
+                SmoothWeightedRoundRobin(
+                    weighted, [max(1, round(max(p.weight, 1) * 100 * p.ramp)) for p in weighted]
+                )
                 if weighted
                 else None
             )
@@ -67,14 +73,10 @@ class ProviderPolicy:
     def shares(self) -> dict[str, float]:
         """The fraction of new requests each provider gets now."""
         shares = {p.name: 0.0 for p in self.providers}
-        if self.config.strategy == "priority":
-            if self.preferred is not None:
-                shares[self.preferred.name] = 1.0
-        elif self._split is not None:
-            members = [p for p in self._up if p.weight > 0] or self._up
-            total = sum(max(p.weight, 1) for p in members)
-            for provider in members:
-                shares[provider.name] = max(provider.weight, 1) / total
+        if self._split is not None:
+            shares.update((provider.name, share) for provider, share in self._split.shares())
+        elif self.preferred is not None:
+            shares[self.preferred.name] = 1.0
         return shares
 
     def why_not_preferred(self) -> str:

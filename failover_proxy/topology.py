@@ -63,6 +63,7 @@ class Backend:
         self.consecutive_failures = 0
         self.draining = False
         self.usable = True
+        self.usable_since = 0.0
         self.reason = ""
 
     @property
@@ -94,6 +95,8 @@ class Provider:
         self.down_since = 0.0
         self.up_since = 0.0
         self.downs = 0
+        self.ramp = 1.0
+        """Slow start: the share of its weight the provider gets now (1.0 once ramped up)."""
         """Times taken down in a row without a healthy stretch; each doubles the hold-down."""
         self.forced_down = False
         """Taken down by an operator (a failover drill) until restored."""
@@ -108,6 +111,18 @@ class Provider:
 
 
 _NONE: list[str] = []
+_RAMP_FLOOR = 0.1  # a recovering backend or provider gets at least this share from the start
+
+
+def _ramp(now: float, since: float, slow_start: float) -> float:
+    """Slow start: the share of its weight a recovered provider or backend gets now (linear)."""
+    if slow_start <= 0 or since <= 0 or now - since >= slow_start:
+        return 1.0
+    return max(_RAMP_FLOOR, (now - since) / slow_start)
+
+
+def _ramp_percent(now: float, since: float, slow_start: float) -> int:
+    return max(1, round(100 * _ramp(now, since, slow_start)))
 
 
 class Upstream:
@@ -136,6 +151,8 @@ class Upstream:
         self.max_requests = config.circuit_breaker.max_requests
         self.max_requests_per_backend = config.circuit_breaker.max_requests_per_backend
         self.overflows_total = 0
+        self.ramping = False
+        """A provider or backend is in its slow-start ramp: the sweep refreshes weights."""
         self.panic = False
         """Too few backends usable: health is ignored (panic: spread) or all is refused (fail)."""
         self.active_requests = 0
@@ -151,10 +168,15 @@ class Upstream:
         """Recompute backend usability, provider states and balancers after any change."""
         minimum = self.config.policy.min_healthy_fraction
         hold_down = self.config.policy.hold_down
+        slow_start = self.config.policy.slow_start
+        ramping = False
         for backend in self.backends:
             if backend.ejected_until and now >= backend.ejected_until:
                 backend.ejected_until = 0.0  # back on probation
+            was_usable = backend.usable
             backend.usable = backend.healthy and not backend.ejected_until and not backend.draining
+            if backend.usable and not was_usable:
+                backend.usable_since = now
         policy = self.config.policy
         usable_share = sum(1 for b in self.backends if b.usable) / len(self.backends)
         self.panic = usable_share < policy.panic_threshold
@@ -185,11 +207,16 @@ class Upstream:
             elif state != "down" and was_down:
                 provider.up_since = now
             provider.state = state
+            provider.ramp = _ramp(now, provider.up_since, slow_start)
+            percents = [_ramp_percent(now, b.usable_since, slow_start) for b in candidates]
+            weights = [b.weight * p for b, p in zip(candidates, percents, strict=True)]
+            ramping = ramping or provider.ramp < 1.0 or any(p < 100 for p in percents)
             provider.balancer = (
-                SmoothWeightedRoundRobin(candidates, [b.weight for b in candidates])
+                SmoothWeightedRoundRobin(candidates, weights)
                 if candidates and not (self.panic and policy.panic == "fail")
                 else None
             )
+        self.ramping = ramping
         self.policy.rebuild(everyone=spread)
         self.generation += 1
         for listener in self.listeners:

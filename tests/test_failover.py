@@ -8,6 +8,7 @@ provider must stop within a stated bound, and it must come back after recovery.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -331,3 +332,44 @@ async def test_panic_when_health_checks_fail_everywhere(
     else:
         assert {r.status_code for r in responses} == {503}
         assert "panic" in responses[0].text
+
+
+async def test_recovered_provider_ramps_up_through_slow_start(
+    cluster: Callable[..., Awaitable[Cluster]],
+) -> None:
+    c = await cluster("strategy: weighted, slow_start: 3s")
+    returned: list[float] = []
+    came_back = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def watch(upstream: Upstream) -> None:
+        azure = upstream.providers["azure"]
+        if azure.state == "up" and azure.down_since and not returned:
+            returned.append(loop.time())
+            came_back.set()
+
+    c.upstream.listeners.append(watch)
+    load = Load(c.proxy.port)
+    task = asyncio.create_task(load.run())
+    await asyncio.sleep(0.3)
+    await c.break_provider("azure", "5xx")
+    await asyncio.sleep(0.8)
+    await c.break_provider("azure", "healthy")
+    await asyncio.wait_for(came_back.wait(), 10)
+    await asyncio.sleep(3.2)
+    load.stop()
+    await task
+    back = returned[0]
+
+    def azure_share(start: float, end: float) -> float:
+        def count(backends: list[FaultBackend]) -> int:
+            return sum(1 for b in backends for r in b.received if start <= r.at - OFFSET < end)
+
+        return count(c.of("azure")) / max(1, count(c.backends))
+
+    OFFSET = time.monotonic() - loop.time()  # FaultBackend stamps with time.monotonic()
+    early, late = azure_share(back, back + 0.6), azure_share(back + 2.5, back + 3.2)
+    print(f"azure share right after return {early:.2f}, after the ramp {late:.2f}")
+    assert 0 < early < late
+    assert late > 0.25  # about a third once ramped up
+    assert load.errors == []
