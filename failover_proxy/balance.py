@@ -1,16 +1,30 @@
-"""Choosing a backend inside a pool: smooth weighted round robin.
+"""Choosing a backend inside a provider: smooth weighted round robin, least request, hash.
 
 Smooth WRR (nginx's algorithm) spreads a heavy backend's turns through the cycle instead of
 sending it a burst, and honours the weights exactly over every cycle of sum(weights) picks.
+Least request is power-of-two-choices over in-flight requests and latency; the consistent hash
+keeps a client on one backend and moves as few keys as possible when a backend leaves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import hashlib
+import random
+from collections.abc import Callable, Sequence
 from math import gcd
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Balancer(Protocol[T_co]):
+    """What a provider's pool needs from a balancing algorithm."""
+
+    def __len__(self) -> int: ...
+    def pick(self, key: int = 0) -> T_co: ...
+    def shares(self) -> Sequence[tuple[T_co, float]]: ...
 
 # Above this cycle length the schedule is computed pick by pick instead of kept in a table.
 _MAX_TABLE = 4096
@@ -70,8 +84,8 @@ class SmoothWeightedRoundRobin(Generic[T]):
         """Each item with its share of picks."""
         return [(item, w / self._total) for item, w in zip(self._items, self._weights, strict=True)]
 
-    def pick(self) -> T:
-        """The next item; raises IndexError when the pool is empty."""
+    def pick(self, key: int = 0) -> T:
+        """The next item (`key` is for hashing balancers); IndexError when the pool is empty."""
         table = self._table
         if table is not None:
             position = self._position
@@ -80,3 +94,76 @@ class SmoothWeightedRoundRobin(Generic[T]):
         if not self._items:
             raise IndexError("no items to pick from")
         return self._items[_smooth_step(self._current, self._weights, self._total)]
+
+
+class LeastRequest(Generic[T]):
+    """Power of two choices: of two random backends, the one with fewer requests in flight
+    per unit of weight, scaled by its recent latency (EWMA). O(1) per pick, no global scan."""
+
+    __slots__ = ("_items", "_load", "_random", "_weights")
+
+    def __init__(
+        self,
+        items: Sequence[T],
+        weights: Sequence[int],
+        load: Callable[[T], float],
+    ) -> None:
+        self._items = list(items)
+        self._weights = [max(w, 1) for w in weights]
+        self._load = load
+        self._random = random.Random()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def pick(self, key: int = 0) -> T:
+        items = self._items
+        if len(items) == 1:
+            return items[0]
+        first, second = self._random.sample(range(len(items)), 2)
+        load = self._load
+        if load(items[first]) / self._weights[first] <= load(items[second]) / self._weights[second]:
+            return items[first]
+        return items[second]
+
+    def shares(self) -> list[tuple[T, float]]:
+        total = sum(self._weights)
+        return [(item, w / total) for item, w in zip(self._items, self._weights, strict=True)]
+
+
+class ConsistentHash(Generic[T]):
+    """A hash ring: the same key lands on the same backend, and when a backend leaves only
+    the keys it held move (to their next backend on the ring)."""
+
+    __slots__ = ("_items", "_points", "_ring_items", "_weights")
+
+    POINTS_PER_WEIGHT = 160
+
+    def __init__(self, items: Sequence[T], weights: Sequence[int], names: Sequence[str]) -> None:
+        self._items = list(items)
+        self._weights = [max(w, 1) for w in weights]
+        ring: list[tuple[int, int]] = []
+        for index, (name, weight) in enumerate(zip(names, self._weights, strict=True)):
+            for replica in range(self.POINTS_PER_WEIGHT * weight):
+                ring.append((hash_key(f"{name}#{replica}".encode()), index))
+        ring.sort()
+        self._points = [point for point, _ in ring]
+        self._ring_items = [index for _, index in ring]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def pick(self, key: int = 0) -> T:
+        position = bisect.bisect(self._points, key)
+        if position == len(self._points):
+            position = 0
+        return self._items[self._ring_items[position]]
+
+    def shares(self) -> list[tuple[T, float]]:
+        total = sum(self._weights)
+        return [(item, w / total) for item, w in zip(self._items, self._weights, strict=True)]
+
+
+def hash_key(data: bytes) -> int:
+    """A stable 64-bit hash (the same in every process and replica, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")

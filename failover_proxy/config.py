@@ -205,7 +205,10 @@ class CorrelatedFailuresConfig(_Strict):
 class PolicyConfig(_Strict):
     """How traffic is spread over providers, and when a provider counts as down."""
 
-    strategy: Literal["priority", "weighted"] = "weighted"
+    strategy: Literal["priority", "weighted", "latency"] = "weighted"
+    """latency: the provider with the lowest recent latency of real requests (EWMA), with the
+    others whose latency is within `latency_tolerance` of it sharing by weight."""
+    latency_tolerance: Fraction = 0.2
     providers: list[str] | None = None
     """Priority order (strategy priority); default: the order backends are listed in."""
     provider_weights: dict[str, int] | None = None
@@ -259,8 +262,25 @@ class RetryConfig(_Strict):
         return conditions
 
 
+class HashOnConfig(_Strict):
+    """What keeps a client on one backend (balancer: hash): one header, one cookie, or its IP."""
+
+    header: str | None = None
+    cookie: str | None = None
+    client_ip: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HashOnConfig:
+        chosen = [self.header is not None, self.cookie is not None, self.client_ip]
+        if sum(chosen) != 1:
+            raise ValueError("hash_on needs exactly one of header, cookie, client_ip: true")
+        return self
+
+
 class UpstreamConfig(_Strict):
     backends: list[BackendConfig] = Field(min_length=1)
+    balancer: Literal["round_robin", "least_request", "hash"] = "round_robin"
+    hash_on: HashOnConfig | None = None
     timeouts: TimeoutsConfig = TimeoutsConfig()
     host_header: Literal["backend", "preserve"] = "backend"
     tls: TlsConfig = TlsConfig()
@@ -270,6 +290,14 @@ class UpstreamConfig(_Strict):
     policy: PolicyConfig = PolicyConfig()
     retry: RetryConfig = RetryConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+
+    @model_validator(mode="after")
+    def _hash_has_a_key(self) -> UpstreamConfig:
+        if self.balancer == "hash" and self.hash_on is None:
+            raise _LocatedError(
+                ("balancer",), "balancer: hash needs hash_on (header, cookie or client_ip)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _policy_names_known_providers(self) -> UpstreamConfig:

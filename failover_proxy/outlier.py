@@ -81,6 +81,10 @@ class OutlierDetector:
             p.state == "down" and p.down_until and now >= p.down_until
             for p in upstream.providers.values()
         )
+        if upstream.config.policy.strategy == "latency":
+            # Follow the latencies as they move.
+            spread = upstream.panic and upstream.config.policy.panic == "spread"
+            upstream.policy.rebuild(everyone=spread)
         if expired or held or upstream.ramping:
             for provider in upstream.providers.values():
                 if provider.down_until and now >= provider.down_until:

@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from .topology import Provider
 
 
+def provider_latency(provider: Provider) -> float:
+    """Mean recent latency of the provider's usable backends that have been measured."""
+    values = [b.ewma_latency for b in provider.backends if b.usable and b.ewma_latency > 0]
+    return sum(values) / len(values) if values else 0.0
+
+
 class ProviderPolicy:
     """Orders the providers of one upstream for each request."""
 
@@ -49,6 +55,8 @@ class ProviderPolicy:
                 self._split = SmoothWeightedRoundRobin(up[:2], [share, 100 - share])
         else:
             weighted = [p for p in up if p.weight > 0] or up
+            if self.config.strategy == "latency" and len(weighted) > 1:
+                weighted = self._fastest(weighted)
             self._split = (
                 SmoothWeightedRoundRobin(
                     weighted, [max(1, round(max(p.weight, 1) * 100 * p.ramp)) for p in weighted]
@@ -58,6 +66,16 @@ class ProviderPolicy:
             )
             self.preferred = weighted[0] if weighted else None
         self._up = up
+
+    def _fastest(self, providers: list[Provider]) -> list[Provider]:
+        """The providers within `latency_tolerance` of the fastest (unmeasured ones included,
+        so that they get measured)."""
+        latency = {p.name: provider_latency(p) for p in providers}
+        measured = [value for value in latency.values() if value > 0]
+        if not measured:
+            return providers
+        limit = min(measured) * (1 + self.config.latency_tolerance)
+        return [p for p in providers if latency[p.name] <= limit]
 
     def pick(self, exclude: list[str]) -> Provider | None:
         """The provider for this attempt, avoiding the named ones when another is usable."""

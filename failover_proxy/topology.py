@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .balance import SmoothWeightedRoundRobin
+from .balance import Balancer, ConsistentHash, LeastRequest, SmoothWeightedRoundRobin
 from .config import BackendConfig, ProxyConfig, UpstreamConfig
 from .dataplane.upstream import UpstreamPool
 from .outlier import OutlierDetector
@@ -64,6 +64,8 @@ class Backend:
         self.draining = False
         self.usable = True
         self.usable_since = 0.0
+        self.ewma_latency = 0.0
+        """Recent latency of real requests (seconds, EWMA), when the upstream tracks it."""
         self.reason = ""
 
     @property
@@ -100,7 +102,7 @@ class Provider:
         """Times taken down in a row without a healthy stretch; each doubles the hold-down."""
         self.forced_down = False
         """Taken down by an operator (a failover drill) until restored."""
-        self.balancer: SmoothWeightedRoundRobin[Backend] | None = SmoothWeightedRoundRobin(
+        self.balancer: Balancer[Backend] | None = SmoothWeightedRoundRobin(
             backends, [b.weight for b in backends]
         )
         self.recent_failures: dict[str, float] = {}
@@ -112,6 +114,11 @@ class Provider:
 
 _NONE: list[str] = []
 _RAMP_FLOOR = 0.1  # a recovering backend or provider gets at least this share from the start
+
+
+def _backend_load(backend: Backend) -> float:
+    """What least_request compares: requests in flight, times recent latency."""
+    return (backend.in_flight + 1) * (backend.ewma_latency or 0.001)
 
 
 def _ramp(now: float, since: float, slow_start: float) -> float:
@@ -147,6 +154,10 @@ class Upstream:
         self.read_timeout: float = config.timeouts.read
         self.per_try_timeout: float | None = config.retry.per_try_timeout
         self.preserve_host = config.host_header == "preserve"
+        self.tracks_latency = (
+            config.balancer == "least_request" or config.policy.strategy == "latency"
+        )
+        self.hash_on = config.hash_on
         self.replay_max_bytes: int = config.retry.replay_max_bytes
         self.max_requests = config.circuit_breaker.max_requests
         self.max_requests_per_backend = config.circuit_breaker.max_requests_per_backend
@@ -163,6 +174,7 @@ class Upstream:
         self.ssl_context: ssl.SSLContext | None = None
         self.listeners: list[Callable[[Upstream], None]] = []
         """Called after every change of state (metrics, status page)."""
+        self.refresh(0.0)  # builds the configured balancers
 
     def refresh(self, now: float) -> None:
         """Recompute backend usability, provider states and balancers after any change."""
@@ -212,7 +224,7 @@ class Upstream:
             weights = [b.weight * p for b, p in zip(candidates, percents, strict=True)]
             ramping = ramping or provider.ramp < 1.0 or any(p < 100 for p in percents)
             provider.balancer = (
-                SmoothWeightedRoundRobin(candidates, weights)
+                self._balancer(candidates, weights)
                 if candidates and not (self.panic and policy.panic == "fail")
                 else None
             )
@@ -221,6 +233,20 @@ class Upstream:
         self.generation += 1
         for listener in self.listeners:
             listener(self)
+
+    def _balancer(self, backends: list[Backend], weights: list[int]) -> Balancer[Backend]:
+        kind = self.config.balancer
+        if kind == "least_request":
+            return LeastRequest(backends, weights, _backend_load)
+        if kind == "hash":
+            names = [b.name for b in backends]
+            return ConsistentHash(backends, [b.weight for b in backends], names)
+        return SmoothWeightedRoundRobin(backends, weights)
+
+    def record_latency(self, backend: Backend, seconds: float) -> None:
+        """Feed the EWMA that least_request and the latency strategy read."""
+        previous = backend.ewma_latency
+        backend.ewma_latency = seconds if previous == 0.0 else previous + 0.2 * (seconds - previous)
 
     def take_provider_down(self, provider: Provider, now: float, reason: str) -> None:
         """A provider-wide failure: out of rotation at once, for at least the hold-down.
@@ -237,12 +263,12 @@ class Upstream:
         provider.reason = reason
         self.refresh(now)
 
-    def pick(self) -> Backend | None:
+    def pick(self, key: int = 0) -> Backend | None:
         """The first attempt's backend (the hot path; `choose` explains and handles retries)."""
         provider = self.policy.pick(_NONE)
         if provider is None or provider.balancer is None:
             return None
-        return provider.balancer.pick()
+        return provider.balancer.pick(key)
 
     def choose(
         self, tried_backends: list[Backend], tried_providers: list[str]

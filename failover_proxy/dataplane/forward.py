@@ -13,6 +13,8 @@ import asyncio
 import enum
 from typing import TYPE_CHECKING
 
+from ..balance import hash_key
+from ..config import HashOnConfig
 from .headers import (
     Header,
     build_request_head,
@@ -325,6 +327,24 @@ def request_target(backend: Backend, request: Request) -> bytes:
 _REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
+def hash_request(request: Request, client_ip: bytes, hash_on: HashOnConfig) -> int:
+    """The key that keeps a client on one backend (the client's IP when the header or cookie
+    is missing, so that such clients still spread over the ring)."""
+    material: bytes | None = None
+    if hash_on.header is not None:
+        material = first_value(request.headers, hash_on.header.lower().encode())
+    elif hash_on.cookie is not None:
+        prefix = hash_on.cookie.encode() + b"="
+        for lname, _, value in request.headers:
+            if lname == b"cookie":
+                for part in value.split(b";"):
+                    part = part.strip()
+                    if part.startswith(prefix):
+                        material = part[len(prefix) :]
+                        break
+    return hash_key(material if material is not None else client_ip)
+
+
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
@@ -352,6 +372,7 @@ class Exchange:
         "request",
         "retried_stale",
         "retrying",
+        "started",
         "tried",
         "upstream",
     )
@@ -374,7 +395,11 @@ class Exchange:
         self.first_byte_timeout = upstream.per_try_timeout or upstream.read_timeout
         self.head = b""
         self.reason = ""
-        backend = upstream.pick()
+        self.started = 0.0
+        hash_on = upstream.hash_on
+        backend = upstream.pick(
+            0 if hash_on is None else hash_request(request, downstream.client_ip, hash_on)
+        )
         self.backend = backend
         if backend is not None:
             self._prepare(backend)
@@ -436,7 +461,8 @@ class Exchange:
         assert backend is not None
         self.attempts += 1
         backend.attempts_total += 1
-        backend.last_attempt_at = self.downstream.loop.time()
+        self.started = now = self.downstream.loop.time()
+        backend.last_attempt_at = now
         conn = backend.pool.take_idle(self.downstream.plane.clock)
         if conn is not None:
             self._start(conn, reused=True)
@@ -484,6 +510,8 @@ class Exchange:
                 conn.close()
             if backend.consecutive_failures and not attempt.failure_status:
                 self.upstream.outlier.on_success(backend)
+            if self.upstream.tracks_latency:
+                self.upstream.record_latency(backend, self.downstream.loop.time() - self.started)
             self._end()
             return
         if outcome is Outcome.UPGRADED:

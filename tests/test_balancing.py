@@ -1,0 +1,123 @@
+"""Balancers inside a provider (least request, consistent hash) and the latency strategy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from failover_proxy.balance import ConsistentHash, hash_key
+from failover_proxy.faults import FaultBackend
+from failover_proxy.server import ProxyServer
+
+StartProxy = Callable[[str], Awaitable[ProxyServer]]
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Callable[[list[tuple[str, str]]], Awaitable[list[FaultBackend]]]]:
+    started: list[FaultBackend] = []
+
+    async def start(specs: list[tuple[str, str]]) -> list[FaultBackend]:
+        made = [FaultBackend(name, provider) for name, provider in specs]
+        for backend in made:
+            await backend.start()
+        started.extend(made)
+        return made
+
+    yield start
+    for backend in started:
+        await backend.stop()
+
+
+def config(backends: list[FaultBackend], extra: str) -> str:
+    entries = "".join(
+        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
+        for b in backends
+    )
+    return (
+        "listen: {port: 0}\nupstreams:\n  web:\n    backends:\n"
+        f"{entries}{extra}routes:\n  - {{path_prefix: /, upstream: web}}\n"
+    )
+
+
+async def test_least_request_avoids_the_slow_backend(
+    backends: Callable[[list[tuple[str, str]]], Awaitable[list[FaultBackend]]], proxy: StartProxy
+) -> None:
+    fast, slow = await backends([("fast", "aws"), ("slow", "aws")])
+    slow.mode, slow.delay = "slow", 0.2
+    server = await proxy(config([fast, slow], "    balancer: least_request\n"))
+    limits = httpx.Limits(max_connections=8)
+    async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=10) as http:
+
+        async def worker() -> None:
+            for _ in range(15):
+                assert (await http.get(f"http://127.0.0.1:{server.port}/")).status_code == 200
+
+        await asyncio.gather(*(worker() for _ in range(8)))
+    assert len(fast.received) > 3 * len(slow.received), (len(fast.received), len(slow.received))
+
+
+async def test_hash_keeps_a_client_on_one_backend_and_moves_few_keys(
+    backends: Callable[[list[tuple[str, str]]], Awaitable[list[FaultBackend]]], proxy: StartProxy
+) -> None:
+    pool = await backends([(f"b{i}", "aws") for i in range(4)])
+    server = await proxy(
+        config(
+            pool,
+            "    balancer: hash\n    hash_on: {header: X-User}\n"
+            "    health_check: {path: /healthz, interval: 200ms, unhealthy_interval: 100ms,"
+            " unhealthy_threshold: 1}\n"
+            "    policy: {min_healthy_fraction: 0%}\n",
+        )
+    )
+    users = [f"user-{n}" for n in range(200)]
+
+    async def placement() -> dict[str, str]:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            return {
+                user: (await http.get(f"http://127.0.0.1:{server.port}/", headers={"X-User": user})).json()["backend"]
+                for user in users
+            }
+
+    first, again = await placement(), await placement()
+    assert first == again  # sticky
+    assert len(set(first.values())) == 4  # and spread
+    await pool[3].set_mode("refusing")
+    await asyncio.sleep(0.6)  # health checks take b3 out
+    after = await placement()
+    moved = [u for u in users if after[u] != first[u]]
+    assert all(first[u] == "b3" for u in moved)  # only b3's keys moved
+    assert "b3" not in after.values()
+
+
+def test_ring_moves_only_the_departed_backends_keys() -> None:
+    names = ["a", "b", "c", "d", "e"]
+    full = ConsistentHash(names, [1] * 5, names)
+    reduced = ConsistentHash(names[:4], [1] * 4, names[:4])
+    keys = [hash_key(f"k{i}".encode()) for i in range(5000)]
+    before = [full.pick(k) for k in keys]
+    after = [reduced.pick(k) for k in keys]
+    moved = [b for b, a in zip(before, after, strict=True) if a != b]
+    assert set(moved) == {"e"}
+    share = Counter(before)
+    assert all(700 < share[n] < 1300 for n in names), share  # roughly even
+
+
+async def test_latency_strategy_prefers_the_fastest_provider(
+    backends: Callable[[list[tuple[str, str]]], Awaitable[list[FaultBackend]]], proxy: StartProxy
+) -> None:
+    pool = await backends([("aws-a", "aws"), ("gcp-a", "gcp"), ("azure-a", "azure")])
+    pool[0].mode, pool[0].delay = "slow", 0.05
+    pool[2].mode, pool[2].delay = "slow", 0.08
+    server = await proxy(config(pool, "    policy: {strategy: latency}\n"))
+    async with httpx.AsyncClient(trust_env=False) as http:
+        for _ in range(30):  # learn the latencies
+            await http.get(f"http://127.0.0.1:{server.port}/")
+        await asyncio.sleep(0.3)  # a sweep re-ranks the providers
+        answers = [
+            (await http.get(f"http://127.0.0.1:{server.port}/")).json()["provider"] for _ in range(40)
+        ]
+    assert Counter(answers)["gcp"] >= 36, Counter(answers)
