@@ -162,8 +162,12 @@ def test_failover_sections_parse_including_a_plain_on_key() -> None:
          "10: upstreams.web.retry.on.1: unknown retry condition 'teapot'"),
         ("    health_check: {expect_status: [700]}\n",
          "10: upstreams.web.health_check.expect_status.0: status range must lie within 100-599"),
-        ("    policy: {strategy: latency}\n",
-         "10: upstreams.web.policy.strategy: Input should be 'priority' or 'weighted'"),
+        ("    policy: {strategy: fastest}\n",
+         "10: upstreams.web.policy.strategy: Input should be 'priority', 'weighted' or 'latency'"),
+        ("    balancer: hash\n",
+         "10: upstreams.web.balancer: balancer: hash needs hash_on (header, cookie or client_ip)"),
+        ("    balancer: hash\n    hash_on: {header: X-User, client_ip: true}\n",
+         "11: upstreams.web.hash_on: hash_on needs exactly one of header, cookie, client_ip: true"),
     ],
 )
 def test_failover_config_errors(tmp_path: Path, section: str, expected: str) -> None:
