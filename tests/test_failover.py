@@ -155,7 +155,14 @@ async def run_fault(cluster: Cluster, provider: str, mode: str, seconds: float) 
 
 
 # Bound on how soon the broken provider is taken down, per mode (seconds after the fault).
-BOUNDS = {"refusing": 0.3, "5xx": 0.3, "reset_after_headers": 0.3, "blackhole": 1.0, "slow": 1.0}
+BOUNDS = {
+    "refusing": 0.3,
+    "5xx": 0.3,
+    "reset_after_headers": 0.3,
+    "flapping": 0.3,
+    "blackhole": 1.0,
+    "slow": 1.0,
+}
 
 
 @pytest.mark.parametrize("mode", list(BOUNDS))
@@ -183,6 +190,20 @@ async def test_provider_failure_is_invisible_to_clients(
     # The others carried the traffic between them.
     for provider in ("azure", "gcp"):
         assert sum(len(b.requests_since(fault_at + 0.5)) for b in c.of(provider)) > 20
+
+
+async def test_reset_mid_body_errors_are_bounded_to_requests_in_flight(
+    cluster: Callable[..., Awaitable[Cluster]],
+) -> None:
+    """Bytes already sent to a client cannot be taken back: a backend that dies mid-body
+    truncates those responses (visibly, never as a complete one). The provider then leaves at
+    once, so only requests already in flight on it can fail."""
+    c = await cluster()
+    downs = first_down(c, "aws")
+    load, fault_at = await run_fault(c, "aws", "reset_mid_body", 1.5)
+    assert downs and downs[0] - fault_at <= 0.3
+    assert len(load.errors) <= load.clients, load.errors
+    assert load.ok > 100
 
 
 async def test_provider_wide_failure_flips_the_provider_in_one_step(

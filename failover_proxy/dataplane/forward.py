@@ -549,6 +549,10 @@ class Exchange:
         status = 504 if outcome is Outcome.TIMEOUT else 502
         self._failed(condition, f"backend {backend.name}: {attempt.detail}", status)
 
+    def explain(self) -> str:
+        """Why this request went where it did, when that was not the plain first choice."""
+        return self.reason or self.upstream.policy.why_not_preferred()
+
     def on_failure_status(self, status: int) -> bool:
         """A response with a failure status arrived: count it; True when it will be retried."""
         backend = self.backend
