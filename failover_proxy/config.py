@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -93,6 +94,13 @@ def parse_status_range(value: object) -> tuple[int, int]:
     return bounds
 
 
+def _absolute_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"must start with '/', got {path!r}")
+    return path
+
+
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 Fraction = Annotated[float, BeforeValidator(parse_fraction)]
@@ -164,7 +172,7 @@ class HealthCheckConfig(_Strict):
     """Active probes, run once per backend on their own schedule, never on the request path."""
 
     type: Literal["http", "tcp"] = "http"
-    path: str = "/healthz"
+    path: AbsolutePath = "/healthz"
     method: str = "GET"
     expect_status: list[StatusRange] = Field(default_factory=lambda: [(200, 399)], min_length=1)
     expect_body: str | None = None
@@ -177,13 +185,6 @@ class HealthCheckConfig(_Strict):
     healthy_threshold: int = Field(2, ge=1)
     unhealthy_threshold: int = Field(2, ge=1)
     headers: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError(f"path must start with '/', got {path!r}")
-        return path
 
 
 class OutlierConfig(_Strict):
@@ -335,15 +336,8 @@ class UpstreamConfig(_Strict):
 class RouteConfig(_Strict):
     host: str | None = None
     """Exact host, `*.suffix` for any subdomain, or absent for any host."""
-    path_prefix: str = "/"
+    path_prefix: AbsolutePath = "/"
     upstream: str
-
-    @field_validator("path_prefix")
-    @classmethod
-    def _absolute(cls, prefix: str) -> str:
-        if not prefix.startswith("/"):
-            raise ValueError(f"path_prefix must start with '/', got {prefix!r}")
-        return prefix
 
     @field_validator("host")
     @classmethod

@@ -53,8 +53,6 @@ class Backend:
         self.pool = pool
         self.in_flight = 0
         self.attempts_total = 0
-        self.last_attempt_at = 0.0
-        """When an attempt on this backend last started (loop time; for failover reports)."""
         self.healthy = True
         """Active health checks' verdict (optimistic until they say otherwise)."""
         self.last_check = ""

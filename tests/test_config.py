@@ -88,7 +88,7 @@ def test_unset_env_var_is_named_with_its_line() -> None:
         ("connect: 1s", "connect: soon", "7: upstreams.web.timeouts.connect: expected a duration"),
         ("host_header: backend", "host_header: client", "8: upstreams.web.host_header: Input should be 'backend' or 'preserve'"),
         ("timeouts:", "timeouts: {}\n    timeouts:", "8: upstreams.web.timeouts: duplicate key"),
-        ("path_prefix: /v1", "path_prefix: v1", "11: routes.0.path_prefix: path_prefix must start with '/'"),
+        ("path_prefix: /v1", "path_prefix: v1", "11: routes.0.path_prefix: must start with '/', got 'v1'"),
     ],
 )
 def test_errors_name_file_line_and_field(tmp_path: Path, old: str, new: str, expected: str) -> None:

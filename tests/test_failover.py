@@ -62,9 +62,6 @@ class Cluster:
         for backend in self.of(provider):
             await backend.set_mode(mode)
 
-    def last_attempt_on(self, provider: str) -> float:
-        return max(b.last_attempt_at for b in self.upstream.providers[provider].backends)
-
 
 @pytest.fixture
 async def cluster(proxy: StartProxy) -> AsyncIterator[Callable[..., Awaitable[Cluster]]]:

@@ -461,8 +461,8 @@ class Exchange:
         assert backend is not None
         self.attempts += 1
         backend.attempts_total += 1
-        self.started = now = self.downstream.loop.time()
-        backend.last_attempt_at = now
+        if self.upstream.tracks_latency:
+            self.started = self.downstream.loop.time()
         conn = backend.pool.take_idle(self.downstream.plane.clock)
         if conn is not None:
             self._start(conn, reused=True)
