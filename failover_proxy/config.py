@@ -252,6 +252,9 @@ class RetryConfig(_Strict):
     replay_max_bytes: ByteSize = 1024 * 1024
     """Request body kept for a retry; a larger body streams and is not retried."""
     retry_with_idempotency_key: bool = False
+    hedge_after: Duration | None = None
+    """With no response head after this long, also send a bodiless idempotent request to
+    another provider; the first response wins and the other attempt is cancelled."""
 
     @field_validator("on")
     @classmethod

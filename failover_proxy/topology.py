@@ -156,6 +156,8 @@ class Upstream:
             config.balancer == "least_request" or config.policy.strategy == "latency"
         )
         self.hash_on = config.hash_on
+        self.hedge_after: float | None = config.retry.hedge_after
+        self.hedges_total = 0
         self.replay_max_bytes: int = config.retry.replay_max_bytes
         self.max_requests = config.circuit_breaker.max_requests
         self.max_requests_per_backend = config.circuit_breaker.max_requests_per_backend

@@ -391,3 +391,36 @@ async def test_recovered_provider_ramps_up_through_slow_start(
     assert 0 < early < late
     assert late > 0.25  # about a third once ramped up
     assert load.errors == []
+
+
+async def test_hedged_request_takes_the_first_answer(proxy: StartProxy) -> None:
+    slow = FaultBackend("aws-a", "aws", mode="slow", delay=0.6)
+    fast = FaultBackend("gcp-a", "gcp")
+    for backend in (slow, fast):
+        await backend.start()
+    try:
+        server = await proxy(
+            "listen: {port: 0}\nupstreams:\n  web:\n    backends:\n"
+            f'      - {{name: aws-a, url: "http://127.0.0.1:{slow.port}", provider: aws}}\n'
+            f'      - {{name: gcp-a, url: "http://127.0.0.1:{fast.port}", provider: gcp}}\n'
+            "    policy: {strategy: priority, providers: [aws, gcp]}\n"
+            "    retry: {hedge_after: 100ms}\n"
+            "routes:\n  - {path_prefix: /, upstream: web}\n"
+        )
+        loop = asyncio.get_running_loop()
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
+            started = loop.time()
+            response = await http.get(f"http://127.0.0.1:{server.port}/hedge")
+            took = loop.time() - started
+            posted = await http.post(f"http://127.0.0.1:{server.port}/once", content=b"x")
+        assert response.status_code == 200 and response.json()["provider"] == "gcp"
+        assert 0.09 <= took < 0.4, took
+        assert [r.path for r in slow.received] == ["/hedge", "/once"]  # both went to aws first
+        assert [r.path for r in fast.received] == ["/hedge"]  # a POST is never hedged
+        assert posted.json()["provider"] == "aws"
+        upstream = server.plane.topology.upstreams["web"]  # type: ignore[union-attr]
+        assert upstream.hedges_total == 1
+        assert all(b.in_flight == 0 for b in upstream.backends)
+    finally:
+        for backend in (slow, fast):
+            await backend.stop()

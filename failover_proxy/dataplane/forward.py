@@ -23,7 +23,7 @@ from .headers import (
     first_value,
     join_values,
 )
-from .request import Request
+from .request import EMPTY_BODY, Request
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -70,8 +70,11 @@ class Attempt:
     detail = ""
     upgrade_headers: list[Header] = []
 
-    def __init__(self, exchange: Exchange, conn: UpstreamConnection, reused: bool) -> None:
+    def __init__(
+        self, exchange: Exchange, conn: UpstreamConnection, reused: bool, backend: Backend
+    ) -> None:
         self.exchange = exchange
+        self.backend = backend
         self.downstream = downstream = exchange.downstream
         self.send_client = downstream.send
         self.send_client_parts = downstream.send_parts
@@ -133,6 +136,8 @@ class Attempt:
     # -- events from the upstream connection ---------------------------------------------------
 
     def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
+        if self.exchange.hedge is not None:
+            self.exchange.claim(self)  # two attempts race: the first head wins
         self.response_started = True
         self.activity += 1
         self.read_timeout = self.exchange.read_timeout
@@ -366,6 +371,8 @@ class Exchange:
         "finished",
         "first_byte_timeout",
         "head",
+        "hedge",
+        "hedge_timer",
         "per_try_timeout",
         "read_timeout",
         "reason",
@@ -384,6 +391,8 @@ class Exchange:
         self.request = request
         self.upstream = upstream
         self.attempt: Attempt | None = None
+        self.hedge: Attempt | None = None
+        self.hedge_timer: asyncio.TimerHandle | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.retried_stale = False
         self.retrying = False
@@ -407,10 +416,13 @@ class Exchange:
             self.reason = upstream.choose([], [])[1]
 
     def _prepare(self, backend: Backend) -> None:
+        self.backend = backend
+        self.head = self._head_for(backend)
+
+    def _head_for(self, backend: Backend) -> bytes:
         request = self.request
         downstream = self.downstream
-        self.backend = backend
-        self.head = build_request_head(
+        return build_request_head(
             request.method,
             request_target(backend, request),
             request.headers,
@@ -493,16 +505,23 @@ class Exchange:
             backend.pool.release(conn, self.downstream.plane.clock)
             self._end()
             return
-        attempt = Attempt(self, conn, reused)
+        attempt = Attempt(self, conn, reused, backend)
         self.attempt = attempt
         attempt.start(self.head)
+        upstream = self.upstream
+        if upstream.hedge_after is not None and self.attempts == 1 and self._hedgeable():
+            self.hedge_timer = self.downstream.loop.call_later(
+                upstream.hedge_after, self._launch_hedge
+            )
 
     def attempt_done(self, attempt: Attempt, outcome: Outcome) -> None:
         """Called by the attempt when it ends, whichever way."""
+        if self.hedge is not None:
+            self._racer_failed(attempt)  # the other attempt of the race carries on
+            return
         self.attempt = None
         conn = attempt.conn
-        backend = self.backend
-        assert backend is not None
+        backend = attempt.backend
         if outcome is Outcome.OK:
             if attempt.reusable:
                 backend.pool.release(conn, self.downstream.plane.clock)
@@ -548,6 +567,76 @@ class Exchange:
         condition = {Outcome.TIMEOUT: "timeout", Outcome.RESET: "reset"}.get(outcome, "reset")
         status = 504 if outcome is Outcome.TIMEOUT else 502
         self._failed(condition, f"backend {backend.name}: {attempt.detail}", status)
+
+    # -- hedging ---------------------------------------------------------------------------------
+
+    def _hedgeable(self) -> bool:
+        request = self.request
+        return (
+            request.body is EMPTY_BODY
+            and request.method in _IDEMPOTENT
+            and request.upgrade is None
+            and not self.finished
+        )
+
+    def _launch_hedge(self) -> None:
+        """No response head yet: send the same request to another provider as well."""
+        self.hedge_timer = None
+        primary = self.attempt
+        backend = self.backend
+        if self.finished or primary is None or primary.response_started or backend is None:
+            return
+        other, _ = self.upstream.choose([backend], [backend.provider])
+        if other is None or other is backend:
+            return
+        conn = other.pool.take_idle(self.downstream.plane.clock)
+        if conn is not None:
+            self._start_hedge(other, conn, reused=True)
+        else:
+            self.downstream.loop.create_task(self._connect_hedge(other))
+
+    async def _connect_hedge(self, backend: Backend) -> None:
+        try:
+            conn = await backend.pool.connect()
+        except OSError:
+            return  # the primary attempt carries on alone
+        primary = self.attempt
+        if self.finished or primary is None or primary.response_started:
+            conn.close()
+            return
+        self._start_hedge(backend, conn, reused=False)
+
+    def _start_hedge(self, backend: Backend, conn: UpstreamConnection, reused: bool) -> None:
+        backend.in_flight += 1
+        self.upstream.hedges_total += 1
+        hedge = Attempt(self, conn, reused, backend)
+        self.hedge = hedge
+        hedge.start(self._head_for(backend))
+
+    def claim(self, winner: Attempt) -> None:
+        """The first response head of a race: keep its attempt, cancel the other."""
+        hedge, primary = self.hedge, self.attempt
+        assert hedge is not None and primary is not None
+        self.hedge = None
+        loser = primary if winner is hedge else hedge
+        loser.backend.in_flight -= 1
+        loser.abandon()
+        if winner is hedge:
+            self.attempt = hedge
+            self.backend = hedge.backend
+            self.reason = f"hedged to provider {hedge.backend.provider}"
+
+    def _racer_failed(self, attempt: Attempt) -> None:
+        """One attempt of a race failed before any head: the other one carries on."""
+        hedge = self.hedge
+        assert hedge is not None
+        self.hedge = None
+        attempt.conn.abort()
+        attempt.backend.in_flight -= 1
+        self.upstream.outlier.on_failure(attempt.backend, self.downstream.plane.clock, "hedged")
+        if attempt is not hedge:  # the primary failed: the hedge becomes the attempt
+            self.attempt = hedge
+            self.backend = hedge.backend
 
     def explain(self) -> str:
         """Why this request went where it did, when that was not the plain first choice."""
@@ -636,6 +725,8 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        if self.hedge_timer is not None:
+            self.hedge_timer.cancel()
         self._release_counters()
         self.downstream.exchange_done(self)
 
@@ -651,6 +742,9 @@ class Exchange:
         attempt = self.attempt
         if attempt is not None:
             attempt.check_timeout(now)
+        hedge = self.hedge
+        if hedge is not None:
+            hedge.check_timeout(now)
 
     def abandon(self) -> None:
         """The client is gone: stop whatever is in progress and free the backend connection."""
@@ -658,8 +752,14 @@ class Exchange:
             return
         self.finished = True
         self._release_counters()
+        if self.hedge_timer is not None:
+            self.hedge_timer.cancel()
         if self.connecting is not None:
             self.connecting.cancel()
         attempt = self.attempt
         if attempt is not None:
             attempt.abandon()
+        hedge = self.hedge
+        if hedge is not None:
+            hedge.backend.in_flight -= 1
+            hedge.abandon()
