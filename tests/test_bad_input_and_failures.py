@@ -187,6 +187,28 @@ async def test_garbage_from_backend_is_502(raw_backend: StartRaw, proxy: StartPr
 async def test_backend_reset_mid_body_cuts_the_client_off(
     raw_backend: StartRaw, proxy: StartProxy
 ) -> None:
+    """A large response streams: once bytes reached the client, a reset must show as a cut."""
+    part = b"p" * 100_000
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + part)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.transport.abort()
+
+    server = await proxy(single_upstream_config([await raw_backend(cut)]))
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body = raw.split(b"\r\n\r\n", 1)
+    # The client sees a truncated response, never one that looks complete.
+    assert b"Content-Length: 1000000" in head and body == part
+
+
+async def test_small_response_cut_mid_body_is_a_502_not_a_truncation(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """Small responses are written whole: a backend dying inside one is a clean error."""
+
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
@@ -194,10 +216,9 @@ async def test_backend_reset_mid_body_cuts_the_client_off(
         writer.transport.abort()
 
     server = await proxy(single_upstream_config([await raw_backend(cut)]))
-    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    # The client must see a truncated response (never a "complete" one).
-    head, body = raw.split(b"\r\n\r\n", 1)
-    assert b"Content-Length: 100" in head and body == b"only part"
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
+    assert status_of(raw) == 502
+    assert b"in the middle of the response" in raw
 
 
 async def test_backend_closing_before_answering_is_502(

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .downstream import DownstreamProtocol
 
 _CRLF = b"\r\n"
+HELD_BODY_BYTES = 64 * 1024
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -62,6 +63,9 @@ class Attempt:
     paused_client = False
     failure_status = False
     head_swept = False
+    held_body: list[bytes] | None = None
+    """The body of a small response (Content-Length up to HELD_BODY_BYTES), held with its head
+    until complete, so that a backend dying mid-body can still be retried unseen."""
     per_try_timer: asyncio.TimerHandle | None = None
     """The response carried a failure status (already counted against the backend)."""
     activity = 0
@@ -182,6 +186,8 @@ class Attempt:
             not no_body and (self.upstream_chunked or close_delimited) and not request.http10
         )
         self.reusable = keep_alive and not close_delimited
+        if content_length is not None and not no_body and int(content_length) <= HELD_BODY_BYTES:
+            self.held_body = []
         self.head_sent = True  # held until the first body byte, completion or the next sweep
         self.held_head = (
             build_response_head(
@@ -201,14 +207,20 @@ class Attempt:
     # connected (a client that goes away abandons the attempt first).
 
     def flush_head(self) -> None:
-        """Write a held response head (called when a read from the backend ended without body)."""
+        """Write a held response head (and any held body): from here on the response streams."""
         head = self.held_head
         if head is not None:
             self.held_head = None
-            self.send_client(head)
+            held = self.held_body
+            self.held_body = None
+            self.send_client_parts((head, *held) if held else (head,))
 
     def on_body(self, chunk: bytes) -> None:
         self.activity += 1
+        held = self.held_body
+        if held is not None:
+            held.append(chunk)  # a small response is written whole, so a reset can be retried
+            return
         head = self.held_head
         if head is not None:
             self.held_head = None
@@ -225,7 +237,12 @@ class Attempt:
         head = self.held_head
         if head is not None:
             self.held_head = None
-            self.send_client(head + _LAST_CHUNK if self.chunked_out else head)
+            held = self.held_body
+            if held:
+                self.held_body = None
+                self.send_client_parts((head, *held))
+            else:
+                self.send_client(head + _LAST_CHUNK if self.chunked_out else head)
         elif self.chunked_out:
             self.send_client(_LAST_CHUNK)
         if not self.request.body.complete:
