@@ -4,7 +4,8 @@ A backend that fails `consecutive_failures` requests in a row is ejected for
 `base_ejection * n` (n = times ejected, capped at `max_ejection`), unless that would take more
 than `max_ejection_percent` of the upstream out. When failures hit several distinct backends of
 one provider within a short window, the provider is taken out in one step: a provider-wide
-outage is handled at once, not backend by backend.
+outage is handled at once, not backend by backend. An ejected backend returns on probation:
+its first failure ejects it again (for longer), its first success ends the probation.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class OutlierDetector:
 
     def on_success(self, backend: Backend) -> None:
         backend.consecutive_failures = 0
+        backend.on_probation = False
 
     def on_failure(self, backend: Backend, now: float, why: str) -> None:
         """A request to `backend` failed (connect failure, reset, timeout or a failure status)."""
@@ -44,7 +46,8 @@ class OutlierDetector:
                 f"provider {provider.name} down: {failing} backends failed within "
                 f"{self.correlated.window:g}s ({why})",
             )
-        if backend.consecutive_failures >= self.config.consecutive_failures and self._may_eject():
+        threshold = 1 if backend.on_probation else self.config.consecutive_failures
+        if backend.consecutive_failures >= threshold and self._may_eject():
             self._eject(backend, now, why)
 
     def _provider_wide(self, backend: Backend, now: float) -> bool:
@@ -67,6 +70,7 @@ class OutlierDetector:
         duration = min(self.config.base_ejection * backend.ejections, self.config.max_ejection)
         backend.ejected_until = now + duration
         backend.consecutive_failures = 0
+        backend.on_probation = True  # back after its time, one failure sends it out again
         backend.reason = (
             f"ejected for {duration:g}s after {self.config.consecutive_failures} failures ({why})"
         )

@@ -59,6 +59,7 @@ class Backend:
         self.ejected_until = 0.0
         self.ejections = 0
         self.consecutive_failures = 0
+        self.on_probation = False
         self.draining = False
         self.usable = True
         self.usable_since = 0.0

@@ -544,7 +544,8 @@ class Exchange:
                 backend.pool.release(conn, self.downstream.plane.clock)
             else:
                 conn.close()
-            if backend.consecutive_failures and not attempt.failure_status:
+            suspect = backend.consecutive_failures or backend.on_probation
+            if suspect and not attempt.failure_status:
                 self.upstream.outlier.on_success(backend)
             if self.upstream.tracks_latency:
                 self.upstream.record_latency(backend, self.downstream.loop.time() - self.started)
