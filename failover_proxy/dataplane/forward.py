@@ -582,6 +582,9 @@ class Exchange:
         if outcome is Outcome.FAILURE_STATUS:
             self._retry_elsewhere()  # on_failure_status already counted it and allowed it
             return
+        if outcome is Outcome.BODY_LOST:  # not the backend's fault: nothing to count
+            self._error(502, f"backend {backend.name}: {attempt.detail}")
+            return
         condition = {Outcome.TIMEOUT: "timeout", Outcome.RESET: "reset"}.get(outcome, "reset")
         status = 504 if outcome is Outcome.TIMEOUT else 502
         self._failed(condition, f"backend {backend.name}: {attempt.detail}", status)
