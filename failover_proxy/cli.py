@@ -25,11 +25,20 @@ def _load_or_report(path: str) -> ProxyConfig | None:
         return None
 
 
-def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+EXIT_START_FAILED = 1
+
+
+def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Run until stopped; a listener that cannot start is one clear line, not a traceback."""
     import uvloop
 
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(main())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(main())
+    except OSError as exc:
+        print(f"failover-proxy: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -46,8 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG_ERROR
-    _run_loop(lambda: serve(config))
-    return 0
+    return _run_loop(lambda: serve(config))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -84,8 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         finally:
             await simulated.stop()
 
-    _run_loop(demo)
-    return 0
+    return _run_loop(demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,3 +88,26 @@ def test_console_script_is_installed() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1
+
+
+def test_a_busy_port_is_one_clear_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "p.yaml"
+        config.write_text(
+            f"listen: {{port: {port}}}\n"
+            "upstreams:\n  web:\n    backends:\n"
+            "      - {name: b, url: 'http://127.0.0.1:1', provider: aws}\n"
+            "routes:\n  - {path_prefix: /, upstream: web}\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "failover_proxy", "run", "-c", str(config)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert "failover-proxy: cannot start:" in result.stderr and "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
