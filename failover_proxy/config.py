@@ -463,16 +463,16 @@ def _child(node: yaml.Node, part: str | int) -> yaml.Node | None:
     return None
 
 
-def _walk_scalars(
+def _walk_nodes(
     node: yaml.Node, path: tuple[str | int, ...]
 ) -> Iterator[tuple[yaml.Node, tuple[str | int, ...]]]:
     yield node, path
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            yield from _walk_scalars(value, (*path, str(key.value)))
+            yield from _walk_nodes(value, (*path, str(key.value)))
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            yield from _walk_scalars(item, (*path, index))
+            yield from _walk_nodes(item, (*path, index))
 
 
 def _dotted(loc: tuple[str | int, ...]) -> str:
@@ -481,7 +481,7 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
 
 def _keys_are_strings(node: yaml.Node) -> None:
     """YAML 1.1 reads a plain `on:` or `no:` key as a boolean; as a key it is always a name."""
-    for child, _ in _walk_scalars(node, ()):
+    for child, _ in _walk_nodes(node, ()):
         if isinstance(child, yaml.MappingNode):
             for key, _ in child.value:
                 if isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:bool":
@@ -490,7 +490,7 @@ def _keys_are_strings(node: yaml.Node) -> None:
 
 def _duplicate_keys(node: yaml.Node, path: tuple[str | int, ...]) -> list[tuple[int, str, str]]:
     found: list[tuple[int, str, str]] = []
-    for child, child_path in _walk_scalars(node, path):
+    for child, child_path in _walk_nodes(node, path):
         if isinstance(child, yaml.MappingNode):
             seen: set[str] = set()
             for key, _ in child.value:
@@ -506,7 +506,7 @@ def _substitute_tree(
 ) -> list[ConfigIssue]:
     """Substitute `${VAR}` inside scalar values in place (after parsing, so no YAML injection)."""
     issues: list[ConfigIssue] = []
-    for child, path in _walk_scalars(node, ()):
+    for child, path in _walk_nodes(node, ()):
         if isinstance(child, yaml.ScalarNode) and "${" in child.value:
             try:
                 child.value = substitute_env(child.value, env)

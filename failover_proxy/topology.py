@@ -179,9 +179,10 @@ class Upstream:
 
     def refresh(self, now: float) -> None:
         """Recompute backend usability, provider states and balancers after any change."""
-        minimum = self.config.policy.min_healthy_fraction
-        hold_down = self.config.policy.hold_down
-        slow_start = self.config.policy.slow_start
+        policy = self.config.policy
+        minimum = policy.min_healthy_fraction
+        hold_down = policy.hold_down
+        slow_start = policy.slow_start
         ramping = False
         for backend in self.backends:
             if backend.ejected_until and now >= backend.ejected_until:
@@ -190,7 +191,6 @@ class Upstream:
             backend.usable = backend.healthy and not backend.ejected_until and not backend.draining
             if backend.usable and not was_usable:
                 backend.usable_since = now
-        policy = self.config.policy
         usable_share = sum(1 for b in self.backends if b.usable) / len(self.backends)
         self.panic = usable_share < policy.panic_threshold
         spread = self.panic and policy.panic == "spread"

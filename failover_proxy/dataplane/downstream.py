@@ -440,7 +440,6 @@ class DownstreamProtocol:
         tunnel = Tunnel(self.transport, conn.transport)
         self.tunnel = tunnel
         conn.tunnel = tunnel
-        self.plane.tunnels += 1
         if leftover:
             tunnel.from_backend(leftover)
         for chunk in self._upgrade_buffer:

@@ -36,7 +36,6 @@ class DataPlane:
         self.scheme = scheme
         self.connections: set[DownstreamProtocol] = set()
         self.draining = False
-        self.tunnels = 0
         self.clock = loop.time()
         """The loop's time as of the last sweep: timeouts here are only as fine as the sweep, so
         the hot path reads this number instead of asking the clock several times a request."""
