@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG_ERROR
-    return _run_loop(lambda: serve(config))
+    return _run_loop(lambda: serve(config, config_path=args.config))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -71,10 +71,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         simulated = Demo()
         await simulated.start()
         ready = asyncio.Event()
-        proxy = asyncio.create_task(serve(config, ready))
+        proxy = asyncio.create_task(serve(config, ready, str(args.config)))
         await ready.wait()
         url = f"http://{config.listen.host}:{config.listen.port}/"
         control = f"http://127.0.0.1:{CONTROL_PORT}/providers"
+        admin = config.admin
+        status = (
+            f"\nLive status page: http://{admin.host}:{admin.port}/  (metrics at /metrics)\n"
+            f"A failover drill through the admin API:\n"
+            f"  curl -X POST http://{admin.host}:{admin.port}/providers/web/gcp/force-down\n"
+            f"  curl -X POST http://{admin.host}:{admin.port}/providers/web/gcp/restore\n"
+            if admin is not None
+            else ""
+        )
         print(
             "failover-proxy demo: simulated providers aws, azure and gcp (two backends each) on "
             f"127.0.0.1:9101-9106\nconfig: {args.config}\n\n"
@@ -83,7 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "Break a whole provider, and watch the others take its traffic with no errors:\n"
             f"  curl -X POST {control}/aws/refusing      # or blackhole, 5xx, slow, flapping\n"
             f"  for i in $(seq 6); do curl -s {url}; done\n"
-            f"  curl -X POST {control}/aws/healthy       # it returns after its hold-down\n\n"
+            f"  curl -X POST {control}/aws/healthy       # it returns after its hold-down\n"
+            f"{status}\n"
             "Ctrl-C stops everything.",
             flush=True,
         )

@@ -5,6 +5,7 @@ Operators edit this file by hand at 3 a.m.; every mistake must point at the exac
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -337,6 +338,8 @@ class UpstreamConfig(_Strict):
 
 
 class RouteConfig(_Strict):
+    name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.:/*-]+$")
+    """The route's label in metrics and logs; default: host (or *) and path prefix."""
     host: str | None = None
     """Exact host, `*.suffix` for any subdomain, or absent for any host."""
     path_prefix: AbsolutePath = "/"
@@ -351,6 +354,10 @@ class RouteConfig(_Strict):
             raise ValueError(f"host must be a name or *.suffix, got {host!r}")
         return host.lower()
 
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.host or '*'}{self.path_prefix}"
+
 
 class LimitsConfig(_Strict):
     max_header_bytes: ByteSize = 32 * 1024
@@ -363,15 +370,75 @@ class LimitsConfig(_Strict):
     keepalive_timeout: Duration = 75.0
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: addresses only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminConfig(_Strict):
+    """The control plane's own listener: status, metrics, drills, reloads."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9901, ge=0, le=65535)
+    token: str = ""
+    """Bearer token the mutating endpoints require (empty: none, allowed on loopback only)."""
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> AdminConfig:
+        if not self.token and not is_loopback(self.host):
+            raise _LocatedError(
+                ("token",),
+                f"the admin listener on non-loopback address {self.host} needs a token "
+                "(anyone who reaches it could drain backends or force providers down)",
+            )
+        return self
+
+
+class AccessLogConfig(_Strict):
+    """One JSON line per request."""
+
+    enabled: bool = True
+    path: str | None = None
+    """A file to append to; default: standard output."""
+
+
+class DrainConfig(_Strict):
+    """Graceful stop on SIGTERM: stay ready-but-draining, then let requests in flight finish."""
+
+    delay: Duration = 5.0
+    """How long the listener keeps serving after /readyz turns 503, so load balancers notice."""
+    timeout: Duration = 30.0
+    """How long requests in flight may take to finish once the listener is closed."""
+
+
 class ProxyConfig(_Strict):
     listen: ListenConfig = ListenConfig()
+    admin: AdminConfig | None = None
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
     limits: LimitsConfig = LimitsConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
+    debug_headers: bool = False
+    """Add X-Failover-Proxy-Decision (provider, backend, attempts, reason) to responses."""
+    drain: DrainConfig = DrainConfig()
+    watch_config: bool = False
+    """Reload when the config file changes (checked every second), besides SIGHUP and /reload."""
 
     @model_validator(mode="after")
     def _routes_name_upstreams(self) -> ProxyConfig:
+        labels: set[str] = set()
         for index, route in enumerate(self.routes):
+            if route.label in labels:
+                raise _LocatedError(
+                    ("routes", index, "name"),
+                    f"two routes are both labelled {route.label!r}: give one a distinct name",
+                )
+            labels.add(route.label)
             if route.upstream not in self.upstreams:
                 known = ", ".join(sorted(self.upstreams))
                 raise _LocatedError(

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 
 import aiohttp
 
@@ -22,45 +23,76 @@ from .topology import Backend, Upstream
 log = logging.getLogger("failover_proxy.health")
 
 
+class _ProbeTarget:
+    """What one probe loop checks; a reload that keeps the backend repoints its upstream."""
+
+    def __init__(self, upstream: Upstream, backend: Backend, config: HealthCheckConfig) -> None:
+        self.upstream = upstream
+        self.backend = backend
+        self.config = config
+
+
 class HealthChecker:
-    """Probes every backend of the upstreams that configure a health check."""
+    """Probes every backend of the upstreams that configure a health check.
 
-    def __init__(self, upstreams: list[Upstream]) -> None:
-        self.upstreams = [u for u in upstreams if u.config.health_check is not None]
-        self._tasks: list[asyncio.Task[None]] = []
+    One loop per backend. A config reload hands the checker the new topology: loops of backends
+    that carry on unchanged (same backend, same check) keep running, with their pass/fail
+    streaks; the others stop, and new backends start being probed at once.
+    """
+
+    def __init__(self) -> None:
+        self._loops: dict[tuple[str, str], tuple[_ProbeTarget, asyncio.Task[None]]] = {}
         self._session: aiohttp.ClientSession | None = None
-        self.probes_total: dict[tuple[str, str, str], int] = {}
 
-    def start(self) -> None:
-        if not self.upstreams:
-            return
-        connector = aiohttp.TCPConnector(force_close=True, limit=0)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    def update(self, upstreams: list[Upstream]) -> None:
+        """Probe exactly the backends of `upstreams` (the current config generation)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(force_close=True, limit=0)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         loop = asyncio.get_running_loop()
-        for upstream in self.upstreams:
+        wanted: set[tuple[str, str]] = set()
+        for upstream in upstreams:
+            config = upstream.config.health_check
+            if config is None:
+                continue
             for backend in upstream.backends:
-                self._tasks.append(loop.create_task(self._probe_forever(upstream, backend)))
+                key = (upstream.name, backend.name)
+                wanted.add(key)
+                running = self._loops.get(key)
+                if running is not None:
+                    target, task = running
+                    if target.backend is backend and target.config == config:
+                        target.upstream = upstream
+                        continue
+                    task.cancel()
+                target = _ProbeTarget(upstream, backend, config)
+                self._loops[key] = (target, loop.create_task(self._probe_forever(target)))
+        for key in [key for key in self._loops if key not in wanted]:
+            self._loops.pop(key)[1].cancel()
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [task for _, task in self._loops.values()]
+        self._loops.clear()
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks.clear()
         if self._session is not None:
             await self._session.close()
+            self._session = None
 
-    async def _probe_forever(self, upstream: Upstream, backend: Backend) -> None:
-        config = upstream.config.health_check
-        assert config is not None
+    async def _probe_forever(self, target: _ProbeTarget) -> None:
+        backend, config = target.backend, target.config
         loop = asyncio.get_running_loop()
         passes = failures = 0
         while True:
-            ok, detail = await self.probe(upstream, backend, config)
-            key = (upstream.name, backend.name, "ok" if ok else "fail")
-            self.probes_total[key] = self.probes_total.get(key, 0) + 1
+            ok, detail = await self.probe(target.upstream, backend, config)
+            upstream = target.upstream
+            result = "ok" if ok else "fail"
+            upstream.store.inc("health_checks", (upstream.name, backend.name, result))
             backend.last_check = f"{'ok' if ok else 'failed'}: {detail}"
+            backend.last_check_at = time.time()
             if ok:
                 passes, failures = passes + 1, 0
                 if not backend.healthy and passes >= config.healthy_threshold:

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from .topology import Backend, Upstream
 
 
+def _reason_label(why: str) -> str:
+    """A failure's description as a metric label: `status 503` -> `http_503`."""
+    return why.replace("status ", "http_").replace("-", "_").replace(" ", "_")
+
+
 class OutlierDetector:
     """Counts outcomes per backend for one upstream and ejects what fails."""
 
@@ -23,8 +28,6 @@ class OutlierDetector:
         self.upstream = upstream
         self.config = upstream.config.outlier
         self.correlated = upstream.config.policy.correlated_failures
-        self.ejections_total = 0
-        self.provider_downs_total = 0
 
     def on_success(self, backend: Backend) -> None:
         backend.consecutive_failures = 0
@@ -38,7 +41,6 @@ class OutlierDetector:
         others_usable = any(p.usable for p in upstream.providers.values() if p is not provider)
         if provider.state != "down" and self._provider_wide(backend, now) and others_usable:
             # Never the last usable provider: taking it out would only turn errors into 503s.
-            self.provider_downs_total += 1
             failing = len(provider.recent_failures)
             upstream.take_provider_down(
                 provider,
@@ -74,8 +76,11 @@ class OutlierDetector:
         backend.reason = (
             f"ejected for {duration:g}s after {self.config.consecutive_failures} failures ({why})"
         )
-        self.ejections_total += 1
-        self.upstream.refresh(now)
+        upstream = self.upstream
+        upstream.store.inc(
+            "ejections", (upstream.name, backend.provider, backend.name, _reason_label(why))
+        )
+        upstream.refresh(now)
 
     def sweep(self, now: float) -> None:
         """Return backends whose ejection ended and providers whose hold-down ended."""

@@ -1,44 +1,93 @@
-"""Assembly and lifecycle of one proxy process: build from config, listen, stop cleanly."""
+"""Assembly and lifecycle of one proxy process: build from config, listen, reload, drain, stop.
+
+A reload validates the new file first and changes nothing when it is bad. A good one becomes a
+new generation in one step of the event loop: new requests route by it, requests and tunnels in
+flight finish on the generation they started on, and unchanged backends carry their health,
+ejections and connection pools over (topology.build_topology).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import ProxyConfig
+from .accesslog import AccessLog
+from .config import AccessLogConfig, ConfigError, ProxyConfig, load_config
+from .dataplane.downstream import ClientLimits
 from .dataplane.state import DataPlane
 from .health import HealthChecker
-from .topology import build_topology
+from .metrics import MetricStore
+from .topology import Topology, build_topology
+
+if TYPE_CHECKING:
+    from .admin import AdminServer
 
 log = logging.getLogger("failover_proxy")
 
+WATCH_INTERVAL = 1.0
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    generation: int
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
 
 class ProxyServer:
-    """The data-plane listener of one config, with a clean stop that lets requests finish."""
+    """One proxy process: the data-plane listener, health checks, the admin listener."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, config_path: str | Path | None = None) -> None:
         self.config = config
+        self.config_path = str(config_path) if config_path is not None else None
+        self.store = MetricStore()
         self.plane: DataPlane | None = None
-        self.health: HealthChecker | None = None
+        self.health = HealthChecker()
+        self.admin: AdminServer | None = None
+        self.draining = False
+        """Set by a graceful stop: /readyz answers 503 from then on."""
         self._server: asyncio.Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._config_digest = b""
+
+    @property
+    def topology(self) -> Topology:
+        assert self.plane is not None, "not started"
+        return self.plane.topology
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        topology = build_topology(self.config)
-        self.plane = DataPlane(loop, topology, self.config.limits)
-        listen = self.config.listen
+        config = self.config
+        self.store.config_generation = 1
+        topology = build_topology(config, self.store, now=loop.time())
+        self.plane = plane = DataPlane(loop, topology, config.limits, store=self.store)
+        self._apply_logging(config)
+        listen = config.listen
         self._server = await loop.create_server(
-            self.plane.protocol_factory,
+            plane.protocol_factory,
             listen.host,
             listen.port,
             backlog=listen.backlog,
             reuse_address=True,
         )
-        self.plane.start()
-        self.health = HealthChecker(list(topology.upstreams.values()))
-        self.health.start()  # probes start at once, beside the listener
+        plane.start()
+        self.health.update(list(topology.upstreams.values()))  # probes start at once
+        if config.admin is not None:
+            from .admin import AdminServer
+
+            self.admin = AdminServer(self)
+            await self.admin.start(config.admin.host, config.admin.port)
+        if self.config_path is not None:
+            self._config_digest = _digest(self.config_path)
+            if config.watch_config:
+                self._watcher = loop.create_task(self._watch_config())
         log.info("proxy listening on %s", ", ".join(self.addresses))
 
     @property
@@ -56,42 +105,178 @@ class ProxyServer:
             out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
 
+    # -- readiness -------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when not draining and every upstream has a backend it may send to."""
+        if self.draining:
+            return False, "draining: shutting down"
+        if self.plane is None:
+            return False, "starting"
+        for upstream in self.topology.upstreams.values():
+            providers = upstream.providers
+            if not any(b.usable and not providers[b.provider].forced_down
+                       for b in upstream.backends):
+                return False, f"upstream {upstream.name} has no usable backend"
+        return True, "ready"
+
+    # -- reload ----------------------------------------------------------------------------------
+
+    async def reload(self, source: str = "request") -> ReloadResult:
+        """Load the config file again; apply it only when it is valid."""
+        store = self.store
+        if self.config_path is None:
+            store.inc("config_reloads", ("failure",))
+            return ReloadResult(False, store.config_generation, ["no config file to reload"])
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            store.inc("config_reloads", ("failure",))
+            errors = [str(issue) for issue in exc.issues]
+            for line in errors:
+                log.error("reload (%s) refused, still serving the old config: %s", source, line)
+            return ReloadResult(False, store.config_generation, errors)
+        warnings = self._restart_only_changes(new)
+        for warning in warnings:
+            log.warning("reload (%s): %s", source, warning)
+        await self._apply(new)
+        store.config_generation += 1
+        store.inc("config_reloads", ("success",))
+        self._config_digest = _digest(self.config_path)
+        log.info("reload (%s): config generation %d in service", source, store.config_generation)
+        return ReloadResult(True, store.config_generation, [], warnings)
+
+    def _restart_only_changes(self, new: ProxyConfig) -> list[str]:
+        old = self.config
+        warnings = []
+        if new.listen != old.listen:
+            warnings.append("listen changed: it takes effect at the next restart")
+        if new.admin != old.admin:
+            warnings.append("admin changed: it takes effect at the next restart")
+        return warnings
+
+    async def _apply(self, new: ProxyConfig) -> None:
+        plane = self.plane
+        assert plane is not None
+        loop = asyncio.get_running_loop()
+        # Keep what only a restart can change, so the running config says what is in force.
+        new = new.model_copy(update={"listen": self.config.listen, "admin": self.config.admin})
+        topology = build_topology(new, self.store, previous=plane.topology, now=loop.time())
+        plane.topology = topology  # the switch: new requests route by the new generation
+        plane.limits = ClientLimits(new.limits)
+        self.health.update(list(topology.upstreams.values()))
+        old_log = self._apply_logging(new)
+        self.config = new
+        if old_log is not None:
+            await loop.run_in_executor(None, old_log.close)
+
+    def _apply_logging(self, config: ProxyConfig) -> AccessLog | None:
+        """Set access log and debug headers from `config`; returns a replaced log to close."""
+        plane = self.plane
+        assert plane is not None
+        plane.debug_headers = config.debug_headers
+        current = plane.access_log
+        wanted: AccessLogConfig = config.access_log
+        if current is not None and wanted.enabled and current.path == wanted.path:
+            return None
+        plane.access_log = AccessLog(wanted.path, self.store) if wanted.enabled else None
+        return current
+
+    async def _watch_config(self) -> None:
+        """Reload when the file's content changes (polled: works on every filesystem)."""
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            digest = _digest(self.config_path)
+            if digest and digest != self._config_digest:
+                self._config_digest = digest
+                await self.reload("file changed")
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    async def drain(self, delay: float, grace: float) -> None:
+        """Graceful stop: not ready at once, keep serving for `delay` (load balancers notice;
+        responses ask clients to reconnect), then stop accepting and give requests in flight
+        up to `grace` to finish."""
+        self.draining = True
+        if self.plane is not None:
+            self.plane.draining = True
+        log.info("draining: not ready; serving %gs more, then stopping", delay)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self.stop(grace=grace)
+
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish within `grace`, then close the rest."""
+        self.draining = True
         plane = self.plane
         if self._server is not None:
             self._server.close()
-        if self.health is not None:
-            await self.health.stop()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if plane is not None:
+            plane.draining = True
+            plane.close_idle_connections()
+            deadline = plane.loop.time() + grace
+            while plane.busy_connections and plane.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+                plane.close_idle_connections()
+            left = plane.busy_connections
+            if left:
+                log.warning("stopping with %d requests unfinished after %gs", left, grace)
+            for connection in list(plane.connections):
+                connection.abort()
+        await self.health.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         if plane is None:
             return
-        plane.draining = True
-        plane.close_idle_connections()
-        deadline = plane.loop.time() + grace
-        while plane.busy_connections and plane.loop.time() < deadline:
-            await asyncio.sleep(0.05)
-            plane.close_idle_connections()
-        for connection in list(plane.connections):
-            connection.abort()
         plane.stop()
         plane.topology.close()
+        if plane.access_log is not None:
+            await asyncio.get_running_loop().run_in_executor(None, plane.access_log.close)
+            plane.access_log = None
 
 
-async def serve(config: ProxyConfig, ready: asyncio.Event | None = None) -> None:
-    """Run a proxy until SIGINT or SIGTERM, then stop cleanly."""
-    server = ProxyServer(config)
+def _digest(path: str) -> bytes:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).digest()
+    except OSError:
+        return b""
+
+
+async def serve(
+    config: ProxyConfig, ready: asyncio.Event | None = None, config_path: str | None = None
+) -> None:
+    """Run a proxy until SIGTERM (graceful drain) or SIGINT (drain without the delay);
+    SIGHUP reloads the config file. A second stop signal skips what is left of the drain."""
+    server = ProxyServer(config, config_path)
     await server.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    stop_requested: asyncio.Queue[int] = asyncio.Queue()
+    for stopper in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(stopper, stop_requested.put_nowait, stopper)
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: loop.create_task(server.reload("SIGHUP"))
+    )
     if ready is not None:
         ready.set()
     try:
-        await stop.wait()
+        signum = await stop_requested.get()
+        drain = server.config.drain
+        delay = drain.delay if signum == signal.SIGTERM else 0.0
+        log.info("%s: stopping gracefully", signal.Signals(signum).name)
+        draining = loop.create_task(server.drain(delay, drain.timeout))
+        again = loop.create_task(stop_requested.get())
+        await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
+        if not draining.done():
+            log.warning("second stop signal: closing connections now")
+            draining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await draining
+            await server.stop(grace=0)
+        again.cancel()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for handled in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
-        log.info("stopping: letting requests in flight finish")
-        await server.stop()
+                loop.remove_signal_handler(handled)

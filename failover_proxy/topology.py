@@ -8,6 +8,7 @@ headers, base paths, TLS contexts).
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 from .balance import Balancer, ConsistentHash, LeastRequest, SmoothWeightedRoundRobin
 from .config import BackendConfig, ProxyConfig, UpstreamConfig
 from .dataplane.upstream import UpstreamPool
+from .metrics import MetricStore, ProviderEvent
 from .outlier import OutlierDetector
 from .policy import ProviderPolicy
 from .routing import Route, Router
@@ -40,6 +42,8 @@ class Backend:
         base_path: bytes,
         host_header: bytes,
         pool: UpstreamPool,
+        attempt_counts: list[int],
+        durations: list[float],
     ) -> None:
         self.name = name
         self.provider = provider
@@ -51,11 +55,19 @@ class Backend:
         self.base_path = base_path
         self.host_header = host_header
         self.pool = pool
+        self.connection_settings: tuple[object, ...] = ()
+        """What the pool was built from: a reload keeps the pool only when these are equal."""
+        self.attempt_counts = attempt_counts
+        """Tries on this backend by outcome (indexes in metrics.ATTEMPT_OUTCOMES)."""
+        self.durations = durations
+        """Duration histogram slots of its provider (metrics.observe_duration)."""
         self.in_flight = 0
         self.attempts_total = 0
         self.healthy = True
         """Active health checks' verdict (optimistic until they say otherwise)."""
         self.last_check = ""
+        self.last_check_at = 0.0
+        """Wall-clock time of the last probe's result (0: not probed yet)."""
         self.ejected_until = 0.0
         self.ejections = 0
         self.consecutive_failures = 0
@@ -64,7 +76,7 @@ class Backend:
         self.usable = True
         self.usable_since = 0.0
         self.ewma_latency = 0.0
-        """Recent latency of real requests (seconds, EWMA), when the upstream tracks it."""
+        """Recent latency of real requests (seconds, EWMA of each successful attempt)."""
         self.reason = ""
 
     @property
@@ -96,9 +108,9 @@ class Provider:
         self.down_since = 0.0
         self.up_since = 0.0
         self.downs = 0
+        """Times taken down in a row without a healthy stretch; each doubles the hold-down."""
         self.ramp = 1.0
         """Slow start: the share of its weight the provider gets now (1.0 once ramped up)."""
-        """Times taken down in a row without a healthy stretch; each doubles the hold-down."""
         self.forced_down = False
         """Taken down by an operator (a failover drill) until restored."""
         self.balancer: Balancer[Backend] | None = SmoothWeightedRoundRobin(
@@ -134,18 +146,31 @@ def _ramp_percent(now: float, since: float, slow_start: float) -> int:
 class Upstream:
     """A named pool of backends spread over providers, with its policy and settings."""
 
-    def __init__(self, name: str, config: UpstreamConfig, backends: list[Backend]) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        backends: list[Backend],
+        store: MetricStore | None = None,
+        previous: Upstream | None = None,
+        now: float = 0.0,
+    ) -> None:
         self.name = name
         self.config = config
         self.backends = backends
+        self.store = store = store if store is not None else MetricStore()
         by_provider: dict[str, list[Backend]] = {}
         for backend in backends:
             by_provider.setdefault(backend.provider, []).append(backend)
         weights = config.policy.provider_weights or {}
         self.providers = {
-            name: Provider(name, members, weights.get(name, sum(b.weight for b in members)))
-            for name, members in by_provider.items()
+            provider: Provider(
+                provider, members, weights.get(provider, sum(b.weight for b in members))
+            )
+            for provider, members in by_provider.items()
         }
+        self.unanswered_durations = store.duration_slots(name, "")
+        """Duration slots of requests no backend answered (503 at once, circuit breaker…)."""
         self.policy = ProviderPolicy(config.policy, list(self.providers.values()))
         self.outlier = OutlierDetector(self)
         self.failure_statuses = frozenset(config.outlier.failure_statuses)
@@ -153,29 +178,28 @@ class Upstream:
         self.read_timeout: float = config.timeouts.read
         self.per_try_timeout: float | None = config.retry.per_try_timeout
         self.preserve_host = config.host_header == "preserve"
-        self.tracks_latency = (
-            config.balancer == "least_request" or config.policy.strategy == "latency"
-        )
         self.hash_on = config.hash_on
         self.hedge_after: float | None = config.retry.hedge_after
-        self.hedges_total = 0
         self.replay_max_bytes: int = config.retry.replay_max_bytes
         self.max_requests = config.circuit_breaker.max_requests
         self.max_requests_per_backend = config.circuit_breaker.max_requests_per_backend
-        self.overflows_total = 0
         self.ramping = False
         """A provider or backend is in its slow-start ramp: the sweep refreshes weights."""
         self.panic = False
         """Too few backends usable: health is ignored (panic: spread) or all is refused (fail)."""
         self.active_requests = 0
         self.active_retries = 0
-        self.retries_total = 0
-        self.retry_budget_exhausted = 0
         self.generation = 0
         self.ssl_context: ssl.SSLContext | None = None
         self.listeners: list[Callable[[Upstream], None]] = []
         """Called after every change of state (metrics, status page)."""
-        self.refresh(0.0)  # builds the configured balancers
+        if previous is not None:  # a reload: providers carry on in the state they were in
+            for provider in self.providers.values():
+                old_provider = previous.providers.get(provider.name)
+                if old_provider is not None:
+                    for field in _CARRIED_PROVIDER_STATE:
+                        setattr(provider, field, getattr(old_provider, field))
+        self.refresh(now)  # builds the configured balancers
 
     def refresh(self, now: float) -> None:
         """Recompute backend usability, provider states and balancers after any change."""
@@ -184,6 +208,8 @@ class Upstream:
         hold_down = policy.hold_down
         slow_start = policy.slow_start
         ramping = False
+        left: list[tuple[Provider, str]] = []
+        returned: list[Provider] = []
         for backend in self.backends:
             if backend.ejected_until and now >= backend.ejected_until:
                 backend.ejected_until = 0.0  # back on probation
@@ -215,10 +241,18 @@ class Upstream:
                 )
             if state == "down" and not was_down:
                 provider.down_since = now
+                if provider.forced_down:
+                    cause = "forced_down"
+                elif now < provider.down_until:
+                    cause = "correlated_failure"
+                else:
+                    cause = "health"
+                left.append((provider, cause))
                 if not provider.forced_down:
                     provider.down_until = max(provider.down_until, now + hold_down)
             elif state != "down" and was_down:
                 provider.up_since = now
+                returned.append(provider)
             provider.state = state
             provider.ramp = _ramp(now, provider.up_since, slow_start)
             percents = [_ramp_percent(now, b.usable_since, slow_start) for b in candidates]
@@ -231,9 +265,32 @@ class Upstream:
             )
         self.ramping = ramping
         self.policy.rebuild(everyone=spread)
+        if left or returned:
+            self._record_moves(left, returned)
         self.generation += 1
         for listener in self.listeners:
             listener(self)
+
+    def _record_moves(self, left: list[tuple[Provider, str]], returned: list[Provider]) -> None:
+        """Count providers leaving rotation (failovers, to whoever takes their traffic now) and
+        keep both directions in the recent history the status page shows."""
+        store = self.store
+        wall = time.time()
+        shares = self.policy.shares()
+        for provider, cause in left:
+            takers = tuple(n for n, share in shares.items() if share > 0 and n != provider.name)
+            for taker in takers or ("none",):
+                store.inc("failovers", (self.name, provider.name, taker, cause))
+            store.record_event(
+                ProviderEvent(wall, self.name, provider.name, "failover", takers,
+                              provider.reason or cause)
+            )
+        for provider in returned:
+            givers = tuple(n for n, share in shares.items() if share > 0 and n != provider.name)
+            store.record_event(
+                ProviderEvent(wall, self.name, provider.name, "recovered", givers,
+                              "back in rotation")
+            )
 
     def _balancer(self, backends: list[Backend], weights: list[int]) -> Balancer[Backend]:
         kind = self.config.balancer
@@ -313,8 +370,17 @@ def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
     return context
 
 
+def connection_settings(upstream: UpstreamConfig) -> tuple[object, ...]:
+    """Everything a backend's connection pool is built from besides its URL."""
+    return (upstream.tls, upstream.pool, upstream.timeouts.connect)
+
+
 def build_backend(
-    backend: BackendConfig, upstream: UpstreamConfig, ssl_context: ssl.SSLContext | None
+    backend: BackendConfig,
+    upstream_name: str,
+    upstream: UpstreamConfig,
+    ssl_context: ssl.SSLContext | None,
+    store: MetricStore,
 ) -> Backend:
     parts = urlsplit(backend.url)
     scheme = parts.scheme
@@ -334,7 +400,7 @@ def build_backend(
         max_idle=upstream.pool.max_idle_per_backend,
         idle_timeout=upstream.pool.idle_timeout,
     )
-    return Backend(
+    built = Backend(
         name=backend.name,
         provider=backend.provider,
         region=backend.region,
@@ -345,16 +411,87 @@ def build_backend(
         base_path=parts.path.rstrip("/").encode(),
         host_header=host_for_header.encode("idna"),
         pool=pool,
+        attempt_counts=store.attempt_counts(upstream_name, backend.provider, backend.name),
+        durations=store.duration_slots(upstream_name, backend.provider),
     )
+    built.connection_settings = connection_settings(upstream)
+    return built
 
 
-def build_upstream(name: str, config: UpstreamConfig) -> Upstream:
+_CARRIED_BACKEND_STATE = (
+    "healthy", "last_check", "last_check_at", "ejected_until", "ejections",
+    "consecutive_failures", "on_probation", "draining", "usable", "usable_since",
+    "ewma_latency", "reason",
+)
+_CARRIED_PROVIDER_STATE = (
+    "state", "reason", "down_until", "down_since", "up_since", "downs", "ramp", "forced_down",
+    "recent_failures",
+)
+
+
+def _carry_backend(
+    config: BackendConfig, upstream: UpstreamConfig, old: Backend | None, new: Backend
+) -> Backend:
+    """The backend the new generation uses: the old object itself when nothing about its
+    connections changed (pool, in-flight count and health stay as they are), else the new one
+    with the old one's health; the old pool then drains (closed as its requests finish)."""
+    if old is None or old.address != new.address or old.provider != new.provider:
+        return new
+    if old.connection_settings == new.connection_settings and old.base_path == new.base_path:
+        new.pool.close()
+        old.weight = config.weight
+        old.region = config.region
+        return old
+    for name in _CARRIED_BACKEND_STATE:
+        setattr(new, name, getattr(old, name))
+    old.pool.close()
+    return new
+
+
+def build_upstream(
+    name: str,
+    config: UpstreamConfig,
+    store: MetricStore | None = None,
+    previous: Upstream | None = None,
+    now: float = 0.0,
+) -> Upstream:
+    """An upstream from its config; with `previous` (a reload), what is unchanged carries on."""
+    store = store if store is not None else MetricStore()
     needs_tls = any(b.url.startswith("https://") for b in config.backends)
     ssl_context = tls_context(config) if needs_tls else None
-    backends = [build_backend(backend, config, ssl_context) for backend in config.backends]
-    upstream = Upstream(name, config, backends)
+    old_backends = {b.name: b for b in previous.backends} if previous is not None else {}
+    backends = [
+        _carry_backend(
+            backend,
+            config,
+            old_backends.get(backend.name),
+            build_backend(backend, name, config, ssl_context, store),
+        )
+        for backend in config.backends
+    ]
+    upstream = Upstream(name, config, backends, store, previous, now)
     upstream.ssl_context = ssl_context
     return upstream
+
+
+@dataclass(eq=False)
+class RouteTarget:
+    """What a route sends to: its upstream, and its request counts by answering backend."""
+
+    label: str
+    upstream: Upstream
+    store: MetricStore
+    counts: dict[Backend | None, list[int]]
+    """Counts per status class, by the backend that answered (None: the proxy itself)."""
+
+    def counts_for(self, backend: Backend | None) -> list[int]:
+        """The counts list of one backend (found once, then kept in `counts`)."""
+        counts = self.counts.get(backend)
+        if counts is None:
+            provider, name = (backend.provider, backend.name) if backend is not None else ("", "")
+            counts = self.store.request_counts(self.label, self.upstream.name, provider, name)
+            self.counts[backend] = counts
+        return counts
 
 
 @dataclass(eq=False)
@@ -362,16 +499,43 @@ class Topology:
     """Everything one config generation routes to."""
 
     upstreams: dict[str, Upstream]
-    router: Router[Upstream]
+    router: Router[RouteTarget]
 
     def close(self) -> None:
         for upstream in self.upstreams.values():
             upstream.close()
 
+    def backend(self, upstream: str, name: str) -> Backend | None:
+        found = self.upstreams.get(upstream)
+        for backend in found.backends if found is not None else []:
+            if backend.name == name:
+                return backend
+        return None
 
-def build_topology(config: ProxyConfig) -> Topology:
-    upstreams = {name: build_upstream(name, cfg) for name, cfg in config.upstreams.items()}
+
+def build_topology(
+    config: ProxyConfig,
+    store: MetricStore | None = None,
+    previous: Topology | None = None,
+    now: float = 0.0,
+) -> Topology:
+    """A new generation; with `previous` (a reload), unchanged backends keep their pools and
+    health, providers keep their state, and backends left out are closed once idle."""
+    store = store if store is not None else MetricStore()
+    old = previous.upstreams if previous is not None else {}
+    upstreams = {
+        name: build_upstream(name, cfg, store, old.get(name), now)
+        for name, cfg in config.upstreams.items()
+    }
+    kept = {id(b) for u in upstreams.values() for b in u.backends}
+    for upstream in old.values():
+        for backend in upstream.backends:
+            if id(backend) not in kept:
+                backend.pool.close()  # removed: idle connections close, busy ones on release
     router = Router(
-        [Route(r.host, r.path_prefix, upstreams[r.upstream]) for r in config.routes]
+        [
+            Route(r.host, r.path_prefix, RouteTarget(r.label, upstreams[r.upstream], store, {}))
+            for r in config.routes
+        ]
     )
     return Topology(upstreams=upstreams, router=router)

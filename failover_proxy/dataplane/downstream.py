@@ -240,6 +240,7 @@ class DownstreamProtocol:
             # Broken in the middle of its body: whatever part went to a backend is abandoned.
             current.body.fail()
         payload = error_response(status, reason, detail, request_id, close=True)
+        self.plane.record_own_answer(current, request_id, self.client_ip, status, len(payload))
         self.queue.append(_Rejection(payload))
         self._ensure_serving()
 
@@ -291,6 +292,7 @@ class DownstreamProtocol:
             )
         else:
             request.body = EMPTY_BODY
+        request.head_bytes = self._header_bytes  # only now: a rejected head has no body
         self.deadline = 0.0
         if self.exchange is None and not self.queue and not self._serving:
             self._start_exchange(request)  # the common case: nothing ahead of it
@@ -398,23 +400,26 @@ class DownstreamProtocol:
             if request.close_connection:
                 self.close()
             return
-        upstream = route.target
+        target = route.target
+        upstream = target.upstream
         body = request.body
         if body.replay_limit != upstream.replay_max_bytes and body is not EMPTY_BODY:
             body.set_replay_limit(upstream.replay_max_bytes)
-        exchange = Exchange(self, request, upstream)
+        exchange = Exchange(self, request, target)
         self.exchange = exchange
         exchange.begin()
 
     def _answer_no_route(self, request: Request) -> None:
         if not request.keep_alive or not request.body.complete:
             request.close_connection = True
-        self.write(
-            error_response(
-                404, "Not Found", "no route for this host and path", request.request_id,
-                close=request.close_connection,
-            )
+        response = error_response(
+            404, "Not Found", "no route for this host and path", request.request_id,
+            close=request.close_connection,
         )
+        self.plane.record_own_answer(
+            request, request.request_id, self.client_ip, 404, len(response)
+        )
+        self.write(response)
 
     def exchange_done(self, exchange: Exchange) -> None:
         """Called by an exchange when its response is complete (or failed)."""

@@ -11,10 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from ..balance import hash_key
 from ..config import HashOnConfig
+from ..metrics import (
+    ATTEMPT_BAD_RESPONSE,
+    ATTEMPT_CANCELLED,
+    ATTEMPT_CLIENT_ERROR,
+    ATTEMPT_CONNECT_FAILURE,
+    ATTEMPT_HTTP_5XX,
+    ATTEMPT_OK,
+    ATTEMPT_RESET,
+    ATTEMPT_TIMEOUT,
+    DURATION_BUCKETS,
+)
 from .headers import (
     Header,
     build_request_head,
@@ -27,7 +39,7 @@ from .request import EMPTY_BODY, Request
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from ..topology import Backend, Upstream
+    from ..topology import Backend, RouteTarget
     from .downstream import DownstreamProtocol
 
 _CRLF = b"\r\n"
@@ -45,6 +57,20 @@ class Outcome(enum.Enum):
     BODY_LOST = "body_lost"  # the request body could not be sent again
     CLIENT_ERROR = "client_error"  # the client broke its own request body
     FAILURE_STATUS = "failure_status"  # a 5xx that will be retried elsewhere, not forwarded
+
+
+_OUTCOME_COUNTER = {
+    Outcome.OK: ATTEMPT_OK,
+    Outcome.UPGRADED: ATTEMPT_OK,
+    Outcome.STALE: ATTEMPT_RESET,
+    Outcome.RESET: ATTEMPT_RESET,
+    Outcome.TIMEOUT: ATTEMPT_TIMEOUT,
+    Outcome.BAD_RESPONSE: ATTEMPT_BAD_RESPONSE,
+    Outcome.BODY_LOST: ATTEMPT_CLIENT_ERROR,
+    Outcome.CLIENT_ERROR: ATTEMPT_CLIENT_ERROR,
+    Outcome.FAILURE_STATUS: ATTEMPT_HTTP_5XX,
+}
+"""Which attempt counter (metrics.ATTEMPT_OUTCOMES) an outcome bumps."""
 
 
 class Attempt:
@@ -72,6 +98,7 @@ class Attempt:
     """Counts events from and to the backend; the sweep turns changes into `last_activity`."""
     seen_activity = -1  # the first sweep after the start stamps the time
     detail = ""
+    status = 0
     upgrade_headers: list[Header] = []
 
     def __init__(
@@ -143,6 +170,7 @@ class Attempt:
         if self.exchange.hedge is not None:
             self.exchange.claim(self)  # two attempts race: the first head wins
         self.response_started = True
+        self.status = status
         self.activity += 1
         self.read_timeout = self.exchange.read_timeout
         if self.per_try_timer is not None:
@@ -189,6 +217,8 @@ class Attempt:
         if content_length is not None and not no_body and int(content_length) <= HELD_BODY_BYTES:
             self.held_body = []
         self.head_sent = True  # held until the first body byte, completion or the next sweep
+        exchange = self.exchange
+        exchange.status = status
         self.held_head = (
             build_response_head(
                 status,
@@ -200,6 +230,9 @@ class Attempt:
                 client_http10=request.http10,
                 request_id=request.request_id,
                 connection=connection,
+                proxy_headers=(
+                    exchange.decision_header() if downstream.plane.debug_headers else None
+                ),
             )
         )
 
@@ -213,7 +246,12 @@ class Attempt:
             self.held_head = None
             held = self.held_body
             self.held_body = None
-            self.send_client_parts((head, *held) if held else (head,))
+            self.exchange.bytes_out += len(head)
+            if held:
+                self.exchange.bytes_out += sum(len(chunk) for chunk in held)
+                self.send_client_parts((head, *held))
+            else:
+                self.send_client(head)
 
     def on_body(self, chunk: bytes) -> None:
         self.activity += 1
@@ -221,9 +259,11 @@ class Attempt:
         if held is not None:
             held.append(chunk)  # a small response is written whole, so a reset can be retried
             return
+        self.exchange.bytes_out += len(chunk)
         head = self.held_head
         if head is not None:
             self.held_head = None
+            self.exchange.bytes_out += len(head)
             if self.chunked_out:
                 self.send_client_parts((head, b"%x\r\n" % len(chunk), chunk, _CRLF))
             else:
@@ -238,8 +278,12 @@ class Attempt:
         if head is not None:
             self.held_head = None
             held = self.held_body
+            exchange = self.exchange
+            exchange.bytes_out += len(head)
             if held:
                 self.held_body = None
+                for chunk in held:
+                    exchange.bytes_out += len(chunk)
                 self.send_client_parts((head, *held))
             else:
                 self.send_client(head + _LAST_CHUNK if self.chunked_out else head)
@@ -317,6 +361,10 @@ class Attempt:
             return
         self.done = True
         self.detail = detail
+        counter = _OUTCOME_COUNTER[outcome]
+        if counter == ATTEMPT_OK and self.status >= 500:
+            counter = ATTEMPT_HTTP_5XX
+        self.backend.attempt_counts[counter] += 1
         if self.per_try_timer is not None:
             self.per_try_timer.cancel()
             self.per_try_timer = None
@@ -334,6 +382,7 @@ class Attempt:
         """The client went away: drop the backend connection, report nothing."""
         if not self.done:
             self.done = True
+            self.backend.attempt_counts[ATTEMPT_CANCELLED] += 1
             if self.per_try_timer is not None:
                 self.per_try_timer.cancel()
             self.request.body.detach()
@@ -347,6 +396,9 @@ def request_target(backend: Backend, request: Request) -> bytes:
 
 
 _REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+CLIENT_CLOSED_REQUEST = 499
+"""What the metrics and the access log say of a request whose client left before its answer
+(nginx's convention)."""
 
 
 def hash_request(request: Request, client_ip: bytes, hash_on: HashOnConfig) -> int:
@@ -383,6 +435,8 @@ class Exchange:
         "attempt",
         "attempts",
         "backend",
+        "began",
+        "bytes_out",
         "connecting",
         "downstream",
         "finished",
@@ -396,17 +450,23 @@ class Exchange:
         "request",
         "retried_stale",
         "retrying",
+        "route",
         "started",
+        "status",
         "tried",
         "upstream",
     )
 
     def __init__(
-        self, downstream: DownstreamProtocol, request: Request, upstream: Upstream
+        self, downstream: DownstreamProtocol, request: Request, route: RouteTarget
     ) -> None:
+        self.began = perf_counter()
         self.downstream = downstream
         self.request = request
-        self.upstream = upstream
+        self.route = route
+        self.upstream = upstream = route.upstream
+        self.status = 0
+        self.bytes_out = 0
         self.attempt: Attempt | None = None
         self.hedge: Attempt | None = None
         self.hedge_timer: asyncio.TimerHandle | None = None
@@ -478,7 +538,7 @@ class Exchange:
 
     def _overflow(self, limit: str) -> None:
         """A circuit breaker is open: refuse at once rather than pile up work."""
-        self.upstream.overflows_total += 1
+        self.upstream.store.inc("circuit_breaker_overflows", (self.upstream.name,))
         self.backend = None  # holds no in-flight slot
         self._error(503, f"circuit breaker open: {limit}", retry_after=True)
 
@@ -490,8 +550,7 @@ class Exchange:
         assert backend is not None
         self.attempts += 1
         backend.attempts_total += 1
-        if self.upstream.tracks_latency:
-            self.started = self.downstream.loop.time()
+        self.started = perf_counter()
         conn = backend.pool.take_idle(self.downstream.plane.clock)
         if conn is not None:
             self._start(conn, reused=True)
@@ -503,9 +562,11 @@ class Exchange:
             conn = await backend.pool.connect()
         except TimeoutError:
             self.connecting = None
+            backend.attempt_counts[ATTEMPT_CONNECT_FAILURE] += 1
             self._failed("connect-failure", f"connect to backend {backend.name} timed out", 504)
         except OSError as exc:
             self.connecting = None
+            backend.attempt_counts[ATTEMPT_CONNECT_FAILURE] += 1
             why = exc.strerror or str(exc) or type(exc).__name__
             self._failed("connect-failure", f"cannot connect to backend {backend.name}: {why}", 502)
         else:
@@ -547,8 +608,7 @@ class Exchange:
             suspect = backend.consecutive_failures or backend.on_probation
             if suspect and not attempt.failure_status:
                 self.upstream.outlier.on_success(backend)
-            if self.upstream.tracks_latency:
-                self.upstream.record_latency(backend, self.downstream.loop.time() - self.started)
+            self.upstream.record_latency(backend, perf_counter() - self.started)
             self._end()
             return
         if outcome is Outcome.UPGRADED:
@@ -580,7 +640,8 @@ class Exchange:
             self._next_connection()
             return
         if outcome is Outcome.FAILURE_STATUS:
-            self._retry_elsewhere()  # on_failure_status already counted it and allowed it
+            # on_failure_status already counted it and allowed it
+            self._retry_elsewhere(str(attempt.status))
             return
         if outcome is Outcome.BODY_LOST:  # not the backend's fault: nothing to count
             self._error(502, f"backend {backend.name}: {attempt.detail}")
@@ -629,7 +690,7 @@ class Exchange:
 
     def _start_hedge(self, backend: Backend, conn: UpstreamConnection, reused: bool) -> None:
         backend.in_flight += 1
-        self.upstream.hedges_total += 1
+        self.upstream.store.inc("hedges", (self.upstream.name,))
         hedge = Attempt(self, conn, reused, backend)
         self.hedge = hedge
         hedge.start(self._head_for(backend))
@@ -676,7 +737,7 @@ class Exchange:
         assert backend is not None
         self.upstream.outlier.on_failure(backend, self.downstream.plane.clock, condition)
         if self._may_retry(condition, nothing_sent=condition == "connect-failure"):
-            self._retry_elsewhere()
+            self._retry_elsewhere(condition)
         else:
             self._error(status, detail)
 
@@ -695,31 +756,39 @@ class Exchange:
                 and any(lname == b"idempotency-key" for lname, _, _ in request.headers)
             )
         )
-        if not safe or not request.body.replayable or request.upgrade is not None:
+        upstream = self.upstream
+        if not safe or request.upgrade is not None:
+            return False
+        if not request.body.replayable:
+            upstream.store.inc("replay_buffer_overflows", (upstream.name,))
             return False
         if not self.retrying:
-            upstream = self.upstream
             budget = max(
                 retry.min_retry_concurrency,
                 int(upstream.active_requests * retry.budget_percent / 100),
             )
             if upstream.active_retries >= budget:
-                upstream.retry_budget_exhausted += 1
+                upstream.store.inc("retry_budget_exhausted", (upstream.name,))
                 return False
         return True
 
-    def _retry_elsewhere(self) -> None:
+    def _retry_elsewhere(self, condition: str) -> None:
         previous = self.backend
         assert previous is not None
         self.tried.append(previous)
-        backend, reason = self.upstream.choose(self.tried, [b.provider for b in self.tried])
+        upstream = self.upstream
+        backend, reason = upstream.choose(self.tried, [b.provider for b in self.tried])
         if backend is None:
             self._error(503, reason, retry_after=True)
             return
         if not self.retrying:
             self.retrying = True
-            self.upstream.active_retries += 1
-        self.upstream.retries_total += 1
+            upstream.active_retries += 1
+        store = upstream.store
+        store.inc("retries", (upstream.name, condition))
+        if backend.provider != previous.provider:
+            moved = (upstream.name, previous.provider, backend.provider, "retry_" + condition)
+            store.inc("failovers", moved)
         previous.in_flight -= 1
         backend.in_flight += 1
         self.reason = reason
@@ -734,12 +803,18 @@ class Exchange:
         close = request.close_connection or not request.body.complete or not request.keep_alive
         if close:
             request.close_connection = True
-        self.downstream.write(
-            error_response(
-                status, _REASONS[status], detail, request.request_id, close=close,
-                retry_after=1 if retry_after else None,
-            )
+        self.status = status
+        if not self.reason:
+            self.reason = detail
+        response = error_response(
+            status, _REASONS[status], detail, request.request_id, close=close,
+            retry_after=1 if retry_after else None,
+            proxy_headers=(
+                self.decision_header() if self.downstream.plane.debug_headers else None
+            ),
         )
+        self.bytes_out += len(response)
+        self.downstream.write(response)
         self._end()
 
     def _end(self) -> None:
@@ -749,7 +824,56 @@ class Exchange:
         if self.hedge_timer is not None:
             self.hedge_timer.cancel()
         self._release_counters()
+        self._record(self.status)
         self.downstream.exchange_done(self)
+
+    def _record(self, status: int) -> None:
+        """Count the finished request (status class, duration) and write its access log line."""
+        seconds = perf_counter() - self.began
+        if status < 100:
+            status = 400  # the client broke its own request; the queued rejection answers it
+        backend = self.backend
+        counts = self.route.counts.get(backend)
+        if counts is None:
+            counts = self.route.counts_for(backend)
+        counts[status // 100 - 1] += 1
+        slots = backend.durations if backend is not None else self.upstream.unanswered_durations
+        index = 0
+        for bound in DURATION_BUCKETS:
+            if seconds <= bound:
+                break
+            index += 1
+        slots[index] += 1
+        slots[-1] += seconds
+        log = self.downstream.plane.access_log
+        if log is not None:
+            request = self.request
+            log.record(
+                request_id=request.request_id,
+                client=self.downstream.client_ip,
+                method=request.method,
+                path=request.target,
+                status=status,
+                bytes_in=request.head_bytes + request.body.received,
+                bytes_out=self.bytes_out,
+                duration=seconds,
+                route=self.route.label,
+                upstream=self.upstream.name,
+                provider=backend.provider if backend is not None else "",
+                backend=backend.name if backend is not None else "",
+                attempts=self.attempts,
+                reason=self.explain(),
+            )
+
+    def decision_header(self) -> bytes:
+        """X-Failover-Proxy-Decision: where this request went and why (debug_headers: true)."""
+        backend = self.backend
+        where = (
+            f"provider={backend.provider}; backend={backend.name}; " if backend is not None else ""
+        )
+        reason = self.explain().replace('"', "'")
+        text = f'{where}attempts={self.attempts}; reason="{reason}"'
+        return b"X-Failover-Proxy-Decision: " + text.encode("latin-1", "replace") + b"\r\n"
 
     def _release_counters(self) -> None:
         upstream = self.upstream
@@ -773,6 +897,7 @@ class Exchange:
             return
         self.finished = True
         self._release_counters()
+        self._record(CLIENT_CLOSED_REQUEST)
         if self.hedge_timer is not None:
             self.hedge_timer.cancel()
         if self.connecting is not None:

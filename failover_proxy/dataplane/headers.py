@@ -161,8 +161,10 @@ def build_response_head(
     request_id: bytes,
     connection: bytes | None = None,
     upgrade: bytes | None = None,
+    proxy_headers: bytes | None = None,
 ) -> bytes:
-    """The response head sent to the client, with our own framing and connection headers."""
+    """The response head sent to the client, with our own framing and connection headers
+    (`proxy_headers`: complete header lines of the proxy's own to add)."""
     out = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
     extra = _extra_hop_by_hop(connection) if connection else _NOTHING
     via = VIA_TOKEN
@@ -182,6 +184,8 @@ def build_response_head(
             out.append(b"Connection: close\r\n")
         elif client_http10:
             out.append(b"Connection: keep-alive\r\n")
+    if proxy_headers is not None:
+        out.append(proxy_headers)
     return _finish_head(out, request_id, has_request_id, via, upgrade, chunked, content_length)
 
 
@@ -193,15 +197,17 @@ def error_response(
     *,
     close: bool = False,
     retry_after: int | None = None,
+    proxy_headers: bytes | None = None,
 ) -> bytes:
     """A short plain-text answer of the proxy's own: what failed and which request it was."""
     body = f"{status} {reason}: {detail} (request id {request_id.decode()})\n".encode()
     connection = b"close" if close else b"keep-alive"
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-        b"X-Request-Id: %s\r\nConnection: %s\r\n%s\r\n%s"
+        b"X-Request-Id: %s\r\nConnection: %s\r\n%s%s\r\n%s"
         % (
             status, reason.encode(), len(body), request_id, connection,
-            b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b"", body,
+            b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b"",
+            proxy_headers or b"", body,
         )
     )

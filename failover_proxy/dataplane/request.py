@@ -154,6 +154,8 @@ class Request:
     close_connection = False
     connection: bytes | None = None
     """The Connection header's values, joined (names it lists are not forwarded)."""
+    head_bytes = 0
+    """Size of the request target and header fields as received (for the access log)."""
     body: RequestBody
 
     def __init__(self, request_id: bytes) -> None:

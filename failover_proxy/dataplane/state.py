@@ -11,9 +11,12 @@ import asyncio
 from typing import TYPE_CHECKING, cast
 
 from ..config import LimitsConfig
+from ..metrics import MetricStore
 from .downstream import ClientLimits, DownstreamProtocol
+from .request import Request
 
 if TYPE_CHECKING:
+    from ..accesslog import AccessLog
     from ..topology import Topology
 
 SWEEP_INTERVAL = 0.2
@@ -29,11 +32,18 @@ class DataPlane:
         topology: Topology,
         limits: LimitsConfig,
         scheme: bytes = b"http",
+        store: MetricStore | None = None,
     ) -> None:
         self.loop = loop
         self.topology = topology
+        """The config generation new requests are routed by (requests in flight keep theirs)."""
         self.limits = ClientLimits(limits)
         self.scheme = scheme
+        self.store = store if store is not None else MetricStore()
+        self.unrouted = self.store.request_counts("", "", "", "")
+        """Requests the proxy answered before any route (404 no route, 4xx bad requests)."""
+        self.access_log: AccessLog | None = None
+        self.debug_headers = False
         self.connections: set[DownstreamProtocol] = set()
         self.draining = False
         self.clock = loop.time()
@@ -57,8 +67,41 @@ class DataPlane:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.sweep()
 
+    def record_own_answer(
+        self,
+        request: Request | None,
+        request_id: bytes,
+        client_ip: bytes,
+        status: int,
+        bytes_out: int,
+    ) -> None:
+        """Count (and log) a request the proxy refused before it reached any route."""
+        self.unrouted[status // 100 - 1] += 1
+        log = self.access_log
+        if log is not None:
+            log.record(
+                request_id=request_id,
+                client=client_ip,
+                method=request.method if request is not None else b"",
+                path=request.target if request is not None else b"",
+                status=status,
+                bytes_in=request.head_bytes + request.body.received
+                if request is not None and request.head_bytes
+                else 0,
+                bytes_out=bytes_out,
+                duration=0.0,
+                route="",
+                upstream="",
+                provider="",
+                backend="",
+                attempts=0,
+                reason="",
+            )
+
     def sweep(self) -> None:
         now = self.clock = self.loop.time()
+        if self.access_log is not None:
+            self.access_log.flush()
         for connection in list(self.connections):
             if connection.deadline and now >= connection.deadline:
                 connection.on_deadline()

@@ -1,0 +1,298 @@
+"""The admin listener (aiohttp): status, metrics, probes for load balancers, and the operator's
+levers (drain a backend, force a provider down for a drill, reload the config).
+
+Reads are open to whoever reaches the listener; every mutation needs `Authorization: Bearer
+<token>` when a token is configured (compared in constant time), and is logged with who asked.
+The config refuses an admin listener off loopback without a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .metrics import ProcessGauges, ProxyCollector, exposition
+from .routing import normalize_host
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+    from .topology import Backend, Provider, Upstream
+
+log = logging.getLogger("failover_proxy.admin")
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_STATIC = resources.files("failover_proxy") / "static"
+_STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+class AdminServer:
+    """The admin API of one proxy process."""
+
+    def __init__(self, proxy: ProxyServer) -> None:
+        self.proxy = proxy
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.collector = ProxyCollector(
+            lambda: proxy.store, lambda: proxy.plane.topology if proxy.plane else None,
+            self._gauges,
+        )
+
+    async def start(self, host: str, port: int) -> None:
+        app = web.Application(middlewares=[self._authorize])
+        app.router.add_get("/", self._page)
+        app.router.add_get("/static/{name}", self._static)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/debug/route", self._debug_route)
+        app.router.add_post("/backends/{upstream}/{backend}/{action:drain|undrain}", self._drain)
+        app.router.add_post(
+            "/providers/{upstream}/{provider}/{action:force-down|restore}", self._force
+        )
+        app.router.add_post("/reload", self._reload)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await self._site.start()
+        log.info("admin listening on %s:%d", host, self.port)
+
+    @property
+    def port(self) -> int:
+        assert self._runner is not None
+        port: int = self._runner.addresses[0][1]
+        return port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _gauges(self) -> ProcessGauges:
+        plane = self.proxy.plane
+        if plane is None:
+            return ProcessGauges(0, 0)
+        active = sum(u.active_requests for u in plane.topology.upstreams.values())
+        return ProcessGauges(active, len(plane.connections))
+
+    # -- access ----------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _authorize(
+        self, request: web.Request, handler: Any
+    ) -> web.StreamResponse:
+        if request.method == "POST":
+            admin = self.proxy.config.admin
+            token = admin.token if admin is not None else ""
+            if token:
+                given = request.headers.get("Authorization", "")
+                expected = f"Bearer {token}"
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    log.warning("refused %s %s from %s: bad or missing token",
+                                request.method, request.path, request.remote)
+                    return web.json_response(
+                        {"error": "this needs Authorization: Bearer <admin token>"},
+                        status=401, headers={"WWW-Authenticate": "Bearer"},
+                    )
+            log.warning("admin: %s %s from %s", request.method, request.path, request.remote)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="alive\n")
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ready, reason = self.proxy.readiness()
+        return web.Response(text=reason + "\n", status=200 if ready else 503)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        body = exposition([self.collector])
+        return web.Response(body=body, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def _status(self, _: web.Request) -> web.Response:
+        return web.json_response(status_document(self.proxy))
+
+    async def _debug_route(self, request: web.Request) -> web.Response:
+        """What the policy would do now for a request; it takes a turn of the round robin,
+        as a real request would."""
+        host = request.query.get("host", "")
+        path = request.query.get("path", "/")
+        method = request.query.get("method", "GET").upper()
+        route = self.proxy.topology.router.match(normalize_host(host.encode()), path.encode())
+        if route is None:
+            return web.json_response(
+                {"host": host, "path": path, "method": method, "route": None,
+                 "decision": "404: no route for this host and path"}, status=404,
+            )
+        upstream = route.target.upstream
+        backend, reason = upstream.choose([], [])
+        answer: dict[str, Any] = {
+            "host": host, "path": path, "method": method, "route": route.target.label,
+            "upstream": upstream.name, "panic": upstream.panic,
+            "traffic_shares": upstream.policy.shares(),
+        }
+        if backend is None:
+            answer |= {"decision": "503: nothing usable", "reason": reason}
+            return web.json_response(answer)
+        fallback, fallback_reason = upstream.choose([backend], [backend.provider])
+        retry = upstream.config.retry
+        answer |= {
+            "decision": "forward",
+            "provider": backend.provider,
+            "backend": backend.name,
+            "reason": reason or "first choice of the policy",
+            "retry": {
+                "attempts": retry.attempts,
+                "on": retry.on if method in _IDEMPOTENT else ["connect-failure"],
+                "next": None if fallback is None or fallback is backend else {
+                    "provider": fallback.provider, "backend": fallback.name,
+                    "reason": fallback_reason,
+                },
+            },
+        }
+        return web.json_response(answer)
+
+    async def _page(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=(_STATIC / "index.html").read_bytes(), content_type="text/html", charset="utf-8"
+        )
+
+    async def _static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        suffix = name[name.rfind("."):] if "." in name else ""
+        item = _STATIC / name
+        if "/" in name or suffix not in _STATIC_TYPES or not item.is_file():
+            raise web.HTTPNotFound()
+        return web.Response(body=item.read_bytes(), content_type=_STATIC_TYPES[suffix])
+
+    # -- levers ----------------------------------------------------------------------------------
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        upstream = self._upstream(request)
+        backend = _find_backend(upstream, request.match_info["backend"])
+        draining = request.match_info["action"] == "drain"
+        backend.draining = draining
+        backend.reason = "drained by an operator" if draining else ""
+        upstream.refresh(asyncio.get_running_loop().time())
+        return web.json_response(backend_status(backend, upstream))
+
+    async def _force(self, request: web.Request) -> web.Response:
+        upstream = self._upstream(request)
+        name = request.match_info["provider"]
+        provider = upstream.providers.get(name)
+        if provider is None:
+            raise _not_found(f"upstream {upstream.name} has no provider {name!r}",
+                             list(upstream.providers))
+        down = request.match_info["action"] == "force-down"
+        provider.forced_down = down
+        provider.reason = f"provider {name} forced down by an operator" if down else ""
+        upstream.refresh(asyncio.get_running_loop().time())
+        return web.json_response(
+            provider_status(provider, upstream, upstream.policy.shares()) | {"name": name}
+        )
+
+    async def _reload(self, _: web.Request) -> web.Response:
+        result = await self.proxy.reload("admin API")
+        body = {"ok": result.ok, "generation": result.generation, "errors": result.errors,
+                "warnings": result.warnings}
+        return web.json_response(body, status=200 if result.ok else 400)
+
+    def _upstream(self, request: web.Request) -> Upstream:
+        name = request.match_info["upstream"]
+        upstream = self.proxy.topology.upstreams.get(name)
+        if upstream is None:
+            raise _not_found(f"no upstream {name!r}", list(self.proxy.topology.upstreams))
+        return upstream
+
+
+def _find_backend(upstream: Upstream, name: str) -> Backend:
+    for backend in upstream.backends:
+        if backend.name == name:
+            return backend
+    raise _not_found(f"upstream {upstream.name} has no backend {name!r}",
+                     [b.name for b in upstream.backends])
+
+
+def _not_found(message: str, known: list[str]) -> web.HTTPNotFound:
+    return web.HTTPNotFound(
+        text=web.json_response({"error": message, "known": known}).text,
+        content_type="application/json",
+    )
+
+
+# -- the status document ---------------------------------------------------------------------------
+
+
+def status_document(proxy: ProxyServer) -> dict[str, Any]:
+    """Every upstream -> providers -> backends, with state, reason, shares and latency."""
+    ready, reason = proxy.readiness()
+    upstreams = {}
+    for upstream in proxy.topology.upstreams.values():
+        shares = upstream.policy.shares()
+        upstreams[upstream.name] = {
+            "strategy": upstream.config.policy.strategy,
+            "panic": upstream.panic,
+            "active_requests": upstream.active_requests,
+            "providers": {
+                provider.name: provider_status(provider, upstream, shares)
+                for provider in upstream.policy.providers
+            },
+        }
+    return {
+        "generation": proxy.store.config_generation,
+        "ready": ready,
+        "ready_reason": reason,
+        "draining": proxy.draining,
+        "upstreams": upstreams,
+        "recent_failovers": [event.as_dict() for event in reversed(proxy.store.events)],
+    }
+
+
+def provider_status(
+    provider: Provider, upstream: Upstream, shares: dict[str, float]
+) -> dict[str, Any]:
+    share = shares.get(provider.name, 0.0)
+    inner = dict(provider.balancer.shares()) if provider.balancer is not None else {}
+    return {
+        "state": provider.state,
+        "reason": provider.reason,
+        "forced_down": provider.forced_down,
+        "traffic_share": round(share, 4),
+        "weight": provider.weight,
+        "backends": {
+            backend.name: backend_status(backend, upstream)
+            | {"traffic_share": round(share * inner.get(backend, 0.0), 4)}
+            for backend in provider.backends
+        },
+    }
+
+
+def backend_status(backend: Backend, upstream: Upstream) -> dict[str, Any]:
+    return {
+        "state": backend.state,
+        "usable": backend.usable,
+        "reason": backend.reason,
+        "url": f"{backend.address}{backend.base_path.decode()}",
+        "region": backend.region,
+        "weight": backend.weight,
+        "in_flight": backend.in_flight,
+        "ewma_latency_ms": round(backend.ewma_latency * 1000, 3),
+        "last_check": {"result": backend.last_check, "at": backend.last_check_at or None}
+        if upstream.config.health_check is not None
+        else None,
+        "ejected_until_in_s": round(max(0.0, backend.ejected_until - _loop_time()), 3)
+        if backend.ejected_until
+        else None,
+    }
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()

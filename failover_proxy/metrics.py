@@ -1,0 +1,308 @@
+"""Every metric the proxy exports, in one place.
+
+The hot path never touches prometheus_client: it bumps plain integers in lists that this module
+hands out (one list per label set, looked up once and cached by the caller), and a collector
+turns them, and the live state of the topology, into metric families only when /metrics is
+scraped. The counts live in a `MetricStore` that outlives config generations, so counters never
+reset on a reload, and that is plain data, so the counts of several processes can be added up.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .topology import Topology
+
+PREFIX = "failover_proxy_"
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+"""Index `status // 100 - 1` of a request-count list (status 100-599)."""
+
+ATTEMPT_OUTCOMES = (
+    "ok",
+    "connect_failure",
+    "reset",
+    "timeout",
+    "http_5xx",
+    "bad_response",
+    "cancelled",
+    "client_error",
+)
+"""Index of an attempt-count list: what one try on one backend came to."""
+ATTEMPT_OK, ATTEMPT_CONNECT_FAILURE, ATTEMPT_RESET, ATTEMPT_TIMEOUT = 0, 1, 2, 3
+ATTEMPT_HTTP_5XX, ATTEMPT_BAD_RESPONSE, ATTEMPT_CANCELLED, ATTEMPT_CLIENT_ERROR = 4, 5, 6, 7
+
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+"""Upper bounds (seconds) of the request duration histogram; a list of bucket counts has one
+slot per bound, one for +Inf, then the sum of observed seconds."""
+DURATION_SLOTS = len(DURATION_BUCKETS) + 2
+
+BACKEND_STATES = ("healthy", "unhealthy", "ejected", "draining")
+PROVIDER_STATES = ("up", "degraded", "down")
+
+# Counters bumped off the hot path (retries, ejections, probes…): name -> (help, label names).
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "retries": ("Retries, by the condition that caused them.", ("upstream", "reason")),
+    "retry_budget_exhausted": (
+        "Retries refused because the retry budget was spent.", ("upstream",)
+    ),
+    "failovers": (
+        "Traffic moved from one provider to another: a provider leaving rotation "
+        "(reason: health, correlated_failure, forced_down) or one request retried on another "
+        "provider (reason: retry_<condition>).",
+        ("upstream", "from_provider", "to_provider", "reason"),
+    ),
+    "ejections": (
+        "Backends ejected by passive outlier detection.",
+        ("upstream", "provider", "backend", "reason"),
+    ),
+    "health_checks": ("Active health probes, by result.", ("upstream", "backend", "result")),
+    "config_reloads": ("Config reloads, by result (success, failure).", ("result",)),
+    "hedges": ("Hedged second attempts sent.", ("upstream",)),
+    "circuit_breaker_overflows": ("Requests refused by a circuit breaker.", ("upstream",)),
+    "replay_buffer_overflows": (
+        "Failed requests not retried because their body outgrew the replay buffer.",
+        ("upstream",),
+    ),
+    "access_log_dropped": (
+        "Access log lines dropped because their reader could not keep up.", ()
+    ),
+    "worker_restarts": ("Worker processes restarted after dying.", ()),
+}
+
+
+@dataclass(frozen=True)
+class ProviderEvent:
+    """A provider leaving or re-entering rotation, for the status page's recent history."""
+
+    at: float
+    """Wall-clock time (seconds since the epoch)."""
+    upstream: str
+    provider: str
+    kind: str
+    """failover (left rotation) or recovered."""
+    to: tuple[str, ...]
+    """Where its traffic went (failover) or came from (recovered)."""
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at, "upstream": self.upstream, "provider": self.provider,
+            "kind": self.kind, "to": list(self.to), "reason": self.reason,
+        }
+
+
+class MetricStore:
+    """The counts of one process, kept across config generations.
+
+    Request, attempt and duration counts are lists the data plane bumps by index; the store
+    hands out one list per label set (the same list again for the same labels, so a backend
+    that survives a reload keeps counting where it was).
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str, str], list[int]] = {}
+        """(route, upstream, provider, backend) -> counts per code class."""
+        self.attempts: dict[tuple[str, str, str], list[int]] = {}
+        """(upstream, provider, backend) -> counts per attempt outcome."""
+        self.durations: dict[tuple[str, str], list[float]] = {}
+        """(upstream, provider) -> bucket counts, +Inf count, sum of seconds."""
+        self.counters: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in COUNTERS}
+        self.events: deque[ProviderEvent] = deque(maxlen=50)
+        self.config_generation = 0
+
+    def request_counts(self, route: str, upstream: str, provider: str, backend: str) -> list[int]:
+        key = (route, upstream, provider, backend)
+        counts = self.requests.get(key)
+        if counts is None:
+            counts = self.requests[key] = [0] * len(CODE_CLASSES)
+        return counts
+
+    def attempt_counts(self, upstream: str, provider: str, backend: str) -> list[int]:
+        key = (upstream, provider, backend)
+        counts = self.attempts.get(key)
+        if counts is None:
+            counts = self.attempts[key] = [0] * len(ATTEMPT_OUTCOMES)
+        return counts
+
+    def duration_slots(self, upstream: str, provider: str) -> list[float]:
+        key = (upstream, provider)
+        slots = self.durations.get(key)
+        if slots is None:
+            slots = self.durations[key] = [0.0] * DURATION_SLOTS
+        return slots
+
+    def inc(self, name: str, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
+        series = self.counters[name]
+        series[labels] = series.get(labels, 0.0) + amount
+
+    def record_event(self, event: ProviderEvent) -> None:
+        self.events.append(event)
+
+
+def observe_duration(slots: list[float], seconds: float) -> None:
+    """Count one request of `seconds` in a duration histogram's slots."""
+    index = 0
+    for bound in DURATION_BUCKETS:
+        if seconds <= bound:
+            break
+        index += 1
+    slots[index] += 1
+    slots[-1] += seconds
+
+
+@dataclass
+class ProcessGauges:
+    """Live numbers of the process that are not kept in the store."""
+
+    active_requests: int
+    downstream_connections: int
+
+
+class ProxyCollector(Collector):
+    """Renders a store and the live topology as Prometheus metric families at scrape time."""
+
+    def __init__(
+        self,
+        store: Callable[[], MetricStore],
+        topology: Callable[[], Topology | None],
+        gauges: Callable[[], ProcessGauges],
+    ) -> None:
+        self._store = store
+        self._topology = topology
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        store = self._store()
+        yield from _request_families(store)
+        yield from _counter_families(store)
+        gauges = self._gauges()
+        active = GaugeMetricFamily(PREFIX + "active_requests", "Requests in progress.")
+        active.add_metric([], gauges.active_requests)
+        connections = GaugeMetricFamily(
+            PREFIX + "downstream_connections", "Open client connections."
+        )
+        connections.add_metric([], gauges.downstream_connections)
+        generation = GaugeMetricFamily(
+            PREFIX + "config_generation", "Config generations loaded since start (1 = first)."
+        )
+        generation.add_metric([], store.config_generation)
+        yield from (active, connections, generation)
+        topology = self._topology()
+        if topology is not None:
+            yield from _topology_families(topology)
+
+
+def _request_families(store: MetricStore) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        PREFIX + "requests",
+        "Requests answered, by route, the backend that answered (empty when the proxy "
+        "answered itself) and status class.",
+        labels=("route", "upstream", "provider", "backend", "code_class"),
+    )
+    for (route, upstream, provider, backend), counts in store.requests.items():
+        for code_class, count in zip(CODE_CLASSES, counts, strict=True):
+            if count:
+                requests.add_metric([route, upstream, provider, backend, code_class], count)
+    attempts = CounterMetricFamily(
+        PREFIX + "upstream_attempts",
+        "Tries on a backend, by outcome (a request retried elsewhere makes several).",
+        labels=("upstream", "provider", "backend", "outcome"),
+    )
+    for (upstream, provider, backend), counts in store.attempts.items():
+        for outcome, count in zip(ATTEMPT_OUTCOMES, counts, strict=True):
+            if count:
+                attempts.add_metric([upstream, provider, backend, outcome], count)
+    durations = HistogramMetricFamily(
+        PREFIX + "request_duration_seconds",
+        "Whole requests, from the end of the request head to the end of the response.",
+        labels=("upstream", "provider"),
+    )
+    for (upstream, provider), slots in store.durations.items():
+        cumulative = 0.0
+        buckets = []
+        for bound, in_bucket in zip((*DURATION_BUCKETS, float("inf")), slots[:-1], strict=True):
+            cumulative += in_bucket
+            buckets.append((_bound_label(bound), cumulative))
+        durations.add_metric([upstream, provider], buckets, slots[-1])
+    yield from (requests, attempts, durations)
+
+
+def _bound_label(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def _counter_families(store: MetricStore) -> Iterator[Metric]:
+    for name, (help_text, labels) in COUNTERS.items():
+        family = CounterMetricFamily(PREFIX + name, help_text, labels=labels)
+        for values, count in store.counters[name].items():
+            family.add_metric(list(values), count)
+        yield family
+
+
+def _topology_families(topology: Topology) -> Iterator[Metric]:
+    backend_up = GaugeMetricFamily(
+        PREFIX + "backend_up", "1 when the policy may send the backend traffic, else 0.",
+        labels=("upstream", "provider", "backend"),
+    )
+    backend_state = GaugeMetricFamily(
+        PREFIX + "backend_state", "1 for the backend's current state.",
+        labels=("upstream", "provider", "backend", "state"),
+    )
+    provider_up = GaugeMetricFamily(
+        PREFIX + "provider_up", "1 when the provider is in rotation (up or degraded), else 0.",
+        labels=("upstream", "provider"),
+    )
+    provider_state = GaugeMetricFamily(
+        PREFIX + "provider_state", "1 for the provider's current state.",
+        labels=("upstream", "provider", "state"),
+    )
+    share = GaugeMetricFamily(
+        PREFIX + "provider_traffic_share",
+        "The share of new requests the policy gives the provider now (0 to 1).",
+        labels=("upstream", "provider"),
+    )
+    in_flight = GaugeMetricFamily(
+        PREFIX + "backend_requests_in_flight", "Requests in progress on the backend.",
+        labels=("upstream", "provider", "backend"),
+    )
+    for upstream in topology.upstreams.values():
+        shares = upstream.policy.shares()
+        for provider in upstream.providers.values():
+            labels = [upstream.name, provider.name]
+            provider_up.add_metric(labels, 1 if provider.state != "down" else 0)
+            for state in PROVIDER_STATES:
+                provider_state.add_metric([*labels, state], 1 if provider.state == state else 0)
+            share.add_metric(labels, shares.get(provider.name, 0.0))
+            for backend in provider.backends:
+                backend_labels = [*labels, backend.name]
+                backend_up.add_metric(backend_labels, 1 if backend.usable else 0)
+                in_flight.add_metric(backend_labels, backend.in_flight)
+                current = backend.state
+                for state in BACKEND_STATES:
+                    backend_state.add_metric(
+                        [*backend_labels, state], 1 if current == state else 0
+                    )
+    yield from (backend_up, backend_state, provider_up, provider_state, share, in_flight)
+
+
+def exposition(collectors: Iterable[Collector]) -> bytes:
+    """The Prometheus text format of the given collectors (and nothing else)."""
+    registry = CollectorRegistry(auto_describe=False)
+    for collector in collectors:
+        registry.register(collector)
+    return generate_latest(registry)
