@@ -5,7 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean system-deps
+
+# Debian packages the tests drive (command:package): a headless browser for the status page.
+SYSTEM_TOOLS := chromium:chromium chromedriver:chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The hot modules are compiled with mypyc at install: editing them reinstalls (see setup.py).
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard failover_proxy/*.py failover_proxy/dataplane/*.py)
@@ -16,7 +20,14 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard failover_proxy/*.py failo
 demo: $(VENV)/.installed
 	$(BIN)/failover-proxy demo
 
-test: $(VENV)/.installed
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing with apt-get"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
+
+test: $(VENV)/.installed system-deps
 	$(BIN)/ruff check failover_proxy tests benchmarks
 	$(BIN)/mypy --strict failover_proxy
 	$(BIN)/pytest -q

@@ -148,7 +148,7 @@ class AdminServer:
             "decision": "forward",
             "provider": backend.provider,
             "backend": backend.name,
-            "reason": reason or "first choice of the policy",
+            "reason": reason or upstream.policy.why_not_preferred() or "first choice of the policy",
             "retry": {
                 "attempts": retry.attempts,
                 "on": retry.on if method in _IDEMPOTENT else ["connect-failure"],

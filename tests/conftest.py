@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import uvloop
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
-from failover_proxy.config import parse_config
+from failover_proxy.config import load_config, parse_config
 from failover_proxy.server import ProxyServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +117,58 @@ async def read_request_head(reader: asyncio.StreamReader) -> bytes:
 
 
 # -- the proxy ------------------------------------------------------------------------------------
+
+
+class FileProxy:
+    """A proxy started from a config file (so it can reload it), with its admin listener."""
+
+    def __init__(self, server: ProxyServer, path: Path) -> None:
+        self.server = server
+        self.path = path
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def admin(self) -> str:
+        assert self.server.admin is not None
+        return f"http://127.0.0.1:{self.server.admin.port}"
+
+
+@pytest.fixture
+async def file_proxy(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[FileProxy]]]:
+    """Write config text to a file and start the real proxy from it, in this event loop."""
+    servers: list[ProxyServer] = []
+
+    async def start(config_text: str) -> FileProxy:
+        path = tmp_path / f"proxy-{len(servers)}.yaml"
+        path.write_text(config_text)
+        server = ProxyServer(load_config(path), path)
+        await server.start()
+        servers.append(server)
+        return FileProxy(server, path)
+
+    yield start
+    for server in servers:
+        await server.stop(grace=0.5)
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """Prometheus text → {(sample name, labels): value}, parsed by prometheus_client itself."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when the series does not exist: counters start there)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture

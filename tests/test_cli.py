@@ -13,8 +13,8 @@ from .conftest import ROOT, env_without_proxy_vars, free_port, wait_for_port
 
 
 def test_demo_serves_three_providers_and_stops_cleanly_on_ctrl_c() -> None:
-    port = free_port()
-    env = env_without_proxy_vars() | {"PROXY_PORT": str(port)}
+    port, admin_port = free_port(), free_port()
+    env = env_without_proxy_vars() | {"PROXY_PORT": str(port), "ADMIN_PORT": str(admin_port)}
     process = subprocess.Popen(
         [sys.executable, "-m", "failover_proxy", "demo"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -28,6 +28,8 @@ def test_demo_serves_three_providers_and_stops_cleanly_on_ctrl_c() -> None:
             assert broken.text == "aws: refusing\n"
             during = [http.get(f"http://127.0.0.1:{port}/hello") for _ in range(12)]
             http.post("http://127.0.0.1:9100/providers/aws/healthy")
+            status = http.get(f"http://127.0.0.1:{admin_port}/status").json()
+            page = http.get(f"http://127.0.0.1:{admin_port}/")
     finally:
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=20)
@@ -40,6 +42,11 @@ def test_demo_serves_three_providers_and_stops_cleanly_on_ctrl_c() -> None:
     assert [r.status_code for r in during] == [200] * 12
     assert {r.json()["provider"] for r in during} == {"azure", "gcp"}
     assert f"curl http://127.0.0.1:{port}/" in text
+    assert f"Live status page: http://127.0.0.1:{admin_port}/" in text
+    assert set(status["upstreams"]["web"]["providers"]) == {"aws", "azure", "gcp"}
+    assert page.status_code == 200 and "failover-proxy status" in page.text
+    logged = [line for line in text.splitlines() if line.startswith('{"time"')]
+    assert len(logged) == 18 and all('"path":"/hello"' in line for line in logged)
     assert process.returncode == 0, text
     assert "Traceback" not in text
 

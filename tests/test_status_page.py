@@ -1,0 +1,118 @@
+"""The live status page in a real headless browser (Debian's chromium + chromedriver).
+
+The page is loaded from the admin listener of the real proxy; a provider is forced down through
+the admin API, and the page, refreshing itself, must show that provider's card turn down and the
+failover in its history. `make test` installs chromium and chromium-driver when missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from failover_proxy.faults import FaultBackend
+
+from .conftest import FileProxy
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--disable-gpu", "--window-size=1280,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+async def providers() -> AsyncIterator[list[FaultBackend]]:
+    backends = [FaultBackend(f"{p}-a", p) for p in ("aws", "azure", "gcp")]
+    for backend in backends:
+        await backend.start()
+    yield backends
+    for backend in backends:
+        await backend.stop()
+
+
+_SNAPSHOT = """
+const cards = {};
+for (const card of document.querySelectorAll(".provider[data-upstream='web']")) {
+  cards[card.dataset.provider] = {state: card.dataset.state, class: card.className,
+                                  text: card.innerText};
+}
+return {cards: cards, events: document.getElementById("events").innerText,
+        readiness: document.getElementById("readiness").innerText};
+"""
+
+
+def snapshot(driver: WebDriver) -> dict[str, Any]:
+    """The page as drawn at one moment (it redraws every second, so elements come and go)."""
+    drawn: dict[str, Any] = driver.execute_script(_SNAPSHOT)
+    return drawn
+
+
+def card_states(driver: WebDriver) -> dict[str, str]:
+    return {name: card["state"] for name, card in snapshot(driver)["cards"].items()}
+
+
+def wait_for(driver: WebDriver, check: Callable[[WebDriver], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check(driver):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"page never showed it; cards: {card_states(driver)}")
+        time.sleep(0.1)
+
+
+async def test_status_page_shows_a_forced_down_provider(
+    browser: WebDriver,
+    providers: list[FaultBackend],
+    file_proxy: Callable[[str], Awaitable[FileProxy]],
+) -> None:
+    entries = "".join(
+        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
+        for b in providers
+    )
+    proxy = await file_proxy(
+        "listen: {port: 0}\nadmin: {port: 0, token: drill}\naccess_log: {enabled: false}\n"
+        f"upstreams:\n  web:\n    backends:\n{entries}"
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+    )
+    await asyncio.to_thread(browser.get, proxy.admin + "/")
+    await asyncio.to_thread(
+        wait_for, browser, lambda d: card_states(d) == {"aws": "up", "azure": "up", "gcp": "up"}
+    )
+    assert snapshot(browser)["readiness"] == "ready"
+    async with httpx.AsyncClient(base_url=proxy.admin, trust_env=False) as admin:
+        forced = await admin.post("/providers/web/azure/force-down",
+                                  headers={"Authorization": "Bearer drill"})
+    assert forced.status_code == 200
+    await asyncio.to_thread(wait_for, browser, lambda d: card_states(d)["azure"] == "down")
+    page = snapshot(browser)
+    azure = page["cards"]["azure"]
+    assert "state-down" in azure["class"]
+    assert "forced down by an operator" in azure["text"]
+    assert "0% of new requests" in azure["text"]
+    assert "50% of new requests" in page["cards"]["aws"]["text"]
+    assert "azure left rotation, traffic to aws, gcp" in page["events"]
+    # The page is self-contained: nothing it loads comes from anywhere but the admin listener.
+    sources = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+    )
+    assert sources and all(src.startswith(proxy.admin) for src in sources), sources
