@@ -1,6 +1,7 @@
 # failover-proxy as an edge gateway container.
 #   docker build -t failover-proxy .
-#   docker run -p 8080:8080 -e LISTEN_HOST=0.0.0.0 \
+#   docker run -p 8080:8080 -p 9901:9901 -e LISTEN_HOST=0.0.0.0 \
+#       -e ADMIN_HOST=0.0.0.0 -e ADMIN_TOKEN=change-me \
 #       -v $PWD/my-config.yaml:/etc/failover-proxy/config.yaml:ro failover-proxy
 # A config that fails validation makes the container exit 2 with file:line: field messages.
 
@@ -23,6 +24,7 @@ WORKDIR /app
 COPY config ./config
 RUN mkdir -p /etc/failover-proxy && cp config/example.yaml /etc/failover-proxy/config.yaml
 USER proxy
-EXPOSE 8080
+EXPOSE 8080 9901
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["failover-proxy"]
 CMD ["run", "-c", "/etc/failover-proxy/config.yaml"]

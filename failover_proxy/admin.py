@@ -12,16 +12,17 @@ import asyncio
 import hmac
 import logging
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from .metrics import ProcessGauges, ProxyCollector, exposition
+from .metrics import MetricStore, ProcessGauges, exposition
 from .routing import normalize_host
 
 if TYPE_CHECKING:
-    from .server import ProxyServer
-    from .topology import Backend, Provider, Upstream
+    from .config import ProxyConfig
+    from .server import ReloadResult
+    from .topology import Backend, Provider, Topology, Upstream
 
 log = logging.getLogger("failover_proxy.admin")
 
@@ -30,17 +31,38 @@ _STATIC = resources.files("failover_proxy") / "static"
 _STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
-class AdminServer:
-    """The admin API of one proxy process."""
+class AdminTarget(Protocol):
+    """What the admin API reads and steers: one proxy process, or the supervisor of workers
+    (whose topology is the one health picture all workers act on)."""
 
-    def __init__(self, proxy: ProxyServer) -> None:
+    config: ProxyConfig
+    store: MetricStore
+    draining: bool
+
+    @property
+    def topology(self) -> Topology: ...
+
+    def readiness(self) -> tuple[bool, str]: ...
+
+    async def reload(self, source: str = "request") -> ReloadResult: ...
+
+    async def live_stats(self) -> tuple[MetricStore, ProcessGauges]:
+        """Every count so far and the live gauges (also brought up to date on the topology's
+        backends: in-flight requests, latency)."""
+        ...
+
+    def worker_status(self) -> list[dict[str, int]]:
+        """The processes serving traffic as of the last live_stats: pid, connections, requests."""
+        ...
+
+
+class AdminServer:
+    """The admin API of a proxy."""
+
+    def __init__(self, proxy: AdminTarget) -> None:
         self.proxy = proxy
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        self.collector = ProxyCollector(
-            lambda: proxy.store, lambda: proxy.plane.topology if proxy.plane else None,
-            self._gauges,
-        )
 
     async def start(self, host: str, port: int) -> None:
         app = web.Application(middlewares=[self._authorize])
@@ -72,13 +94,6 @@ class AdminServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    def _gauges(self) -> ProcessGauges:
-        plane = self.proxy.plane
-        if plane is None:
-            return ProcessGauges(0, 0)
-        active = sum(u.active_requests for u in plane.topology.upstreams.values())
-        return ProcessGauges(active, len(plane.connections))
 
     # -- access ----------------------------------------------------------------------------------
 
@@ -113,11 +128,13 @@ class AdminServer:
         return web.Response(text=reason + "\n", status=200 if ready else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:
-        body = exposition([self.collector])
+        store, gauges = await self.proxy.live_stats()
+        body = exposition(store, self.proxy.topology, gauges)
         return web.Response(body=body, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def _status(self, _: web.Request) -> web.Response:
+        await self.proxy.live_stats()
         return web.json_response(status_document(self.proxy))
 
     async def _debug_route(self, request: web.Request) -> web.Response:
@@ -231,7 +248,7 @@ def _not_found(message: str, known: list[str]) -> web.HTTPNotFound:
 # -- the status document ---------------------------------------------------------------------------
 
 
-def status_document(proxy: ProxyServer) -> dict[str, Any]:
+def status_document(proxy: AdminTarget) -> dict[str, Any]:
     """Every upstream -> providers -> backends, with state, reason, shares and latency."""
     ready, reason = proxy.readiness()
     upstreams = {}
@@ -252,6 +269,7 @@ def status_document(proxy: ProxyServer) -> dict[str, Any]:
         "ready_reason": reason,
         "draining": proxy.draining,
         "upstreams": upstreams,
+        "workers": proxy.worker_status(),
         "recent_failovers": [event.as_dict() for event in reversed(proxy.store.events)],
     }
 

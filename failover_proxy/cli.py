@@ -50,12 +50,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .server import serve
-
     config = _load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG_ERROR
+    if config.worker_count > 1:
+        from .supervisor import supervise
+
+        return _run_loop(lambda: supervise(config, args.config))
+    from .server import serve
+
     return _run_loop(lambda: serve(config, config_path=args.config))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .worker import run_worker
+
+    return _run_loop(lambda: run_worker(args.listen_fd, args.ipc_fd))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -125,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--config", type=Path, default=None, help="config instead of config/demo.yaml"
     )
     demo.set_defaults(handler=cmd_demo)
+
+    # Started by the supervisor of `workers: N`, never by hand.
+    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--listen-fd", type=int, required=True)
+    worker.add_argument("--ipc-fd", type=int, required=True)
+    worker.set_defaults(handler=cmd_worker)
     return parser
 
 

@@ -428,6 +428,13 @@ class ProxyConfig(_Strict):
     drain: DrainConfig = DrainConfig()
     watch_config: bool = False
     """Reload when the config file changes (checked every second), besides SIGHUP and /reload."""
+    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = 1
+    """Processes serving traffic: `auto` = one per CPU. Above 1, a supervisor process holds the
+    listening socket, the health checks and the admin listener, and the workers share them."""
+
+    @property
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
 
     @model_validator(mode="after")
     def _routes_name_upstreams(self) -> ProxyConfig:

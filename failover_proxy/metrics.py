@@ -10,7 +10,7 @@ reset on a reload, and that is plain data, so the counts of several processes ca
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +47,8 @@ ATTEMPT_HTTP_5XX, ATTEMPT_BAD_RESPONSE, ATTEMPT_CANCELLED, ATTEMPT_CLIENT_ERROR 
 DURATION_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
-"""Upper bounds (seconds) of the request duration histogram; a list of bucket counts has one
-slot per bound, one for +Inf, then the sum of observed seconds."""
+"""Upper bounds (seconds) of the request duration histogram; its list of slots has a count per
+bound, one for +Inf, then the sum of observed seconds (the data plane fills it in place)."""
 DURATION_SLOTS = len(DURATION_BUCKETS) + 2
 
 BACKEND_STATES = ("healthy", "unhealthy", "ejected", "draining")
@@ -146,6 +146,9 @@ class MetricStore:
             slots = self.durations[key] = [0.0] * DURATION_SLOTS
         return slots
 
+    def total_requests(self) -> int:
+        return sum(sum(counts) for counts in self.requests.values())
+
     def inc(self, name: str, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
         series = self.counters[name]
         series[labels] = series.get(labels, 0.0) + amount
@@ -153,16 +156,35 @@ class MetricStore:
     def record_event(self, event: ProviderEvent) -> None:
         self.events.append(event)
 
+    def to_wire(self) -> dict[str, Any]:
+        """The counts as JSON-ready data (a worker's answer to its supervisor)."""
+        return {
+            "requests": [[list(k), v] for k, v in self.requests.items()],
+            "attempts": [[list(k), v] for k, v in self.attempts.items()],
+            "durations": [[list(k), v] for k, v in self.durations.items()],
+            "counters": {
+                name: [[list(k), v] for k, v in series.items()]
+                for name, series in self.counters.items()
+                if series
+            },
+        }
 
-def observe_duration(slots: list[float], seconds: float) -> None:
-    """Count one request of `seconds` in a duration histogram's slots."""
-    index = 0
-    for bound in DURATION_BUCKETS:
-        if seconds <= bound:
-            break
-        index += 1
-    slots[index] += 1
-    slots[-1] += seconds
+    def add(self, wire: dict[str, Any]) -> None:
+        """Add another process's counts (from `to_wire`) to these."""
+        for key, counts in wire["requests"]:
+            _add_into(self.request_counts(*key), counts)
+        for key, counts in wire["attempts"]:
+            _add_into(self.attempt_counts(*key), counts)
+        for key, slots in wire["durations"]:
+            _add_into(self.duration_slots(*key), slots)
+        for name, series in wire["counters"].items():
+            for key, value in series:
+                self.inc(name, tuple(key), value)
+
+
+def _add_into(target: list[Any], values: list[Any]) -> None:
+    for index, value in enumerate(values):
+        target[index] += value
 
 
 @dataclass
@@ -174,23 +196,18 @@ class ProcessGauges:
 
 
 class ProxyCollector(Collector):
-    """Renders a store and the live topology as Prometheus metric families at scrape time."""
+    """Renders a store and the live topology as Prometheus metric families (at scrape time)."""
 
-    def __init__(
-        self,
-        store: Callable[[], MetricStore],
-        topology: Callable[[], Topology | None],
-        gauges: Callable[[], ProcessGauges],
-    ) -> None:
+    def __init__(self, store: MetricStore, topology: Topology, gauges: ProcessGauges) -> None:
         self._store = store
         self._topology = topology
         self._gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
-        store = self._store()
+        store = self._store
         yield from _request_families(store)
         yield from _counter_families(store)
-        gauges = self._gauges()
+        gauges = self._gauges
         active = GaugeMetricFamily(PREFIX + "active_requests", "Requests in progress.")
         active.add_metric([], gauges.active_requests)
         connections = GaugeMetricFamily(
@@ -202,9 +219,7 @@ class ProxyCollector(Collector):
         )
         generation.add_metric([], store.config_generation)
         yield from (active, connections, generation)
-        topology = self._topology()
-        if topology is not None:
-            yield from _topology_families(topology)
+        yield from _topology_families(self._topology)
 
 
 def _request_families(store: MetricStore) -> Iterator[Metric]:
@@ -300,9 +315,8 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
     yield from (backend_up, backend_state, provider_up, provider_state, share, in_flight)
 
 
-def exposition(collectors: Iterable[Collector]) -> bytes:
-    """The Prometheus text format of the given collectors (and nothing else)."""
+def exposition(store: MetricStore, topology: Topology, gauges: ProcessGauges) -> bytes:
+    """The Prometheus text format of every metric of the proxy."""
     registry = CollectorRegistry(auto_describe=False)
-    for collector in collectors:
-        registry.register(collector)
+    registry.register(ProxyCollector(store, topology, gauges))
     return generate_latest(registry)

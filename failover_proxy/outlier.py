@@ -10,6 +10,7 @@ its first failure ejects it again (for longer), its first success ends the proba
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,13 +29,21 @@ class OutlierDetector:
         self.upstream = upstream
         self.config = upstream.config.outlier
         self.correlated = upstream.config.policy.correlated_failures
+        self.report: Callable[[str, Backend, str], None] | None = None
+        """In a worker process: hand outcomes to the supervisor, whose detector decides for
+        every worker at once (its decisions come back as a shared health view)."""
 
     def on_success(self, backend: Backend) -> None:
         backend.consecutive_failures = 0
         backend.on_probation = False
+        if self.report is not None:
+            self.report("success", backend, "")
 
     def on_failure(self, backend: Backend, now: float, why: str) -> None:
         """A request to `backend` failed (connect failure, reset, timeout or a failure status)."""
+        if self.report is not None:
+            self.report("failure", backend, why)
+            return
         backend.consecutive_failures += 1
         upstream = self.upstream
         provider = upstream.providers[backend.provider]

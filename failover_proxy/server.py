@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import signal
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,11 +25,15 @@ from .config import AccessLogConfig, ConfigError, ProxyConfig, load_config
 from .dataplane.downstream import ClientLimits
 from .dataplane.state import DataPlane
 from .health import HealthChecker
-from .metrics import MetricStore
-from .topology import Topology, build_topology
+from .metrics import MetricStore, ProcessGauges
+from .topology import Backend, Topology, build_topology
 
 if TYPE_CHECKING:
     from .admin import AdminServer
+
+OutcomeReporter = Callable[[str, str, Backend, str], None]
+"""(kind: failure | success, upstream, backend, why): a worker's passive outcomes, sent to the
+supervisor whose outlier detector decides for all workers."""
 
 log = logging.getLogger("failover_proxy")
 
@@ -42,11 +49,24 @@ class ReloadResult:
 
 
 class ProxyServer:
-    """One proxy process: the data-plane listener, health checks, the admin listener."""
+    """One proxy process: the data-plane listener, health checks, the admin listener.
 
-    def __init__(self, config: ProxyConfig, config_path: str | Path | None = None) -> None:
+    As a worker of a supervisor (`report_outcome` given) it serves on the supervisor's socket
+    and leaves health checks, outlier decisions and the admin listener to the supervisor.
+    """
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        config_path: str | Path | None = None,
+        *,
+        listen_socket: socket.socket | None = None,
+        report_outcome: OutcomeReporter | None = None,
+    ) -> None:
         self.config = config
         self.config_path = str(config_path) if config_path is not None else None
+        self.listen_socket = listen_socket
+        self.report_outcome = report_outcome
         self.store = MetricStore()
         self.plane: DataPlane | None = None
         self.health = HealthChecker()
@@ -67,17 +87,25 @@ class ProxyServer:
         config = self.config
         self.store.config_generation = 1
         topology = build_topology(config, self.store, now=loop.time())
+        self._adopt(topology)
         self.plane = plane = DataPlane(loop, topology, config.limits, store=self.store)
         self._apply_logging(config)
         listen = config.listen
-        self._server = await loop.create_server(
-            plane.protocol_factory,
-            listen.host,
-            listen.port,
-            backlog=listen.backlog,
-            reuse_address=True,
-        )
+        if self.listen_socket is not None:
+            self._server = await loop.create_server(
+                plane.protocol_factory, sock=self.listen_socket, backlog=listen.backlog
+            )
+        else:
+            self._server = await loop.create_server(
+                plane.protocol_factory,
+                listen.host,
+                listen.port,
+                backlog=listen.backlog,
+                reuse_address=True,
+            )
         plane.start()
+        if self.report_outcome is not None:
+            return  # a worker: the supervisor probes, decides and answers the admin API
         self.health.update(list(topology.upstreams.values()))  # probes start at once
         if config.admin is not None:
             from .admin import AdminServer
@@ -85,7 +113,7 @@ class ProxyServer:
             self.admin = AdminServer(self)
             await self.admin.start(config.admin.host, config.admin.port)
         if self.config_path is not None:
-            self._config_digest = _digest(self.config_path)
+            self._config_digest = file_digest(self.config_path)
             if config.watch_config:
                 self._watcher = loop.create_task(self._watch_config())
         log.info("proxy listening on %s", ", ".join(self.addresses))
@@ -104,6 +132,18 @@ class ProxyServer:
             host, port = sock.getsockname()[:2]
             out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
+
+    async def live_stats(self) -> tuple[MetricStore, ProcessGauges]:
+        plane = self.plane
+        if plane is None:
+            return self.store, ProcessGauges(0, 0)
+        active = sum(u.active_requests for u in plane.topology.upstreams.values())
+        return self.store, ProcessGauges(active, len(plane.connections))
+
+    def worker_status(self) -> list[dict[str, int]]:
+        connections = len(self.plane.connections) if self.plane is not None else 0
+        return [{"pid": os.getpid(), "connections": connections,
+                 "requests": self.store.total_requests()}]
 
     # -- readiness -------------------------------------------------------------------------------
 
@@ -139,32 +179,41 @@ class ProxyServer:
         warnings = self._restart_only_changes(new)
         for warning in warnings:
             log.warning("reload (%s): %s", source, warning)
-        await self._apply(new)
+        await self.apply_config(new)
         store.config_generation += 1
         store.inc("config_reloads", ("success",))
-        self._config_digest = _digest(self.config_path)
+        self._config_digest = file_digest(self.config_path)
         log.info("reload (%s): config generation %d in service", source, store.config_generation)
         return ReloadResult(True, store.config_generation, [], warnings)
 
     def _restart_only_changes(self, new: ProxyConfig) -> list[str]:
-        old = self.config
-        warnings = []
-        if new.listen != old.listen:
-            warnings.append("listen changed: it takes effect at the next restart")
-        if new.admin != old.admin:
-            warnings.append("admin changed: it takes effect at the next restart")
-        return warnings
+        return restart_only_changes(self.config, new)
 
-    async def _apply(self, new: ProxyConfig) -> None:
+    def _adopt(self, topology: Topology) -> None:
+        """A worker's upstreams hand outcomes to the supervisor and leave counting provider
+        moves to it."""
+        report = self.report_outcome
+        if report is None:
+            return
+        for upstream in topology.upstreams.values():
+            upstream.records_moves = False
+            upstream.outlier.report = (
+                lambda kind, backend, why, name=upstream.name: report(kind, name, backend, why)
+            )
+
+    async def apply_config(self, new: ProxyConfig) -> None:
+        """Swap in a validated config (a reload, or a worker told to by its supervisor)."""
         plane = self.plane
         assert plane is not None
         loop = asyncio.get_running_loop()
         # Keep what only a restart can change, so the running config says what is in force.
-        new = new.model_copy(update={"listen": self.config.listen, "admin": self.config.admin})
+        new = new.model_copy(update=restart_only(self.config))
         topology = build_topology(new, self.store, previous=plane.topology, now=loop.time())
+        self._adopt(topology)
         plane.topology = topology  # the switch: new requests route by the new generation
         plane.limits = ClientLimits(new.limits)
-        self.health.update(list(topology.upstreams.values()))
+        if self.report_outcome is None:
+            self.health.update(list(topology.upstreams.values()))
         old_log = self._apply_logging(new)
         self.config = new
         if old_log is not None:
@@ -187,7 +236,7 @@ class ProxyServer:
         assert self.config_path is not None
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            digest = _digest(self.config_path)
+            digest = file_digest(self.config_path)
             if digest and digest != self._config_digest:
                 self._config_digest = digest
                 await self.reload("file changed")
@@ -238,7 +287,21 @@ class ProxyServer:
             plane.access_log = None
 
 
-def _digest(path: str) -> bytes:
+def restart_only(config: ProxyConfig) -> dict[str, object]:
+    """The settings a reload cannot change (sockets are bound, processes started)."""
+    return {"listen": config.listen, "admin": config.admin, "workers": config.workers}
+
+
+def restart_only_changes(old: ProxyConfig, new: ProxyConfig) -> list[str]:
+    return [
+        f"{name} changed: it takes effect at the next restart"
+        for name, value in restart_only(old).items()
+        if getattr(new, name) != value
+    ]
+
+
+def file_digest(path: str) -> bytes:
+    """What a config file holds now (empty when it cannot be read), to notice changes."""
     try:
         return hashlib.sha256(Path(path).read_bytes()).digest()
     except OSError:

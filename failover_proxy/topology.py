@@ -193,6 +193,9 @@ class Upstream:
         self.ssl_context: ssl.SSLContext | None = None
         self.listeners: list[Callable[[Upstream], None]] = []
         """Called after every change of state (metrics, status page)."""
+        self.records_moves = True
+        """Count providers leaving rotation; off in worker processes, whose supervisor counts
+        them once for all."""
         if previous is not None:  # a reload: providers carry on in the state they were in
             for provider in self.providers.values():
                 old_provider = previous.providers.get(provider.name)
@@ -265,7 +268,7 @@ class Upstream:
             )
         self.ramping = ramping
         self.policy.rebuild(everyone=spread)
-        if left or returned:
+        if (left or returned) and self.records_moves:
             self._record_moves(left, returned)
         self.generation += 1
         for listener in self.listeners:

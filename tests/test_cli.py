@@ -59,6 +59,7 @@ def test_run_serves_a_config_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
         "upstreams:\n  web:\n    backends:\n"
         f"      - {{name: dead, url: 'http://127.0.0.1:{free_port()}', provider: aws}}\n"
         "routes:\n  - {path_prefix: /, upstream: web}\n"
+        "drain: {delay: 200ms}\n"  # the graceful stop's serving-while-unready stretch
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "failover_proxy", "run", "-c", str(config)],

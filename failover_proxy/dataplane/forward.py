@@ -361,9 +361,10 @@ class Attempt:
             return
         self.done = True
         self.detail = detail
-        counter = _OUTCOME_COUNTER[outcome]
-        if counter == ATTEMPT_OK and self.status >= 500:
-            counter = ATTEMPT_HTTP_5XX
+        if outcome is Outcome.OK:
+            counter = ATTEMPT_HTTP_5XX if self.status >= 500 else ATTEMPT_OK
+        else:
+            counter = _OUTCOME_COUNTER[outcome]
         self.backend.attempt_counts[counter] += 1
         if self.per_try_timer is not None:
             self.per_try_timer.cancel()
@@ -439,6 +440,7 @@ class Exchange:
         "bytes_out",
         "connecting",
         "downstream",
+        "ended",
         "finished",
         "first_byte_timeout",
         "head",
@@ -467,6 +469,7 @@ class Exchange:
         self.upstream = upstream = route.upstream
         self.status = 0
         self.bytes_out = 0
+        self.ended = 0.0
         self.attempt: Attempt | None = None
         self.hedge: Attempt | None = None
         self.hedge_timer: asyncio.TimerHandle | None = None
@@ -550,7 +553,7 @@ class Exchange:
         assert backend is not None
         self.attempts += 1
         backend.attempts_total += 1
-        self.started = perf_counter()
+        self.started = self.began if self.attempts == 1 else perf_counter()
         conn = backend.pool.take_idle(self.downstream.plane.clock)
         if conn is not None:
             self._start(conn, reused=True)
@@ -608,7 +611,8 @@ class Exchange:
             suspect = backend.consecutive_failures or backend.on_probation
             if suspect and not attempt.failure_status:
                 self.upstream.outlier.on_success(backend)
-            self.upstream.record_latency(backend, perf_counter() - self.started)
+            self.ended = now = perf_counter()
+            self.upstream.record_latency(backend, now - self.started)
             self._end()
             return
         if outcome is Outcome.UPGRADED:
@@ -829,7 +833,7 @@ class Exchange:
 
     def _record(self, status: int) -> None:
         """Count the finished request (status class, duration) and write its access log line."""
-        seconds = perf_counter() - self.began
+        seconds = (self.ended or perf_counter()) - self.began
         if status < 100:
             status = 400  # the client broke its own request; the queued rejection answers it
         backend = self.backend

@@ -1,0 +1,374 @@
+"""The supervisor of a multi-process proxy (`workers: N` above 1, or `auto`).
+
+It binds the listening socket once and hands it to every worker: one accept queue that all
+workers take connections from. (With SO_REUSEPORT each worker would have its own queue, and the
+connections waiting in a worker's queue are dropped when that worker dies or closes; an
+inherited socket loses nothing while any worker lives.) It owns the one health picture: the
+active health checks run here, once, not once per worker; every worker's passive failures come
+here and feed one outlier detector, so a failure correlated across workers takes a provider
+down for all of them; each change goes to every worker at once (well under the 100 ms the
+design allows). It serves the admin API with the sum of all workers' counts, carries reloads
+and drains to every worker, and restarts a worker that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import ipc
+from .admin import AdminServer
+from .config import ConfigError, ProxyConfig, parse_config
+from .dataplane.state import SWEEP_INTERVAL
+from .health import HealthChecker
+from .healthview import export_view
+from .metrics import MetricStore, ProcessGauges
+from .server import (
+    WATCH_INTERVAL,
+    ReloadResult,
+    file_digest,
+    restart_only,
+    restart_only_changes,
+)
+from .topology import Topology, Upstream, build_topology
+
+log = logging.getLogger("failover_proxy.supervisor")
+
+STATS_TIMEOUT = 2.0
+RESTART_BACKOFF = 0.5
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    slot: int
+    process: asyncio.subprocess.Process
+    writer: asyncio.StreamWriter
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    pid: int = 0
+
+
+class Supervisor:
+    """Starts, feeds and watches the worker processes; implements admin.AdminTarget."""
+
+    def __init__(self, config: ProxyConfig, config_path: str | Path) -> None:
+        self.config = config
+        self.config_path = str(config_path)
+        self.config_text = Path(config_path).read_text(encoding="utf-8")
+        self.store = MetricStore()
+        self.health = HealthChecker()
+        self.admin: AdminServer | None = None
+        self.draining = False
+        self.workers: dict[int, WorkerHandle] = {}
+        self._topology: Topology | None = None
+        self._socket: socket.socket | None = None
+        self._view_version = 0
+        self._view_pending = False
+        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._request_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._worker_status: list[dict[str, int]] = []
+
+    @property
+    def topology(self) -> Topology:
+        assert self._topology is not None, "not started"
+        return self._topology
+
+    # -- start -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.config.listen
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(listen.backlog)
+        sock.setblocking(False)
+        sock.set_inheritable(True)
+        self._socket = sock
+        self.store.config_generation = 1
+        self._adopt(build_topology(self.config, self.store, now=loop.time()))
+        for slot in range(self.config.worker_count):
+            await self._spawn(slot)
+        await asyncio.gather(*(w.ready.wait() for w in self.workers.values()))
+        self._keep(self._sweep_forever())
+        if self.config.admin is not None:
+            self.admin = AdminServer(self)
+            await self.admin.start(self.config.admin.host, self.config.admin.port)
+        if self.config.watch_config:
+            self._keep(self._watch_config())
+        log.info("proxy listening on %s:%d with %d workers", listen.host, self.port,
+                 len(self.workers))
+
+    @property
+    def port(self) -> int:
+        assert self._socket is not None
+        port: int = self._socket.getsockname()[1]
+        return port
+
+    def _adopt(self, topology: Topology) -> None:
+        """Make `topology` the health picture: probed here, sent to workers on every change."""
+        for upstream in topology.upstreams.values():
+            upstream.listeners.append(self._state_changed)
+        self._topology = topology
+        self.health.update(list(topology.upstreams.values()))
+        self._state_changed()
+
+    def _keep(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    async def _spawn(self, slot: int) -> None:
+        assert self._socket is not None
+        ours, theirs = socket.socketpair()
+        theirs.set_inheritable(True)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "failover_proxy", "worker",
+            "--listen-fd", str(self._socket.fileno()), "--ipc-fd", str(theirs.fileno()),
+            pass_fds=(self._socket.fileno(), theirs.fileno()),
+        )
+        theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        worker = WorkerHandle(slot, process, writer)
+        self.workers[slot] = worker
+        ipc.send(writer, {"t": "config", "text": self.config_text, "file": self.config_path})
+        ipc.send(writer, self._view())
+        self._keep(self._listen(worker, reader))
+        self._keep(self._watch(worker))
+
+    async def _listen(self, worker: WorkerHandle, reader: asyncio.StreamReader) -> None:
+        loop = asyncio.get_running_loop()
+        while (message := await ipc.receive(reader)) is not None:
+            kind = message["t"]
+            if kind in ("failure", "success"):
+                upstream = self.topology.upstreams.get(message["upstream"])
+                backend = self.topology.backend(message["upstream"], message["backend"])
+                if upstream is None or backend is None:
+                    continue  # from a generation since replaced
+                if kind == "failure":
+                    upstream.outlier.on_failure(backend, loop.time(), message["why"])
+                else:
+                    upstream.outlier.on_success(backend)
+                self._state_changed()
+            elif kind == "stats":
+                reply = self._replies.pop(message["id"], None)
+                if reply is not None and not reply.done():
+                    reply.set_result(message)
+            elif kind == "ready":
+                worker.pid = message["pid"]
+                worker.ready.set()
+
+    async def _watch(self, worker: WorkerHandle) -> None:
+        """Restart a worker that dies (unless stopping), logged and counted."""
+        code = await worker.process.wait()
+        worker.writer.close()
+        if self._stopping or self.workers.get(worker.slot) is not worker:
+            return
+        log.error("worker %d (pid %d) died with exit code %d; restarting it",
+                  worker.slot, worker.process.pid, code)
+        self.store.inc("worker_restarts")
+        await asyncio.sleep(RESTART_BACKOFF)
+        if not self._stopping:
+            await self._spawn(worker.slot)
+
+    # -- the shared health view ------------------------------------------------------------------
+
+    def _state_changed(self, _: Upstream | None = None) -> None:
+        """Send every worker the new view, once per turn of the event loop however many
+        changes it had."""
+        if not self._view_pending:
+            self._view_pending = True
+            asyncio.get_running_loop().call_soon(self._broadcast)
+
+    def _broadcast(self) -> None:
+        self._view_pending = False
+        view = self._view()
+        for worker in self.workers.values():
+            ipc.send(worker.writer, view)
+
+    def _view(self) -> dict[str, Any]:
+        self._view_version += 1
+        return export_view(self.topology, asyncio.get_running_loop().time(), self._view_version)
+
+    async def _sweep_forever(self) -> None:
+        """Ejections and hold-downs end, slow starts ramp: on the supervisor's clock."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            for upstream in self.topology.upstreams.values():
+                upstream.outlier.sweep(loop.time())
+
+    # -- admin.AdminTarget -----------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining: shutting down"
+        if not any(w.ready.is_set() for w in self.workers.values()):
+            return False, "no worker running"
+        for upstream in self.topology.upstreams.values():
+            providers = upstream.providers
+            if not any(b.usable and not providers[b.provider].forced_down
+                       for b in upstream.backends):
+                return False, f"upstream {upstream.name} has no usable backend"
+        return True, "ready"
+
+    async def live_stats(self) -> tuple[MetricStore, ProcessGauges]:
+        """Ask every worker for its counts and add them up; in-flight requests and latency
+        go onto this process's backends, so /status shows the whole proxy."""
+        loop = asyncio.get_running_loop()
+        asked = []
+        for worker in self.workers.values():
+            request_id = next(self._request_ids)
+            reply: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self._replies[request_id] = reply
+            ipc.send(worker.writer, {"t": "stats", "id": request_id})
+            asked.append((request_id, reply))
+        done, _ = await asyncio.wait([r for _, r in asked], timeout=STATS_TIMEOUT) if asked else (
+            set(), set())
+        for request_id, _ in asked:
+            self._replies.pop(request_id, None)
+        replies = [reply.result() for reply in done]
+        if len(replies) < len(asked):
+            log.warning("%d of %d workers did not report in time", len(asked) - len(replies),
+                        len(asked))
+        self._worker_status = [
+            {"pid": answer["pid"], "connections": answer["connections"],
+             "requests": sum(sum(counts) for _, counts in answer["store"]["requests"])}
+            for answer in replies
+        ]
+        total = MetricStore()
+        total.add(self.store.to_wire())
+        total.config_generation = self.store.config_generation
+        total.events = self.store.events
+        for upstream in self.topology.upstreams.values():
+            upstream.active_requests = 0
+            for backend in upstream.backends:
+                backend.in_flight = 0
+        latencies: dict[tuple[str, str], list[float]] = {}
+        connections = 0
+        for answer in replies:
+            total.add(answer["store"])
+            connections += answer["connections"]
+            for name, active in answer["active"].items():
+                if name in self.topology.upstreams:
+                    self.topology.upstreams[name].active_requests += active
+            for upstream_name, backend_name, in_flight, latency in answer["backends"]:
+                serving = self.topology.backend(upstream_name, backend_name)
+                if serving is not None:
+                    serving.in_flight += in_flight
+                    if latency:
+                        latencies.setdefault((upstream_name, backend_name), []).append(latency)
+        for (upstream_name, backend_name), values in latencies.items():
+            measured = self.topology.backend(upstream_name, backend_name)
+            if measured is not None:
+                measured.ewma_latency = sum(values) / len(values)
+        active = sum(u.active_requests for u in self.topology.upstreams.values())
+        return total, ProcessGauges(active, connections)
+
+    def worker_status(self) -> list[dict[str, int]]:
+        return self._worker_status
+
+    async def reload(self, source: str = "request") -> ReloadResult:
+        """Validate here; when good, rebuild the health picture and send every worker the new
+        config (each swaps generations the way a single process does)."""
+        store = self.store
+        try:
+            text = await asyncio.to_thread(Path(self.config_path).read_text, encoding="utf-8")
+            new = parse_config(text, self.config_path)
+        except (ConfigError, OSError) as exc:
+            store.inc("config_reloads", ("failure",))
+            errors = ([str(i) for i in exc.issues] if isinstance(exc, ConfigError)
+                      else [f"{self.config_path}:1: (file): {exc}"])
+            for line in errors:
+                log.error("reload (%s) refused, still serving the old config: %s", source, line)
+            return ReloadResult(False, store.config_generation, errors)
+        warnings = restart_only_changes(self.config, new)
+        for warning in warnings:
+            log.warning("reload (%s): %s", source, warning)
+        loop = asyncio.get_running_loop()
+        new = new.model_copy(update=restart_only(self.config))
+        store.config_generation += 1
+        self.config, self.config_text = new, text
+        topology = build_topology(new, store, previous=self.topology, now=loop.time())
+        for worker in self.workers.values():
+            ipc.send(worker.writer, {"t": "config", "text": text, "file": self.config_path,
+                                     "generation": store.config_generation})
+        self._adopt(topology)
+        store.inc("config_reloads", ("success",))
+        log.info("reload (%s): config generation %d in service", source, store.config_generation)
+        return ReloadResult(True, store.config_generation, [], warnings)
+
+    async def _watch_config(self) -> None:
+        digest = file_digest(self.config_path)
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            latest = file_digest(self.config_path)
+            if latest and latest != digest:
+                digest = latest
+                await self.reload("file changed")
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    async def drain(self, delay: float, grace: float) -> None:
+        """Every worker drains (serving `delay` more, then finishing requests within `grace`);
+        the supervisor closes its copy of the socket so that, once the workers close theirs,
+        new connections are refused rather than left waiting."""
+        self.draining = True
+        self._stopping = True
+        for worker in self.workers.values():
+            ipc.send(worker.writer, {"t": "drain", "delay": delay, "grace": grace})
+        if self._socket is not None:
+            self._socket.close()
+        processes = [w.process for w in self.workers.values()]
+        try:
+            async with asyncio.timeout(delay + grace + 5):
+                await asyncio.gather(*(p.wait() for p in processes))
+        except TimeoutError:
+            log.error("workers still running after the drain: killing them")
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+        await self.stop()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for worker in self.workers.values():
+            if worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                await worker.process.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.health.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        if self._socket is not None:
+            self._socket.close()
+
+
+async def supervise(config: ProxyConfig, config_path: str) -> None:
+    """Run a multi-process proxy until SIGTERM (drain with its delay) or SIGINT (without);
+    SIGHUP reloads the config file."""
+    supervisor = Supervisor(config, config_path)
+    await supervisor.start()
+    loop = asyncio.get_running_loop()
+    stop_requested: asyncio.Queue[int] = asyncio.Queue()
+    for stopper in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(stopper, stop_requested.put_nowait, stopper)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(supervisor.reload("SIGHUP")))
+    signum = await stop_requested.get()
+    drain = supervisor.config.drain
+    log.info("%s: stopping gracefully", signal.Signals(signum).name)
+    await supervisor.drain(drain.delay if signum == signal.SIGTERM else 0.0, drain.timeout)

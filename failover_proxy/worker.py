@@ -1,0 +1,104 @@
+"""A worker process of a multi-process proxy (`workers: N`), started by the supervisor.
+
+It serves the data plane on the listening socket it inherited and takes everything else from
+the supervisor over its message socket: the config (validated there), the shared health view,
+reloads and the order to drain. It sends back its passive failures and, when asked, its counts.
+Ctrl-C reaches the whole process group, so a worker ignores SIGINT and waits for its orders; if
+the supervisor goes away, the worker drains and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from . import ipc
+from .config import ConfigError, parse_config
+from .healthview import apply_view
+from .server import ProxyServer
+from .topology import Backend
+
+log = logging.getLogger("failover_proxy.worker")
+
+
+async def run_worker(listen_fd: int, ipc_fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=ipc_fd))
+    first = await ipc.receive(reader)
+    if first is None or first.get("t") != "config":
+        raise SystemExit("worker: the supervisor sent no config")
+    config = parse_config(first["text"], first["file"])
+
+    def report(kind: str, upstream: str, backend: Backend, why: str) -> None:
+        ipc.send(writer, {"t": kind, "upstream": upstream, "backend": backend.name, "why": why})
+
+    server = ProxyServer(
+        config,
+        listen_socket=socket.socket(fileno=listen_fd),
+        report_outcome=report,
+    )
+    await server.start()
+    order = DrainOrder(0.0, server.config.drain.timeout)
+    loop.add_signal_handler(signal.SIGTERM, order.given.set)
+    ipc.send(writer, {"t": "ready", "pid": os.getpid()})
+    following = loop.create_task(_follow(server, reader, writer, order))
+    await order.given.wait()
+    await server.drain(order.delay, order.grace)
+    following.cancel()
+    writer.close()
+
+
+class DrainOrder:
+    """When and how to stop: from the supervisor, SIGTERM, or the supervisor going away."""
+
+    def __init__(self, delay: float, grace: float) -> None:
+        self.delay = delay
+        self.grace = grace
+        self.given = asyncio.Event()
+
+
+async def _follow(
+    server: ProxyServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    order: DrainOrder,
+) -> None:
+    """Carry out the supervisor's messages (also while draining: it still asks for counts)."""
+    loop = asyncio.get_running_loop()
+    while (message := await ipc.receive(reader)) is not None:
+        kind = message["t"]
+        if kind == "health":
+            apply_view(server.topology, message, loop.time())
+        elif kind == "stats":
+            ipc.send(writer, {"t": "stats", "id": message["id"], **_stats(server)})
+        elif kind == "config":
+            try:
+                config = parse_config(message["text"], message["file"])
+            except ConfigError as exc:  # validated by the supervisor: only a changed env
+                log.error("worker %d cannot load the new config: %s", os.getpid(), exc)
+                continue
+            await server.apply_config(config)
+            server.store.config_generation = message["generation"]
+        elif kind == "drain":
+            order.delay, order.grace = message["delay"], message["grace"]
+            order.given.set()
+    order.given.set()  # the supervisor is gone: nobody is left to give orders
+
+
+def _stats(server: ProxyServer) -> dict[str, Any]:
+    """This worker's counts and live numbers, for the supervisor to add up."""
+    plane = server.plane
+    assert plane is not None
+    upstreams = plane.topology.upstreams.values()
+    return {
+        "pid": os.getpid(),
+        "store": server.store.to_wire(),
+        "connections": len(plane.connections),
+        "active": {u.name: u.active_requests for u in upstreams},
+        "backends": [
+            [u.name, b.name, b.in_flight, b.ewma_latency] for u in upstreams for b in u.backends
+        ],
+    }
