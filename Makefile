@@ -32,10 +32,12 @@ test: $(VENV)/.installed system-deps
 	$(BIN)/mypy --strict failover_proxy
 	$(BIN)/pytest -q
 
-# Installs nginx and wrk with apt-get when missing; prints req/s, p50, p99 and the ratio to nginx;
-# then breaks a provider in every fault mode under load. Tables go to benchmarks/results/.
+# Installs nginx, haproxy, wrk and hey with apt-get when missing; failover-proxy against nginx
+# and HAProxy (1 worker and all cores, small and 64 KiB bodies, 64 and 256 connections, latency
+# at a fixed rate, memory with 10k idle connections and a 1 GiB stream); then a provider broken
+# in every fault mode under load. Tables go to benchmarks/results/ (about 10 minutes).
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/proxy_vs_nginx.py
+	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/failover.py
 
 clean:

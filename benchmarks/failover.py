@@ -33,6 +33,7 @@ from failover_proxy.topology import Upstream
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = """
 listen: {{host: 127.0.0.1, port: 0}}
+access_log: {{enabled: false}}
 upstreams:
   web:
     backends:

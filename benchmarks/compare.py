@@ -1,0 +1,409 @@
+"""failover-proxy against nginx and HAProxy on this machine, in one run, before one backend.
+
+The backend is nginx (one worker, pinned to the last core) serving a 100-byte body at /small
+and a 64 KiB file at /64k. In front of it, each on its own port and all started at once:
+nginx as a reverse proxy (upstream keepalive pool), HAProxy (http-reuse always) and
+failover-proxy (health checks, retries, metrics and the admin listener on), each with one worker
+(pinned to core 0, wrk on the other core) and with one worker per core (unpinned, wrk too).
+Access logs are off for all. Runs alternate target by target, round after round, so drift hits
+all alike; each figure is the median over rounds, and ratios are to nginx at the same worker
+count. Then: latency added at a fixed 5k req/s (hey) against the direct path, memory with
+10,000 idle keep-alive client connections, and memory while a 1 GiB body streams through.
+
+    python benchmarks/compare.py [--duration 5] [--rounds 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common import (
+    RESULTS,
+    ROOT,
+    LoadResult,
+    ensure_tools,
+    free_port,
+    process_tree,
+    raise_open_file_limit,
+    rss_mib,
+    run_hey,
+    run_wrk,
+    start_nginx,
+    wait_port,
+)
+
+SMALL_BODY = "x" * 100
+CORES = os.cpu_count() or 1
+PROXIES = ("nginx", "haproxy", "failover-proxy")
+
+
+@dataclass
+class Target:
+    name: str
+    workers: str
+    """1, or all (one per core)."""
+    port: int
+    process: subprocess.Popen[bytes]
+    idle_rss_mib: float = 0.0
+
+    @property
+    def pinned(self) -> bool:
+        return self.workers == "1"
+
+    def rss(self) -> list[float]:
+        """RSS of each process (for nginx and failover-proxy: the workers and their master)."""
+        return [rss_mib(pid) for pid in process_tree(self.process.pid)]
+
+
+@dataclass
+class Row:
+    target: str
+    workers: str
+    body: str
+    connections: int
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    rss_mib_per_process: float
+    rps_vs_nginx: float = 0.0
+    p99_vs_nginx: float = 0.0
+    rounds: list[float] = field(default_factory=list)
+
+
+def haproxy_conf(port: int, backend_port: int, threads: int) -> str:
+    return f"""
+global
+    nbthread {threads}
+    maxconn 9000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend origin
+backend origin
+    server origin 127.0.0.1:{backend_port} maxconn 9000
+"""
+
+
+def failover_config(port: int, backend_port: int, workers: str) -> str:
+    return f"""
+listen: {{host: 127.0.0.1, port: {port}, backlog: 4096}}
+admin: {{host: 127.0.0.1, port: {free_port()}}}
+workers: {1 if workers == "1" else "auto"}
+access_log: {{enabled: false}}
+upstreams:
+  bench:
+    backends:
+      - {{name: origin, url: "http://127.0.0.1:{backend_port}", provider: local}}
+    health_check: {{path: /small, interval: 1s}}
+    retry: {{attempts: 2}}
+routes:
+  - {{path_prefix: /, upstream: bench}}
+"""
+
+
+def start_targets(tmp: Path, backend_port: int) -> list[Target]:
+    targets = []
+    for workers in ("1", "all"):
+        core = 0 if workers == "1" else None
+        count = "1" if workers == "1" else "auto"
+        port = free_port()
+        block = f"""
+    upstream origin {{ server 127.0.0.1:{backend_port}; keepalive 256; }}
+    server {{ listen 127.0.0.1:{port} backlog=4096;
+             location / {{ proxy_pass http://origin; proxy_http_version 1.1;
+                          proxy_set_header Connection ""; }} }}"""
+        targets.append(Target("nginx", workers, port,
+                              start_nginx(f"nginx-{workers}", count, block, tmp, core)))
+        port = free_port()
+        conf = tmp / f"haproxy-{workers}.cfg"
+        conf.write_text(haproxy_conf(port, backend_port, 1 if workers == "1" else CORES))
+        argv = ["haproxy", "-db", "-f", str(conf)]
+        targets.append(Target("haproxy", workers, port, subprocess.Popen(
+            ["taskset", "-c", "0", *argv] if core == 0 else argv,
+            stdout=subprocess.DEVNULL, stderr=_log(tmp, f"haproxy-{workers}"))))
+        port = free_port()
+        conf = tmp / f"failover-proxy-{workers}.yaml"
+        conf.write_text(failover_config(port, backend_port, workers))
+        argv = [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]
+        targets.append(Target("failover-proxy", workers, port, subprocess.Popen(
+            ["taskset", "-c", "0", *argv] if core == 0 else argv, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=_log(tmp, f"failover-proxy-{workers}"))))
+    for target in targets:
+        try:
+            wait_port(target.port)
+        except RuntimeError:
+            log = tmp / f"{target.name}-{target.workers}.log"
+            output = log.read_text() if log.exists() else "(see its error.log)"
+            raise RuntimeError(f"{target.name} (workers={target.workers}) did not start:\n"
+                               f"{output}") from None
+    time.sleep(1.0)
+    for target in targets:
+        target.idle_rss_mib = max(target.rss())
+    return targets
+
+
+def _log(tmp: Path, name: str) -> int:
+    return os.open(tmp / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
+def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
+            connection_counts: list[int]) -> list[Row]:
+    """Every target x body x connection count, alternating; medians over rounds."""
+    samples: dict[tuple[str, str, str, int], list[tuple[LoadResult, float]]] = {}
+    everyone = [direct, *targets]
+    for target in everyone:  # warm up pools and caches
+        run_wrk(f"http://127.0.0.1:{target.port}/small", 1, 64,
+                core=1 if target.pinned else None)
+    for round_number in range(rounds):
+        for body in ("small", "64k"):
+            for connections in connection_counts:
+                for target in everyone:
+                    pinned = target.pinned
+                    result = run_wrk(f"http://127.0.0.1:{target.port}/{body}", duration,
+                                     connections, threads=1 if pinned else 2,
+                                     core=1 if pinned else None)
+                    key = (target.name, target.workers, body, connections)
+                    samples.setdefault(key, []).append((result, max(target.rss())))
+                    print(f"  round {round_number + 1} {target.name:15} workers={target.workers:3}"
+                          f" {body:5} c={connections:<4} {result.requests_per_second:9.0f} req/s"
+                          f"  p50 {result.p50_ms:6.2f}  p99 {result.p99_ms:6.2f} ms"
+                          f"  errors {result.errors}", flush=True)
+    rows = []
+    for (name, workers, body, connections), results in samples.items():
+        loads = [load for load, _ in results]
+        rows.append(Row(
+            name, workers, body, connections,
+            statistics.median(r.requests_per_second for r in loads),
+            statistics.median(r.p50_ms for r in loads),
+            statistics.median(r.p99_ms for r in loads),
+            sum(r.errors for r in loads),
+            max(rss for _, rss in results),
+            rounds=[r.requests_per_second for r in loads],
+        ))
+    by_key = {(r.target, r.workers, r.body, r.connections): r for r in rows}
+    for row in rows:
+        nginx = by_key.get(("nginx", row.workers, row.body, row.connections))
+        if nginx is not None and row.target != "backend":
+            row.rps_vs_nginx = row.requests_per_second / nginx.requests_per_second
+            row.p99_vs_nginx = row.p99_ms / nginx.p99_ms
+    return rows
+
+
+def fixed_rate_latency(targets: list[Target], direct: Target, rate: int, seconds: float
+                       ) -> list[dict[str, float | str]]:
+    """p50/p99 at a moderate fixed rate, and what each proxy adds to the direct path."""
+    base = run_hey(f"http://127.0.0.1:{direct.port}/small", seconds, rate)
+    out: list[dict[str, float | str]] = [
+        {"target": "backend", "rps": base.requests_per_second, "p50_ms": base.p50_ms,
+         "p99_ms": base.p99_ms, "added_p50_ms": 0.0, "added_p99_ms": 0.0, "errors": base.errors}
+    ]
+    for target in [t for t in targets if t.workers == "1"]:
+        result = run_hey(f"http://127.0.0.1:{target.port}/small", seconds, rate)
+        out.append({
+            "target": target.name, "rps": result.requests_per_second,
+            "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+            "added_p50_ms": result.p50_ms - base.p50_ms,
+            "added_p99_ms": result.p99_ms - base.p99_ms, "errors": result.errors,
+        })
+    return out
+
+
+async def _hold_idle_connections(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """`count` keep-alive connections, each after one answered request, left open."""
+    writers: list[asyncio.StreamWriter] = []
+    request = b"GET /small HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writers.append(writer)
+
+    for start in range(0, count, 500):
+        await asyncio.gather(*(one() for _ in range(min(500, count - start))))
+    return writers
+
+
+def idle_connection_memory(targets: list[Target], count: int) -> list[dict[str, float | str]]:
+    out: list[dict[str, float | str]] = []
+    # HAProxy is left out: at 2 descriptors a connection it would need more than the 20k
+    # descriptors a process may have here.
+    for target in [t for t in targets if t.workers == "1" and t.name != "haproxy"]:
+        before = sum(target.rss())
+
+        async def hold(target: Target = target) -> float:
+            writers = await _hold_idle_connections(target.port, count)
+            await asyncio.sleep(1.0)
+            held = sum(target.rss())
+            for writer in writers:
+                writer.close()
+            await asyncio.sleep(0.5)
+            return held
+
+        held = asyncio.run(hold())
+        out.append({"target": target.name, "connections": count, "rss_before_mib": before,
+                    "rss_with_idle_mib": held, "extra_mib": held - before})
+        print(f"  {target.name:15} {count} idle connections: {before:.1f} -> {held:.1f} MiB",
+              flush=True)
+    return out
+
+
+def streaming_memory(target: Target, path: str, size: int) -> dict[str, float | str]:
+    """Download a large body through the proxy, sampling its RSS as it flows."""
+    peak = before = sum(target.rss())
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, sum(target.rss()))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.monotonic()
+    out = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download} %{http_code}",
+         f"http://127.0.0.1:{target.port}{path}"],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    took = time.monotonic() - started
+    done.set()
+    sampler.join()
+    received, status = int(out[0]), int(out[1])
+    assert status == 200 and received == size, out
+    return {"target": target.name, "bytes": received, "seconds": took,
+            "rss_before_mib": before, "rss_peak_mib": peak, "extra_mib": peak - before}
+
+
+def markdown(rows: list[Row], latency: list[dict[str, float | str]],
+             idle: list[dict[str, float | str]], stream: dict[str, float | str],
+             args: argparse.Namespace) -> str:
+    lines = [
+        f"wrk, {args.duration:g} s per run, median of {args.rounds} alternating rounds; backend: "
+        f"nginx (1 worker) serving 100 B (/small) and 64 KiB (/64k); {CORES} cores. "
+        "workers=1: the proxy pinned to core 0, backend and wrk (1 thread) on core 1; "
+        f"workers=all: {CORES} workers/threads each, unpinned, wrk with 2 threads. "
+        "Every proxy keeps connections to the backend alive; access logs off for all; "
+        "failover-proxy with health checks, retries, metrics and its admin listener on.",
+        "",
+        "| target | workers | body | conns | req/s | p50 ms | p99 ms | errors | RSS MiB/process "
+        "| req/s vs nginx | p99 vs nginx |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {"backend": 0, "nginx": 1, "haproxy": 2, "failover-proxy": 3}
+    for row in sorted(rows, key=lambda r: (r.body, r.connections, r.workers, order[r.target])):
+        ratio = f"{row.rps_vs_nginx:.2f}x" if row.rps_vs_nginx else ""
+        p99 = f"{row.p99_vs_nginx:.2f}x" if row.p99_vs_nginx else ""
+        lines.append(
+            f"| {row.target} | {row.workers} | {row.body} | {row.connections} | "
+            f"{row.requests_per_second:.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | {row.errors} "
+            f"| {row.rss_mib_per_process:.1f} | {ratio} | {p99} |"
+        )
+    lines += ["", f"Latency at a fixed {args.rate} req/s (hey, 50 clients, "
+              f"{args.rate_seconds:g} s), workers=1:", "",
+              "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |",
+              "|---|---|---|---|---|---|"]
+    for entry in latency:
+        lines.append(f"| {entry['target']} | {entry['p50_ms']:.2f} | {entry['p99_ms']:.2f} | "
+                     f"{entry['added_p50_ms']:.2f} | {entry['added_p99_ms']:.2f} | "
+                     f"{entry['errors']} |")
+    lines += ["", "Memory (workers=1, all processes of the target):", "",
+              "| target | idle RSS MiB | with idle keep-alive connections | extra MiB |",
+              "|---|---|---|---|"]
+    for entry in idle:
+        lines.append(f"| {entry['target']} | {entry['rss_before_mib']:.1f} | "
+                     f"{entry['connections']}: {entry['rss_with_idle_mib']:.1f} | "
+                     f"{entry['extra_mib']:.1f} |")
+    lines += ["", f"Streaming {int(stream['bytes']) >> 20} MiB through failover-proxy (workers=1): "
+              f"RSS {stream['rss_before_mib']:.1f} -> peak {stream['rss_peak_mib']:.1f} MiB "
+              f"(+{stream['extra_mib']:.1f}) in {stream['seconds']:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rate", type=int, default=5000)
+    parser.add_argument("--rate-seconds", type=float, default=8)
+    parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--quick", action="store_true",
+                        help="one round of 2 s runs, 64 connections only (a smoke test)")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.rounds, args.rate_seconds, args.idle = 2, 1, 3, 2000
+    connection_counts = [64] if args.quick else [64, 256]
+    ensure_tools()
+    limit = raise_open_file_limit()
+    if limit < args.idle * 2 + 1000:
+        args.idle = max(100, limit // 2 - 1000)
+    processes: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        (tmp / "www").mkdir()
+        (tmp / "www" / "64k").write_bytes(os.urandom(64 * 1024))
+        with open(tmp / "www" / "1g", "wb") as big:
+            big.truncate(1 << 30)  # sparse: reads as zeros, costs no disk
+        backend_port = free_port()
+        backend = start_nginx("backend", "1", f"""
+    server {{ listen 127.0.0.1:{backend_port} backlog=4096;
+             location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
+             location / {{ root {tmp / 'www'}; }} }}""", tmp, 1)
+        processes.append(backend)
+        try:
+            wait_port(backend_port)
+            direct = Target("backend", "1", backend_port, backend)
+            targets = start_targets(tmp, backend_port)
+            processes += [t.process for t in targets]
+            rows = measure(targets, direct, args.duration, args.rounds, connection_counts)
+            print("fixed-rate latency…", flush=True)
+            latency = fixed_rate_latency(targets, direct, args.rate, args.rate_seconds)
+            print("idle connections…", flush=True)
+            idle = idle_connection_memory(targets, args.idle)
+            ours = next(t for t in targets if t.name == "failover-proxy" and t.workers == "1")
+            print("streaming 1 GiB…", flush=True)
+            stream = streaming_memory(ours, "/1g", 1 << 30)
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGINT if process is not backend else signal.SIGTERM)
+            for process in processes:
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    table = markdown(rows, latency, idle, stream, args)
+    print("\n" + table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "compare.md").write_text(table)
+    (RESULTS / "compare.json").write_text(json.dumps({
+        "cores": CORES, "duration_s": args.duration, "rounds": args.rounds,
+        "throughput": [asdict(row) for row in rows], "fixed_rate_latency": latency,
+        "idle_connections": idle, "streaming": stream,
+    }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
