@@ -5,6 +5,7 @@ hands out (one list per label set, looked up once and cached by the caller), and
 turns them, and the live state of the topology, into metric families only when /metrics is
 scraped. The counts live in a `MetricStore` that outlives config generations, so counters never
 reset on a reload, and that is plain data, so the counts of several processes can be added up.
+prometheus_client is imported only to render (worker processes never load it: about 12 MB).
 """
 
 from __future__ import annotations
@@ -14,16 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from .topology import Topology
 
 PREFIX = "failover_proxy_"
@@ -195,8 +189,9 @@ class ProcessGauges:
     downstream_connections: int
 
 
-class ProxyCollector(Collector):
-    """Renders a store and the live topology as Prometheus metric families (at scrape time)."""
+class ProxyCollector:
+    """Renders a store and the live topology as Prometheus metric families (at scrape time;
+    a prometheus_client collector by duck typing)."""
 
     def __init__(self, store: MetricStore, topology: Topology, gauges: ProcessGauges) -> None:
         self._store = store
@@ -204,6 +199,8 @@ class ProxyCollector(Collector):
         self._gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         store = self._store
         yield from _request_families(store)
         yield from _counter_families(store)
@@ -223,6 +220,8 @@ class ProxyCollector(Collector):
 
 
 def _request_families(store: MetricStore) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
     requests = CounterMetricFamily(
         PREFIX + "requests",
         "Requests answered, by route, the backend that answered (empty when the proxy "
@@ -262,6 +261,8 @@ def _bound_label(bound: float) -> str:
 
 
 def _counter_families(store: MetricStore) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
     for name, (help_text, labels) in COUNTERS.items():
         family = CounterMetricFamily(PREFIX + name, help_text, labels=labels)
         for values, count in store.counters[name].items():
@@ -270,6 +271,8 @@ def _counter_families(store: MetricStore) -> Iterator[Metric]:
 
 
 def _topology_families(topology: Topology) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
+
     backend_up = GaugeMetricFamily(
         PREFIX + "backend_up", "1 when the policy may send the backend traffic, else 0.",
         labels=("upstream", "provider", "backend"),
@@ -317,6 +320,8 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
 
 def exposition(store: MetricStore, topology: Topology, gauges: ProcessGauges) -> bytes:
     """The Prometheus text format of every metric of the proxy."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(store, topology, gauges))
     return generate_latest(registry)

@@ -24,12 +24,12 @@ from .accesslog import AccessLog
 from .config import AccessLogConfig, ConfigError, ProxyConfig, load_config
 from .dataplane.downstream import ClientLimits
 from .dataplane.state import DataPlane
-from .health import HealthChecker
 from .metrics import MetricStore, ProcessGauges
 from .topology import Backend, Topology, build_topology
 
 if TYPE_CHECKING:
     from .admin import AdminServer
+    from .health import HealthChecker
 
 OutcomeReporter = Callable[[str, str, Backend, str], None]
 """(kind: failure | success, upstream, backend, why): a worker's passive outcomes, sent to the
@@ -69,7 +69,9 @@ class ProxyServer:
         self.report_outcome = report_outcome
         self.store = MetricStore()
         self.plane: DataPlane | None = None
-        self.health = HealthChecker()
+        self.health: HealthChecker | None = None
+        """Active probes (aiohttp, imported only here: workers leave probing to the
+        supervisor and do without it)."""
         self.admin: AdminServer | None = None
         self.draining = False
         """Set by a graceful stop: /readyz answers 503 from then on."""
@@ -106,6 +108,9 @@ class ProxyServer:
         plane.start()
         if self.report_outcome is not None:
             return  # a worker: the supervisor probes, decides and answers the admin API
+        from .health import HealthChecker
+
+        self.health = HealthChecker()
         self.health.update(list(topology.upstreams.values()))  # probes start at once
         if config.admin is not None:
             from .admin import AdminServer
@@ -212,7 +217,7 @@ class ProxyServer:
         self._adopt(topology)
         plane.topology = topology  # the switch: new requests route by the new generation
         plane.limits = ClientLimits(new.limits)
-        if self.report_outcome is None:
+        if self.health is not None:
             self.health.update(list(topology.upstreams.values()))
         old_log = self._apply_logging(new)
         self.config = new
@@ -275,7 +280,8 @@ class ProxyServer:
                 log.warning("stopping with %d requests unfinished after %gs", left, grace)
             for connection in list(plane.connections):
                 connection.abort()
-        await self.health.stop()
+        if self.health is not None:
+            await self.health.stop()
         if self.admin is not None:
             await self.admin.stop()
         if plane is None:
