@@ -113,6 +113,7 @@ upstreams:
   bench:
     backends:
       - {{name: origin, url: "http://127.0.0.1:{backend_port}", provider: local}}
+    pool: {{max_idle_per_backend: 256}}   # as nginx's keepalive 256
     health_check: {{path: /small, interval: 1s}}
     retry: {{attempts: 2}}
 routes:

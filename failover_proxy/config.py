@@ -138,7 +138,10 @@ class TlsConfig(_Strict):
 
 
 class PoolConfig(_Strict):
-    max_idle_per_backend: int = Field(64, ge=0)
+    max_idle_per_backend: int = Field(256, ge=0)
+    """Idle connections kept per backend. With more requests in flight than this, the rest
+    open and close a connection each: in the benchmark at 256 connections a pool of 64 gave
+    5.7k req/s where 64 connections gave 12.8k."""
     idle_timeout: Duration = 4.0
     """Shorter than common backend keep-alive timeouts (5 s in Node.js, 75 s in nginx)."""
 

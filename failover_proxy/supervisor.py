@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import signal
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from .server import (
     file_digest,
     restart_only,
     restart_only_changes,
+    run_until_stopped,
 )
 from .topology import Topology, Upstream, build_topology
 
@@ -217,12 +217,8 @@ class Supervisor:
             return False, "draining: shutting down"
         if not any(w.ready.is_set() for w in self.workers.values()):
             return False, "no worker running"
-        for upstream in self.topology.upstreams.values():
-            providers = upstream.providers
-            if not any(b.usable and not providers[b.provider].forced_down
-                       for b in upstream.backends):
-                return False, f"upstream {upstream.name} has no usable backend"
-        return True, "ready"
+        unready = self.topology.unready_reason()
+        return (False, unready) if unready else (True, "ready")
 
     async def live_stats(self) -> tuple[MetricStore, ProcessGauges]:
         """Ask every worker for its counts and add them up; in-flight requests and latency
@@ -333,22 +329,25 @@ class Supervisor:
             self._socket.close()
         processes = [w.process for w in self.workers.values()]
         try:
-            async with asyncio.timeout(delay + grace + 5):
+            async with asyncio.timeout(delay + grace):
                 await asyncio.gather(*(p.wait() for p in processes))
         except TimeoutError:
-            log.error("workers still running after the drain: killing them")
-            for process in processes:
+            pass
+        await self.stop(grace=5.0)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop: workers still running after `grace` are killed."""
+        self._stopping = True
+        processes = [w.process for w in self.workers.values()]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*(p.wait() for p in processes))
+        for process in processes:
+            if process.returncode is None:
+                log.error("worker pid %d still running: killing it", process.pid)
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-        await self.stop()
-
-    async def stop(self) -> None:
-        self._stopping = True
-        for worker in self.workers.values():
-            if worker.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
-                await worker.process.wait()
+                await process.wait()
         for task in list(self._tasks):
             task.cancel()
         await self.health.stop()
@@ -359,16 +358,7 @@ class Supervisor:
 
 
 async def supervise(config: ProxyConfig, config_path: str) -> None:
-    """Run a multi-process proxy until SIGTERM (drain with its delay) or SIGINT (without);
-    SIGHUP reloads the config file."""
+    """Run a multi-process proxy until it is stopped (see server.run_until_stopped)."""
     supervisor = Supervisor(config, config_path)
     await supervisor.start()
-    loop = asyncio.get_running_loop()
-    stop_requested: asyncio.Queue[int] = asyncio.Queue()
-    for stopper in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(stopper, stop_requested.put_nowait, stopper)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(supervisor.reload("SIGHUP")))
-    signum = await stop_requested.get()
-    drain = supervisor.config.drain
-    log.info("%s: stopping gracefully", signal.Signals(signum).name)
-    await supervisor.drain(drain.delay if signum == signal.SIGTERM else 0.0, drain.timeout)
+    await run_until_stopped(supervisor)

@@ -508,6 +508,16 @@ class Topology:
         for upstream in self.upstreams.values():
             upstream.close()
 
+    def unready_reason(self) -> str | None:
+        """Why this generation cannot serve everything it routes: an upstream without a usable
+        backend (outside any provider an operator forced down); None when it can."""
+        for upstream in self.upstreams.values():
+            providers = upstream.providers
+            if not any(b.usable and not providers[b.provider].forced_down
+                       for b in upstream.backends):
+                return f"upstream {upstream.name} has no usable backend"
+        return None
+
     def backend(self, upstream: str, name: str) -> Backend | None:
         found = self.upstreams.get(upstream)
         for backend in found.backends if found is not None else []:

@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from failover_proxy.config import load_config, parse_config
+from failover_proxy.faults import FaultBackend
 from failover_proxy.server import ProxyServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,38 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def backend_lines(backends: list[FaultBackend]) -> str:
+    """The `backends:` list entries (YAML) of fault-injecting backends."""
+    return "".join(
+        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
+        for b in backends
+    )
+
+
+StartFaultBackends = Callable[..., Awaitable[list[FaultBackend]]]
+
+
+@pytest.fixture
+async def fault_backends() -> AsyncIterator[StartFaultBackends]:
+    """Start fault-injecting backends named `provider-suffix` (e.g. "aws-a"), or given as
+    (name, provider) pairs; they are stopped after the test."""
+    started: list[FaultBackend] = []
+
+    async def start(*specs: str | tuple[str, str]) -> list[FaultBackend]:
+        made = [
+            FaultBackend(*spec) if isinstance(spec, tuple) else FaultBackend(spec, spec.split("-")[0])
+            for spec in specs
+        ]
+        for backend in made:
+            await backend.start()
+        started.extend(made)
+        return made
+
+    yield start
+    for backend in started:
+        await backend.stop()
 
 
 def backend_entry(name: str, port: int, provider: str = "aws", **extra: Any) -> str:

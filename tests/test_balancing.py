@@ -4,39 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
-import pytest
 
 from failover_proxy.balance import ConsistentHash, hash_key
 from failover_proxy.faults import FaultBackend
 from failover_proxy.server import ProxyServer
 
+from .conftest import StartFaultBackends, backend_lines
+
 StartProxy = Callable[[str], Awaitable[ProxyServer]]
 
 
-@pytest.fixture
-async def backends() -> AsyncIterator[Callable[[list[tuple[str, str]]], Awaitable[list[FaultBackend]]]]:
-    started: list[FaultBackend] = []
-
-    async def start(specs: list[tuple[str, str]]) -> list[FaultBackend]:
-        made = [FaultBackend(name, provider) for name, provider in specs]
-        for backend in made:
-            await backend.start()
-        started.extend(made)
-        return made
-
-    yield start
-    for backend in started:
-        await backend.stop()
-
-
 def config(backends: list[FaultBackend], extra: str) -> str:
-    entries = "".join(
-        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
-        for b in backends
-    )
+    entries = backend_lines(backends)
     return (
         "listen: {port: 0}\nupstreams:\n  web:\n    backends:\n"
         f"{entries}{extra}routes:\n  - {{path_prefix: /, upstream: web}}\n"
@@ -44,9 +26,9 @@ def config(backends: list[FaultBackend], extra: str) -> str:
 
 
 async def test_least_request_avoids_the_slow_backend(
-    backends: Callable[[list[tuple[str, str]]], Awaitable[list[FaultBackend]]], proxy: StartProxy
+    fault_backends: StartFaultBackends, proxy: StartProxy
 ) -> None:
-    fast, slow = await backends([("fast", "aws"), ("slow", "aws")])
+    fast, slow = await fault_backends(("fast", "aws"), ("slow", "aws"))
     slow.mode, slow.delay = "slow", 0.2
     server = await proxy(config([fast, slow], "    balancer: least_request\n"))
     limits = httpx.Limits(max_connections=8)
@@ -61,9 +43,9 @@ async def test_least_request_avoids_the_slow_backend(
 
 
 async def test_hash_keeps_a_client_on_one_backend_and_moves_few_keys(
-    backends: Callable[[list[tuple[str, str]]], Awaitable[list[FaultBackend]]], proxy: StartProxy
+    fault_backends: StartFaultBackends, proxy: StartProxy
 ) -> None:
-    pool = await backends([(f"b{i}", "aws") for i in range(4)])
+    pool = await fault_backends(*[(f"b{i}", "aws") for i in range(4)])
     server = await proxy(
         config(
             pool,
@@ -107,9 +89,9 @@ def test_ring_moves_only_the_departed_backends_keys() -> None:
 
 
 async def test_latency_strategy_prefers_the_fastest_provider(
-    backends: Callable[[list[tuple[str, str]]], Awaitable[list[FaultBackend]]], proxy: StartProxy
+    fault_backends: StartFaultBackends, proxy: StartProxy
 ) -> None:
-    pool = await backends([("aws-a", "aws"), ("gcp-a", "gcp"), ("azure-a", "azure")])
+    pool = await fault_backends("aws-a", "gcp-a", "azure-a")
     pool[0].mode, pool[0].delay = "slow", 0.05
     pool[2].mode, pool[2].delay = "slow", 0.08
     server = await proxy(config(pool, "    policy: {strategy: latency}\n"))

@@ -19,15 +19,14 @@ from failover_proxy.faults import FaultBackend
 from failover_proxy.server import ProxyServer
 from failover_proxy.topology import Upstream
 
+from .conftest import backend_lines
+
 StartProxy = Callable[[str], Awaitable[ProxyServer]]
 PROVIDERS = ("aws", "azure", "gcp")
 
 
 def failover_config(backends: list[FaultBackend], policy: str = "strategy: weighted") -> str:
-    entries = "".join(
-        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
-        for b in backends
-    )
+    entries = backend_lines(backends)
     return f"""
 listen: {{port: 0}}
 upstreams:

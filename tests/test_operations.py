@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -16,37 +16,12 @@ import pytest
 from aiohttp import web
 
 from failover_proxy.config import ConfigError, parse_config
-from failover_proxy.faults import FaultBackend
 
-from .conftest import FileProxy, parse_metrics, sample
+from .conftest import FileProxy, StartFaultBackends, backend_lines, parse_metrics, sample
 
 StartFileProxy = Callable[[str], Awaitable[FileProxy]]
 StartApp = Callable[[web.Application], Awaitable[int]]
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture
-async def fault_backends() -> AsyncIterator[Callable[..., Awaitable[list[FaultBackend]]]]:
-    started: list[FaultBackend] = []
-
-    async def start(*names: str) -> list[FaultBackend]:
-        """Backends named `provider-letter`, e.g. start("aws-a", "gcp-a")."""
-        backends = [FaultBackend(name, name.split("-")[0]) for name in names]
-        for backend in backends:
-            await backend.start()
-        started.extend(backends)
-        return backends
-
-    yield start
-    for backend in started:
-        await backend.stop()
-
-
-def entries(backends: list[FaultBackend]) -> str:
-    return "".join(
-        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
-        for b in backends
-    )
 
 
 async def scrape(proxy: FileProxy) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -59,7 +34,7 @@ async def scrape(proxy: FileProxy) -> dict[tuple[str, frozenset[tuple[str, str]]
 
 async def test_metrics_count_requests_attempts_retries_failovers_and_health(
     file_proxy: StartFileProxy,
-    fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
+    fault_backends: StartFaultBackends,
     aiohttp_backend: StartApp,
 ) -> None:
     aws, gcp = await fault_backends("aws-a", "gcp-a")
@@ -72,7 +47,7 @@ async def test_metrics_count_requests_attempts_retries_failovers_and_health(
     solo_port = await aiohttp_backend(app)
     proxy = await file_proxy(
         "listen: {port: 0}\nadmin: {port: 0}\naccess_log: {enabled: false}\n"
-        "upstreams:\n  web:\n    backends:\n" + entries([aws, gcp]) +
+        "upstreams:\n  web:\n    backends:\n" + backend_lines([aws, gcp]) +
         "    policy: {strategy: priority, providers: [aws, gcp]}\n"
         "    health_check: {path: /healthz, interval: 100ms, jitter: 0%}\n"
         "  solo:\n    backends:\n"
@@ -140,13 +115,13 @@ async def test_metrics_count_requests_attempts_retries_failovers_and_health(
 
 
 async def test_metrics_see_requests_in_progress(
-    file_proxy: StartFileProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]]
+    file_proxy: StartFileProxy, fault_backends: StartFaultBackends
 ) -> None:
     (slow,) = await fault_backends("aws-a")
     slow.mode, slow.delay = "slow", 0.6
     proxy = await file_proxy(
         "listen: {port: 0}\nadmin: {port: 0}\naccess_log: {enabled: false}\n"
-        "upstreams:\n  web:\n    backends:\n" + entries([slow]) +
+        "upstreams:\n  web:\n    backends:\n" + backend_lines([slow]) +
         "routes:\n  - {path_prefix: /, upstream: web}\n"
     )
     async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
@@ -161,12 +136,12 @@ async def test_metrics_see_requests_in_progress(
 
 
 async def test_admin_levers_need_the_token_and_move_traffic(
-    file_proxy: StartFileProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]]
+    file_proxy: StartFileProxy, fault_backends: StartFaultBackends
 ) -> None:
     backends = await fault_backends("aws-a", "aws-b", "azure-a", "gcp-a")
     proxy = await file_proxy(
         f"listen: {{port: 0}}\nadmin: {{port: 0, token: {TOKEN}}}\naccess_log: {{enabled: false}}\n"
-        "upstreams:\n  web:\n    backends:\n" + entries(backends) +
+        "upstreams:\n  web:\n    backends:\n" + backend_lines(backends) +
         "    policy: {strategy: weighted, provider_weights: {aws: 1, azure: 1, gcp: 1}}\n"
         "routes:\n  - {path_prefix: /, upstream: web}\n"
     )
@@ -226,12 +201,12 @@ async def test_admin_levers_need_the_token_and_move_traffic(
 
 
 async def test_status_document_and_route_debugging(
-    file_proxy: StartFileProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]]
+    file_proxy: StartFileProxy, fault_backends: StartFaultBackends
 ) -> None:
     aws, gcp = await fault_backends("aws-a", "gcp-a")
     proxy = await file_proxy(
         "listen: {port: 0}\nadmin: {port: 0}\naccess_log: {enabled: false}\n"
-        "upstreams:\n  web:\n    backends:\n" + entries([aws, gcp]) +
+        "upstreams:\n  web:\n    backends:\n" + backend_lines([aws, gcp]) +
         "    policy: {strategy: priority, providers: [aws, gcp]}\n"
         "    health_check: {path: /healthz, interval: 100ms, jitter: 0%}\n"
         "routes:\n  - {host: app.test, path_prefix: /api, upstream: web}\n"
@@ -267,14 +242,14 @@ async def test_status_document_and_route_debugging(
 
 async def test_access_log_lines_and_decision_header(
     file_proxy: StartFileProxy,
-    fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
+    fault_backends: StartFaultBackends,
     tmp_path: Path,
 ) -> None:
     aws, gcp = await fault_backends("aws-a", "gcp-a")
     log_file = tmp_path / "access.log"
     proxy = await file_proxy(
         f"listen: {{port: 0}}\naccess_log: {{path: '{log_file}'}}\ndebug_headers: true\n"
-        "upstreams:\n  web:\n    backends:\n" + entries([aws, gcp]) +
+        "upstreams:\n  web:\n    backends:\n" + backend_lines([aws, gcp]) +
         "    policy: {strategy: priority, providers: [aws, gcp]}\n"
         "routes:\n  - {path_prefix: /app, upstream: web}\n"
     )
@@ -310,14 +285,14 @@ async def test_access_log_lines_and_decision_header(
 
 async def test_access_log_can_be_turned_off(
     file_proxy: StartFileProxy,
-    fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
+    fault_backends: StartFaultBackends,
     tmp_path: Path,
 ) -> None:
     (aws,) = await fault_backends("aws-a")
     log_file = tmp_path / "off.log"
     proxy = await file_proxy(
         f"listen: {{port: 0}}\naccess_log: {{enabled: false, path: '{log_file}'}}\n"
-        "upstreams:\n  web:\n    backends:\n" + entries([aws]) +
+        "upstreams:\n  web:\n    backends:\n" + backend_lines([aws]) +
         "routes:\n  - {path_prefix: /, upstream: web}\n"
     )
     async with httpx.AsyncClient(trust_env=False) as http:

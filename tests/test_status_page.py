@@ -21,7 +21,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 
 from failover_proxy.faults import FaultBackend
 
-from .conftest import FileProxy
+from .conftest import FileProxy, backend_lines
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -85,10 +85,7 @@ async def test_status_page_shows_a_forced_down_provider(
     providers: list[FaultBackend],
     file_proxy: Callable[[str], Awaitable[FileProxy]],
 ) -> None:
-    entries = "".join(
-        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
-        for b in providers
-    )
+    entries = backend_lines(providers)
     proxy = await file_proxy(
         "listen: {port: 0}\nadmin: {port: 0, token: drill}\naccess_log: {enabled: false}\n"
         f"upstreams:\n  web:\n    backends:\n{entries}"

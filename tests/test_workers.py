@@ -22,7 +22,7 @@ import pytest
 
 from failover_proxy.faults import FaultBackend
 
-from .conftest import ROOT, free_port, parse_metrics, sample, wait_for_port
+from .conftest import ROOT, backend_lines, free_port, parse_metrics, sample, wait_for_port
 
 
 @pytest.fixture
@@ -50,10 +50,7 @@ class Cluster:
         self.admin = f"http://127.0.0.1:{self.admin_port}"
 
     def write(self, backends: list[FaultBackend], extra: str = "") -> None:
-        entries = "".join(
-            f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
-            for b in backends
-        )
+        entries = backend_lines(backends)
         self.path.write_text(
             f"listen: {{port: {self.port}}}\nadmin: {{port: {self.admin_port}}}\n"
             "workers: 2\naccess_log: {enabled: false}\n"
