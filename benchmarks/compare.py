@@ -63,7 +63,8 @@ class Target:
         return self.workers == "1"
 
     def rss(self) -> list[float]:
-        """RSS of each process (for nginx and failover-proxy: the workers and their master)."""
+        """RSS of each process (for nginx and failover-proxy: the workers and their master or
+        supervisor; the table shows the largest)."""
         return [rss_mib(pid) for pid in process_tree(self.process.pid)]
 
 
@@ -309,7 +310,7 @@ def markdown(rows: list[Row], latency: list[dict[str, float | str]],
         "Every proxy keeps connections to the backend alive; access logs off for all; "
         "failover-proxy with health checks, retries, metrics and its admin listener on.",
         "",
-        "| target | workers | body | conns | req/s | p50 ms | p99 ms | errors | RSS MiB/process "
+        "| target | workers | body | conns | req/s | p50 ms | p99 ms | errors | max RSS MiB "
         "| req/s vs nginx | p99 vs nginx |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -357,9 +358,9 @@ def main() -> int:
         args.duration, args.rounds, args.rate_seconds, args.idle = 2, 1, 3, 2000
     connection_counts = [64] if args.quick else [64, 256]
     ensure_tools()
-    limit = raise_open_file_limit()
-    if limit < args.idle * 2 + 1000:
-        args.idle = max(100, limit // 2 - 1000)
+    limit = raise_open_file_limit()  # per process: this one holds the client ends
+    if limit < args.idle + 1000:
+        args.idle = max(100, limit - 1000)
     processes: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmpdir:
         tmp = Path(tmpdir)

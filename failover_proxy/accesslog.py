@@ -21,6 +21,24 @@ from .metrics import MetricStore
 _BATCH_BYTES = 64 * 1024
 _QUEUED_BATCHES = 64
 """Batches waiting for the writer thread (at least 4 MiB) before lines are dropped."""
+_ATOMIC_WRITE = 4096
+"""PIPE_BUF: a write to a pipe up to this size is never interleaved with another process's
+(worker processes share standard output), so writes are cut into whole lines up to it."""
+
+
+def whole_line_pieces(batch: bytes, limit: int = _ATOMIC_WRITE) -> list[bytes]:
+    """`batch` cut at line ends into pieces of at most `limit` bytes (a longer line alone)."""
+    pieces = []
+    start = 0
+    while len(batch) - start > limit:
+        cut = batch.rfind(b"\n", start, start + limit) + 1
+        if cut <= start:
+            cut = batch.find(b"\n", start + limit) + 1 or len(batch)
+        pieces.append(batch[start:cut])
+        start = cut
+    if start < len(batch):
+        pieces.append(batch[start:])
+    return pieces
 
 
 class AccessLog:
@@ -115,7 +133,8 @@ class AccessLog:
         stream = self._stream
         while (batch := self._queue.get()) is not None:
             try:
-                stream.write(batch)
-                stream.flush()
+                for piece in whole_line_pieces(batch):
+                    stream.write(piece)
+                    stream.flush()
             except (OSError, ValueError):
                 pass  # the log's reader went away: requests keep being served

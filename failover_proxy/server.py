@@ -110,10 +110,7 @@ class ProxyServer:
         if self.report_outcome is not None:
             settle_garbage_collector()
             return  # a worker: the supervisor probes, decides and answers the admin API
-        from .health import HealthChecker
-
-        self.health = HealthChecker()
-        self.health.update(list(topology.upstreams.values()))  # probes start at once
+        self._probe(topology)  # probes start at once
         if config.admin is not None:
             from .admin import AdminServer
 
@@ -193,6 +190,17 @@ class ProxyServer:
     def _restart_only_changes(self, new: ProxyConfig) -> list[str]:
         return restart_only_changes(self.config, new)
 
+    def _probe(self, topology: Topology) -> None:
+        """Health-check what `topology` asks to (aiohttp is loaded only once something is)."""
+        upstreams = list(topology.upstreams.values())
+        if self.health is None:
+            if not any(u.config.health_check is not None for u in upstreams):
+                return
+            from .health import HealthChecker
+
+            self.health = HealthChecker()
+        self.health.update(upstreams)
+
     def _adopt(self, topology: Topology) -> None:
         """A worker's upstreams hand outcomes to the supervisor and leave counting provider
         moves to it."""
@@ -216,8 +224,8 @@ class ProxyServer:
         self._adopt(topology)
         plane.topology = topology  # the switch: new requests route by the new generation
         plane.limits = ClientLimits(new.limits)
-        if self.health is not None:
-            self.health.update(list(topology.upstreams.values()))
+        if self.report_outcome is None:
+            self._probe(topology)
         old_log = self._apply_logging(new)
         self.config = new
         if old_log is not None:

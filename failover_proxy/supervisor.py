@@ -43,6 +43,7 @@ from .topology import Topology, Upstream, build_topology
 log = logging.getLogger("failover_proxy.supervisor")
 
 STATS_TIMEOUT = 2.0
+WORKER_START_TIMEOUT = 30.0
 RESTART_BACKOFF = 0.5
 
 
@@ -99,7 +100,12 @@ class Supervisor:
         self._adopt(build_topology(self.config, self.store, now=loop.time()))
         for slot in range(self.config.worker_count):
             await self._spawn(slot)
-        await asyncio.gather(*(w.ready.wait() for w in self.workers.values()))
+        try:
+            async with asyncio.timeout(WORKER_START_TIMEOUT):
+                await asyncio.gather(*(w.ready.wait() for w in self.workers.values()))
+        except TimeoutError:
+            await self.stop(grace=0)
+            raise OSError(f"workers did not start within {WORKER_START_TIMEOUT:g}s") from None
         self._keep(self._sweep_forever())
         if self.config.admin is not None:
             self.admin = AdminServer(self)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from failover_proxy.accesslog import whole_line_pieces
 from failover_proxy.config import ConfigError, parse_config
 
 from .conftest import FileProxy, StartFaultBackends, backend_lines, parse_metrics, sample
@@ -318,3 +319,13 @@ def test_admin_off_loopback_needs_a_token() -> None:
     assert parse_config(text.replace("9901}", "9901, token: t0k3n}")).admin is not None
     assert parse_config(text.replace("0.0.0.0", "127.0.0.2")).admin is not None
     assert parse_config(text.replace("0.0.0.0", "'::1'")).admin is not None
+
+
+def test_access_log_writes_whole_lines_a_pipe_keeps_together() -> None:
+    """Workers share standard output: each write is whole lines of at most PIPE_BUF bytes."""
+    batch = b"".join(b'{"n":%05d,"path":"/%s"}\n' % (i, b"x" * 300) for i in range(100))
+    pieces = whole_line_pieces(batch)
+    assert b"".join(pieces) == batch and len(pieces) > 1
+    assert all(len(p) <= 4096 and p.endswith(b"\n") for p in pieces)
+    long_line = b"y" * 5000 + b"\n"
+    assert whole_line_pieces(long_line + b"z\n") == [long_line, b"z\n"]
