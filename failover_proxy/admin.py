@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from .dataplane.forward import IDEMPOTENT_METHODS
 from .metrics import MetricStore, ProcessGauges, exposition
 from .routing import normalize_host
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("failover_proxy.admin")
 
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _STATIC = resources.files("failover_proxy") / "static"
 _STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
@@ -168,7 +168,7 @@ class AdminServer:
             "reason": reason or upstream.policy.why_not_preferred() or "first choice of the policy",
             "retry": {
                 "attempts": retry.attempts,
-                "on": retry.on if method in _IDEMPOTENT else ["connect-failure"],
+                "on": retry.on if method.encode() in IDEMPOTENT_METHODS else ["connect-failure"],
                 "next": None if fallback is None or fallback is backend else {
                     "provider": fallback.provider, "backend": fallback.name,
                     "reason": fallback_reason,
@@ -194,7 +194,11 @@ class AdminServer:
 
     async def _drain(self, request: web.Request) -> web.Response:
         upstream = self._upstream(request)
-        backend = _find_backend(upstream, request.match_info["backend"])
+        name = request.match_info["backend"]
+        backend = self.proxy.topology.backend(upstream.name, name)
+        if backend is None:
+            raise _not_found(f"upstream {upstream.name} has no backend {name!r}",
+                             [b.name for b in upstream.backends])
         draining = request.match_info["action"] == "drain"
         backend.draining = draining
         backend.reason = "drained by an operator" if draining else ""
@@ -228,14 +232,6 @@ class AdminServer:
         if upstream is None:
             raise _not_found(f"no upstream {name!r}", list(self.proxy.topology.upstreams))
         return upstream
-
-
-def _find_backend(upstream: Upstream, name: str) -> Backend:
-    for backend in upstream.backends:
-        if backend.name == name:
-            return backend
-    raise _not_found(f"upstream {upstream.name} has no backend {name!r}",
-                     [b.name for b in upstream.backends])
 
 
 def _not_found(message: str, known: list[str]) -> web.HTTPNotFound:

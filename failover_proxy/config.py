@@ -653,14 +653,17 @@ def _issues_from_validation(
     return issues
 
 
+def read_config_text(path: str | Path) -> str:
+    """A config file's text; a file that cannot be read is a ConfigError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(path), 1, "(file)", exc.strerror or str(exc))]) from exc
+
+
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> ProxyConfig:
     """Read and validate a config file; errors name the file as the operator gave it."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(file, 1, "(file)", exc.strerror or str(exc))]) from exc
-    return parse_config(text, file, env)
+    return parse_config(read_config_text(path), str(path), env)
 
 
 def summarize(config: ProxyConfig) -> str:

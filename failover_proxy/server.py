@@ -16,13 +16,13 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from .accesslog import AccessLog
-from .config import AccessLogConfig, ConfigError, ProxyConfig, load_config
+from .config import AccessLogConfig, ConfigError, ProxyConfig, parse_config, read_config_text
 from .dataplane.downstream import ClientLimits
 from .dataplane.state import DataPlane
 from .metrics import MetricStore, ProcessGauges
@@ -65,7 +65,7 @@ class ProxyServer:
         report_outcome: OutcomeReporter | None = None,
     ) -> None:
         self.config = config
-        self.config_path = str(config_path) if config_path is not None else None
+        self.config_source = ConfigSource(str(config_path)) if config_path is not None else None
         self.listen_socket = listen_socket
         self.report_outcome = report_outcome
         self.store = MetricStore()
@@ -78,7 +78,6 @@ class ProxyServer:
         """Set by a graceful stop: /readyz answers 503 from then on."""
         self._server: asyncio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._config_digest = b""
 
     @property
     def topology(self) -> Topology:
@@ -116,10 +115,8 @@ class ProxyServer:
 
             self.admin = AdminServer(self)
             await self.admin.start(config.admin.host, config.admin.port)
-        if self.config_path is not None:
-            self._config_digest = file_digest(self.config_path)
-            if config.watch_config:
-                self._watcher = loop.create_task(self._watch_config())
+        if self.config_source is not None and config.watch_config:
+            self._watcher = loop.create_task(self.config_source.watch(self.reload))
         settle_garbage_collector()
         log.info("proxy listening on %s", ", ".join(self.addresses))
 
@@ -165,30 +162,15 @@ class ProxyServer:
 
     async def reload(self, source: str = "request") -> ReloadResult:
         """Load the config file again; apply it only when it is valid."""
-        store = self.store
-        if self.config_path is None:
-            store.inc("config_reloads", ("failure",))
-            return ReloadResult(False, store.config_generation, ["no config file to reload"])
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            store.inc("config_reloads", ("failure",))
-            errors = [str(issue) for issue in exc.issues]
-            for line in errors:
-                log.error("reload (%s) refused, still serving the old config: %s", source, line)
-            return ReloadResult(False, store.config_generation, errors)
-        warnings = self._restart_only_changes(new)
-        for warning in warnings:
-            log.warning("reload (%s): %s", source, warning)
+        if self.config_source is None:
+            self.store.inc("config_reloads", ("failure",))
+            return ReloadResult(False, self.store.config_generation, ["no config file to reload"])
+        read = await self.config_source.read(self.config, self.store, source)
+        if isinstance(read, ReloadResult):
+            return read
+        new, warnings = read
         await self.apply_config(new)
-        store.config_generation += 1
-        store.inc("config_reloads", ("success",))
-        self._config_digest = file_digest(self.config_path)
-        log.info("reload (%s): config generation %d in service", source, store.config_generation)
-        return ReloadResult(True, store.config_generation, [], warnings)
-
-    def _restart_only_changes(self, new: ProxyConfig) -> list[str]:
-        return restart_only_changes(self.config, new)
+        return reload_succeeded(self.store, source, warnings)
 
     def _probe(self, topology: Topology) -> None:
         """Health-check what `topology` asks to (aiohttp is loaded only once something is)."""
@@ -242,16 +224,6 @@ class ProxyServer:
             return None
         plane.access_log = AccessLog(wanted.path, self.store) if wanted.enabled else None
         return current
-
-    async def _watch_config(self) -> None:
-        """Reload when the file's content changes (polled: works on every filesystem)."""
-        assert self.config_path is not None
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            digest = file_digest(self.config_path)
-            if digest and digest != self._config_digest:
-                self._config_digest = digest
-                await self.reload("file changed")
 
     # -- stopping --------------------------------------------------------------------------------
 
@@ -328,12 +300,58 @@ def restart_only_changes(old: ProxyConfig, new: ProxyConfig) -> list[str]:
     ]
 
 
-def file_digest(path: str) -> bytes:
-    """What a config file holds now (empty when it cannot be read), to notice changes."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).digest()
-    except OSError:
-        return b""
+class ConfigSource:
+    """The file a running proxy reloads from. What was last read of it is remembered, so a
+    change is acted on once, whether SIGHUP, /reload or the watcher noticed it first."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.text = read_config_text(path)
+        self.digest = _digest(self.text.encode())
+
+    async def read(
+        self, running: ProxyConfig, store: MetricStore, source: str
+    ) -> tuple[ProxyConfig, list[str]] | ReloadResult:
+        """The file's config and a warning for each change that needs a restart; or, when
+        the file is bad, the failed reload (logged and counted, nothing changed)."""
+        try:
+            text = await asyncio.to_thread(read_config_text, self.path)
+            self.digest = _digest(text.encode())  # a bad file is reported once, not each poll
+            new = parse_config(text, self.path)
+        except ConfigError as exc:
+            store.inc("config_reloads", ("failure",))
+            errors = [str(issue) for issue in exc.issues]
+            for line in errors:
+                log.error("reload (%s) refused, still serving the old config: %s", source, line)
+            return ReloadResult(False, store.config_generation, errors)
+        self.text = text
+        warnings = restart_only_changes(running, new)
+        for warning in warnings:
+            log.warning("reload (%s): %s", source, warning)
+        return new, warnings
+
+    async def watch(self, reload: Callable[[str], Awaitable[ReloadResult]]) -> None:
+        """Reload when the file's content changes (polled: works on every filesystem)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                current = await asyncio.to_thread(Path(self.path).read_bytes)
+            except OSError:
+                continue  # being replaced, or gone: the next poll looks again
+            if _digest(current) != self.digest:
+                await reload("file changed")
+
+
+def reload_succeeded(store: MetricStore, source: str, warnings: list[str]) -> ReloadResult:
+    """Count a new generation in service."""
+    store.config_generation += 1
+    store.inc("config_reloads", ("success",))
+    log.info("reload (%s): config generation %d in service", source, store.config_generation)
+    return ReloadResult(True, store.config_generation, [], warnings)
+
+
+def _digest(content: bytes) -> bytes:
+    return hashlib.sha256(content).digest()
 
 
 class Stoppable(Protocol):

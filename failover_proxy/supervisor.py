@@ -25,17 +25,16 @@ from typing import Any
 
 from . import ipc
 from .admin import AdminServer
-from .config import ConfigError, ProxyConfig, parse_config
+from .config import ProxyConfig
 from .dataplane.state import SWEEP_INTERVAL
 from .health import HealthChecker
 from .healthview import export_view
 from .metrics import MetricStore, ProcessGauges
 from .server import (
-    WATCH_INTERVAL,
+    ConfigSource,
     ReloadResult,
-    file_digest,
+    reload_succeeded,
     restart_only,
-    restart_only_changes,
     run_until_stopped,
 )
 from .topology import Topology, Upstream, build_topology
@@ -61,8 +60,7 @@ class Supervisor:
 
     def __init__(self, config: ProxyConfig, config_path: str | Path) -> None:
         self.config = config
-        self.config_path = str(config_path)
-        self.config_text = Path(config_path).read_text(encoding="utf-8")
+        self.config_source = ConfigSource(str(config_path))
         self.store = MetricStore()
         self.health = HealthChecker()
         self.admin: AdminServer | None = None
@@ -111,7 +109,7 @@ class Supervisor:
             self.admin = AdminServer(self)
             await self.admin.start(self.config.admin.host, self.config.admin.port)
         if self.config.watch_config:
-            self._keep(self._watch_config())
+            self._keep(self.config_source.watch(self.reload))
         log.info("proxy listening on %s:%d with %d workers", listen.host, self.port,
                  len(self.workers))
 
@@ -149,7 +147,8 @@ class Supervisor:
         reader, writer = await asyncio.open_connection(sock=ours)
         worker = WorkerHandle(slot, process, writer)
         self.workers[slot] = worker
-        ipc.send(writer, {"t": "config", "text": self.config_text, "file": self.config_path})
+        source = self.config_source
+        ipc.send(writer, {"t": "config", "text": source.text, "file": source.path})
         ipc.send(writer, self._view())
         self._keep(self._listen(worker, reader))
         self._keep(self._watch(worker))
@@ -247,7 +246,7 @@ class Supervisor:
                         len(asked))
         self._worker_status = [
             {"pid": answer["pid"], "connections": answer["connections"],
-             "requests": sum(sum(counts) for _, counts in answer["store"]["requests"])}
+             "requests": answer["requests"]}
             for answer in replies
         ]
         total = MetricStore()
@@ -285,41 +284,20 @@ class Supervisor:
     async def reload(self, source: str = "request") -> ReloadResult:
         """Validate here; when good, rebuild the health picture and send every worker the new
         config (each swaps generations the way a single process does)."""
-        store = self.store
-        try:
-            text = await asyncio.to_thread(Path(self.config_path).read_text, encoding="utf-8")
-            new = parse_config(text, self.config_path)
-        except (ConfigError, OSError) as exc:
-            store.inc("config_reloads", ("failure",))
-            errors = ([str(i) for i in exc.issues] if isinstance(exc, ConfigError)
-                      else [f"{self.config_path}:1: (file): {exc}"])
-            for line in errors:
-                log.error("reload (%s) refused, still serving the old config: %s", source, line)
-            return ReloadResult(False, store.config_generation, errors)
-        warnings = restart_only_changes(self.config, new)
-        for warning in warnings:
-            log.warning("reload (%s): %s", source, warning)
+        read = await self.config_source.read(self.config, self.store, source)
+        if isinstance(read, ReloadResult):
+            return read
+        new, warnings = read
         loop = asyncio.get_running_loop()
-        new = new.model_copy(update=restart_only(self.config))
-        store.config_generation += 1
-        self.config, self.config_text = new, text
-        topology = build_topology(new, store, previous=self.topology, now=loop.time())
+        self.config = new = new.model_copy(update=restart_only(self.config))
+        result = reload_succeeded(self.store, source, warnings)
+        topology = build_topology(new, self.store, previous=self.topology, now=loop.time())
+        message = {"t": "config", "text": self.config_source.text,
+                   "file": self.config_source.path, "generation": result.generation}
         for worker in self.workers.values():
-            ipc.send(worker.writer, {"t": "config", "text": text, "file": self.config_path,
-                                     "generation": store.config_generation})
+            ipc.send(worker.writer, message)
         self._adopt(topology)
-        store.inc("config_reloads", ("success",))
-        log.info("reload (%s): config generation %d in service", source, store.config_generation)
-        return ReloadResult(True, store.config_generation, [], warnings)
-
-    async def _watch_config(self) -> None:
-        digest = file_digest(self.config_path)
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            latest = file_digest(self.config_path)
-            if latest and latest != digest:
-                digest = latest
-                await self.reload("file changed")
+        return result
 
     # -- stopping --------------------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ def _stats(server: ProxyServer) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "store": server.store.to_wire(),
+        "requests": server.store.total_requests(),
         "connections": len(plane.connections),
         "active": {u.name: u.active_requests for u in upstreams},
         "backends": [

@@ -420,7 +420,7 @@ def hash_request(request: Request, client_ip: bytes, hash_on: HashOnConfig) -> i
     return hash_key(material if material is not None else client_ip)
 
 
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
 class Exchange:
@@ -660,7 +660,7 @@ class Exchange:
         request = self.request
         return (
             request.body is EMPTY_BODY
-            and request.method in _IDEMPOTENT
+            and request.method in IDEMPOTENT_METHODS
             and request.upgrade is None
             and not self.finished
         )
@@ -754,7 +754,7 @@ class Exchange:
             return False
         safe = (
             nothing_sent
-            or request.method in _IDEMPOTENT
+            or request.method in IDEMPOTENT_METHODS
             or (
                 retry.retry_with_idempotency_key
                 and any(lname == b"idempotency-key" for lname, _, _ in request.headers)
