@@ -16,12 +16,14 @@ COMPILED = [
     "failover_proxy/policy.py",
     "failover_proxy/outlier.py",
     "failover_proxy/topology.py",
+    "failover_proxy/routing.py",
     "failover_proxy/dataplane/headers.py",
     "failover_proxy/dataplane/request.py",
     "failover_proxy/dataplane/upstream.py",
     "failover_proxy/dataplane/forward.py",
     "failover_proxy/dataplane/downstream.py",
     "failover_proxy/dataplane/tunnel.py",
+    "failover_proxy/dataplane/state.py",
 ]
 
 extensions = []

@@ -13,7 +13,7 @@ import hashlib
 import random
 from collections.abc import Callable, Sequence
 from math import gcd
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -27,7 +27,7 @@ class Balancer(Protocol[T_co]):
     def shares(self) -> Sequence[tuple[T_co, float]]: ...
 
 # Above this cycle length the schedule is computed pick by pick instead of kept in a table.
-_MAX_TABLE = 4096
+_MAX_TABLE: Final = 4096
 
 
 def smooth_wrr_schedule(weights: Sequence[int]) -> list[int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -35,8 +35,15 @@ ATTEMPT_OUTCOMES = (
     "client_error",
 )
 """Index of an attempt-count list: what one try on one backend came to."""
-ATTEMPT_OK, ATTEMPT_CONNECT_FAILURE, ATTEMPT_RESET, ATTEMPT_TIMEOUT = 0, 1, 2, 3
-ATTEMPT_HTTP_5XX, ATTEMPT_BAD_RESPONSE, ATTEMPT_CANCELLED, ATTEMPT_CLIENT_ERROR = 4, 5, 6, 7
+# Final literals: the compiled data plane inlines them instead of looking them up.
+ATTEMPT_OK: Final = 0
+ATTEMPT_CONNECT_FAILURE: Final = 1
+ATTEMPT_RESET: Final = 2
+ATTEMPT_TIMEOUT: Final = 3
+ATTEMPT_HTTP_5XX: Final = 4
+ATTEMPT_BAD_RESPONSE: Final = 5
+ATTEMPT_CANCELLED: Final = 6
+ATTEMPT_CLIENT_ERROR: Final = 7
 
 DURATION_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

@@ -7,17 +7,21 @@ routes of the same host rank the longest path prefix wins (a plain string prefix
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
 class Route(Generic[T]):
-    host: str | None
-    path_prefix: str
-    target: T
+    """A host (None: any; `*.suffix`: wildcard) and path prefix, and where they lead."""
+
+    def __init__(self, host: str | None, path_prefix: str, target: T) -> None:
+        self.host = host
+        self.path_prefix = path_prefix
+        self.target = target
+
+    def __repr__(self) -> str:
+        return f"Route({self.host!r}, {self.path_prefix!r}, {self.target!r})"
 
 
 class Router(Generic[T]):

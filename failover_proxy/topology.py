@@ -11,6 +11,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import urlsplit
 
 from .balance import Balancer, ConsistentHash, LeastRequest, SmoothWeightedRoundRobin
@@ -123,8 +124,8 @@ class Provider:
         return self.state != "down" and self.balancer is not None
 
 
-_NONE: list[str] = []
-_RAMP_FLOOR = 0.1  # a recovering backend or provider gets at least this share from the start
+_NONE: Final[list[str]] = []
+_RAMP_FLOOR: Final = 0.1  # a recovering backend or provider gets at least this share from the start
 
 
 def _backend_load(backend: Backend) -> float:

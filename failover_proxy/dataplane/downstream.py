@@ -14,14 +14,30 @@ import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
 from ..config import LimitsConfig
 from ..routing import normalize_host
 from .forward import Exchange
-from .headers import error_response, join_values, new_request_id
+from .headers import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    EXPECT,
+    HOST,
+    PASS,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    VIA,
+    X_FORWARDED_FOR,
+    X_REQUEST_ID,
+    add_field,
+    error_response,
+    header_kind,
+    join_values,
+    new_request_id,
+)
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
@@ -30,17 +46,48 @@ if TYPE_CHECKING:
     from .state import DataPlane
 
 # Reasons to stop reading from the client; reading resumes when none is left.
-_PAUSE_BODY_BACKLOG = 1
-_PAUSE_UPSTREAM_SLOW = 2
-_PAUSE_PIPELINE_FULL = 4
-_PAUSE_UPGRADING = 8
-_PAUSE_STOPPED = 16
+_PAUSE_BODY_BACKLOG: Final = 1
+_PAUSE_UPSTREAM_SLOW: Final = 2
+_PAUSE_PIPELINE_FULL: Final = 4
+_PAUSE_UPGRADING: Final = 8
+_PAUSE_STOPPED: Final = 16
 
-_MAX_PIPELINED = 16
+_MAX_PIPELINED: Final = 16
+_SLASH: Final = ord("/")
 
 
 def _not_connected(_: object) -> None:
     raise ConnectionError("not connected")
+
+
+def _read_special_field(request: Request, kind: int, name: bytes, value: bytes) -> None:
+    """A request header the proxy reads or rewrites instead of forwarding as it came."""
+    if kind == HOST:
+        request.host_fields += 1
+        if request.raw_host is None:
+            request.raw_host = value
+    elif kind == CONTENT_LENGTH:
+        request.content_length = int(value)
+    elif kind == TRANSFER_ENCODING:
+        if value.strip().lower() != b"chunked":
+            raise RejectRequest(
+                501, "Not Implemented", "only Transfer-Encoding: chunked is supported"
+            )
+        request.chunked = True
+    elif kind == CONNECTION:
+        request.connection = join_values(request.connection, value)
+    elif kind == EXPECT:
+        request.expect = join_values(request.expect, value)
+    elif kind == UPGRADE:
+        request.upgrade_offered = value
+    elif kind == X_FORWARDED_FOR:
+        request.forwarded_for = join_values(request.forwarded_for, value)
+    elif kind == VIA:
+        request.via = join_values(request.via, value)
+    elif kind == X_REQUEST_ID:
+        request.has_request_id = True
+        add_field(request.fields, name, value)
+    # DROPPED: hop-by-hop, or X-Forwarded-Proto / -Host, which the proxy sets itself
 
 
 class ClientLimits:
@@ -107,6 +154,11 @@ class DownstreamProtocol:
         self._in_head = False
         self._upgrade_buffer: list[bytes] = []
         self._client_eof = False
+        self._chunk = b""
+        """The read being parsed (checked for an HTTP/1.0 request line; see _is_http10)."""
+        self._reads = 0
+        self._head_read = 0
+        """Which read a request's target arrived in (its request line is whole in that read)."""
 
     @property
     def draining(self) -> bool:
@@ -212,6 +264,8 @@ class DownstreamProtocol:
             if self._pause_reasons & _PAUSE_UPGRADING:
                 self._upgrade_buffer.append(data)
             return
+        self._chunk = data
+        self._reads += 1
         try:
             self._feed(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -230,6 +284,7 @@ class DownstreamProtocol:
                 self._reject(400, "Bad Request", "request could not be handled")
         except httptools.HttpParserError as exc:
             self._reject(400, "Bad Request", f"malformed request: {exc}")
+        self._chunk = b""  # not kept: an idle connection holds no read buffer
 
     def _reject(self, status: int, reason: str, detail: str) -> None:
         self.stopped_parsing = True
@@ -254,6 +309,7 @@ class DownstreamProtocol:
             self._header_bytes += len(url)
         else:
             self._current = Request(new_request_id())
+            self._head_read = self._reads
             self._url_parts = [url]
             self._header_bytes = len(url)
             self._in_head = True
@@ -271,19 +327,24 @@ class DownstreamProtocol:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.limits.max_header_bytes:
             raise RejectRequest(431, "Request Header Fields Too Large", "request head too large")
-        headers = request.headers
-        headers.append((name.lower(), name, value))
-        if len(headers) > self.limits.max_headers:
+        request.field_count += 1
+        if request.field_count > self.limits.max_headers:
             raise RejectRequest(431, "Request Header Fields Too Large", "too many header fields")
+        kind = header_kind(name)
+        if kind == PASS:
+            add_field(request.fields, name, value)
+        else:
+            _read_special_field(request, kind, name, value)
 
     def on_headers_complete(self) -> None:
         request = self._current
         assert request is not None
         parser = self.parser
         request.method = parser.get_method()
-        request.http10 = parser.get_http_version() == "1.0"
+        request.http10 = self._is_http10()
         request.keep_alive = parser.should_keep_alive()
-        target = b"".join(self._url_parts)
+        parts = self._url_parts
+        target = parts[0] if len(parts) == 1 else b"".join(parts)
         self._read_framing(request, target)
         self._in_head = False
         if request.chunked or request.content_length:
@@ -302,40 +363,33 @@ class DownstreamProtocol:
             self._pause(_PAUSE_PIPELINE_FULL)
         self._ensure_serving()
 
+    def _is_http10(self) -> bool:
+        """Whether the request just parsed is HTTP/1.0, without asking the parser (which formats
+        a version string) when the read holding its request line shows no "HTTP/1.0" at all."""
+        if self._head_read == self._reads and b"HTTP/1.0" not in self._chunk:
+            return False
+        return self.parser.get_http_version() == "1.0"
+
     def _read_framing(self, request: Request, target: bytes) -> None:
         """Checks a proxy must make before trusting a request head (RFC 9112 §3.2, §6)."""
-        hosts = []
-        for lname, _, value in request.headers:
-            if lname == b"host":
-                hosts.append(value)
-            elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    raise RejectRequest(
-                        501, "Not Implemented", "only Transfer-Encoding: chunked is supported"
-                    )
-                request.chunked = True
-            elif lname == b"content-length":
-                request.content_length = int(value)
-            elif lname == b"connection":
-                request.connection = join_values(request.connection, value)
-            elif lname == b"expect":
-                if value.strip().lower() != b"100-continue":
-                    raise RejectRequest(417, "Expectation Failed", "unsupported expectation")
-                request.expect_continue = not request.http10
-            elif lname == b"upgrade" and self.parser.should_upgrade():
-                request.upgrade = value
+        if request.expect is not None:
+            if request.expect.strip().lower() != b"100-continue":
+                raise RejectRequest(417, "Expectation Failed", "unsupported expectation")
+            request.expect_continue = not request.http10
+        if request.upgrade_offered is not None and self.parser.should_upgrade():
+            request.upgrade = request.upgrade_offered
         if request.method == b"CONNECT":
             raise RejectRequest(405, "Method Not Allowed", "CONNECT is not supported")
-        if len(hosts) > 1:
+        if request.host_fields > 1:
             raise RejectRequest(400, "Bad Request", "more than one Host header")
-        if target.startswith((b"http://", b"https://")):
-            url = httptools.parse_url(target)
-            authority = url.host + (b":%d" % url.port if url.port else b"")
-            hosts = [authority]
-            target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
-        elif not target.startswith(b"/") and target != b"*":
-            raise RejectRequest(400, "Bad Request", "invalid request target")
-        if not hosts and not request.http10:
+        if not target or target[0] != _SLASH:  # not the usual origin form
+            if target.startswith((b"http://", b"https://")):
+                url = httptools.parse_url(target)
+                request.raw_host = url.host + (b":%d" % url.port if url.port else b"")
+                target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+            elif target != b"*":
+                raise RejectRequest(400, "Bad Request", "invalid request target")
+        if request.raw_host is None and not request.http10:
             raise RejectRequest(400, "Bad Request", "missing Host header")
         limit = self.limits.max_body_bytes
         length = request.content_length
@@ -344,9 +398,8 @@ class DownstreamProtocol:
         request.target = target
         query = target.find(b"?")
         request.path = target if query == -1 else target[:query]
-        if hosts:
-            request.raw_host = hosts[0]
-            request.host = normalize_host(hosts[0])
+        if request.raw_host is not None:
+            request.host = normalize_host(request.raw_host)
 
     def on_body(self, chunk: bytes) -> None:
         request = self._current

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from bisect import bisect_left
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..balance import hash_key
 from ..config import HashOnConfig
@@ -27,14 +28,7 @@ from ..metrics import (
     ATTEMPT_TIMEOUT,
     DURATION_BUCKETS,
 )
-from .headers import (
-    Header,
-    build_request_head,
-    build_response_head,
-    error_response,
-    first_value,
-    join_values,
-)
+from .headers import ResponseHead, build_request_head, build_response_head, error_response
 from .request import EMPTY_BODY, Request
 from .upstream import UpstreamConnection
 
@@ -42,9 +36,9 @@ if TYPE_CHECKING:
     from ..topology import Backend, RouteTarget
     from .downstream import DownstreamProtocol
 
-_CRLF = b"\r\n"
-HELD_BODY_BYTES = 64 * 1024
-_LAST_CHUNK = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
+HELD_BODY_BYTES: Final = 64 * 1024
+_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 class Outcome(enum.Enum):
@@ -59,7 +53,7 @@ class Outcome(enum.Enum):
     FAILURE_STATUS = "failure_status"  # a 5xx that will be retried elsewhere, not forwarded
 
 
-_OUTCOME_COUNTER = {
+_OUTCOME_COUNTER: Final = {
     Outcome.OK: ATTEMPT_OK,
     Outcome.UPGRADED: ATTEMPT_OK,
     Outcome.STALE: ATTEMPT_RESET,
@@ -99,7 +93,7 @@ class Attempt:
     seen_activity = -1  # the first sweep after the start stamps the time
     detail = ""
     status = 0
-    upgrade_headers: list[Header] = []
+    upgrade_head: ResponseHead | None = None
 
     def __init__(
         self, exchange: Exchange, conn: UpstreamConnection, reused: bool, backend: Backend
@@ -166,7 +160,7 @@ class Attempt:
 
     # -- events from the upstream connection ---------------------------------------------------
 
-    def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
+    def on_head(self, status: int, head: ResponseHead, keep_alive: bool) -> None:
         if self.exchange.hedge is not None:
             self.exchange.claim(self)  # two attempts race: the first head wins
         self.response_started = True
@@ -185,19 +179,13 @@ class Attempt:
                 return
         downstream = self.downstream
         if status == 101:
-            self.upgrade_headers = headers
+            self.upgrade_head = head
             if request.upgrade is None:
                 self.conn.abort()
                 self._finish(Outcome.BAD_RESPONSE, "backend switched protocols unasked")
             return
-        content_length = connection = None
-        for lname, _, value in headers:
-            if lname == b"content-length":
-                content_length = value
-            elif lname == b"transfer-encoding":
-                self.upstream_chunked = True
-            elif lname == b"connection":
-                connection = value if connection is None else join_values(connection, value)
+        content_length = head.content_length
+        self.upstream_chunked = head.chunked
         no_body = self.head_only or status in (204, 304)
         close_delimited = not no_body and not self.upstream_chunked and content_length is None
         self.close_delimited = close_delimited
@@ -222,14 +210,11 @@ class Attempt:
         self.held_head = (
             build_response_head(
                 status,
-                reason,
-                headers,
-                content_length=content_length if not self.upstream_chunked else None,
+                head,
                 chunked=self.chunked_out,
                 keep_alive=client_keeps,
                 client_http10=request.http10,
                 request_id=request.request_id,
-                connection=connection,
                 proxy_headers=(
                     exchange.decision_header() if downstream.plane.debug_headers else None
                 ),
@@ -282,9 +267,14 @@ class Attempt:
             exchange.bytes_out += len(head)
             if held:
                 self.held_body = None
-                for chunk in held:
-                    exchange.bytes_out += len(chunk)
-                self.send_client_parts((head, *held))
+                if len(held) == 1:  # the usual small response: one buffer is cheapest to write
+                    body = held[0]
+                    exchange.bytes_out += len(body)
+                    self.send_client(head + body)
+                else:
+                    for chunk in held:
+                        exchange.bytes_out += len(chunk)
+                    self.send_client_parts((head, *held))
             else:
                 self.send_client(head + _LAST_CHUNK if self.chunked_out else head)
         elif self.chunked_out:
@@ -295,20 +285,19 @@ class Attempt:
 
     def on_upgrade(self, leftover: bytes) -> None:
         request = self.request
-        if request.upgrade is None or not self.response_started:
+        upgrade_head = self.upgrade_head
+        if request.upgrade is None or upgrade_head is None:
             self.on_bad_response("backend switched protocols unasked")
             return
         self.downstream.write(
             build_response_head(
                 101,
-                b"Switching Protocols",
-                self.upgrade_headers,
-                content_length=None,
+                upgrade_head,
                 chunked=False,
                 keep_alive=True,
                 client_http10=False,
                 request_id=request.request_id,
-                upgrade=first_value(self.upgrade_headers, b"upgrade") or request.upgrade,
+                upgrade=upgrade_head.upgrade or request.upgrade,
             )
         )
         self.head_sent = True
@@ -396,8 +385,8 @@ def request_target(backend: Backend, request: Request) -> bytes:
     return request.target
 
 
-_REASONS = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
-CLIENT_CLOSED_REQUEST = 499
+_REASONS: Final = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+CLIENT_CLOSED_REQUEST: Final = 499
 """What the metrics and the access log say of a request whose client left before its answer
 (nginx's convention)."""
 
@@ -407,12 +396,13 @@ def hash_request(request: Request, client_ip: bytes, hash_on: HashOnConfig) -> i
     is missing, so that such clients still spread over the ring)."""
     material: bytes | None = None
     if hash_on.header is not None:
-        material = first_value(request.headers, hash_on.header.lower().encode())
+        material = request.header(hash_on.header.lower().encode())
     elif hash_on.cookie is not None:
         prefix = hash_on.cookie.encode() + b"="
-        for lname, _, value in request.headers:
-            if lname == b"cookie":
-                for part in value.split(b";"):
+        fields = request.fields
+        for index in range(0, len(fields), 4):
+            if fields[index].lower() == b"cookie":
+                for part in fields[index + 2].split(b";"):
                     part = part.strip()
                     if part.startswith(prefix):
                         material = part[len(prefix) :]
@@ -420,7 +410,7 @@ def hash_request(request: Request, client_ip: bytes, hash_on: HashOnConfig) -> i
     return hash_key(material if material is not None else client_ip)
 
 
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
 class Exchange:
@@ -505,13 +495,17 @@ class Exchange:
         return build_request_head(
             request.method,
             request_target(backend, request),
-            request.headers,
+            request.fields,
             host=(request.raw_host or backend.host_header)
             if self.upstream.preserve_host
             else backend.host_header,
             client_ip=downstream.client_ip,
+            forwarded_for=request.forwarded_for,
+            original_host=request.raw_host,
+            via=request.via,
             scheme=downstream.scheme,
             request_id=request.request_id,
+            has_request_id=request.has_request_id,
             content_length=request.content_length,
             chunked=request.chunked,
             upgrade=request.upgrade,
@@ -757,7 +751,7 @@ class Exchange:
             or request.method in IDEMPOTENT_METHODS
             or (
                 retry.retry_with_idempotency_key
-                and any(lname == b"idempotency-key" for lname, _, _ in request.headers)
+                and request.header(b"idempotency-key") is not None
             )
         )
         upstream = self.upstream
@@ -842,12 +836,7 @@ class Exchange:
             counts = self.route.counts_for(backend)
         counts[status // 100 - 1] += 1
         slots = backend.durations if backend is not None else self.upstream.unanswered_durations
-        index = 0
-        for bound in DURATION_BUCKETS:
-            if seconds <= bound:
-                break
-            index += 1
-        slots[index] += 1
+        slots[bisect_left(DURATION_BUCKETS, seconds)] += 1
         slots[-1] += seconds
         log = self.downstream.plane.access_log
         if log is not None:

@@ -9,13 +9,13 @@ kept so that a request can be sent again when a reused keep-alive connection pro
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
-from .headers import Header
+from .headers import field_value
 
 # Backlog held for an attempt that is not attached yet, before the client is paused.
-PENDING_HIGH_WATER = 256 * 1024
-DEFAULT_REPLAY_BYTES = 1024 * 1024
+PENDING_HIGH_WATER: Final = 256 * 1024
+DEFAULT_REPLAY_BYTES: Final = 1024 * 1024
 """Replay buffer until the route is known (then the upstream's retry.replay_max_bytes)."""
 
 
@@ -154,13 +154,30 @@ class Request:
     close_connection = False
     connection: bytes | None = None
     """The Connection header's values, joined (names it lists are not forwarded)."""
+    upgrade_offered: bytes | None = None
+    """An Upgrade header's value (`upgrade` once the parser agrees it is an upgrade request)."""
+    expect: bytes | None = None
+    host_fields = 0
+    forwarded_for: bytes | None = None
+    """X-Forwarded-For values received (the client's address is appended to them)."""
+    via: bytes | None = None
+    has_request_id = False
+    """The client sent its own X-Request-Id (forwarded; the proxy adds none)."""
+    field_count = 0
     head_bytes = 0
     """Size of the request target and header fields as received (for the access log)."""
     body: RequestBody
 
     def __init__(self, request_id: bytes) -> None:
         self.request_id = request_id
-        self.headers: list[Header] = []
+        self.fields: list[bytes] = []
+        """Header fields forwarded as they came, as line pieces (headers.add_field)."""
+
+    def header(self, lname: bytes) -> bytes | None:
+        """A header's first value by lower-case name (Host included; off the hot path)."""
+        if lname == b"host":
+            return self.raw_host
+        return field_value(self.fields, lname)
 
 
 class _EmptyBody(RequestBody):
@@ -188,4 +205,4 @@ def _never() -> None:
     raise AssertionError("an empty body never pauses the client")
 
 
-EMPTY_BODY: RequestBody = _EmptyBody()
+EMPTY_BODY: Final[RequestBody] = _EmptyBody()

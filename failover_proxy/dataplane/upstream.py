@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from .headers import MAX_RESPONSE_HEAD, Header, reason_phrase
+from .headers import ResponseHead
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -30,8 +30,7 @@ class ResponseHandler(Protocol):
     """What an upstream connection reports to the attempt that owns it."""
 
     head_only: bool
-    def on_head(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
-        ...
+    def on_head(self, status: int, head: ResponseHead, keep_alive: bool) -> None: ...
 
     def on_body(self, chunk: bytes) -> None: ...
     def on_complete(self) -> None: ...
@@ -62,8 +61,7 @@ class UpstreamConnection:
         self.reading_paused = False
         self.bytes_received = 0
         """Bytes received since the current owner took the connection (0 = the backend is mute)."""
-        self._headers: list[Header] = []
-        self._head_bytes = 0
+        self._head = ResponseHead()
         self._in_head = True
         self._informational = False
         self._head_only_done = False
@@ -161,26 +159,20 @@ class UpstreamConnection:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # headers after the head are trailers: not forwarded
-            self._head_bytes += len(name) + len(value)
-            if self._head_bytes > MAX_RESPONSE_HEAD:
-                raise ValueError("response head too large")
-            self._headers.append((name.lower(), name, value))
+            self._head.add(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         status = self.parser.get_status_code()
-        headers = self._headers
-        self._headers = []
-        self._head_bytes = 0
+        head = self._head
+        self._head = ResponseHead()
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
             return
         owner = self.owner
         if owner is None:
             return
-        # The reason phrase is the standard one (RFC 9112 §4: clients ignore it), which spares a
-        # parser callback per response.
-        owner.on_head(status, reason_phrase(status), headers, self.parser.should_keep_alive())
+        owner.on_head(status, head, self.parser.should_keep_alive())
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
             # response. Until this read is parsed, events come from the old parser: body bytes
