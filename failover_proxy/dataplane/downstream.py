@@ -366,7 +366,9 @@ class DownstreamProtocol:
     def _is_http10(self) -> bool:
         """Whether the request just parsed is HTTP/1.0, without asking the parser (which formats
         a version string) when the read holding its request line shows no "HTTP/1.0" at all."""
-        if self._head_read == self._reads and b"HTTP/1.0" not in self._chunk:
+        # find, not `in`: bytes.__contains__ first tries the needle as an int and pays for
+        # raising and clearing a TypeError.
+        if self._head_read == self._reads and self._chunk.find(b"HTTP/1.0") == -1:
             return False
         return self.parser.get_http_version() == "1.0"
 

@@ -28,7 +28,13 @@ from ..metrics import (
     ATTEMPT_TIMEOUT,
     DURATION_BUCKETS,
 )
-from .headers import ResponseHead, build_request_head, build_response_head, error_response
+from .headers import (
+    ResponseHead,
+    build_request_head,
+    build_response_head,
+    error_response,
+    forwarded_block,
+)
 from .request import EMPTY_BODY, Request
 from .upstream import UpstreamConnection
 
@@ -399,10 +405,9 @@ def hash_request(request: Request, client_ip: bytes, hash_on: HashOnConfig) -> i
         material = request.header(hash_on.header.lower().encode())
     elif hash_on.cookie is not None:
         prefix = hash_on.cookie.encode() + b"="
-        fields = request.fields
-        for index in range(0, len(fields), 4):
-            if fields[index].lower() == b"cookie":
-                for part in fields[index + 2].split(b";"):
+        for line in request.fields:
+            if line[:7].lower() == b"cookie:":
+                for part in line[7:-2].split(b";"):
                     part = part.strip()
                     if part.startswith(prefix):
                         material = part[len(prefix) :]
@@ -492,10 +497,13 @@ class Exchange:
     def _head_for(self, backend: Backend) -> bytes:
         request = self.request
         downstream = self.downstream
+        fields = request.fields_block
+        if fields is None:
+            fields = request.fields_block = forwarded_block(request.fields, request.connection)
         return build_request_head(
             request.method,
             request_target(backend, request),
-            request.fields,
+            fields,
             host=(request.raw_host or backend.host_header)
             if self.upstream.preserve_host
             else backend.host_header,
@@ -509,7 +517,6 @@ class Exchange:
             content_length=request.content_length,
             chunked=request.chunked,
             upgrade=request.upgrade,
-            connection=request.connection,
         )
 
     def begin(self) -> None:

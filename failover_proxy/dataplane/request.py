@@ -171,7 +171,9 @@ class Request:
     def __init__(self, request_id: bytes) -> None:
         self.request_id = request_id
         self.fields: list[bytes] = []
-        """Header fields forwarded as they came, as line pieces (headers.add_field)."""
+        """Header fields forwarded as they came, as lines (headers.add_field)."""
+        self.fields_block: bytes | None = None
+        """`fields` joined, less what Connection names (made once, for the first attempt)."""
 
     def header(self, lname: bytes) -> bytes | None:
         """A header's first value by lower-case name (Host included; off the hot path)."""
