@@ -263,6 +263,31 @@ async def test_http10_client_gets_close_delimited_body(
     assert body == b"old!"
 
 
+async def test_http10_keep_alive_clients_are_still_http10(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """An HTTP/1.0 client asking to keep the connection (with Connection or the legacy
+    Proxy-Connection) still gets no chunked framing it cannot read, and the headers that ask
+    for a keep-alive connection never reach the backend."""
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request_head(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nold!\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    for asking in (b"Connection: keep-alive", b"Proxy-Connection: keep-alive"):
+        raw = await raw_request(server.port, b"GET / HTTP/1.0\r\nHost: x\r\n%s\r\n\r\n" % asking)
+        head, body = raw.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+        assert body == b"old!"
+    assert len(seen) == 2
+    assert all(b"keep-alive" not in head.lower() for head in seen)
+
+
 async def test_expect_100_continue(aiohttp_backend: StartApp, proxy: StartProxy) -> None:
     server = await proxy(single_upstream_config([await aiohttp_backend(echo_app())]))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

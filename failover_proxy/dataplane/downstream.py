@@ -27,6 +27,7 @@ from .headers import (
     EXPECT,
     HOST,
     PASS,
+    PROXY_CONNECTION,
     TRANSFER_ENCODING,
     UPGRADE,
     VIA,
@@ -87,6 +88,8 @@ def _read_special_field(request: Request, kind: int, name: bytes, value: bytes) 
     elif kind == X_REQUEST_ID:
         request.has_request_id = True
         add_field(request.fields, name, value)
+    elif kind == PROXY_CONNECTION:
+        request.proxy_connection = True
     # DROPPED: hop-by-hop, or X-Forwarded-Proto / -Host, which the proxy sets itself
 
 
@@ -154,11 +157,6 @@ class DownstreamProtocol:
         self._in_head = False
         self._upgrade_buffer: list[bytes] = []
         self._client_eof = False
-        self._chunk = b""
-        """The read being parsed (checked for an HTTP/1.0 request line; see _is_http10)."""
-        self._reads = 0
-        self._head_read = 0
-        """Which read a request's target arrived in (its request line is whole in that read)."""
 
     @property
     def draining(self) -> bool:
@@ -264,8 +262,6 @@ class DownstreamProtocol:
             if self._pause_reasons & _PAUSE_UPGRADING:
                 self._upgrade_buffer.append(data)
             return
-        self._chunk = data
-        self._reads += 1
         try:
             self._feed(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -284,7 +280,6 @@ class DownstreamProtocol:
                 self._reject(400, "Bad Request", "request could not be handled")
         except httptools.HttpParserError as exc:
             self._reject(400, "Bad Request", f"malformed request: {exc}")
-        self._chunk = b""  # not kept: an idle connection holds no read buffer
 
     def _reject(self, status: int, reason: str, detail: str) -> None:
         self.stopped_parsing = True
@@ -309,7 +304,6 @@ class DownstreamProtocol:
             self._header_bytes += len(url)
         else:
             self._current = Request(new_request_id())
-            self._head_read = self._reads
             self._url_parts = [url]
             self._header_bytes = len(url)
             self._in_head = True
@@ -341,8 +335,11 @@ class DownstreamProtocol:
         assert request is not None
         parser = self.parser
         request.method = parser.get_method()
-        request.http10 = self._is_http10()
-        request.keep_alive = parser.should_keep_alive()
+        request.keep_alive = keep_alive = parser.should_keep_alive()
+        # llhttp keeps an HTTP/1.0 connection alive only when a Connection (or Proxy-Connection)
+        # header asks, so without one, alive means HTTP/1.1: no need for the version string.
+        if not keep_alive or request.connection is not None or request.proxy_connection:
+            request.http10 = parser.get_http_version() == "1.0"
         parts = self._url_parts
         target = parts[0] if len(parts) == 1 else b"".join(parts)
         self._read_framing(request, target)
@@ -362,15 +359,6 @@ class DownstreamProtocol:
         if len(self.queue) >= _MAX_PIPELINED:
             self._pause(_PAUSE_PIPELINE_FULL)
         self._ensure_serving()
-
-    def _is_http10(self) -> bool:
-        """Whether the request just parsed is HTTP/1.0, without asking the parser (which formats
-        a version string) when the read holding its request line shows no "HTTP/1.0" at all."""
-        # find, not `in`: bytes.__contains__ first tries the needle as an int and pays for
-        # raising and clearing a TypeError.
-        if self._head_read == self._reads and self._chunk.find(b"HTTP/1.0") == -1:
-            return False
-        return self.parser.get_http_version() == "1.0"
 
     def _read_framing(self, request: Request, target: bytes) -> None:
         """Checks a proxy must make before trusting a request head (RFC 9112 §3.2, §6)."""

@@ -473,7 +473,7 @@ class Exchange:
         self.retrying = False
         self.finished = False
         self.attempts = 0
-        self.tried: list[Backend] = []
+        self.tried: list[Backend] | None = None
         self.read_timeout = upstream.read_timeout
         self.per_try_timeout = upstream.per_try_timeout
         self.first_byte_timeout = upstream.per_try_timeout or upstream.read_timeout
@@ -780,9 +780,12 @@ class Exchange:
     def _retry_elsewhere(self, condition: str) -> None:
         previous = self.backend
         assert previous is not None
-        self.tried.append(previous)
+        tried = self.tried
+        if tried is None:
+            tried = self.tried = []  # made only when needed: most requests are never retried
+        tried.append(previous)
         upstream = self.upstream
-        backend, reason = upstream.choose(self.tried, [b.provider for b in self.tried])
+        backend, reason = upstream.choose(tried, [b.provider for b in tried])
         if backend is None:
             self._error(503, reason, retry_after=True)
             return

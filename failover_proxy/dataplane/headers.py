@@ -24,7 +24,8 @@ EXPECT: Final = 6
 VIA: Final = 7
 X_FORWARDED_FOR: Final = 8
 X_REQUEST_ID: Final = 9
-DROPPED: Final = 10
+PROXY_CONNECTION: Final = 10
+DROPPED: Final = 11
 """Hop-by-hop fields (RFC 9110 §7.6.1, plus Trailer and the legacy Proxy-Connection) and the
 X-Forwarded-Proto / X-Forwarded-Host the proxy sets itself."""
 
@@ -38,7 +39,7 @@ _KIND_BY_LOWER_NAME: Final = {
     b"via": VIA,
     b"x-forwarded-for": X_FORWARDED_FOR,
     b"x-request-id": X_REQUEST_ID,
-    b"proxy-connection": DROPPED,
+    b"proxy-connection": PROXY_CONNECTION,
     b"keep-alive": DROPPED,
     b"te": DROPPED,
     b"trailer": DROPPED,
@@ -173,7 +174,8 @@ class ResponseHead:
             add_field(self.lines, name, value)
         elif kind == UPGRADE:
             self.upgrade = value
-        elif kind != DROPPED:  # Host, Expect, X-Forwarded-For mean nothing special here
+        elif kind != DROPPED and kind != PROXY_CONNECTION:
+            # Host, Expect, X-Forwarded-For mean nothing special in a response
             add_field(self.lines, name, value)
 
 

@@ -154,6 +154,8 @@ class Request:
     close_connection = False
     connection: bytes | None = None
     """The Connection header's values, joined (names it lists are not forwarded)."""
+    proxy_connection = False
+    """A legacy Proxy-Connection header came (not forwarded; llhttp heeds it like Connection)."""
     upgrade_offered: bytes | None = None
     """An Upgrade header's value (`upgrade` once the parser agrees it is an upgrade request)."""
     expect: bytes | None = None
