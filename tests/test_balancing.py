@@ -75,6 +75,31 @@ async def test_hash_keeps_a_client_on_one_backend_and_moves_few_keys(
     assert "b3" not in after.values()
 
 
+async def test_hash_on_cookie_keeps_a_session_on_one_backend(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """The session cookie is found among other cookies, in any Cookie field, spelled any case."""
+    pool = await fault_backends(*[(f"b{i}", "aws") for i in range(4)])
+    server = await proxy(config(pool, "    balancer: hash\n    hash_on: {cookie: sid}\n"))
+    url = f"http://127.0.0.1:{server.port}/"
+    sessions = [f"s{n}" for n in range(100)]
+    async with httpx.AsyncClient(trust_env=False) as http:
+
+        async def backend(headers: list[tuple[str, str]]) -> str:
+            answer: str = (await http.get(url, headers=headers)).json()["backend"]
+            return answer
+
+        alone = {s: await backend([("Cookie", f"sid={s}")]) for s in sessions}
+        among_others = {
+            s: await backend([("cookie", f"theme=dark; sid={s}; lang=en")]) for s in sessions
+        }
+        second_field = {
+            s: await backend([("Cookie", "theme=dark"), ("COOKIE", f"sid={s}")]) for s in sessions
+        }
+    assert alone == among_others == second_field  # sticky, wherever the cookie is
+    assert len(set(alone.values())) == 4  # and spread
+
+
 def test_ring_moves_only_the_departed_backends_keys() -> None:
     names = ["a", "b", "c", "d", "e"]
     full = ConsistentHash(names, [1] * 5, names)

@@ -33,6 +33,7 @@ from .headers import (
     build_request_head,
     build_response_head,
     error_response,
+    field_values,
     forwarded_block,
 )
 from .request import EMPTY_BODY, Request
@@ -405,13 +406,12 @@ def hash_request(request: Request, client_ip: bytes, hash_on: HashOnConfig) -> i
         material = request.header(hash_on.header.lower().encode())
     elif hash_on.cookie is not None:
         prefix = hash_on.cookie.encode() + b"="
-        for line in request.fields:
-            if line[:7].lower() == b"cookie:":
-                for part in line[7:-2].split(b";"):
-                    part = part.strip()
-                    if part.startswith(prefix):
-                        material = part[len(prefix) :]
-                        break
+        for cookies in field_values(request.fields, b"cookie"):
+            for part in cookies.split(b";"):
+                part = part.strip()
+                if part.startswith(prefix):
+                    material = part[len(prefix) :]
+                    break
     return hash_key(material if material is not None else client_ip)
 
 

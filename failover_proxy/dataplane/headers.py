@@ -77,12 +77,15 @@ def _line_name(line: bytes) -> bytes:
     return line[: line.find(b":")].lower()
 
 
+def field_values(lines: list[bytes], lname: bytes) -> list[bytes]:
+    """Every value of a forwarded field, in order, by lower-case name (off the hot path)."""
+    return [line[len(lname) + 2 : -2] for line in lines if _line_name(line) == lname]
+
+
 def field_value(lines: list[bytes], lname: bytes) -> bytes | None:
     """The first value of a forwarded field, by lower-case name (off the hot path)."""
-    for line in lines:
-        if _line_name(line) == lname:
-            return line[len(lname) + 2 : -2]
-    return None
+    values = field_values(lines, lname)
+    return values[0] if values else None
 
 
 class _RequestIds:
