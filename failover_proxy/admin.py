@@ -21,7 +21,7 @@ from .metrics import MetricStore, ProcessGauges, exposition
 from .routing import normalize_host
 
 if TYPE_CHECKING:
-    from .config import ProxyConfig
+    from .schema import ProxyConfig
     from .server import ReloadResult
     from .topology import Backend, Provider, Topology, Upstream
 

@@ -9,16 +9,24 @@ import logging
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, ProxyConfig, load_config, summarize
+from .schema import ConfigError, ProxyConfig
+
+if TYPE_CHECKING:
+    from .config import ConfigSource
 
 EXIT_CONFIG_ERROR = 2
 
 
-def _load_or_report(path: str) -> ProxyConfig | None:
+def _load_or_report(path: str) -> tuple[ProxyConfig, ConfigSource] | None:
+    """The validated config and the file it came from (imported here: yaml and pydantic are
+    for the commands that read config files, not for the workers this CLI also starts)."""
+    from .config import ConfigSource, parse_config
+
     try:
-        return load_config(path)
+        source = ConfigSource(path)
+        return parse_config(source.text, source.path), source
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -42,24 +50,27 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.config)
-    if config is None:
+    from .config import summarize
+
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return EXIT_CONFIG_ERROR
-    print(f"{args.config}: OK: {summarize(config)}")
+    print(f"{args.config}: OK: {summarize(loaded[0])}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.config)
-    if config is None:
+    loaded = _load_or_report(args.config)
+    if loaded is None:
         return EXIT_CONFIG_ERROR
+    config, source = loaded
     if config.worker_count > 1:
         from .supervisor import supervise
 
-        return _run_loop(lambda: supervise(config, args.config))
+        return _run_loop(lambda: supervise(config, source))
     from .server import serve
 
-    return _run_loop(lambda: serve(config, config_path=args.config))
+    return _run_loop(lambda: serve(config, config_source=source))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -73,15 +84,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .server import serve
 
     args.config = args.config or demo_config_path()
-    config = _load_or_report(str(args.config))
-    if config is None:
+    loaded = _load_or_report(str(args.config))
+    if loaded is None:
         return EXIT_CONFIG_ERROR
+    config, source = loaded
 
     async def demo() -> None:
         simulated = Demo()
         await simulated.start()
         ready = asyncio.Event()
-        proxy = asyncio.create_task(serve(config, ready, str(args.config)))
+        proxy = asyncio.create_task(serve(config, ready, source))
         await ready.wait()
         url = f"http://{config.listen.host}:{config.listen.port}/"
         control = f"http://127.0.0.1:{CONTROL_PORT}/providers"

@@ -17,7 +17,7 @@ import time
 
 import aiohttp
 
-from .config import HealthCheckConfig
+from .schema import HealthCheckConfig
 from .topology import Backend, Upstream
 
 log = logging.getLogger("failover_proxy.health")

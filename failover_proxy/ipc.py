@@ -1,10 +1,16 @@
-"""Messages between the supervisor and its workers: JSON objects, each prefixed by its length,
-over a Unix socket pair (one per worker)."""
+"""Messages between the supervisor and its workers: dicts, pickled and prefixed by their length,
+over a Unix socket pair (one per worker).
+
+Pickle, because the config goes over it as the validated objects themselves (schema.py's
+dataclasses), so a worker never loads yaml or pydantic. Both ends are the same installed code
+and the socket pair is private to a parent and the child it started: nothing else can write
+to it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import pickle
 import struct
 from typing import Any
 
@@ -15,7 +21,7 @@ Message = dict[str, Any]
 
 
 def encode(message: Message) -> bytes:
-    payload = json.dumps(message, separators=(",", ":")).encode()
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(payload)) + payload
 
 
@@ -25,7 +31,7 @@ async def receive(reader: asyncio.StreamReader) -> Message | None:
         (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
         if length > MAX_MESSAGE:
             raise ValueError(f"message of {length} bytes is too large")
-        message: Message = json.loads(await reader.readexactly(length))
+        message: Message = pickle.loads(await reader.readexactly(length))
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
     return message

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .balance import SmoothWeightedRoundRobin
-from .config import PolicyConfig
+from .schema import PolicyConfig
 
 if TYPE_CHECKING:
     from .topology import Provider

@@ -11,25 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hashlib
 import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from .accesslog import AccessLog
-from .config import AccessLogConfig, ConfigError, ProxyConfig, parse_config, read_config_text
 from .dataplane.downstream import ClientLimits
 from .dataplane.state import DataPlane
 from .metrics import MetricStore, ProcessGauges
+from .schema import AccessLogConfig, ConfigError, ProxyConfig
 from .topology import Backend, Topology, build_topology
 
 if TYPE_CHECKING:
     from .admin import AdminServer
+    from .config import ConfigSource
     from .health import HealthChecker
 
 OutcomeReporter = Callable[[str, str, Backend, str], None]
@@ -37,8 +36,6 @@ OutcomeReporter = Callable[[str, str, Backend, str], None]
 supervisor whose outlier detector decides for all workers."""
 
 log = logging.getLogger("failover_proxy")
-
-WATCH_INTERVAL = 1.0
 
 
 @dataclass
@@ -59,13 +56,14 @@ class ProxyServer:
     def __init__(
         self,
         config: ProxyConfig,
-        config_path: str | Path | None = None,
+        config_source: ConfigSource | None = None,
         *,
         listen_socket: socket.socket | None = None,
         report_outcome: OutcomeReporter | None = None,
     ) -> None:
         self.config = config
-        self.config_source = ConfigSource(str(config_path)) if config_path is not None else None
+        self.config_source = config_source
+        """The file reloads read (none in a worker: its supervisor reads and validates)."""
         self.listen_socket = listen_socket
         self.report_outcome = report_outcome
         self.store = MetricStore()
@@ -165,10 +163,10 @@ class ProxyServer:
         if self.config_source is None:
             self.store.inc("config_reloads", ("failure",))
             return ReloadResult(False, self.store.config_generation, ["no config file to reload"])
-        read = await self.config_source.read(self.config, self.store, source)
-        if isinstance(read, ReloadResult):
-            return read
-        new, warnings = read
+        try:
+            new, warnings = await self.config_source.read(self.config, source)
+        except ConfigError as exc:
+            return reload_failed(self.store, source, exc)
         await self.apply_config(new)
         return reload_succeeded(self.store, source, warnings)
 
@@ -201,7 +199,7 @@ class ProxyServer:
         assert plane is not None
         loop = asyncio.get_running_loop()
         # Keep what only a restart can change, so the running config says what is in force.
-        new = new.model_copy(update=restart_only(self.config))
+        new = new.keeping_restart_only(self.config)
         topology = build_topology(new, self.store, previous=plane.topology, now=loop.time())
         self._adopt(topology)
         plane.topology = topology  # the switch: new requests route by the new generation
@@ -287,59 +285,13 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def restart_only(config: ProxyConfig) -> dict[str, object]:
-    """The settings a reload cannot change (sockets are bound, processes started)."""
-    return {"listen": config.listen, "admin": config.admin, "workers": config.workers}
-
-
-def restart_only_changes(old: ProxyConfig, new: ProxyConfig) -> list[str]:
-    return [
-        f"{name} changed: it takes effect at the next restart"
-        for name, value in restart_only(old).items()
-        if getattr(new, name) != value
-    ]
-
-
-class ConfigSource:
-    """The file a running proxy reloads from. What was last read of it is remembered, so a
-    change is acted on once, whether SIGHUP, /reload or the watcher noticed it first."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.text = read_config_text(path)
-        self.digest = _digest(self.text.encode())
-
-    async def read(
-        self, running: ProxyConfig, store: MetricStore, source: str
-    ) -> tuple[ProxyConfig, list[str]] | ReloadResult:
-        """The file's config and a warning for each change that needs a restart; or, when
-        the file is bad, the failed reload (logged and counted, nothing changed)."""
-        try:
-            text = await asyncio.to_thread(read_config_text, self.path)
-            self.digest = _digest(text.encode())  # a bad file is reported once, not each poll
-            new = parse_config(text, self.path)
-        except ConfigError as exc:
-            store.inc("config_reloads", ("failure",))
-            errors = [str(issue) for issue in exc.issues]
-            for line in errors:
-                log.error("reload (%s) refused, still serving the old config: %s", source, line)
-            return ReloadResult(False, store.config_generation, errors)
-        self.text = text
-        warnings = restart_only_changes(running, new)
-        for warning in warnings:
-            log.warning("reload (%s): %s", source, warning)
-        return new, warnings
-
-    async def watch(self, reload: Callable[[str], Awaitable[ReloadResult]]) -> None:
-        """Reload when the file's content changes (polled: works on every filesystem)."""
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL)
-            try:
-                current = await asyncio.to_thread(Path(self.path).read_bytes)
-            except OSError:
-                continue  # being replaced, or gone: the next poll looks again
-            if _digest(current) != self.digest:
-                await reload("file changed")
+def reload_failed(store: MetricStore, source: str, error: ConfigError) -> ReloadResult:
+    """Count and log a reload refused for a bad file (nothing changed)."""
+    store.inc("config_reloads", ("failure",))
+    errors = [str(issue) for issue in error.issues]
+    for line in errors:
+        log.error("reload (%s) refused, still serving the old config: %s", source, line)
+    return ReloadResult(False, store.config_generation, errors)
 
 
 def reload_succeeded(store: MetricStore, source: str, warnings: list[str]) -> ReloadResult:
@@ -348,10 +300,6 @@ def reload_succeeded(store: MetricStore, source: str, warnings: list[str]) -> Re
     store.inc("config_reloads", ("success",))
     log.info("reload (%s): config generation %d in service", source, store.config_generation)
     return ReloadResult(True, store.config_generation, [], warnings)
-
-
-def _digest(content: bytes) -> bytes:
-    return hashlib.sha256(content).digest()
 
 
 class Stoppable(Protocol):
@@ -396,9 +344,10 @@ async def run_until_stopped(proxy: Stoppable, ready: asyncio.Event | None = None
 
 
 async def serve(
-    config: ProxyConfig, ready: asyncio.Event | None = None, config_path: str | None = None
+    config: ProxyConfig, ready: asyncio.Event | None = None,
+    config_source: ConfigSource | None = None,
 ) -> None:
     """Run a single-process proxy until it is stopped (see run_until_stopped)."""
-    server = ProxyServer(config, config_path)
+    server = ProxyServer(config, config_source)
     await server.start()
     await run_until_stopped(server, ready)

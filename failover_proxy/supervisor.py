@@ -24,23 +24,17 @@ import logging
 import socket
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import ipc
 from .admin import AdminServer
-from .config import ProxyConfig
+from .config import ConfigSource
 from .dataplane.state import SWEEP_INTERVAL
 from .health import HealthChecker
 from .healthview import export_view
 from .metrics import MetricStore, ProcessGauges
-from .server import (
-    ConfigSource,
-    ReloadResult,
-    reload_succeeded,
-    restart_only,
-    run_until_stopped,
-)
+from .schema import ConfigError, ProxyConfig
+from .server import ReloadResult, reload_failed, reload_succeeded, run_until_stopped
 from .topology import Topology, Upstream, build_topology
 
 log = logging.getLogger("failover_proxy.supervisor")
@@ -62,9 +56,9 @@ class WorkerHandle:
 class Supervisor:
     """Starts, feeds and watches the worker processes; implements admin.AdminTarget."""
 
-    def __init__(self, config: ProxyConfig, config_path: str | Path) -> None:
+    def __init__(self, config: ProxyConfig, config_source: ConfigSource) -> None:
         self.config = config
-        self.config_source = ConfigSource(str(config_path))
+        self.config_source = config_source
         self.store = MetricStore()
         self.health = HealthChecker()
         self.admin: AdminServer | None = None
@@ -152,8 +146,7 @@ class Supervisor:
         reader, writer = await asyncio.open_connection(sock=ours)
         worker = WorkerHandle(slot, process, writer)
         self.workers[slot] = worker
-        source = self.config_source
-        ipc.send(writer, {"t": "config", "text": source.text, "file": source.path})
+        ipc.send(writer, {"t": "config", "config": self.config})
         ipc.send(writer, self._view())
         self._keep(self._listen(worker, reader))
         self._keep(self._watch(worker))
@@ -289,16 +282,15 @@ class Supervisor:
     async def reload(self, source: str = "request") -> ReloadResult:
         """Validate here; when good, rebuild the health picture and send every worker the new
         config (each swaps generations the way a single process does)."""
-        read = await self.config_source.read(self.config, self.store, source)
-        if isinstance(read, ReloadResult):
-            return read
-        new, warnings = read
+        try:
+            new, warnings = await self.config_source.read(self.config, source)
+        except ConfigError as exc:
+            return reload_failed(self.store, source, exc)
         loop = asyncio.get_running_loop()
-        self.config = new = new.model_copy(update=restart_only(self.config))
+        self.config = new = new.keeping_restart_only(self.config)
         result = reload_succeeded(self.store, source, warnings)
         topology = build_topology(new, self.store, previous=self.topology, now=loop.time())
-        message = {"t": "config", "text": self.config_source.text,
-                   "file": self.config_source.path, "generation": result.generation}
+        message = {"t": "config", "config": new, "generation": result.generation}
         for worker in self.workers.values():
             ipc.send(worker.writer, message)
         self._adopt(topology)
@@ -378,8 +370,8 @@ def _bind_listening_sockets(host: str, port: int, backlog: int, count: int) -> l
     return sockets
 
 
-async def supervise(config: ProxyConfig, config_path: str) -> None:
+async def supervise(config: ProxyConfig, config_source: ConfigSource) -> None:
     """Run a multi-process proxy until it is stopped (see server.run_until_stopped)."""
-    supervisor = Supervisor(config, config_path)
+    supervisor = Supervisor(config, config_source)
     await supervisor.start()
     await run_until_stopped(supervisor)

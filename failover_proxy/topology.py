@@ -15,12 +15,12 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from .balance import Balancer, ConsistentHash, LeastRequest, SmoothWeightedRoundRobin
-from .config import BackendConfig, ProxyConfig, UpstreamConfig
 from .dataplane.upstream import UpstreamPool
 from .metrics import MetricStore, ProviderEvent
 from .outlier import OutlierDetector
 from .policy import ProviderPolicy
 from .routing import Route, Router
+from .schema import BackendConfig, ProxyConfig, UpstreamConfig
 
 
 class Backend:

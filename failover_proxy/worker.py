@@ -1,7 +1,8 @@
 """A worker process of a multi-process proxy (`workers: N`), started by the supervisor.
 
 It serves the data plane on the listening socket it inherited and takes everything else from
-the supervisor over its message socket: the config (validated there), the shared health view,
+the supervisor over its message socket: the config (validated there, and received as the
+objects themselves, so a worker never imports yaml or pydantic), the shared health view,
 reloads and the order to drain. It sends back its passive failures and, when asked, its counts.
 Ctrl-C reaches the whole process group, so a worker ignores SIGINT and waits for its orders; if
 the supervisor goes away, the worker drains and exits.
@@ -10,19 +11,16 @@ the supervisor goes away, the worker drains and exits.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import socket
 from typing import Any
 
 from . import ipc
-from .config import ConfigError, parse_config
 from .healthview import apply_view
+from .schema import ProxyConfig
 from .server import ProxyServer
 from .topology import Backend
-
-log = logging.getLogger("failover_proxy.worker")
 
 
 async def run_worker(listen_fd: int, ipc_fd: int) -> None:
@@ -32,7 +30,7 @@ async def run_worker(listen_fd: int, ipc_fd: int) -> None:
     first = await ipc.receive(reader)
     if first is None or first.get("t") != "config":
         raise SystemExit("worker: the supervisor sent no config")
-    config = parse_config(first["text"], first["file"])
+    config: ProxyConfig = first["config"]
 
     def report(kind: str, upstream: str, backend: Backend, why: str) -> None:
         ipc.send(writer, {"t": kind, "upstream": upstream, "backend": backend.name, "why": why})
@@ -75,12 +73,7 @@ async def _follow(
         elif kind == "stats":
             ipc.send(writer, {"t": "stats", "id": message["id"], **_stats(server)})
         elif kind == "config":
-            try:
-                config = parse_config(message["text"], message["file"])
-            except ConfigError as exc:  # validated by the supervisor: only a changed env
-                log.error("worker %d cannot load the new config: %s", os.getpid(), exc)
-                continue
-            await server.apply_config(config)
+            await server.apply_config(message["config"])
             server.store.config_generation = message["generation"]
         elif kind == "drain":
             order.delay, order.grace = message["delay"], message["grace"]

@@ -23,7 +23,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from failover_proxy.config import load_config, parse_config
+from failover_proxy.config import ConfigSource, parse_config
 from failover_proxy.faults import FaultBackend
 from failover_proxy.server import ProxyServer
 
@@ -178,7 +178,8 @@ async def file_proxy(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[
     async def start(config_text: str) -> FileProxy:
         path = tmp_path / f"proxy-{len(servers)}.yaml"
         path.write_text(config_text)
-        server = ProxyServer(load_config(path), path)
+        source = ConfigSource(str(path))
+        server = ProxyServer(parse_config(source.text, source.path), source)
         await server.start()
         servers.append(server)
         return FileProxy(server, path)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from ..config import LimitsConfig
 from ..routing import normalize_host
+from ..schema import LimitsConfig
 from .forward import Exchange
 from .headers import (
     CONNECTION,

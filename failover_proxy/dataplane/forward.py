@@ -16,7 +16,6 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
 from ..balance import hash_key
-from ..config import HashOnConfig
 from ..metrics import (
     ATTEMPT_BAD_RESPONSE,
     ATTEMPT_CANCELLED,
@@ -28,6 +27,7 @@ from ..metrics import (
     ATTEMPT_TIMEOUT,
     DURATION_BUCKETS,
 )
+from ..schema import HashOnConfig
 from .headers import (
     ResponseHead,
     build_request_head,

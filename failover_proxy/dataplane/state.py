@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-from ..config import LimitsConfig
 from ..metrics import MetricStore
+from ..schema import LimitsConfig
 from .downstream import ClientLimits, DownstreamProtocol
 from .request import Request
 

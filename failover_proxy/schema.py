@@ -1,0 +1,561 @@
+"""The config's shape: plain frozen dataclasses, with the rules pydantic checks written on them.
+
+This module imports neither pydantic nor yaml: `config.py` validates a file into these classes,
+and every other module (the workers' data plane above all) only reads them. A worker receives
+its config already validated from the supervisor and never loads the validator: pydantic alone
+makes a Python process about 12 MB larger, a worker without it about 28 MB in all.
+
+The rules are annotations pydantic understands (`Constraints`, `Before`, `After`: pydantic's
+`__get_pydantic_core_schema__` protocol, importing pydantic_core only when a validator is
+built) and `__post_init__` checks across fields, which pydantic runs after validating a class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+# ---------------------------------------------------------------------------------------------
+# Rules, as pydantic annotations.
+
+
+class Constraints:
+    """Limits pydantic's own type checks enforce (ge, le, gt, min_length, pattern), with its
+    standard messages."""
+
+    def __init__(self, **limits: object) -> None:
+        self.limits = limits
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        return {**handler(source), **self.limits}
+
+
+class Before:
+    """Turns what an operator wrote (`250ms`, `64KiB`, `10%`) into the type, before pydantic
+    checks it."""
+
+    def __init__(self, parse: Callable[[Any], Any]) -> None:
+        self.parse = parse
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_before_validator_function(self.parse, handler(source))
+
+
+class After:
+    """A check (or normalisation) of a value pydantic has already typed."""
+
+    def __init__(self, check: Callable[[Any], Any]) -> None:
+        self.check = check
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file, each naming file, line and field."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(issue) for issue in issues))
+        self.issues = issues
+
+
+class LocatedError(ValueError):
+    """A cross-field error that knows which field it belongs to (pydantic only knows the class
+    whose check raised it)."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar types: durations and byte sizes written the way operators write them.
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|k|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "k": 1000, "K": 1024, "KB": 1000, "KiB": 1024, "M": 1024**2,
+    "MB": 1000**2, "MiB": 1024**2, "G": 1024**3, "GB": 1000**3, "GiB": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `250ms`, `2s`, `1m`, `1h` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 250ms, 2s or 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 250ms, 2s or 1m, got {value!r}")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from `64KiB`, `1MiB`, `10MB` or a bare number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 64KiB or 1MiB")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    else:
+        raise ValueError(f"expected a size such as 64KiB or 1MiB, got {value!r}")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+def parse_fraction(value: object) -> float:
+    """A share from `10%` or a number between 0 and 1."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError as exc:
+            raise ValueError(f"expected a percentage such as 10%, got {value!r}") from exc
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a fraction such as 0.1 or 10%, got {value!r}")
+    if not 0 <= value <= 1:
+        raise ValueError("a fraction must be between 0 and 1 (0% and 100%)")
+    return float(value)
+
+
+def parse_status_range(value: object) -> tuple[int, int]:
+    """`200-399` or `200` → an inclusive range of HTTP status codes."""
+    text = str(value).strip()
+    low, _, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high or low))
+    except ValueError as exc:
+        raise ValueError(f"expected a status or a range such as 200-399, got {value!r}") from exc
+    if not 100 <= bounds[0] <= bounds[1] <= 599:
+        raise ValueError(f"status range must lie within 100-599, got {value!r}")
+    return bounds
+
+
+def _absolute_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"must start with '/', got {path!r}")
+    return path
+
+
+def _backend_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"backend URL must start with http:// or https://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"backend URL has no host: {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"backend URL has a bad port: {url!r}") from exc
+    if parts.query or parts.fragment:
+        raise ValueError(f"backend URL may not carry a query or fragment: {url!r}")
+    if parts.username or parts.password:
+        raise ValueError("backend URL may not carry credentials")
+    return url
+
+
+def _route_host(host: str) -> str:
+    if not re.fullmatch(r"(\*\.)?[A-Za-z0-9.-]+", host):
+        raise ValueError(f"host must be a name or *.suffix, got {host!r}")
+    return host.lower()
+
+
+AbsolutePath = Annotated[str, After(_absolute_path)]
+Duration = Annotated[float, Before(parse_duration)]
+ByteSize = Annotated[int, Before(parse_size)]
+Fraction = Annotated[float, Before(parse_fraction)]
+StatusRange = Annotated[tuple[int, int], Before(parse_status_range)]
+Port = Annotated[int, Constraints(ge=0, le=65535)]
+AtLeastOne = Annotated[int, Constraints(ge=1)]
+
+_STRICT: Any = {"extra": "forbid"}
+"""Set as `__pydantic_config__` on every class: unknown keys are errors, a typo must never be
+silently ignored."""
+
+# ---------------------------------------------------------------------------------------------
+# The config classes.
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListenConfig:
+    __pydantic_config__ = _STRICT
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    backlog: AtLeastOne = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeoutsConfig:
+    __pydantic_config__ = _STRICT
+    connect: Duration = 1.0
+    read: Duration = 30.0
+    """Longest silence from the backend while waiting for or streaming its response."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    __pydantic_config__ = _STRICT
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+    """SNI and certificate name; defaults to the backend URL's host."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    __pydantic_config__ = _STRICT
+    max_idle_per_backend: Annotated[int, Constraints(ge=0)] = 256
+    """Idle connections kept per backend. With more requests in flight than this, the rest
+    open and close a connection each: in the benchmark at 256 connections a pool of 64 gave
+    5.7k req/s where 64 connections gave 12.8k."""
+    idle_timeout: Duration = 4.0
+    """Shorter than common backend keep-alive timeouts (5 s in Node.js, 75 s in nginx)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendConfig:
+    __pydantic_config__ = _STRICT
+    name: Annotated[str, Constraints(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    url: Annotated[str, After(_backend_url)]
+    provider: Annotated[str, Constraints(min_length=1)]
+    region: str = ""
+    weight: Annotated[int, Constraints(gt=0, le=10_000)] = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealthCheckConfig:
+    """Active probes, run once per backend on their own schedule, never on the request path."""
+
+    __pydantic_config__ = _STRICT
+    type: Literal["http", "tcp"] = "http"
+    path: AbsolutePath = "/healthz"
+    method: str = "GET"
+    expect_status: Annotated[list[StatusRange], Constraints(min_length=1)] = field(
+        default_factory=lambda: [(200, 399)]
+    )
+    expect_body: str | None = None
+    """A substring the probe's response body must contain."""
+    interval: Duration = 2.0
+    unhealthy_interval: Duration = 0.5
+    """Probe faster while a backend is unhealthy, so it returns sooner."""
+    timeout: Duration = 1.0
+    jitter: Fraction = 0.1
+    healthy_threshold: AtLeastOne = 2
+    unhealthy_threshold: AtLeastOne = 2
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutlierConfig:
+    """Passive detection from real traffic (Envoy's consecutive-5xx outlier detection)."""
+
+    __pydantic_config__ = _STRICT
+    consecutive_failures: AtLeastOne = 5
+    failure_statuses: list[int] = field(default_factory=lambda: [502, 503, 504])
+    base_ejection: Duration = 30.0
+    max_ejection: Duration = 300.0
+    max_ejection_percent: Annotated[int, Constraints(ge=0, le=100)] = 50
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorrelatedFailuresConfig:
+    __pydantic_config__ = _STRICT
+    backends: AtLeastOne = 2
+    """Distinct backends of one provider failing within `window` take the provider down."""
+    window: Duration = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyConfig:
+    """How traffic is spread over providers, and when a provider counts as down."""
+
+    __pydantic_config__ = _STRICT
+    strategy: Literal["priority", "weighted", "latency"] = "weighted"
+    """latency: the provider with the lowest recent latency of real requests (EWMA), with the
+    others whose latency is within `latency_tolerance` of it sharing by weight."""
+    latency_tolerance: Fraction = 0.2
+    providers: list[str] | None = None
+    """Priority order (strategy priority); default: the order backends are listed in."""
+    provider_weights: dict[str, int] | None = None
+    """Share per provider (strategy weighted); default: the sum of its backends' weights."""
+    min_healthy_fraction: Fraction = 0.5
+    correlated_failures: CorrelatedFailuresConfig = CorrelatedFailuresConfig()
+    hold_down: Duration = 10.0
+    """A provider taken down stays down at least this long (no flapping)."""
+    slow_start: Duration = 0.0
+    """A provider or backend that comes back gets a share growing linearly over this time."""
+    panic_threshold: Fraction = 0.0
+    """Below this usable share of the upstream's backends, health is no longer trusted."""
+    panic: Literal["spread", "fail"] = "spread"
+    """spread: send to every backend regardless of health; fail: answer 503 at once."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitBreakerConfig:
+    """Beyond these the proxy answers 503 at once instead of piling up work."""
+
+    __pydantic_config__ = _STRICT
+    max_requests_per_backend: AtLeastOne = 1024
+    max_requests: AtLeastOne = 10000
+
+
+RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "timeout", "502", "503", "504"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryConfig:
+    __pydantic_config__ = _STRICT
+    attempts: Annotated[int, Constraints(ge=1, le=10)] = 3
+    on: list[str] = field(
+        default_factory=lambda: ["connect-failure", "reset", "timeout", "502", "503", "504"]
+    )
+    per_try_timeout: Duration | None = None
+    """Longest wait for a response head per attempt; default: timeouts.read."""
+    next_attempt: Literal["different_provider", "any"] = "different_provider"
+    budget_percent: Annotated[float, Constraints(ge=0, le=100)] = 50.0
+    """Retries in flight may be at most this share of requests in flight. Large enough that a
+    whole provider failing (a third or half of traffic) is retried, small enough that when
+    everything fails retries cannot multiply the load."""
+    min_retry_concurrency: Annotated[int, Constraints(ge=0)] = 10
+    replay_max_bytes: ByteSize = 1024 * 1024
+    """Request body kept for a retry; a larger body streams and is not retried."""
+    retry_with_idempotency_key: bool = False
+    hedge_after: Duration | None = None
+    """With no response head after this long, also send a bodiless idempotent request to
+    another provider; the first response wins and the other attempt is cancelled."""
+
+    def __post_init__(self) -> None:
+        for index, condition in enumerate(self.on):
+            if condition not in RETRY_CONDITIONS:
+                known = ", ".join(sorted(RETRY_CONDITIONS))
+                raise LocatedError(
+                    ("on", index), f"unknown retry condition {condition!r} ({known})"
+                )
+
+
+@dataclass(frozen=True, kw_only=True)
+class HashOnConfig:
+    """What keeps a client on one backend (balancer: hash): one header, one cookie, or its IP."""
+
+    __pydantic_config__ = _STRICT
+    header: str | None = None
+    cookie: str | None = None
+    client_ip: bool = False
+
+    def __post_init__(self) -> None:
+        chosen = [self.header is not None, self.cookie is not None, self.client_ip]
+        if sum(chosen) != 1:
+            raise ValueError("hash_on needs exactly one of header, cookie, client_ip: true")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamConfig:
+    __pydantic_config__ = _STRICT
+    backends: Annotated[list[BackendConfig], Constraints(min_length=1)]
+    balancer: Literal["round_robin", "least_request", "hash"] = "round_robin"
+    hash_on: HashOnConfig | None = None
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    host_header: Literal["backend", "preserve"] = "backend"
+    tls: TlsConfig = TlsConfig()
+    pool: PoolConfig = PoolConfig()
+    health_check: HealthCheckConfig | None = None
+    outlier: OutlierConfig = OutlierConfig()
+    policy: PolicyConfig = PolicyConfig()
+    retry: RetryConfig = RetryConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for index, backend in enumerate(self.backends):
+            if backend.name in seen:
+                raise LocatedError(
+                    ("backends", index, "name"), f"duplicate backend name {backend.name!r}"
+                )
+            seen.add(backend.name)
+        if self.balancer == "hash" and self.hash_on is None:
+            raise LocatedError(
+                ("balancer",), "balancer: hash needs hash_on (header, cookie or client_ip)"
+            )
+        self._check_policy_providers()
+
+    def _check_policy_providers(self) -> None:
+        known = list(dict.fromkeys(b.provider for b in self.backends))
+        policy = self.policy
+        for index, name in enumerate(policy.providers or []):
+            if name not in known:
+                raise LocatedError(
+                    ("policy", "providers", index),
+                    f"no backend of provider {name!r} (providers: {', '.join(known)})",
+                )
+        for name, weight in (policy.provider_weights or {}).items():
+            if name not in known:
+                raise LocatedError(
+                    ("policy", "provider_weights", name),
+                    f"no backend of provider {name!r} (providers: {', '.join(known)})",
+                )
+            if weight < 0:
+                raise LocatedError(
+                    ("policy", "provider_weights", name), "weights cannot be negative"
+                )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteConfig:
+    __pydantic_config__ = _STRICT
+    name: Annotated[str, Constraints(min_length=1, pattern=r"^[A-Za-z0-9_.:/*-]+$")] | None = None
+    """The route's label in metrics and logs; default: host (or *) and path prefix."""
+    host: Annotated[str, After(_route_host)] | None = None
+    """Exact host, `*.suffix` for any subdomain, or absent for any host."""
+    path_prefix: AbsolutePath = "/"
+    upstream: str
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.host or '*'}{self.path_prefix}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    __pydantic_config__ = _STRICT
+    max_header_bytes: ByteSize = 32 * 1024
+    max_url_bytes: ByteSize = 8 * 1024
+    max_headers: AtLeastOne = 100
+    max_body_bytes: ByteSize | None = None
+    """Largest request body accepted (413 above it); none = unlimited, streamed."""
+    header_timeout: Duration = 10.0
+    """Time a client gets to send a whole request head (slowloris guard)."""
+    keepalive_timeout: Duration = 75.0
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: addresses only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminConfig:
+    """The control plane's own listener: status, metrics, drills, reloads."""
+
+    __pydantic_config__ = _STRICT
+    host: str = "127.0.0.1"
+    port: Port = 9901
+    token: str = ""
+    """Bearer token the mutating endpoints require (empty: none, allowed on loopback only)."""
+
+    def __post_init__(self) -> None:
+        if not self.token and not is_loopback(self.host):
+            raise LocatedError(
+                ("token",),
+                f"the admin listener on non-loopback address {self.host} needs a token "
+                "(anyone who reaches it could drain backends or force providers down)",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccessLogConfig:
+    """One JSON line per request."""
+
+    __pydantic_config__ = _STRICT
+    enabled: bool = True
+    path: str | None = None
+    """A file to append to; default: standard output."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DrainConfig:
+    """Graceful stop on SIGTERM: stay ready-but-draining, then let requests in flight finish."""
+
+    __pydantic_config__ = _STRICT
+    delay: Duration = 5.0
+    """How long the listener keeps serving after /readyz turns 503, so load balancers notice."""
+    timeout: Duration = 30.0
+    """How long requests in flight may take to finish once the listener is closed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyConfig:
+    __pydantic_config__ = _STRICT
+    listen: ListenConfig = ListenConfig()
+    admin: AdminConfig | None = None
+    upstreams: Annotated[dict[str, UpstreamConfig], Constraints(min_length=1)]
+    routes: Annotated[list[RouteConfig], Constraints(min_length=1)]
+    limits: LimitsConfig = LimitsConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
+    debug_headers: bool = False
+    """Add X-Failover-Proxy-Decision (provider, backend, attempts, reason) to responses."""
+    drain: DrainConfig = DrainConfig()
+    watch_config: bool = False
+    """Reload when the config file changes (checked every second), besides SIGHUP and /reload."""
+    workers: Literal["auto"] | Annotated[int, Constraints(ge=1, le=256)] = 1
+    """Processes serving traffic: `auto` = one per CPU. Above 1, a supervisor process holds the
+    listening socket, the health checks and the admin listener, and the workers share them."""
+
+    @property
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
+
+    def __post_init__(self) -> None:
+        labels: set[str] = set()
+        for index, route in enumerate(self.routes):
+            if route.label in labels:
+                raise LocatedError(
+                    ("routes", index, "name"),
+                    f"two routes are both labelled {route.label!r}: give one a distinct name",
+                )
+            labels.add(route.label)
+            if route.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams))
+                raise LocatedError(
+                    ("routes", index, "upstream"),
+                    f"unknown upstream {route.upstream!r} (known: {known})",
+                )
+
+    def keeping_restart_only(self, running: ProxyConfig) -> ProxyConfig:
+        """This config with the settings only a restart can change taken from `running`, so
+        the config in force says what is really in force."""
+        return dataclasses.replace(self, **_restart_only(running))
+
+    def restart_only_changes(self, running: ProxyConfig) -> list[str]:
+        """A warning for each setting that differs from `running` and needs a restart."""
+        return [
+            f"{name} changed: it takes effect at the next restart"
+            for name, value in _restart_only(running).items()
+            if getattr(self, name) != value
+        ]
+
+
+def _restart_only(config: ProxyConfig) -> dict[str, Any]:
+    """The settings a reload cannot change (sockets are bound, processes started)."""
+    return {"listen": config.listen, "admin": config.admin, "workers": config.workers}
