@@ -56,16 +56,23 @@ class Target:
     """1, or all (one per core)."""
     port: int
     process: subprocess.Popen[bytes]
-    idle_rss_mib: float = 0.0
 
     @property
     def pinned(self) -> bool:
         return self.workers == "1"
 
     def rss(self) -> list[float]:
-        """RSS of each process (for nginx and failover-proxy: the workers and their master or
-        supervisor; the table shows the largest)."""
+        """RSS of each process (for nginx and failover-proxy: the master or supervisor first,
+        then its workers)."""
         return [rss_mib(pid) for pid in process_tree(self.process.pid)]
+
+    def rss_by_role(self) -> tuple[float, float | None]:
+        """(the largest RSS of a process serving traffic, the RSS of its master or supervisor),
+        or (the one process's RSS, None) when a single process does everything."""
+        sizes = self.rss()
+        if len(sizes) == 1:
+            return sizes[0], None
+        return max(sizes[1:]), sizes[0]
 
 
 @dataclass
@@ -78,7 +85,9 @@ class Row:
     p50_ms: float
     p99_ms: float
     errors: int
-    rss_mib_per_process: float
+    worker_rss_mib: float
+    main_rss_mib: float | None
+    """The master's or supervisor's RSS; None for a single process."""
     rps_vs_nginx: float = 0.0
     p99_vs_nginx: float = 0.0
     rounds: list[float] = field(default_factory=list)
@@ -158,8 +167,6 @@ def start_targets(tmp: Path, backend_port: int) -> list[Target]:
             raise RuntimeError(f"{target.name} (workers={target.workers}) did not start:\n"
                                f"{output}") from None
     time.sleep(1.0)
-    for target in targets:
-        target.idle_rss_mib = max(target.rss())
     return targets
 
 
@@ -170,7 +177,8 @@ def _log(tmp: Path, name: str) -> int:
 def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
             connection_counts: list[int]) -> list[Row]:
     """Every target x body x connection count, alternating; medians over rounds."""
-    samples: dict[tuple[str, str, str, int], list[tuple[LoadResult, float]]] = {}
+    samples: dict[tuple[str, str, str, int], list[tuple[LoadResult, tuple[float, float | None]]]]
+    samples = {}
     everyone = [direct, *targets]
     for target in everyone:  # warm up pools and caches
         run_wrk(f"http://127.0.0.1:{target.port}/small", 1, 64,
@@ -184,7 +192,7 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
                                      connections, threads=1 if pinned else 2,
                                      core=1 if pinned else None)
                     key = (target.name, target.workers, body, connections)
-                    samples.setdefault(key, []).append((result, max(target.rss())))
+                    samples.setdefault(key, []).append((result, target.rss_by_role()))
                     print(f"  round {round_number + 1} {target.name:15} workers={target.workers:3}"
                           f" {body:5} c={connections:<4} {result.requests_per_second:9.0f} req/s"
                           f"  p50 {result.p50_ms:6.2f}  p99 {result.p99_ms:6.2f} ms"
@@ -198,7 +206,8 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
             statistics.median(r.p50_ms for r in loads),
             statistics.median(r.p99_ms for r in loads),
             sum(r.errors for r in loads),
-            max(rss for _, rss in results),
+            max(worker for _, (worker, _) in results),
+            max((main for _, (_, main) in results if main is not None), default=None),
             rounds=[r.requests_per_second for r in loads],
         ))
     by_key = {(r.target, r.workers, r.body, r.connections): r for r in rows}
@@ -310,18 +319,23 @@ def markdown(rows: list[Row], latency: list[dict[str, float | str]],
         "Every proxy keeps connections to the backend alive; access logs off for all; "
         "failover-proxy with health checks, retries, metrics and its admin listener on.",
         "",
-        "| target | workers | body | conns | req/s | p50 ms | p99 ms | errors | max RSS MiB "
-        "| req/s vs nginx | p99 vs nginx |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "RSS after the run: per worker (the largest), and of the master or supervisor where "
+        "there is one (nginx, failover-proxy with workers=all); a single process (HAProxy, "
+        "failover-proxy with workers=1) serves traffic and runs everything else itself.",
+        "",
+        "| target | workers | body | conns | req/s | p50 ms | p99 ms | errors | worker RSS MiB "
+        "| master RSS MiB | req/s vs nginx | p99 vs nginx |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"backend": 0, "nginx": 1, "haproxy": 2, "failover-proxy": 3}
     for row in sorted(rows, key=lambda r: (r.body, r.connections, r.workers, order[r.target])):
         ratio = f"{row.rps_vs_nginx:.2f}x" if row.rps_vs_nginx else ""
         p99 = f"{row.p99_vs_nginx:.2f}x" if row.p99_vs_nginx else ""
+        main = f"{row.main_rss_mib:.1f}" if row.main_rss_mib is not None else "-"
         lines.append(
             f"| {row.target} | {row.workers} | {row.body} | {row.connections} | "
             f"{row.requests_per_second:.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | {row.errors} "
-            f"| {row.rss_mib_per_process:.1f} | {ratio} | {p99} |"
+            f"| {row.worker_rss_mib:.1f} | {main} | {ratio} | {p99} |"
         )
     lines += ["", f"Latency at a fixed {args.rate} req/s (hey, 50 clients, "
               f"{args.rate_seconds:g} s), workers=1:", "",

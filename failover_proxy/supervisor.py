@@ -51,6 +51,8 @@ class WorkerHandle:
     writer: asyncio.StreamWriter
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     pid: int = 0
+    counts: dict[str, Any] | None = None
+    """The worker's counts as it last reported them (MetricStore.to_wire)."""
 
 
 class Supervisor:
@@ -67,6 +69,11 @@ class Supervisor:
         self._topology: Topology | None = None
         self._sockets: list[socket.socket] = []
         """One listening socket per worker slot (SO_REUSEPORT group), owned here."""
+        self._reporting: set[WorkerHandle] = set()
+        """Workers whose message socket is open: their last reported counts are in the sums."""
+        self._retired = MetricStore()
+        """What workers that have gone counted (as they last reported it), so the sums on
+        /metrics never step back: Prometheus would read a smaller sum as a counter reset."""
         self._view_version = 0
         self._view_pending = False
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -152,26 +159,39 @@ class Supervisor:
         self._keep(self._watch(worker))
 
     async def _listen(self, worker: WorkerHandle, reader: asyncio.StreamReader) -> None:
-        loop = asyncio.get_running_loop()
-        while (message := await ipc.receive(reader)) is not None:
-            kind = message["t"]
-            if kind in ("failure", "success"):
-                upstream = self.topology.upstreams.get(message["upstream"])
-                backend = self.topology.backend(message["upstream"], message["backend"])
-                if upstream is None or backend is None:
-                    continue  # from a generation since replaced
-                if kind == "failure":
-                    upstream.outlier.on_failure(backend, loop.time(), message["why"])
-                else:
-                    upstream.outlier.on_success(backend)
-                self._state_changed()
-            elif kind == "stats":
-                reply = self._replies.pop(message["id"], None)
-                if reply is not None and not reply.done():
-                    reply.set_result(message)
-            elif kind == "ready":
-                worker.pid = message["pid"]
-                worker.ready.set()
+        self._reporting.add(worker)
+        try:
+            while (message := await ipc.receive(reader)) is not None:
+                self._take(worker, message)
+        finally:
+            # Its last message has been read: its counts move to the retired, in one step.
+            self._reporting.discard(worker)
+            if worker.counts is not None:
+                self._retired.add(worker.counts)
+
+    def _take(self, worker: WorkerHandle, message: ipc.Message) -> None:
+        kind = message["t"]
+        if kind in ("failure", "success"):
+            upstream = self.topology.upstreams.get(message["upstream"])
+            backend = self.topology.backend(message["upstream"], message["backend"])
+            if upstream is None or backend is None:
+                return  # from a generation since replaced
+            if kind == "failure":
+                upstream.outlier.on_failure(backend, asyncio.get_running_loop().time(),
+                                            message["why"])
+            else:
+                upstream.outlier.on_success(backend)
+            self._state_changed()
+        elif kind == "counts":
+            worker.counts = message["store"]
+        elif kind == "stats":
+            worker.counts = message["store"]
+            reply = self._replies.pop(message["id"], None)
+            if reply is not None and not reply.done():
+                reply.set_result(message)
+        elif kind == "ready":
+            worker.pid = message["pid"]
+            worker.ready.set()
 
     async def _watch(self, worker: WorkerHandle) -> None:
         """Restart a worker that dies (unless stopping), logged and counted."""
@@ -249,6 +269,10 @@ class Supervisor:
         ]
         total = MetricStore()
         total.add(self.store.to_wire())
+        total.add(self._retired.to_wire())
+        for reporting in self._reporting:
+            if reporting.counts is not None:
+                total.add(reporting.counts)
         total.config_generation = self.store.config_generation
         total.events = self.store.events
         for upstream in self.topology.upstreams.values():
@@ -258,7 +282,6 @@ class Supervisor:
         latencies: dict[tuple[str, str], list[float]] = {}
         connections = 0
         for answer in replies:
-            total.add(answer["store"])
             connections += answer["connections"]
             for name, active in answer["active"].items():
                 if name in self.topology.upstreams:

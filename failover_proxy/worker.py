@@ -3,7 +3,8 @@
 It serves the data plane on the listening socket it inherited and takes everything else from
 the supervisor over its message socket: the config (validated there, and received as the
 objects themselves, so a worker never imports yaml or pydantic), the shared health view,
-reloads and the order to drain. It sends back its passive failures and, when asked, its counts.
+reloads and the order to drain. It sends back its passive failures, and its counts when asked and
+every COUNTS_INTERVAL (so the supervisor still holds them, at most that old, if the worker dies).
 Ctrl-C reaches the whole process group, so a worker ignores SIGINT and waits for its orders; if
 the supervisor goes away, the worker drains and exits.
 """
@@ -21,6 +22,8 @@ from .healthview import apply_view
 from .schema import ProxyConfig
 from .server import ProxyServer
 from .topology import Backend
+
+COUNTS_INTERVAL = 1.0
 
 
 async def run_worker(listen_fd: int, ipc_fd: int) -> None:
@@ -45,9 +48,12 @@ async def run_worker(listen_fd: int, ipc_fd: int) -> None:
     loop.add_signal_handler(signal.SIGTERM, order.given.set)
     ipc.send(writer, {"t": "ready", "pid": os.getpid()})
     following = loop.create_task(_follow(server, reader, writer, order))
+    reporting = loop.create_task(_report_counts(server, writer))
     await order.given.wait()
     await server.drain(order.delay, order.grace)
     following.cancel()
+    reporting.cancel()
+    ipc.send(writer, {"t": "counts", "store": server.store.to_wire()})  # the final ones
     writer.close()
 
 
@@ -79,6 +85,12 @@ async def _follow(
             order.delay, order.grace = message["delay"], message["grace"]
             order.given.set()
     order.given.set()  # the supervisor is gone: nobody is left to give orders
+
+
+async def _report_counts(server: ProxyServer, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await asyncio.sleep(COUNTS_INTERVAL)
+        ipc.send(writer, {"t": "counts", "store": server.store.to_wire()})
 
 
 def _stats(server: ProxyServer) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from failover_proxy.faults import FaultBackend
+from failover_proxy.worker import COUNTS_INTERVAL
 
 from .conftest import ROOT, backend_lines, free_port, parse_metrics, sample, wait_for_port
 
@@ -194,6 +195,7 @@ async def test_a_second_proxy_on_the_same_port_is_refused(
 async def test_a_dead_worker_is_restarted(cluster: Cluster) -> None:
     await spread_requests(cluster.url, 16)
     before = [w["pid"] for w in (await cluster.status())["workers"]]
+    await asyncio.sleep(COUNTS_INTERVAL + 0.5)  # each worker has reported its counts since
     os.kill(before[0], signal.SIGKILL)
     # Connections the kernel queues for the dead worker's socket meanwhile are not lost: the
     # supervisor holds the socket, and the replacement takes them over.
@@ -207,6 +209,10 @@ async def test_a_dead_worker_is_restarted(cluster: Cluster) -> None:
     async with httpx.AsyncClient(trust_env=False) as http:
         m = parse_metrics((await http.get(cluster.admin + "/metrics")).text)
     assert sample(m, "failover_proxy_worker_restarts_total") == 1
+    # Every request is still in the sums, the dead worker's too: a sum that stepped back would
+    # read as a counter reset to Prometheus.
+    served = sum(v for (name, _), v in m.items() if name == "failover_proxy_requests_total")
+    assert served == 16 + 32 + 32
     out = await cluster.stop()
     assert f"pid {before[0]}) died with exit code -9; restarting it" in out
 
@@ -224,6 +230,11 @@ async def test_reload_and_drain_reach_every_worker(
         assert reloaded.json()["generation"] == 2
         answers = await spread_requests(cluster.url, 32)
         assert {a.json()["provider"] for a in answers} == {"gcp"}
+        # The supervisor validated the new file; the workers took its result without ever
+        # loading the validator (pydantic alone would add about 12 MB to each).
+        assert "pydantic_core" in Path(f"/proc/{cluster.process.pid}/maps").read_text()
+        for worker in (await cluster.status())["workers"]:
+            assert "pydantic_core" not in Path(f"/proc/{worker['pid']}/maps").read_text()
         slow = backends[4]
         slow.mode, slow.delay = "slow", 1.5
         backends[5].mode, backends[5].delay = "slow", 1.5
