@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common import (
     RESULTS,
@@ -219,22 +220,40 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
     return rows
 
 
-def fixed_rate_latency(targets: list[Target], direct: Target, rate: int, seconds: float
-                       ) -> list[dict[str, float | str]]:
-    """p50/p99 at a moderate fixed rate, and what each proxy adds to the direct path."""
-    base = run_hey(f"http://127.0.0.1:{direct.port}/small", seconds, rate)
-    out: list[dict[str, float | str]] = [
-        {"target": "backend", "rps": base.requests_per_second, "p50_ms": base.p50_ms,
-         "p99_ms": base.p99_ms, "added_p50_ms": 0.0, "added_p99_ms": 0.0, "errors": base.errors}
-    ]
-    for target in [t for t in targets if t.workers == "1"]:
-        result = run_hey(f"http://127.0.0.1:{target.port}/small", seconds, rate)
+def fixed_rate_latency(targets: list[Target], direct: Target, rate: int, seconds: float,
+                       rounds: int) -> list[dict[str, Any]]:
+    """p50/p99 at a moderate fixed rate, and what each proxy adds to the direct path: medians
+    of alternating rounds (hey shares a core with the backend, and one run's p99 swings by 2x)."""
+    everyone = [direct, *[t for t in targets if t.workers == "1"]]
+    runs: dict[str, list[LoadResult]] = {t.name: [] for t in everyone}
+    for _ in range(rounds):
+        for target in everyone:
+            runs[target.name].append(run_hey(f"http://127.0.0.1:{target.port}/small", seconds,
+                                             rate))
+    out: list[dict[str, Any]] = []
+    base_p50 = statistics.median(r.p50_ms for r in runs[direct.name])
+    base_p99 = statistics.median(r.p99_ms for r in runs[direct.name])
+    for target in everyone:
+        results = runs[target.name]
+        p50 = statistics.median(r.p50_ms for r in results)
+        p99 = statistics.median(r.p99_ms for r in results)
         out.append({
-            "target": target.name, "rps": result.requests_per_second,
-            "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-            "added_p50_ms": result.p50_ms - base.p50_ms,
-            "added_p99_ms": result.p99_ms - base.p99_ms, "errors": result.errors,
+            "target": target.name,
+            "rps": statistics.median(r.requests_per_second for r in results),
+            "p50_ms": p50, "p99_ms": p99, "added_p50_ms": p50 - base_p50,
+            "added_p99_ms": p99 - base_p99, "errors": sum(r.errors for r in results),
+            "p99_rounds_ms": [r.p99_ms for r in results],
         })
+    return out
+
+
+def startup_memory(targets: list[Target]) -> list[dict[str, Any]]:
+    """RSS per worker and of the master or supervisor right after start, before any traffic."""
+    out: list[dict[str, Any]] = []
+    for target in targets:
+        worker, main = target.rss_by_role()
+        out.append({"target": target.name, "workers": target.workers,
+                    "worker_rss_mib": worker, "master_rss_mib": main})
     return out
 
 
@@ -308,7 +327,7 @@ def streaming_memory(target: Target, path: str, size: int) -> dict[str, float | 
             "rss_before_mib": before, "rss_peak_mib": peak, "extra_mib": peak - before}
 
 
-def markdown(rows: list[Row], latency: list[dict[str, float | str]],
+def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[str, Any]],
              idle: list[dict[str, float | str]], stream: dict[str, float | str],
              args: argparse.Namespace) -> str:
     lines = [
@@ -338,13 +357,21 @@ def markdown(rows: list[Row], latency: list[dict[str, float | str]],
             f"| {row.worker_rss_mib:.1f} | {main} | {ratio} | {p99} |"
         )
     lines += ["", f"Latency at a fixed {args.rate} req/s (hey, 50 clients, "
-              f"{args.rate_seconds:g} s), workers=1:", "",
-              "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |",
-              "|---|---|---|---|---|---|"]
+              f"{args.rate_seconds:g} s, median of {args.rounds} alternating rounds), workers=1:",
+              "",
+              "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | errors | p99 per round |",
+              "|---|---|---|---|---|---|---|"]
     for entry in latency:
+        per_round = ", ".join(f"{v:.1f}" for v in entry["p99_rounds_ms"])
         lines.append(f"| {entry['target']} | {entry['p50_ms']:.2f} | {entry['p99_ms']:.2f} | "
                      f"{entry['added_p50_ms']:.2f} | {entry['added_p99_ms']:.2f} | "
-                     f"{entry['errors']} |")
+                     f"{entry['errors']} | {per_round} |")
+    lines += ["", "Idle RSS right after start, before any traffic (MiB):", "",
+              "| target | workers | per worker | master or supervisor |", "|---|---|---|---|"]
+    for entry in startup:
+        master = "-" if entry["master_rss_mib"] is None else f"{entry['master_rss_mib']:.1f}"
+        lines.append(f"| {entry['target']} | {entry['workers']} | "
+                     f"{entry['worker_rss_mib']:.1f} | {master} |")
     lines += ["", "Memory (workers=1, all processes of the target):", "",
               "| target | idle RSS MiB | with idle keep-alive connections | extra MiB |",
               "|---|---|---|---|"]
@@ -393,9 +420,11 @@ def main() -> int:
             direct = Target("backend", "1", backend_port, backend)
             targets = start_targets(tmp, backend_port)
             processes += [t.process for t in targets]
+            startup = startup_memory(targets)
             rows = measure(targets, direct, args.duration, args.rounds, connection_counts)
             print("fixed-rate latency…", flush=True)
-            latency = fixed_rate_latency(targets, direct, args.rate, args.rate_seconds)
+            latency = fixed_rate_latency(targets, direct, args.rate, args.rate_seconds,
+                                         args.rounds)
             print("idle connections…", flush=True)
             idle = idle_connection_memory(targets, args.idle)
             ours = next(t for t in targets if t.name == "failover-proxy" and t.workers == "1")
@@ -409,14 +438,14 @@ def main() -> int:
                     process.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     process.kill()
-    table = markdown(rows, latency, idle, stream, args)
+    table = markdown(rows, latency, startup, idle, stream, args)
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compare.md").write_text(table)
     (RESULTS / "compare.json").write_text(json.dumps({
         "cores": CORES, "duration_s": args.duration, "rounds": args.rounds,
         "throughput": [asdict(row) for row in rows], "fixed_rate_latency": latency,
-        "idle_connections": idle, "streaming": stream,
+        "startup_memory": startup, "idle_connections": idle, "streaming": stream,
     }, indent=2) + "\n")
     return 0
 
