@@ -89,6 +89,11 @@ async def cluster(tmp_path: Path, backends: list[FaultBackend]) -> AsyncIterator
         await started.stop()
 
 
+def mapped_files(pid: int) -> str:
+    """The files a process has mapped (its loaded libraries among them)."""
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
 async def spread_requests(url: str, count: int, path: str = "/") -> list[httpx.Response]:
     """`count` requests, each on a new connection, several at a time: the kernel spreads the
     connections over the workers' SO_REUSEPORT sockets, so both workers serve."""
@@ -232,9 +237,9 @@ async def test_reload_and_drain_reach_every_worker(
         assert {a.json()["provider"] for a in answers} == {"gcp"}
         # The supervisor validated the new file; the workers took its result without ever
         # loading the validator (pydantic alone would add about 12 MB to each).
-        assert "pydantic_core" in Path(f"/proc/{cluster.process.pid}/maps").read_text()
+        assert "pydantic_core" in mapped_files(cluster.process.pid)
         for worker in (await cluster.status())["workers"]:
-            assert "pydantic_core" not in Path(f"/proc/{worker['pid']}/maps").read_text()
+            assert "pydantic_core" not in mapped_files(worker["pid"])
         slow = backends[4]
         slow.mode, slow.delay = "slow", 1.5
         backends[5].mode, backends[5].delay = "slow", 1.5
