@@ -5,7 +5,7 @@ hands out (one list per label set, looked up once and cached by the caller), and
 turns them, and the live state of the topology, into metric families only when /metrics is
 scraped. The counts live in a `MetricStore` that outlives config generations, so counters never
 reset on a reload, and that is plain data, so the counts of several processes can be added up.
-prometheus_client is imported only to render (worker processes never load it: about 12 MB).
+prometheus_client is imported only to render (worker processes never load it: about 5 MiB).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 This module imports neither pydantic nor yaml: `config.py` validates a file into these classes,
 and every other module (the workers' data plane above all) only reads them. A worker receives
 its config already validated from the supervisor and never loads the validator: pydantic alone
-makes a Python process about 12 MB larger, a worker without it about 28 MB in all.
+makes a Python process about 12 MiB larger, a worker without it about 28 MiB in all.
 
 The rules are annotations pydantic understands (`Constraints`, `Before`, `After`: pydantic's
 `__get_pydantic_core_schema__` protocol, importing pydantic_core only when a validator is

@@ -236,7 +236,7 @@ async def test_reload_and_drain_reach_every_worker(
         answers = await spread_requests(cluster.url, 32)
         assert {a.json()["provider"] for a in answers} == {"gcp"}
         # The supervisor validated the new file; the workers took its result without ever
-        # loading the validator (pydantic alone would add about 12 MB to each).
+        # loading the validator (pydantic alone would add about 12 MiB to each).
         assert "pydantic_core" in mapped_files(cluster.process.pid)
         for worker in (await cluster.status())["workers"]:
             assert "pydantic_core" not in mapped_files(worker["pid"])
