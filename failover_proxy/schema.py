@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, dataclass_transform
 from urllib.parse import urlsplit
 
 # ---------------------------------------------------------------------------------------------
@@ -195,42 +195,45 @@ StatusRange = Annotated[tuple[int, int], Before(parse_status_range)]
 Port = Annotated[int, Constraints(ge=0, le=65535)]
 AtLeastOne = Annotated[int, Constraints(ge=1)]
 
-_STRICT: Any = {"extra": "forbid"}
-"""Set as `__pydantic_config__` on every class: unknown keys are errors, a typo must never be
-silently ignored."""
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True, kw_only_default=True)
+def config_class(cls: type[_T]) -> type[_T]:
+    """A config class: a frozen, keyword-only dataclass whose unknown keys are errors (a typo
+    must never be silently ignored)."""
+    made = dataclass(frozen=True, kw_only=True)(cls)
+    made.__pydantic_config__ = {"extra": "forbid"}  # type: ignore[attr-defined]
+    return made
 
 # ---------------------------------------------------------------------------------------------
 # The config classes.
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class ListenConfig:
-    __pydantic_config__ = _STRICT
     host: str = "127.0.0.1"
     port: Port = 8080
     backlog: AtLeastOne = 1024
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class TimeoutsConfig:
-    __pydantic_config__ = _STRICT
     connect: Duration = 1.0
     read: Duration = 30.0
     """Longest silence from the backend while waiting for or streaming its response."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class TlsConfig:
-    __pydantic_config__ = _STRICT
     verify: bool = True
     ca_file: str | None = None
     server_name: str | None = None
     """SNI and certificate name; defaults to the backend URL's host."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class PoolConfig:
-    __pydantic_config__ = _STRICT
     max_idle_per_backend: Annotated[int, Constraints(ge=0)] = 256
     """Idle connections kept per backend. With more requests in flight than this, the rest
     open and close a connection each: in the benchmark at 256 connections a pool of 64 gave
@@ -239,9 +242,8 @@ class PoolConfig:
     """Shorter than common backend keep-alive timeouts (5 s in Node.js, 75 s in nginx)."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class BackendConfig:
-    __pydantic_config__ = _STRICT
     name: Annotated[str, Constraints(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")]
     url: Annotated[str, After(_backend_url)]
     provider: Annotated[str, Constraints(min_length=1)]
@@ -249,11 +251,10 @@ class BackendConfig:
     weight: Annotated[int, Constraints(gt=0, le=10_000)] = 1
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class HealthCheckConfig:
     """Active probes, run once per backend on their own schedule, never on the request path."""
 
-    __pydantic_config__ = _STRICT
     type: Literal["http", "tcp"] = "http"
     path: AbsolutePath = "/healthz"
     method: str = "GET"
@@ -272,11 +273,10 @@ class HealthCheckConfig:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class OutlierConfig:
     """Passive detection from real traffic (Envoy's consecutive-5xx outlier detection)."""
 
-    __pydantic_config__ = _STRICT
     consecutive_failures: AtLeastOne = 5
     failure_statuses: list[int] = field(default_factory=lambda: [502, 503, 504])
     base_ejection: Duration = 30.0
@@ -284,19 +284,17 @@ class OutlierConfig:
     max_ejection_percent: Annotated[int, Constraints(ge=0, le=100)] = 50
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class CorrelatedFailuresConfig:
-    __pydantic_config__ = _STRICT
     backends: AtLeastOne = 2
     """Distinct backends of one provider failing within `window` take the provider down."""
     window: Duration = 1.0
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class PolicyConfig:
     """How traffic is spread over providers, and when a provider counts as down."""
 
-    __pydantic_config__ = _STRICT
     strategy: Literal["priority", "weighted", "latency"] = "weighted"
     """latency: the provider with the lowest recent latency of real requests (EWMA), with the
     others whose latency is within `latency_tolerance` of it sharing by weight."""
@@ -317,11 +315,10 @@ class PolicyConfig:
     """spread: send to every backend regardless of health; fail: answer 503 at once."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class CircuitBreakerConfig:
     """Beyond these the proxy answers 503 at once instead of piling up work."""
 
-    __pydantic_config__ = _STRICT
     max_requests_per_backend: AtLeastOne = 1024
     max_requests: AtLeastOne = 10000
 
@@ -329,9 +326,8 @@ class CircuitBreakerConfig:
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "timeout", "502", "503", "504"})
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class RetryConfig:
-    __pydantic_config__ = _STRICT
     attempts: Annotated[int, Constraints(ge=1, le=10)] = 3
     on: list[str] = field(
         default_factory=lambda: ["connect-failure", "reset", "timeout", "502", "503", "504"]
@@ -360,11 +356,10 @@ class RetryConfig:
                 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class HashOnConfig:
     """What keeps a client on one backend (balancer: hash): one header, one cookie, or its IP."""
 
-    __pydantic_config__ = _STRICT
     header: str | None = None
     cookie: str | None = None
     client_ip: bool = False
@@ -375,9 +370,8 @@ class HashOnConfig:
             raise ValueError("hash_on needs exactly one of header, cookie, client_ip: true")
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class UpstreamConfig:
-    __pydantic_config__ = _STRICT
     backends: Annotated[list[BackendConfig], Constraints(min_length=1)]
     balancer: Literal["round_robin", "least_request", "hash"] = "round_robin"
     hash_on: HashOnConfig | None = None
@@ -426,9 +420,8 @@ class UpstreamConfig:
                 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class RouteConfig:
-    __pydantic_config__ = _STRICT
     name: Annotated[str, Constraints(min_length=1, pattern=r"^[A-Za-z0-9_.:/*-]+$")] | None = None
     """The route's label in metrics and logs; default: host (or *) and path prefix."""
     host: Annotated[str, After(_route_host)] | None = None
@@ -441,9 +434,8 @@ class RouteConfig:
         return self.name or f"{self.host or '*'}{self.path_prefix}"
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class LimitsConfig:
-    __pydantic_config__ = _STRICT
     max_header_bytes: ByteSize = 32 * 1024
     max_url_bytes: ByteSize = 8 * 1024
     max_headers: AtLeastOne = 100
@@ -464,11 +456,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class AdminConfig:
     """The control plane's own listener: status, metrics, drills, reloads."""
 
-    __pydantic_config__ = _STRICT
     host: str = "127.0.0.1"
     port: Port = 9901
     token: str = ""
@@ -483,30 +474,27 @@ class AdminConfig:
             )
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class AccessLogConfig:
     """One JSON line per request."""
 
-    __pydantic_config__ = _STRICT
     enabled: bool = True
     path: str | None = None
     """A file to append to; default: standard output."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class DrainConfig:
     """Graceful stop on SIGTERM: stay ready-but-draining, then let requests in flight finish."""
 
-    __pydantic_config__ = _STRICT
     delay: Duration = 5.0
     """How long the listener keeps serving after /readyz turns 503, so load balancers notice."""
     timeout: Duration = 30.0
     """How long requests in flight may take to finish once the listener is closed."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@config_class
 class ProxyConfig:
-    __pydantic_config__ = _STRICT
     listen: ListenConfig = ListenConfig()
     admin: AdminConfig | None = None
     upstreams: Annotated[dict[str, UpstreamConfig], Constraints(min_length=1)]
