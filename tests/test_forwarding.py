@@ -429,3 +429,69 @@ async def test_oversized_response_head_is_502(raw_backend: StartRaw, proxy: Star
     raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
     assert raw.startswith(b"HTTP/1.1 502 ")
     assert b"response head too large" in raw
+
+
+async def test_response_head_in_tiny_pieces_is_rewritten_whole(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """The response head is read from its raw bytes: one split over many reads (here one byte
+    per write) and fields the proxy rewrites between forwarded ones must come out right."""
+    head = (
+        b"HTTP/1.1 200 OK\r\nServer: tiny\r\nKeep-Alive: timeout=5\r\nX-First: 1\r\n"
+        b"Content-Length: 5\r\nconnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n"
+        b"X-Request-Id: from-backend\r\nVia: 1.0 cache\r\nX-Forwarded-Proto: gopher\r\n"
+        b"Proxy-Connection: keep-alive\r\nX-Last:  spaced value \r\n\r\nhello"
+    )
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            for index in range(len(head)):
+                writer.write(head[index : index + 1])
+                await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for _ in range(2):  # the second response comes on the reused backend connection
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await asyncio.wait_for(read_one_response(reader), 5)
+        lines = response.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        assert lines[0] == b"HTTP/1.1 200 OK"
+        assert lines[1:] == [
+            b"Server: tiny",
+            b"X-First: 1",
+            b"X-Request-Id: from-backend",
+            b"X-Last:  spaced value ",
+            b"Via: 1.0 cache, 1.1 failover-proxy",
+            b"Content-Length: 5",
+        ]
+        assert response.endswith(b"\r\n\r\nhello")
+    writer.close()
+
+
+async def test_unsolicited_response_from_backend_is_never_delivered(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A backend that sends a second response nobody asked for, in the same write, is broken:
+    its connection is dropped rather than pooled, so the extra response never answers the next
+    request (which goes out on a fresh connection)."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        while True:
+            await read_request_head(reader)
+            body = b"conn%d" % number
+            extra = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!" if number == 1 else b""
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body + extra)
+            await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    async with client(server) as http:
+        first = await http.get("/")
+        second = await http.get("/")
+    assert first.status_code == 200 and first.text == "conn1"
+    assert second.status_code == 200 and second.text == "conn2"
+    assert connections == 2

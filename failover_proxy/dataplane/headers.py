@@ -1,11 +1,12 @@
 """Header rules of a proxy: hop-by-hop removal, X-Forwarded-*, Via, request ids, framing.
 
-Each header field is sorted as it is parsed (`header_kind`): most go through untouched and are
-kept as finished lines, so names go out spelled as the client or backend spelled them; the few
-the proxy rewrites (framing, hop-by-hop, Host, X-Forwarded-*, Via) are kept as values and
-written by the proxy. Heads are assembled with `b"..." % (...)` of bytes and ints, which mypyc
-compiles to one allocation and plain copies (a long `b"".join` costs a malloc of its own).
-"""
+Each request field is sorted as llhttp hands it over (`header_kind`); a response head is read
+whole from its raw bytes once llhttp has accepted it (`parse_response_head`). Most fields go
+through untouched and are kept as finished lines, so names go out spelled as the client or
+backend spelled them; the few the proxy rewrites (framing, hop-by-hop, Host, X-Forwarded-*, Via)
+are kept as values and written by the proxy. Heads are assembled with `b"..." % (...)` of bytes
+and ints, which mypyc compiles to one allocation and plain copies (a long `b"".join` costs a
+malloc of its own)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def add_field(lines: list[bytes], name: bytes, value: bytes) -> None:
 
 
 def _line_name(line: bytes) -> bytes:
-    """The lower-case name of a line made by add_field (names cannot contain a colon)."""
+    """The lower-case name of one field line (names cannot contain a colon)."""
     return line[: line.find(b":")].lower()
 
 
@@ -124,15 +125,16 @@ _PLAIN_CONNECTION_TOKENS: Final = frozenset({b"close", b"keep-alive", b"upgrade"
 
 
 def forwarded_block(lines: list[bytes], connection: bytes | None) -> bytes:
-    """The forwarded fields as one block, minus those a Connection header names as hop-by-hop
-    (beyond close / keep-alive / upgrade), which the sender meant for this hop only."""
+    """The forwarded fields as one block (`lines`: finished lines, or runs of them), minus those
+    a Connection header names as hop-by-hop (beyond close / keep-alive / upgrade), which the
+    sender meant for this hop only."""
+    block = lines[0] if len(lines) == 1 else b"".join(lines)
     if connection is not None and connection.lower() not in _PLAIN_CONNECTION_TOKENS:
         named = connection_tokens(connection) - _PLAIN_CONNECTION_TOKENS
         if named:
-            lines = [line for line in lines if _line_name(line) not in named]
-    if len(lines) == 1:
-        return lines[0]
-    return b"".join(lines)
+            kept = [line for line in block.split(b"\r\n") if line and _line_name(line) not in named]
+            block = b"".join(line + b"\r\n" for line in kept)
+    return block
 
 
 def join_values(previous: bytes | None, value: bytes) -> bytes:
@@ -141,8 +143,8 @@ def join_values(previous: bytes | None, value: bytes) -> bytes:
 
 
 class ResponseHead:
-    """A backend's response head as parsed: forwarded fields as finished lines, and the values of
-    the fields the proxy rewrites."""
+    """A backend's response head as parsed: the forwarded fields as runs of finished lines,
+    and the values of the fields the proxy rewrites."""
 
     # Defaults live on the class: a response sets only the fields it carries.
     content_length: bytes | None = None
@@ -152,34 +154,60 @@ class ResponseHead:
     upgrade: bytes | None = None
     via: bytes | None = None
     has_request_id = False
-    size = 0
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
 
-    def add(self, name: bytes, value: bytes) -> None:
-        self.size += len(name) + len(value)
-        if self.size > MAX_RESPONSE_HEAD:
-            raise ValueError("response head too large")
-        kind = header_kind(name)
-        if kind == PASS:
-            add_field(self.lines, name, value)
-        elif kind == CONTENT_LENGTH:
-            self.content_length = value
-        elif kind == TRANSFER_ENCODING:
-            self.chunked = True
-        elif kind == CONNECTION:
-            self.connection = join_values(self.connection, value)
-        elif kind == VIA:
-            self.via = join_values(self.via, value)
-        elif kind == X_REQUEST_ID:
-            self.has_request_id = True
-            add_field(self.lines, name, value)
-        elif kind == UPGRADE:
-            self.upgrade = value
-        elif kind != DROPPED and kind != PROXY_CONNECTION:
-            # Host, Expect, X-Forwarded-For mean nothing special in a response
-            add_field(self.lines, name, value)
+
+_MAYBE_SPECIAL: Final = bytes(
+    1 if chr(byte).lower() in "cehkptuvx" else 0 for byte in range(256)
+)
+"""By a field name's first byte: 1 where it may name a field `header_kind` does not PASS (the
+rest, such as Date, Server, Last-Modified, Accept-Ranges, need no lookup)."""
+
+
+def parse_response_head(buf: bytes, start: int, end: int) -> ResponseHead:
+    """The head in `buf[start:end]`, which llhttp has accepted: a status line and field lines,
+    each ended by CRLF, with no folding (`end`: where the final CRLF CRLF begins).
+
+    Working on the raw head instead of a callback per field saves a Python call per field;
+    fields forwarded as they came stay in the runs of lines they arrived in.
+    """
+    if end - start > MAX_RESPONSE_HEAD:
+        raise ValueError("response head too large")
+    head = ResponseHead()
+    pos = buf.find(b"\r\n", start, end + 2) + 2  # past the status line
+    stop = end + 2  # the last field line's CRLF included
+    run = pos
+    lines = head.lines
+    while pos < stop:
+        eol = buf.find(b"\r\n", pos, stop)
+        if _MAYBE_SPECIAL[buf[pos]]:
+            colon = buf.find(b":", pos, eol)
+            kind = header_kind(buf[pos:colon])
+            if kind == X_REQUEST_ID:
+                head.has_request_id = True
+            elif kind != PASS and kind != HOST and kind != EXPECT and kind != X_FORWARDED_FOR:
+                # Host, Expect, X-Forwarded-For mean nothing special in a response: forwarded
+                if run < pos:
+                    lines.append(buf[run:pos])
+                run = eol + 2
+                value = buf[colon + 1 : eol].strip(b" \t")
+                if kind == CONTENT_LENGTH:
+                    head.content_length = value
+                elif kind == TRANSFER_ENCODING:
+                    head.chunked = True
+                elif kind == CONNECTION:
+                    head.connection = join_values(head.connection, value)
+                elif kind == VIA:
+                    head.via = join_values(head.via, value)
+                elif kind == UPGRADE:
+                    head.upgrade = value
+                # DROPPED, PROXY_CONNECTION: hop-by-hop, not forwarded
+        pos = eol + 2
+    if run < stop:
+        lines.append(buf[run:stop])
+    return head
 
 
 def build_request_head(

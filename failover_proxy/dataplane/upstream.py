@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from .headers import ResponseHead
+from .headers import MAX_RESPONSE_HEAD, ResponseHead, parse_response_head
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -61,8 +61,11 @@ class UpstreamConnection:
         self.reading_paused = False
         self.bytes_received = 0
         """Bytes received since the current owner took the connection (0 = the backend is mute)."""
-        self._head = ResponseHead()
-        self._in_head = True
+        self._head_buf = b""
+        """The bytes the response head being parsed is in, from `_head_at` on."""
+        self._head_at = 0
+        self._head_open = False
+        """A response has begun and its head is not complete: its bytes so far are kept."""
         self._informational = False
         self._head_only_done = False
 
@@ -137,6 +140,11 @@ class UpstreamConnection:
             self.abort()
             return
         self.bytes_received += len(data)
+        if self._head_open:
+            self._head_buf += data  # the head began in an earlier read
+        else:
+            self._head_buf = data
+            self._head_at = 0
         try:
             self._feed(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -148,6 +156,13 @@ class UpstreamConnection:
         except httptools.HttpParserError as exc:
             self._bad_response(f"invalid response from backend: {exc}")
         self._head_only_done = False  # later bytes go to the fresh parser
+        if not self._head_open:
+            self._head_buf = b""
+        elif len(self._head_buf) - self._head_at > MAX_RESPONSE_HEAD:
+            self._bad_response("invalid response from backend: response head too large")
+        elif self._head_at:
+            self._head_buf = self._head_buf[self._head_at :]
+            self._head_at = 0
 
     def _bad_response(self, reason: str) -> None:
         owner = self.owner
@@ -157,21 +172,31 @@ class UpstreamConnection:
 
     # -- llhttp callbacks ----------------------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:  # headers after the head are trailers: not forwarded
-            self._head.add(name, value)
+    # No on_header: the head is read whole from the raw bytes (parse_response_head), which
+    # saves a Python call per field; trailers are validated by llhttp and dropped.
+
+    def on_message_begin(self) -> None:
+        if self.owner is None:
+            # The backend sent a response after the one we asked for, in the same read.
+            raise ValueError("unsolicited response")
+        self._head_open = True
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._head_open = False
+        buf = self._head_buf
+        start = self._head_at
+        end = buf.find(b"\r\n\r\n", start)
+        if end < 0 or not buf.startswith(b"HTTP/", start):
+            raise ValueError("response head not found where the parser saw it")
+        self._head_at = end + 4  # a final response may follow an informational one
         status = self.parser.get_status_code()
-        head = self._head
-        self._head = ResponseHead()
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
             return
         owner = self.owner
         if owner is None:
             return
+        head = parse_response_head(buf, start, end)
         owner.on_head(status, head, self.parser.should_keep_alive())
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
@@ -191,7 +216,6 @@ class UpstreamConnection:
             owner.on_body(chunk)
 
     def on_message_complete(self) -> None:
-        self._in_head = True
         if self._informational:
             self._informational = False
             return
