@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from bisect import bisect_left
 from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
@@ -46,6 +45,20 @@ if TYPE_CHECKING:
 _CRLF: Final = b"\r\n"
 HELD_BODY_BYTES: Final = 64 * 1024
 _LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+_DURATION_BOUNDS: Final[list[float]] = list(DURATION_BUCKETS)
+
+
+def duration_slot(seconds: float) -> int:
+    """The histogram slot a request duration is counted in: the first bucket whose bound it does
+    not exceed (a compiled loop: `bisect` would box the float and compare objects)."""
+    slot = 0
+    for bound in _DURATION_BOUNDS:
+        if seconds <= bound:
+            return slot
+        slot += 1
+    return slot
 
 
 class Outcome(enum.Enum):
@@ -846,7 +859,7 @@ class Exchange:
             counts = self.route.counts_for(backend)
         counts[status // 100 - 1] += 1
         slots = backend.durations if backend is not None else self.upstream.unanswered_durations
-        slots[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        slots[duration_slot(seconds)] += 1
         slots[-1] += seconds
         log = self.downstream.plane.access_log
         if log is not None:

@@ -159,55 +159,77 @@ class ResponseHead:
         self.lines: list[bytes] = []
 
 
-_MAYBE_SPECIAL: Final = bytes(
-    1 if chr(byte).lower() in "cehkptuvx" else 0 for byte in range(256)
-)
-"""By a field name's first byte: 1 where it may name a field `header_kind` does not PASS (the
-rest, such as Date, Server, Last-Modified, Accept-Ranges, need no lookup)."""
+_RESPONSE_NAME_LENGTHS: Final[list[tuple[int, ...]]] = [
+    tuple(sorted({len(name) for name in _KIND_BY_LOWER_NAME if name[0] == byte | 0x20}))
+    if chr(byte).isalpha() else ()
+    for byte in range(256)
+]
+"""By a field line's first byte: the lengths of the names `header_kind` knows that start with
+it. A line whose colon is at none of them is forwarded without a lookup (Date, Server,
+Content-Type, Cache-Control: most of a response), and no name has to be hashed for it."""
 
 
-def parse_response_head(buf: bytes, start: int, end: int) -> ResponseHead:
-    """The head in `buf[start:end]`, which llhttp has accepted: a status line and field lines,
-    each ended by CRLF, with no folding (`end`: where the final CRLF CRLF begins).
+def parse_response_head(head: bytes) -> ResponseHead:
+    """A response head llhttp has accepted: a status line and field lines, each ended by CRLF,
+    with no folding (the blank line that ends the head left off).
 
     Working on the raw head instead of a callback per field saves a Python call per field;
-    fields forwarded as they came stay in the runs of lines they arrived in.
+    fields forwarded as they came stay in the runs of lines they arrived in. Written with the
+    operations mypyc compiles to C (indexing, slicing, one splitlines): `find` or `strip` would
+    each cost a generic method call.
     """
-    if end - start > MAX_RESPONSE_HEAD:
+    if len(head) > MAX_RESPONSE_HEAD:
         raise ValueError("response head too large")
-    head = ResponseHead()
-    pos = buf.find(b"\r\n", start, end + 2) + 2  # past the status line
-    stop = end + 2  # the last field line's CRLF included
+    parsed = ResponseHead()
+    lines = head.splitlines()  # llhttp allows no CR or LF but in the CRLF that ends a line
+    pos = len(lines[0]) + 2  # past the status line
     run = pos
-    lines = head.lines
-    while pos < stop:
-        eol = buf.find(b"\r\n", pos, stop)
-        if _MAYBE_SPECIAL[buf[pos]]:
-            colon = buf.find(b":", pos, eol)
-            kind = header_kind(buf[pos:colon])
+    runs = parsed.lines
+    for index in range(1, len(lines)):
+        line = lines[index]
+        for colon in _RESPONSE_NAME_LENGTHS[line[0]]:
+            if len(line) <= colon or line[colon] != _COLON:
+                continue
+            kind = header_kind(line[:colon])
             if kind == X_REQUEST_ID:
-                head.has_request_id = True
+                parsed.has_request_id = True
             elif kind != PASS and kind != HOST and kind != EXPECT and kind != X_FORWARDED_FOR:
                 # Host, Expect, X-Forwarded-For mean nothing special in a response: forwarded
                 if run < pos:
-                    lines.append(buf[run:pos])
-                run = eol + 2
-                value = buf[colon + 1 : eol].strip(b" \t")
+                    runs.append(head[run:pos])
+                run = pos + len(line) + 2
                 if kind == CONTENT_LENGTH:
-                    head.content_length = value
+                    parsed.content_length = _field_value(line, colon)
                 elif kind == TRANSFER_ENCODING:
-                    head.chunked = True
+                    parsed.chunked = True
                 elif kind == CONNECTION:
-                    head.connection = join_values(head.connection, value)
+                    parsed.connection = join_values(parsed.connection, _field_value(line, colon))
                 elif kind == VIA:
-                    head.via = join_values(head.via, value)
+                    parsed.via = join_values(parsed.via, _field_value(line, colon))
                 elif kind == UPGRADE:
-                    head.upgrade = value
+                    parsed.upgrade = _field_value(line, colon)
                 # DROPPED, PROXY_CONNECTION: hop-by-hop, not forwarded
-        pos = eol + 2
-    if run < stop:
-        lines.append(buf[run:stop])
-    return head
+            break
+        pos += len(line) + 2
+    if run < len(head):
+        runs.append(head[run:])
+    return parsed
+
+
+_COLON: Final = ord(":")
+_SPACE: Final = ord(" ")
+_TAB: Final = ord("\t")
+
+
+def _field_value(line: bytes, colon: int) -> bytes:
+    """A field line's value without the optional whitespace around it."""
+    start = colon + 1
+    stop = len(line)
+    while start < stop and (line[start] == _SPACE or line[start] == _TAB):
+        start += 1
+    while stop > start and (line[stop - 1] == _SPACE or line[stop - 1] == _TAB):
+        stop -= 1
+    return line[start:stop]
 
 
 def build_request_head(

@@ -186,7 +186,8 @@ class UpstreamConnection:
         buf = self._head_buf
         start = self._head_at
         end = buf.find(b"\r\n\r\n", start)
-        if end < 0 or not buf.startswith(b"HTTP/", start):
+        head = buf[start : end + 2]  # the status line and the field lines
+        if end < 0 or not head.startswith(b"HTTP/"):
             raise ValueError("response head not found where the parser saw it")
         self._head_at = end + 4  # a final response may follow an informational one
         status = self.parser.get_status_code()
@@ -196,8 +197,7 @@ class UpstreamConnection:
         owner = self.owner
         if owner is None:
             return
-        head = parse_response_head(buf, start, end)
-        owner.on_head(status, head, self.parser.should_keep_alive())
+        owner.on_head(status, parse_response_head(head), self.parser.should_keep_alive())
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
             # response. Until this read is parsed, events come from the old parser: body bytes
