@@ -94,12 +94,12 @@ class _RequestIds:
     decimal, because mypyc turns an int into decimal text far faster than into hex)."""
 
     def __init__(self) -> None:
-        self.prefix = os.urandom(6).hex() + "-"
+        self.prefix = os.urandom(6).hex().encode() + b"-"
         self.count = 0
 
     def next(self) -> bytes:
         self.count += 1
-        return f"{self.prefix}{self.count}".encode()
+        return b"%s%d" % (self.prefix, self.count)
 
 
 _REQUEST_IDS: Final = _RequestIds()
@@ -129,7 +129,12 @@ def forwarded_block(lines: list[bytes], connection: bytes | None) -> bytes:
     a Connection header names as hop-by-hop (beyond close / keep-alive / upgrade), which the
     sender meant for this hop only."""
     block = lines[0] if len(lines) == 1 else b"".join(lines)
-    if connection is not None and connection.lower() not in _PLAIN_CONNECTION_TOKENS:
+    if (
+        connection is not None
+        and connection != b"keep-alive"  # the usual values, compared without a method call
+        and connection != b"close"
+        and connection.lower() not in _PLAIN_CONNECTION_TOKENS
+    ):
         named = connection_tokens(connection) - _PLAIN_CONNECTION_TOKENS
         if named:
             kept = [line for line in block.split(b"\r\n") if line and _line_name(line) not in named]

@@ -12,32 +12,21 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .headers import MAX_RESPONSE_HEAD, ResponseHead, parse_response_head
+from .headers import MAX_RESPONSE_HEAD, parse_response_head
 
 if TYPE_CHECKING:
+    # The owner is typed as the one class that owns connections, not as a Protocol: mypyc then
+    # calls its methods directly instead of through a generic method lookup per event.
+    from .forward import Attempt
     from .tunnel import Tunnel
 
 
 def _not_connected(_: object) -> None:
     raise ConnectionError("not connected")
-
-
-class ResponseHandler(Protocol):
-    """What an upstream connection reports to the attempt that owns it."""
-
-    head_only: bool
-    def on_head(self, status: int, head: ResponseHead, keep_alive: bool) -> None: ...
-
-    def on_body(self, chunk: bytes) -> None: ...
-    def on_complete(self) -> None: ...
-    def on_upgrade(self, leftover: bytes) -> None: ...
-    def on_lost(self, exc: Exception | None) -> None: ...
-    def on_bad_response(self, reason: str) -> None: ...
-    def on_write_paused(self, paused: bool) -> None: ...
 
 
 class UpstreamConnection:
@@ -54,7 +43,7 @@ class UpstreamConnection:
         self.send: Callable[[bytes], None] = _not_connected
         """The transport's write, bound once (no method lookup per request)."""
         self.send_parts: Callable[[Iterable[bytes]], None] = _not_connected
-        self.owner: ResponseHandler | None = None
+        self.owner: Attempt | None = None
         self.tunnel: Tunnel | None = None
         self.closed = False
         self.idle_since = 0.0
