@@ -386,8 +386,8 @@ class DownstreamProtocol:
         if limit is not None and length is not None and length > limit:
             raise RejectRequest(413, "Content Too Large", f"request body over {limit} bytes")
         request.target = target
-        query = target.find(b"?")
-        request.path = target if query == -1 else target[:query]
+        # `in` is a plain C call under mypyc; `find` is a generic method call
+        request.path = target[: target.find(b"?")] if b"?" in target else target
         if request.raw_host is not None:
             request.host = normalize_host(request.raw_host)
 
