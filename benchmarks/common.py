@@ -21,10 +21,11 @@ PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "hey": "hey"}
 """command -> Debian package."""
 
 
-def ensure_tools() -> None:
-    """Install what is missing with apt-get (as CI and fresh machines need)."""
+def ensure_tools(packages: dict[str, str] = PACKAGES) -> None:
+    """Install what is missing with apt-get (as CI and fresh machines need); `packages`:
+    command -> Debian package."""
     os.environ["PATH"] += ":/usr/sbin"
-    missing = sorted({pkg for tool, pkg in PACKAGES.items() if shutil.which(tool) is None})
+    missing = sorted({pkg for tool, pkg in packages.items() if shutil.which(tool) is None})
     if missing:
         print(f"installing {' '.join(missing)} with apt-get…", flush=True)
         sudo = [] if os.geteuid() == 0 else ["sudo"]
@@ -72,6 +73,8 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
+    """Requests completed (wrk only)."""
 
 
 def _ms(value: str, unit: str) -> float:
@@ -81,7 +84,9 @@ def _ms(value: str, unit: str) -> float:
 def run_wrk(url: str, duration: float, connections: int, threads: int = 1,
             core: int | None = 1) -> LoadResult:
     out = subprocess.run(
-        pinned(core, ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
+        pinned(core, ["wrk", f"-t{threads}", f"-c{connections}",
+                      f"-d{max(1, round(duration))}s",  # wrk takes whole seconds only
+                      "--latency",
                       url]),
         check=True, capture_output=True, text=True,
     ).stdout
@@ -96,7 +101,9 @@ def run_wrk(url: str, duration: float, connections: int, threads: int = 1,
     socket_errors = r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
     if match := re.search(socket_errors, out):
         errors += sum(int(group) for group in match.groups())
-    return LoadResult(float(rps.group(1)), _ms(*p50.groups()), _ms(*p99.groups()), errors)
+    done = re.search(r"(\d+) requests in", out)
+    return LoadResult(float(rps.group(1)), _ms(*p50.groups()), _ms(*p99.groups()), errors,
+                      int(done.group(1)) if done else 0)
 
 
 def run_hey(url: str, seconds: float, rate: int, clients: int = 50) -> LoadResult:
