@@ -192,29 +192,26 @@ def parse_response_head(head: bytes) -> ResponseHead:
     runs = parsed.lines
     for index in range(1, len(lines)):
         line = lines[index]
-        for colon in _RESPONSE_NAME_LENGTHS[line[0]]:
-            if len(line) <= colon or line[colon] != _COLON:
-                continue
-            kind = header_kind(line[:colon])
-            if kind == X_REQUEST_ID:
-                parsed.has_request_id = True
-            elif kind != PASS and kind != HOST and kind != EXPECT and kind != X_FORWARDED_FOR:
-                # Host, Expect, X-Forwarded-For mean nothing special in a response: forwarded
-                if run < pos:
-                    runs.append(head[run:pos])
-                run = pos + len(line) + 2
-                if kind == CONTENT_LENGTH:
-                    parsed.content_length = _field_value(line, colon)
-                elif kind == TRANSFER_ENCODING:
-                    parsed.chunked = True
-                elif kind == CONNECTION:
-                    parsed.connection = join_values(parsed.connection, _field_value(line, colon))
-                elif kind == VIA:
-                    parsed.via = join_values(parsed.via, _field_value(line, colon))
-                elif kind == UPGRADE:
-                    parsed.upgrade = _field_value(line, colon)
-                # DROPPED, PROXY_CONNECTION: hop-by-hop, not forwarded
-            break
+        colon = _known_name_end(line)
+        kind = header_kind(line[:colon]) if colon else PASS
+        if kind == X_REQUEST_ID:
+            parsed.has_request_id = True
+        elif kind != PASS and kind != HOST and kind != EXPECT and kind != X_FORWARDED_FOR:
+            # Host, Expect, X-Forwarded-For mean nothing special in a response: forwarded
+            if run < pos:
+                runs.append(head[run:pos])
+            run = pos + len(line) + 2
+            if kind == CONTENT_LENGTH:
+                parsed.content_length = _field_value(line, colon)
+            elif kind == TRANSFER_ENCODING:
+                parsed.chunked = True
+            elif kind == CONNECTION:
+                parsed.connection = join_values(parsed.connection, _field_value(line, colon))
+            elif kind == VIA:
+                parsed.via = join_values(parsed.via, _field_value(line, colon))
+            elif kind == UPGRADE:
+                parsed.upgrade = _field_value(line, colon)
+            # DROPPED, PROXY_CONNECTION: hop-by-hop, not forwarded
         pos += len(line) + 2
     if run < len(head):
         runs.append(head[run:])
@@ -224,6 +221,17 @@ def parse_response_head(head: bytes) -> ResponseHead:
 _COLON: Final = ord(":")
 _SPACE: Final = ord(" ")
 _TAB: Final = ord("\t")
+
+
+def _known_name_end(line: bytes) -> int:
+    """Where a field line's name ends, when it is as long as a name `header_kind` knows with the
+    same first letter; 0 otherwise (then the field is forwarded without a lookup). Names hold no
+    colon, so a colon found this way ends the name, or lies in the value of a name of another
+    length, which `header_kind` then does not know."""
+    for length in _RESPONSE_NAME_LENGTHS[line[0]]:
+        if len(line) > length and line[length] == _COLON:
+            return length
+    return 0
 
 
 def _field_value(line: bytes, colon: int) -> bytes:
