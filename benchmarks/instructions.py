@@ -5,12 +5,17 @@ Throughput on this VM swings by 15-30% from one minute to the next, more than mo
 changes to the hot path are worth. Instructions retired by the proxy per request are nearly
 deterministic (a run-to-run spread of about 2%, from how many events each loop turn batches), so
 a change worth 3% shows. The proxy runs under callgrind with instrumentation off; after a warm-up
-it is switched on, wrk sends small requests over 16 keep-alive connections (the same backend and
-configuration as compare.py), and the count is divided by the requests wrk completed. Instructions
-are not time: allocation, cache misses and system calls weigh differently. This complements
-compare.py, it does not replace it.
+it is switched on, the idle proxy is counted for a while (its timers), then wrk sends small
+requests over 16 keep-alive connections (the same backend and configuration as compare.py), and
+the count, less the idle rate over the same wall time, is divided by the requests wrk
+completed. Instructions are not time: allocation, cache misses and system calls weigh
+differently. This complements compare.py, it does not replace it.
 
-    python benchmarks/instructions.py [--rounds 3] [--seconds 5] [[LABEL=]CHECKOUT ...]
+    python benchmarks/instructions.py [--rounds 3] [--seconds 5] [--keep-dumps DIR]
+                                      [[LABEL=]CHECKOUT ...]
+
+With --keep-dumps, `callgrind_annotate --inclusive=yes DIR/this-0.callgrind` shows where the
+instructions go.
 
 Each CHECKOUT is a source tree with its own `.venv` (e.g. `git worktree add /tmp/before HEAD~1`,
 then `python -m venv .venv && .venv/bin/pip install -e .` in it); the default is this one.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -35,8 +41,31 @@ from compare import SMALL_BODY, failover_config
 CONNECTIONS = 16
 
 
-def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float) -> tuple[int, int]:
-    """(instructions, requests) of one measured wrk run against a proxy under callgrind."""
+def _dump_total(pid: int, tmp: Path) -> int:
+    """Dump callgrind's counters (which zeroes them) and return the instructions counted."""
+    before = set(tmp.glob("callgrind.out.*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    for _ in range(100):
+        dumped = set(tmp.glob("callgrind.out.*")) - before
+        if dumped:
+            break
+        time.sleep(0.05)
+    (dump,) = dumped
+    for _ in range(100):  # callgrind writes the file in place; the totals line comes last
+        totals = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
+        if totals is not None:
+            return int(totals.group(1))
+        time.sleep(0.05)
+    raise RuntimeError(f"no count in {dump}")
+
+
+def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float,
+               keep: Path | None = None) -> tuple[float, int]:
+    """(instructions, requests) of one measured wrk run against a proxy under callgrind, less
+    the instructions the idle proxy spends in the same wall time. Timer work (health probes,
+    the sweep, the shared health view) runs per second, not per request, and under valgrind a
+    second holds ~50 times fewer requests than it does natively: uncorrected, that work would
+    weigh ~50 times too much. The loaded dump is copied to `keep` when given."""
     port = free_port()
     conf = tmp / "failover-proxy.yaml"
     conf.write_text(failover_config(port, backend_port, "1"))
@@ -51,16 +80,22 @@ def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float) -> 
         wait_port(port, timeout=120)  # imports are slow under valgrind
         url = f"http://127.0.0.1:{port}/small"
         run_wrk(url, 3, CONNECTIONS)  # warm-up: pools filled, memos and caches built
-        control = ["callgrind_control"]
-        subprocess.run([*control, "-i", "on", str(proxy.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-i", "on", str(proxy.pid)], check=True,
+                       capture_output=True)
+        started = time.monotonic()
+        time.sleep(seconds)
+        idle = _dump_total(proxy.pid, tmp)
+        idle_per_second = idle / (time.monotonic() - started)
+        started = time.monotonic()
         load = run_wrk(url, seconds, CONNECTIONS)
-        subprocess.run([*control, "-i", "off", str(proxy.pid)], check=True, capture_output=True)
-        subprocess.run([*control, "-d", str(proxy.pid)], check=True, capture_output=True)
-        dumped = sorted(tmp.glob("callgrind.out.*"))
-        totals = re.search(r"^totals: (\d+)", dumped[-1].read_text(errors="replace"), re.M)
-        if totals is None or load.requests == 0:
-            raise RuntimeError(f"no count from {dumped[-1]}")
-        return int(totals.group(1)), load.requests
+        loaded = _dump_total(proxy.pid, tmp)
+        loaded_seconds = time.monotonic() - started
+        if load.requests == 0:
+            raise RuntimeError("wrk completed no request")
+        if keep is not None:
+            shutil.copyfile(max(tmp.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime),
+                            keep)
+        return loaded - idle_per_second * loaded_seconds, load.requests
     finally:
         proxy.send_signal(signal.SIGINT)
         try:
@@ -75,6 +110,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--keep-dumps", type=Path, metavar="DIR",
+                        help="keep each round's callgrind dump here (LABEL-ROUND.callgrind)")
     parser.add_argument("checkouts", nargs="*", default=[f"this={ROOT}"])
     args = parser.parse_args()
     ensure_tools({"nginx": "nginx", "wrk": "wrk", "valgrind": "valgrind"})
@@ -98,8 +135,12 @@ def main() -> int:
                     work = tmp / f"run-{round_number}-{index}"
                     work.mkdir()
                     started = time.monotonic()
+                    keep = None
+                    if args.keep_dumps is not None:
+                        args.keep_dumps.mkdir(parents=True, exist_ok=True)
+                        keep = args.keep_dumps / f"{labels[checkout]}-{round_number}.callgrind"
                     instructions, requests = count_once(checkout, backend_port, work,
-                                                        args.seconds)
+                                                        args.seconds, keep)
                     per_request = instructions / requests
                     counts[checkout].append(per_request)
                     print(f"{labels[checkout]}: {per_request:,.0f} instructions per request "
@@ -122,7 +163,8 @@ def main() -> int:
         "# Instructions per proxied request (callgrind)\n\n"
         f"wrk, {CONNECTIONS} keep-alive connections, 100-byte responses from nginx, "
         f"{args.seconds:g} s measured per round, the configuration of compare.py (health checks, "
-        "retries, metrics on; access log off).\n\n" + table + "\n")
+        "retries, metrics on; access log off). The idle proxy's own timer work over the same wall "
+        "time is subtracted.\n\n" + table + "\n")
     (RESULTS / "instructions.json").write_text(json.dumps(
         {labels[path]: values for path, values in counts.items()}, indent=2) + "\n")
     return 0
