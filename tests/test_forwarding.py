@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -92,6 +93,63 @@ async def test_request_headers_rewritten_like_a_proxy(
     assert got["via"] == "1.1 cdn, 1.1 failover-proxy"
     assert got["x-request-id"]
     assert [v for n, v in headers if n.lower() == "x-custom"] == ["a", "b"]
+
+
+async def test_heads_are_exact_on_the_usual_path_and_the_general_one(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """The request head a backend gets and the response head a client gets, byte for byte: the
+    usual requests (no body, Content-Length, chunked) and ones that carry their own X-Request-Id
+    and Via (built the general way) end up with the same lines in the same order."""
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await read_request_head(reader)
+            except asyncio.IncompleteReadError:
+                return
+            seen.append(head)
+            if b"Content-Length: 3" in head:
+                await reader.readexactly(3)
+            elif b"chunked" in head:
+                await reader.readuntil(b"0\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nServer: raw\r\nContent-Length: 2\r\nX-B: 2\r\n"
+                         b"Connection: keep-alive\r\n\r\nok")
+            await writer.drain()
+
+    backend_port = await raw_backend(handler)
+    server = await proxy(single_upstream_config([backend_port]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    common = b"Host: shop\r\nX-A: 1\r\n"
+    cases = [
+        (b"GET /g HTTP/1.1\r\n" + common + b"\r\n", b"", None, b""),
+        (b"POST /p HTTP/1.1\r\n" + common + b"Content-Length: 3\r\n\r\nabc", b"", None,
+         b"Content-Length: 3\r\n"),
+        (b"POST /c HTTP/1.1\r\n" + common + b"Transfer-Encoding: chunked\r\n\r\n"
+         b"3\r\nabc\r\n0\r\n\r\n", b"", None, b"Transfer-Encoding: chunked\r\n"),
+        (b"GET /own HTTP/1.1\r\n" + common + b"X-Request-Id: mine-1\r\nVia: 1.0 edge\r\n\r\n",
+         b"X-Request-Id: mine-1\r\n", b"1.0 edge, ", b""),
+    ]
+    for request, own_id, via_before, framing in cases:
+        writer.write(request)
+        response = await asyncio.wait_for(read_one_response(reader), 5)
+        match = re.fullmatch(
+            rb"HTTP/1\.1 200 OK\r\nServer: raw\r\nX-B: 2\r\nX-Request-Id: ([0-9a-z-]+)\r\n"
+            rb"Via: 1\.1 failover-proxy\r\nContent-Length: 2\r\n\r\nok",
+            response,
+        )
+        assert match, response
+        request_id = match.group(1)
+        line = request.split(b"\r\n", 1)[0]
+        id_line = b"" if own_id else b"X-Request-Id: %s\r\n" % request_id
+        assert seen[-1] == (
+            line + b"\r\nHost: 127.0.0.1:%d\r\nX-A: 1\r\n" % backend_port + own_id
+            + b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: shop"
+            b"\r\n" + id_line + b"Via: " + (via_before or b"") + b"1.1 failover-proxy\r\n"
+            + framing + b"\r\n"
+        ), seen[-1]
+    writer.close()
 
 
 async def test_request_id_kept_when_present_and_returned(

@@ -55,6 +55,7 @@ _PAUSE_STOPPED: Final = 16
 
 _MAX_PIPELINED: Final = 16
 _SLASH: Final = ord("/")
+_QUERY_MARK: Final = ord("?")
 
 
 def _not_connected(_: object) -> None:
@@ -386,8 +387,9 @@ class DownstreamProtocol:
         if limit is not None and length is not None and length > limit:
             raise RejectRequest(413, "Content Too Large", f"request body over {limit} bytes")
         request.target = target
-        # `in` is a plain C call under mypyc; `find` is a generic method call
-        request.path = target[: target.find(b"?")] if b"?" in target else target
+        # An int operand: `b"?" in target` first tries the operand as an int, and that failure
+        # formats a TypeError message on every request; `find` is a generic method call.
+        request.path = target[: target.find(b"?")] if _QUERY_MARK in target else target
         if request.raw_host is not None:
             request.host = normalize_host(request.raw_host)
 

@@ -266,6 +266,26 @@ def build_request_head(
     `fields`: the forwarded header lines (forwarded_block)."""
     if forwarded_for is not None:
         client_ip = b"%s, %s" % (forwarded_for, client_ip)
+    if original_host is not None and not has_request_id and via is None and upgrade is None:
+        # The usual request: one format for the whole head (each one is an allocation and a
+        # pass over its parts, about 300 instructions).
+        if chunked:
+            framing = _CHUNKED_END
+        elif content_length is not None:
+            return (
+                b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s"
+                b"\r\nX-Forwarded-Host: %s\r\nX-Request-Id: %s\r\n%sContent-Length: %d\r\n\r\n"
+                % (method, target, host, fields, client_ip, scheme, original_host, request_id,
+                   _PLAIN_VIA_LINE, content_length)
+            )
+        else:
+            framing = _CRLF_END
+        return (
+            b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s"
+            b"\r\nX-Forwarded-Host: %s\r\nX-Request-Id: %s\r\n%s%s"
+            % (method, target, host, fields, client_ip, scheme, original_host, request_id,
+               _PLAIN_VIA_LINE, framing)
+        )
     if original_host is not None:
         proto = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n" % (scheme, original_host)
     else:
@@ -292,15 +312,17 @@ def _closing_lines(
         b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade if upgrade is not None else b""
     )
     if chunked:
-        framing = b"Transfer-Encoding: chunked\r\n\r\n"
+        framing = _CHUNKED_END
     elif content_length is not None:
         framing = b"Content-Length: %s\r\n\r\n" % content_length
     else:
-        framing = b"\r\n"
+        framing = _CRLF_END
     return b"%s%s%s%s" % (request_id_line, via_line, upgrade_lines, framing)
 
 
 _PLAIN_VIA_LINE: Final = b"Via: " + VIA_TOKEN + b"\r\n"
+_CHUNKED_END: Final = b"Transfer-Encoding: chunked\r\n\r\n"
+_CRLF_END: Final = b"\r\n"
 _STATUS_LINES: Final = {
     status: b"HTTP/1.1 %d %s\r\n" % (status, phrase) for status, phrase in _REASON_PHRASES.items()
 }
@@ -323,6 +345,24 @@ def build_response_head(
     status_line = _STATUS_LINES.get(status)
     if status_line is None:
         status_line = b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))
+    block = forwarded_block(head.lines, head.connection)
+    content_length = None if head.chunked else head.content_length
+    if (
+        keep_alive and not client_http10 and upgrade is None and proxy_headers is None
+        and not head.has_request_id and head.via is None
+    ):
+        # The usual response: one format for the whole head.
+        if chunked:
+            framing = _CHUNKED_END
+        elif content_length is not None:
+            return b"%s%sX-Request-Id: %s\r\n%sContent-Length: %s\r\n\r\n" % (
+                status_line, block, request_id, _PLAIN_VIA_LINE, content_length
+            )
+        else:
+            framing = _CRLF_END
+        return b"%s%sX-Request-Id: %s\r\n%s%s" % (
+            status_line, block, request_id, _PLAIN_VIA_LINE, framing
+        )
     connection_line = b""
     if upgrade is None:
         if not keep_alive:
@@ -331,12 +371,11 @@ def build_response_head(
             connection_line = b"Connection: keep-alive\r\n"
     return b"%s%s%s%s%s" % (
         status_line,
-        forwarded_block(head.lines, head.connection),
+        block,
         connection_line,
         proxy_headers if proxy_headers is not None else b"",
         _closing_lines(
-            request_id, head.has_request_id, head.via, upgrade, chunked,
-            None if head.chunked else head.content_length,
+            request_id, head.has_request_id, head.via, upgrade, chunked, content_length
         ),
     )
 
