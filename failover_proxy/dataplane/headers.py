@@ -142,6 +142,32 @@ def forwarded_block(lines: list[bytes], connection: bytes | None) -> bytes:
     return block
 
 
+_ZERO: Final = ord("0")
+
+
+def response_status(head: bytes) -> int:
+    """The status code of a response head llhttp has accepted: its status line is exactly
+    `HTTP/d.d ddd` up to the reason (read here: the parser's getter is a generic method call)."""
+    return (head[9] - _ZERO) * 100 + (head[10] - _ZERO) * 10 + (head[11] - _ZERO)
+
+
+def response_keeps_alive(head: bytes, connection: bytes | None) -> bool:
+    """Whether the backend keeps the connection open after this response (RFC 9112 §9.3), by
+    llhttp's reading of the version: HTTP/1.1 semantics need a major and a minor above zero.
+    A close token wins over keep-alive; framing that needs the close is the caller's concern."""
+    http11 = head[5] != _ZERO and head[7] != _ZERO
+    if connection is None:
+        return http11
+    if connection == b"keep-alive":
+        return True
+    if connection == b"close":
+        return False
+    tokens = connection_tokens(connection)
+    if b"close" in tokens:
+        return False
+    return http11 or b"keep-alive" in tokens
+
+
 def join_values(previous: bytes | None, value: bytes) -> bytes:
     """Combine repeated list-valued header fields (RFC 9110 §5.3)."""
     return value if previous is None else previous + b", " + value

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .headers import MAX_RESPONSE_HEAD, parse_response_head
+from .headers import (
+    MAX_RESPONSE_HEAD,
+    parse_response_head,
+    response_keeps_alive,
+    response_status,
+)
 
 if TYPE_CHECKING:
     # The owner is typed as the one class that owns connections, not as a Protocol: mypyc then
@@ -57,6 +62,8 @@ class UpstreamConnection:
         """A response has begun and its head is not complete: its bytes so far are kept."""
         self._informational = False
         self._head_only_done = False
+        self._status = 0
+        """The status of the response being received."""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -176,17 +183,18 @@ class UpstreamConnection:
         start = self._head_at
         end = buf.find(b"\r\n\r\n", start)
         head = buf[start : end + 2]  # the status line and the field lines
-        if end < 0 or not head.startswith(b"HTTP/"):
+        if end < 0 or len(head) < 14 or head[:5] != b"HTTP/":
             raise ValueError("response head not found where the parser saw it")
         self._head_at = end + 4  # a final response may follow an informational one
-        status = self.parser.get_status_code()
+        self._status = status = response_status(head)
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
             return
         owner = self.owner
         if owner is None:
             return
-        owner.on_head(status, parse_response_head(head), self.parser.should_keep_alive())
+        parsed = parse_response_head(head)
+        owner.on_head(status, parsed, response_keeps_alive(head, parsed.connection))
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
             # response. Until this read is parsed, events come from the old parser: body bytes
@@ -211,7 +219,7 @@ class UpstreamConnection:
         if self._head_only_done:
             return  # the old parser finishing the HEAD response it was handed
         owner = self.owner
-        if owner is not None and self.parser.get_status_code() != 101:
+        if owner is not None and self._status != 101:
             owner.on_complete()
 
 
