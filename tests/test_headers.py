@@ -8,6 +8,7 @@ import httptools
 import pytest
 
 from failover_proxy.dataplane.headers import (
+    decimal_value,
     parse_response_head,
     response_keeps_alive,
     response_status,
@@ -71,3 +72,18 @@ def test_close_wins_over_keep_alive_even_for_http10() -> None:
     head = b"HTTP/1.0 200 OK\r\nConnection: close, keep-alive\r\nContent-Length: 0\r\n"
     assert llhttp_reading(head)[1] is True
     assert response_keeps_alive(head, parse_response_head(head).connection) is False
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [(b"0", 0), (b"100", 100), (b"65536", 65536), (b"007", 7), (b"5 \t ", 5), (b" 42", 42),
+     (b"18446744073709551615", 18446744073709551615)],
+)
+def test_decimal_values(text: bytes, number: int) -> None:
+    assert decimal_value(text) == number
+
+
+@pytest.mark.parametrize("text", [b"", b"  ", b"1 2", b"+5", b"-1", b"0x10", b"1e3", b"12a"])
+def test_decimal_values_refused(text: bytes) -> None:
+    with pytest.raises(ValueError):
+        decimal_value(text)

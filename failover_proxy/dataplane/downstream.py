@@ -34,6 +34,7 @@ from .headers import (
     X_FORWARDED_FOR,
     X_REQUEST_ID,
     add_field,
+    decimal_value,
     error_response,
     header_kind,
     join_values,
@@ -69,7 +70,7 @@ def _read_special_field(request: Request, kind: int, name: bytes, value: bytes) 
         if request.raw_host is None:
             request.raw_host = value
     elif kind == CONTENT_LENGTH:
-        request.content_length = int(value)
+        request.content_length = decimal_value(value)
     elif kind == TRANSFER_ENCODING:
         if value.strip().lower() != b"chunked":
             raise RejectRequest(

@@ -31,6 +31,7 @@ from .headers import (
     ResponseHead,
     build_request_head,
     build_response_head,
+    decimal_value,
     error_response,
     field_values,
     forwarded_block,
@@ -222,7 +223,12 @@ class Attempt:
             not no_body and (self.upstream_chunked or close_delimited) and not request.http10
         )
         self.reusable = keep_alive and not close_delimited
-        if content_length is not None and not no_body and int(content_length) <= HELD_BODY_BYTES:
+        if (
+            content_length is not None
+            and not no_body
+            # under five digits is always small enough: no conversion for the usual response
+            and (len(content_length) < 5 or decimal_value(content_length) <= HELD_BODY_BYTES)
+        ):
             self.held_body = []
         self.head_sent = True  # held until the first body byte, completion or the next sweep
         exchange = self.exchange
