@@ -13,18 +13,28 @@ import hashlib
 import random
 from collections.abc import Callable, Sequence
 from math import gcd
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Final, Generic, TypeVar
 
 T = TypeVar("T")
-T_co = TypeVar("T_co", covariant=True)
 
 
-class Balancer(Protocol[T_co]):
-    """What a provider's pool needs from a balancing algorithm."""
+class Balancer(Generic[T]):
+    """What a provider's pool needs from a balancing algorithm. A base class rather than a
+    Protocol: mypyc then calls `pick` through the class's method table, not by name."""
 
-    def __len__(self) -> int: ...
-    def pick(self, key: int = 0) -> T_co: ...
-    def shares(self) -> Sequence[tuple[T_co, float]]: ...
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def pick(self, key: int = 0) -> T:
+        """The next item (`key` is for hashing balancers)."""
+        raise NotImplementedError
+
+    def shares(self) -> list[tuple[T, float]]:
+        """Each item with its share of picks."""
+        raise NotImplementedError
+
 
 # Above this cycle length the schedule is computed pick by pick instead of kept in a table.
 _MAX_TABLE: Final = 4096
@@ -55,7 +65,7 @@ def _smooth_step(current: list[int], weights: Sequence[int], total: int) -> int:
     return best
 
 
-class SmoothWeightedRoundRobin(Generic[T]):
+class SmoothWeightedRoundRobin(Balancer[T]):
     """Picks items in smooth WRR order; O(1) per pick through a precomputed cycle."""
 
     __slots__ = ("_current", "_items", "_position", "_table", "_total", "_weights")
@@ -96,7 +106,7 @@ class SmoothWeightedRoundRobin(Generic[T]):
         return self._items[_smooth_step(self._current, self._weights, self._total)]
 
 
-class LeastRequest(Generic[T]):
+class LeastRequest(Balancer[T]):
     """Power of two choices: of two random backends, the one with fewer requests in flight
     per unit of weight, scaled by its recent latency (EWMA). O(1) per pick, no global scan."""
 
@@ -131,7 +141,7 @@ class LeastRequest(Generic[T]):
         return [(item, w / total) for item, w in zip(self._items, self._weights, strict=True)]
 
 
-class ConsistentHash(Generic[T]):
+class ConsistentHash(Balancer[T]):
     """A hash ring: the same key lands on the same backend, and when a backend leaves only
     the keys it held move (to their next backend on the ring)."""
 
