@@ -158,7 +158,7 @@ class Attempt:
                 Outcome.TIMEOUT, f"no response within {self.exchange.per_try_timeout:g}s"
             )
 
-    # -- the request body, as a BodySink -------------------------------------------------------
+    # -- the request body, as its sink ---------------------------------------------------------
 
     def write_body(self, chunk: bytes) -> None:
         conn = self.conn
