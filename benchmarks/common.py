@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -81,12 +82,29 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
+BROWSER_HEADERS: Final = (
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+    "Accept-Language: en-US,en;q=0.5",
+    "Accept-Encoding: gzip, deflate, br, zstd",
+    "Referer: http://127.0.0.1/index.html",
+    "Cookie: session=4f2a9c1e7b; theme=dark",
+    "Upgrade-Insecure-Requests: 1",
+    "Sec-Fetch-Dest: document",
+    "Sec-Fetch-Mode: navigate",
+    "Sec-Fetch-Site: same-origin",
+    "Priority: u=0, i",
+)
+"""The fields a browser sends with a page request (wrk alone sends only Host)."""
+
+
 def run_wrk(url: str, duration: float, connections: int, threads: int = 1,
-            core: int | None = 1) -> LoadResult:
+            core: int | None = 1, headers: tuple[str, ...] = ()) -> LoadResult:
+    fields = [argument for header in headers for argument in ("-H", header)]
     out = subprocess.run(
         pinned(core, ["wrk", f"-t{threads}", f"-c{connections}",
                       f"-d{max(1, round(duration))}s",  # wrk takes whole seconds only
-                      "--latency",
+                      "--latency", *fields,
                       url]),
         check=True, capture_output=True, text=True,
     ).stdout

@@ -35,7 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, ensure_tools, free_port, run_wrk, start_nginx, wait_port
+from common import (
+    BROWSER_HEADERS,
+    RESULTS,
+    ROOT,
+    ensure_tools,
+    free_port,
+    run_wrk,
+    start_nginx,
+    wait_port,
+)
 from compare import SMALL_BODY, failover_config
 
 CONNECTIONS = 16
@@ -60,7 +69,7 @@ def _dump_total(pid: int, tmp: Path) -> int:
 
 
 def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float,
-               keep: Path | None = None) -> tuple[float, int]:
+               keep: Path | None = None, headers: tuple[str, ...] = ()) -> tuple[float, int]:
     """(instructions, requests) of one measured wrk run against a proxy under callgrind, less
     the instructions the idle proxy spends in the same wall time. Timer work (health probes,
     the sweep, the shared health view) runs per second, not per request, and under valgrind a
@@ -79,7 +88,7 @@ def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float,
     try:
         wait_port(port, timeout=120)  # imports are slow under valgrind
         url = f"http://127.0.0.1:{port}/small"
-        run_wrk(url, 3, CONNECTIONS)  # warm-up: pools filled, memos and caches built
+        run_wrk(url, 3, CONNECTIONS, headers=headers)  # warm-up: pools, memos, caches
         subprocess.run(["callgrind_control", "-i", "on", str(proxy.pid)], check=True,
                        capture_output=True)
         started = time.monotonic()
@@ -87,7 +96,7 @@ def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float,
         idle = _dump_total(proxy.pid, tmp)
         idle_per_second = idle / (time.monotonic() - started)
         started = time.monotonic()
-        load = run_wrk(url, seconds, CONNECTIONS)
+        load = run_wrk(url, seconds, CONNECTIONS, headers=headers)
         loaded = _dump_total(proxy.pid, tmp)
         loaded_seconds = time.monotonic() - started
         if load.requests == 0:
@@ -112,6 +121,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--keep-dumps", type=Path, metavar="DIR",
                         help="keep each round's callgrind dump here (LABEL-ROUND.callgrind)")
+    parser.add_argument("--browser-headers", action="store_true",
+                        help="requests carry a browser's 11 header fields (wrk alone sends Host)")
     parser.add_argument("checkouts", nargs="*", default=[f"this={ROOT}"])
     args = parser.parse_args()
     ensure_tools({"nginx": "nginx", "wrk": "wrk", "valgrind": "valgrind"})
@@ -139,8 +150,9 @@ def main() -> int:
                     if args.keep_dumps is not None:
                         args.keep_dumps.mkdir(parents=True, exist_ok=True)
                         keep = args.keep_dumps / f"{labels[checkout]}-{round_number}.callgrind"
-                    instructions, requests = count_once(checkout, backend_port, work,
-                                                        args.seconds, keep)
+                    instructions, requests = count_once(
+                        checkout, backend_port, work, args.seconds, keep,
+                        BROWSER_HEADERS if args.browser_headers else ())
                     per_request = instructions / requests
                     counts[checkout].append(per_request)
                     print(f"{labels[checkout]}: {per_request:,.0f} instructions per request "
@@ -159,13 +171,16 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "instructions.md").write_text(
+    name = "instructions-browser" if args.browser_headers else "instructions"
+    requests = ("GET requests with a browser's 11 header fields" if args.browser_headers
+                else "GET requests with only a Host field (as wrk sends them)")
+    (RESULTS / f"{name}.md").write_text(
         "# Instructions per proxied request (callgrind)\n\n"
-        f"wrk, {CONNECTIONS} keep-alive connections, 100-byte responses from nginx, "
+        f"wrk, {CONNECTIONS} keep-alive connections, {requests}, 100-byte responses from nginx, "
         f"{args.seconds:g} s measured per round, the configuration of compare.py (health checks, "
         "retries, metrics on; access log off). The idle proxy's own timer work over the same wall "
         "time is subtracted.\n\n" + table + "\n")
-    (RESULTS / "instructions.json").write_text(json.dumps(
+    (RESULTS / f"{name}.json").write_text(json.dumps(
         {labels[path]: values for path, values in counts.items()}, indent=2) + "\n")
     return 0
 

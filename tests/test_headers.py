@@ -9,7 +9,9 @@ import pytest
 
 from failover_proxy.dataplane.headers import (
     decimal_value,
+    header_kind,
     parse_response_head,
+    request_field_kind,
     response_keeps_alive,
     response_status,
 )
@@ -87,3 +89,17 @@ def test_decimal_values(text: bytes, number: int) -> None:
 def test_decimal_values_refused(text: bytes) -> None:
     with pytest.raises(ValueError):
         decimal_value(text)
+
+
+NAMES = [
+    b"Host", b"HOST", b"content-length", b"Transfer-Encoding", b"CONNECTION", b"Upgrade",
+    b"expect", b"Via", b"X-Forwarded-For", b"x-request-id", b"Proxy-Connection", b"Keep-Alive",
+    b"TE", b"Trailer", b"X-Forwarded-Proto", b"x-forwarded-host",
+    b"User-Agent", b"Accept", b"Cookie", b"Hosts", b"Vias", b"X-Requested-With", b"Te2",
+    b"Upgrade-Insecure-Requests", b"1x", b"-", b"\xe9tag",
+]
+
+
+@pytest.mark.parametrize("name", NAMES, ids=lambda name: name.decode("latin-1"))
+def test_request_field_kind_agrees_with_the_full_lookup(name: bytes) -> None:
+    assert request_field_kind(name) == header_kind(name)

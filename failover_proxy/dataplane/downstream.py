@@ -36,9 +36,9 @@ from .headers import (
     add_field,
     decimal_value,
     error_response,
-    header_kind,
     join_values,
     new_request_id,
+    request_field_kind,
 )
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
@@ -326,7 +326,7 @@ class DownstreamProtocol:
         request.field_count += 1
         if request.field_count > self.limits.max_headers:
             raise RejectRequest(431, "Request Header Fields Too Large", "too many header fields")
-        kind = header_kind(name)
+        kind = request_field_kind(name)
         if kind == PASS:
             add_field(request.fields, name, value)
         else:

@@ -57,6 +57,16 @@ MAX_RESPONSE_HEAD: Final = 64 * 1024
 VIA_TOKEN: Final = b"1.1 failover-proxy"
 
 
+_SPECIAL_NAME_LENGTHS: Final[list[tuple[int, ...]]] = [
+    tuple(sorted({len(name) for name in _KIND_BY_LOWER_NAME if name[0] == byte | 0x20}))
+    if chr(byte).isalpha() else ()
+    for byte in range(256)
+]
+"""By a field name's first byte: the lengths of the names `header_kind` knows that start with
+it. A field whose name has none of them is forwarded without a lookup, and no name has to be
+hashed for it."""
+
+
 def header_kind(name: bytes) -> int:
     """How the proxy treats a header field (one dict lookup for a spelling seen before)."""
     kind = _KIND_BY_NAME.get(name)
@@ -68,8 +78,20 @@ def header_kind(name: bytes) -> int:
     return kind
 
 
+def request_field_kind(name: bytes) -> int:
+    """`header_kind` of a request field name as llhttp hands it over (a non-empty token): a name
+    as long as no special name with its first letter is PASS without being hashed (User-Agent,
+    Accept-*, Cookie, Referer, Sec-Fetch-*: most of what a browser sends)."""
+    size = len(name)
+    for length in _SPECIAL_NAME_LENGTHS[name[0]]:
+        if size == length:
+            return header_kind(name)
+    return PASS
+
+
 def add_field(lines: list[bytes], name: bytes, value: bytes) -> None:
-    """Keep a forwarded field as its finished line."""
+    """Keep a forwarded field as its finished line (one format: cheaper than appending its
+    four pieces for one join later, measured)."""
     lines.append(b"%s: %s\r\n" % (name, value))
 
 
@@ -213,16 +235,6 @@ class ResponseHead:
         self.lines: list[bytes] = []
 
 
-_RESPONSE_NAME_LENGTHS: Final[list[tuple[int, ...]]] = [
-    tuple(sorted({len(name) for name in _KIND_BY_LOWER_NAME if name[0] == byte | 0x20}))
-    if chr(byte).isalpha() else ()
-    for byte in range(256)
-]
-"""By a field line's first byte: the lengths of the names `header_kind` knows that start with
-it. A line whose colon is at none of them is forwarded without a lookup (Date, Server,
-Content-Type, Cache-Control: most of a response), and no name has to be hashed for it."""
-
-
 def parse_response_head(head: bytes) -> ResponseHead:
     """A response head llhttp has accepted: a status line and field lines, each ended by CRLF,
     with no folding (the blank line that ends the head left off).
@@ -274,7 +286,7 @@ def _known_name_end(line: bytes) -> int:
     same first letter; 0 otherwise (then the field is forwarded without a lookup). Names hold no
     colon, so a colon found this way ends the name, or lies in the value of a name of another
     length, which `header_kind` then does not know."""
-    for length in _RESPONSE_NAME_LENGTHS[line[0]]:
+    for length in _SPECIAL_NAME_LENGTHS[line[0]]:
         if len(line) > length and line[length] == _COLON:
             return length
     return 0
