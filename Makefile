@@ -44,6 +44,7 @@ bench: $(VENV)/.installed
 # hot-path change of a few percent, which throughput on a shared machine cannot.
 bench-instructions: $(VENV)/.installed
 	$(BIN)/python benchmarks/instructions.py
+	$(BIN)/python benchmarks/instructions.py --browser-headers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
