@@ -306,6 +306,38 @@ async def test_response_framings_reach_the_client_intact(
     writer.close()
 
 
+async def test_backend_connection_kept_after_head_response_without_length(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A response to HEAD has no body whatever its framing fields say (RFC 9110 §9.3.2): one
+    with neither Content-Length nor chunking does not cost the backend connection."""
+    connections: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(len(connections))
+        while True:
+            try:
+                head = await read_request_head(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if head.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody")
+            await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for request, head_request in ((b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n", True),
+                                  (b"GET /g HTTP/1.1\r\nHost: x\r\n\r\n", False)) * 2:
+        writer.write(request)
+        response = await asyncio.wait_for(read_one_response(reader, head_request), 5)
+        assert response.startswith(b"HTTP/1.1 200 ")
+        assert response.endswith(b"\r\n\r\n" if head_request else b"body")
+    writer.close()
+    assert len(connections) == 1
+
+
 async def test_http10_client_gets_close_delimited_body(
     raw_backend: StartRaw, proxy: StartProxy
 ) -> None:

@@ -183,7 +183,7 @@ class UpstreamConnection:
         start = self._head_at
         end = buf.find(b"\r\n\r\n", start)
         head = buf[start : end + 2]  # the status line and the field lines
-        if end < 0 or len(head) < 14 or head[:5] != b"HTTP/":
+        if end < 0 or len(head) < 14 or not head.startswith(b"HTTP/"):  # a native call
             raise ValueError("response head not found where the parser saw it")
         self._head_at = end + 4  # a final response may follow an informational one
         self._status = status = response_status(head)
