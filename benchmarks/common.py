@@ -76,6 +76,30 @@ class LoadResult:
     errors: int
     requests: int = 0
     """Requests completed (wrk only)."""
+    tcp_timeouts: int = 0
+    """Retransmission timeouts on the machine during the run (wrk only; TcpExt TCPTimeouts).
+    Linux waits at least 200 ms before one, so a p99 near 200 ms with timeouts here is the
+    kernel's doing, not the proxy's."""
+    retransmits: int = 0
+    """TCP segments retransmitted on the machine during the run (wrk only)."""
+
+
+def tcp_counters() -> dict[str, int]:
+    """The kernel's TCP counters (/proc/net/snmp and /proc/net/netstat: a line of names, then a
+    line of values, per group), as "Group.Name" -> value; empty where /proc has none."""
+    counters: dict[str, int] = {}
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:
+            continue
+        for names, values in zip(lines[::2], lines[1::2], strict=False):
+            group, _, name_text = names.partition(":")
+            for name, value in zip(name_text.split(), values.partition(":")[2].split(),
+                                   strict=False):
+                if value.lstrip("-").isdigit():
+                    counters[f"{group}.{name}"] = int(value)
+    return counters
 
 
 def _ms(value: str, unit: str) -> float:
@@ -101,6 +125,7 @@ BROWSER_HEADERS: Final = (
 def run_wrk(url: str, duration: float, connections: int, threads: int = 1,
             core: int | None = 1, headers: tuple[str, ...] = ()) -> LoadResult:
     fields = [argument for header in headers for argument in ("-H", header)]
+    before = tcp_counters()
     out = subprocess.run(
         pinned(core, ["wrk", f"-t{threads}", f"-c{connections}",
                       f"-d{max(1, round(duration))}s",  # wrk takes whole seconds only
@@ -120,8 +145,14 @@ def run_wrk(url: str, duration: float, connections: int, threads: int = 1,
     if match := re.search(socket_errors, out):
         errors += sum(int(group) for group in match.groups())
     done = re.search(r"(\d+) requests in", out)
+    after = tcp_counters()
+
+    def grown(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
     return LoadResult(float(rps.group(1)), _ms(*p50.groups()), _ms(*p99.groups()), errors,
-                      int(done.group(1)) if done else 0)
+                      int(done.group(1)) if done else 0,
+                      grown("TcpExt.TCPTimeouts"), grown("Tcp.RetransSegs"))
 
 
 def run_hey(url: str, seconds: float, rate: int, clients: int = 50) -> LoadResult:

@@ -92,6 +92,9 @@ class Row:
     rps_vs_nginx: float = 0.0
     p99_vs_nginx: float = 0.0
     rounds: list[float] = field(default_factory=list)
+    p99_rounds: list[float] = field(default_factory=list)
+    tcp_timeouts: list[int] = field(default_factory=list)
+    """Retransmission timeouts on the machine in each round (each one stalls >= 200 ms)."""
 
 
 def haproxy_conf(port: int, backend_port: int, threads: int) -> str:
@@ -197,7 +200,8 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
                     print(f"  round {round_number + 1} {target.name:15} workers={target.workers:3}"
                           f" {body:5} c={connections:<4} {result.requests_per_second:9.0f} req/s"
                           f"  p50 {result.p50_ms:6.2f}  p99 {result.p99_ms:6.2f} ms"
-                          f"  errors {result.errors}", flush=True)
+                          f"  errors {result.errors}  TCP timeouts {result.tcp_timeouts}"
+                          f" retransmits {result.retransmits}", flush=True)
     rows = []
     for (name, workers, body, connections), results in samples.items():
         loads = [load for load, _ in results]
@@ -210,6 +214,8 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
             max(worker for _, (worker, _) in results),
             max((main for _, (_, main) in results if main is not None), default=None),
             rounds=[r.requests_per_second for r in loads],
+            p99_rounds=[r.p99_ms for r in loads],
+            tcp_timeouts=[r.tcp_timeouts for r in loads],
         ))
     by_key = {(r.target, r.workers, r.body, r.connections): r for r in rows}
     for row in rows:
@@ -342,9 +348,13 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         "there is one (nginx, failover-proxy with workers=all); a single process (HAProxy, "
         "failover-proxy with workers=1) serves traffic and runs everything else itself.",
         "",
+        "TCP timeouts: the kernel's retransmission timeouts on the machine during each round "
+        "(TcpExt TCPTimeouts). Linux waits at least 200 ms before retransmitting, so a round with "
+        "timeouts has a p99 near or above 200 ms whatever the proxy does.",
+        "",
         "| target | workers | body | conns | req/s | p50 ms | p99 ms | errors | worker RSS MiB "
-        "| master RSS MiB | req/s vs nginx | p99 vs nginx |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| master RSS MiB | req/s vs nginx | p99 vs nginx | p99 per round | TCP timeouts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"backend": 0, "nginx": 1, "haproxy": 2, "failover-proxy": 3}
     for row in sorted(rows, key=lambda r: (r.body, r.connections, r.workers, order[r.target])):
@@ -354,7 +364,9 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         lines.append(
             f"| {row.target} | {row.workers} | {row.body} | {row.connections} | "
             f"{row.requests_per_second:.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | {row.errors} "
-            f"| {row.worker_rss_mib:.1f} | {main} | {ratio} | {p99} |"
+            f"| {row.worker_rss_mib:.1f} | {main} | {ratio} | {p99} | "
+            f"{', '.join(f'{v:.1f}' for v in row.p99_rounds)} | "
+            f"{', '.join(str(v) for v in row.tcp_timeouts)} |"
         )
     lines += ["", f"Latency at a fixed {args.rate} req/s (hey, 50 clients, "
               f"{args.rate_seconds:g} s, median of {args.rounds} alternating rounds), workers=1:",
