@@ -50,8 +50,8 @@ from compare import SMALL_BODY, failover_config
 CONNECTIONS = 16
 
 
-def _dump_total(pid: int, tmp: Path) -> int:
-    """Dump callgrind's counters (which zeroes them) and return the instructions counted."""
+def _dump_total(pid: int, tmp: Path) -> tuple[int, Path]:
+    """Dump callgrind's counters (which zeroes them): the instructions counted, and the dump."""
     before = set(tmp.glob("callgrind.out.*"))
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     for _ in range(100):
@@ -63,7 +63,7 @@ def _dump_total(pid: int, tmp: Path) -> int:
     for _ in range(100):  # callgrind writes the file in place; the totals line comes last
         totals = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
         if totals is not None:
-            return int(totals.group(1))
+            return int(totals.group(1)), dump
         time.sleep(0.05)
     raise RuntimeError(f"no count in {dump}")
 
@@ -93,17 +93,16 @@ def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float,
                        capture_output=True)
         started = time.monotonic()
         time.sleep(seconds)
-        idle = _dump_total(proxy.pid, tmp)
+        idle, _ = _dump_total(proxy.pid, tmp)
         idle_per_second = idle / (time.monotonic() - started)
         started = time.monotonic()
         load = run_wrk(url, seconds, CONNECTIONS, headers=headers)
-        loaded = _dump_total(proxy.pid, tmp)
+        loaded, loaded_dump = _dump_total(proxy.pid, tmp)
         loaded_seconds = time.monotonic() - started
         if load.requests == 0:
             raise RuntimeError("wrk completed no request")
         if keep is not None:
-            shutil.copyfile(max(tmp.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime),
-                            keep)
+            shutil.copyfile(loaded_dump, keep)
         return loaded - idle_per_second * loaded_seconds, load.requests
     finally:
         proxy.send_signal(signal.SIGINT)

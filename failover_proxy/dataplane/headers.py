@@ -1,7 +1,7 @@
 """Header rules of a proxy: hop-by-hop removal, X-Forwarded-*, Via, request ids, framing.
 
-Each request field is sorted as llhttp hands it over (`header_kind`); a response head is read
-whole from its raw bytes once llhttp has accepted it (`parse_response_head`). Most fields go
+Each request field is sorted as llhttp hands it over (`request_field_kind`); a response head is
+read whole from its raw bytes once llhttp has accepted it (`parse_response_head`). Most fields go
 through untouched and are kept as finished lines, so names go out spelled as the client or
 backend spelled them; the few the proxy rewrites (framing, hop-by-hop, Host, X-Forwarded-*, Via)
 are kept as values and written by the proxy. Heads are assembled with `b"..." % (...)` of bytes
@@ -277,8 +277,6 @@ def parse_response_head(head: bytes) -> ResponseHead:
     if run < len(head):
         runs.append(head[run:])
     return parsed
-
-
 
 
 def _known_name_end(line: bytes) -> int:
