@@ -8,7 +8,9 @@ import httptools
 import pytest
 
 from failover_proxy.dataplane.headers import (
+    PASS,
     decimal_value,
+    field_line_kind,
     header_kind,
     parse_response_head,
     request_field_kind,
@@ -103,3 +105,19 @@ NAMES = [
 @pytest.mark.parametrize("name", NAMES, ids=lambda name: name.decode("latin-1"))
 def test_request_field_kind_agrees_with_the_full_lookup(name: bytes) -> None:
     assert request_field_kind(name) == header_kind(name)
+
+
+@pytest.mark.parametrize("name", NAMES, ids=lambda name: name.decode("latin-1"))
+def test_field_line_kind_agrees_with_the_full_lookup(name: bytes) -> None:
+    for line in (name + b": v", name + b":", name + b":\tv, w "):
+        kind, colon = field_line_kind(line)
+        assert kind == header_kind(name)
+        if kind != PASS:
+            assert colon == len(name)
+
+
+def test_field_line_kind_looks_no_further_than_the_name() -> None:
+    """A special name in a value, or a colon where a special name would end, is not a field."""
+    assert field_line_kind(b"X-Note: Connection: close")[0] == PASS
+    assert field_line_kind(b"Cookie-Jar: x")[0] == PASS  # as long as Connection, another name
+    assert field_line_kind(b"Content-Lengths: 5")[0] == PASS

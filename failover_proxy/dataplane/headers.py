@@ -57,14 +57,23 @@ MAX_RESPONSE_HEAD: Final = 64 * 1024
 VIA_TOKEN: Final = b"1.1 failover-proxy"
 
 
-_SPECIAL_NAME_LENGTHS: Final[list[tuple[int, ...]]] = [
-    tuple(sorted({len(name) for name in _KIND_BY_LOWER_NAME if name[0] == byte | 0x20}))
+_SpecialName = tuple[int, bytes, bytes, int]
+"""A name `header_kind` knows: its length, its usual spellings followed by a colon (Title-Case
+and lower case), and its kind."""
+
+_SPECIAL_NAMES: Final[list[tuple[_SpecialName, ...]]] = [
+    tuple(
+        (len(name), name.title() + b":", name + b":", kind)
+        for name, kind in sorted(_KIND_BY_LOWER_NAME.items())
+        if name[0] == byte | 0x20
+    )
     if chr(byte).isalpha() else ()
     for byte in range(256)
 ]
-"""By a field name's first byte: the lengths of the names `header_kind` knows that start with
-it. A field whose name has none of them is forwarded without a lookup, and no name has to be
-hashed for it."""
+"""By a field name's first byte: the names `header_kind` knows that start with it (no two of
+them with the same first letter are as long). A field whose name is as long as none of them is
+forwarded without a lookup; one spelled as usual is told by `startswith` (mypyc compiles it to
+a memcmp). Only another spelling is hashed for `header_kind`."""
 
 
 def header_kind(name: bytes) -> int:
@@ -83,8 +92,11 @@ def request_field_kind(name: bytes) -> int:
     as long as no special name with its first letter is PASS without being hashed (User-Agent,
     Accept-*, Cookie, Referer, Sec-Fetch-*: most of what a browser sends)."""
     size = len(name)
-    for length in _SPECIAL_NAME_LENGTHS[name[0]]:
+    for length, title, lower, kind in _SPECIAL_NAMES[name[0]]:
         if size == length:
+            # as long as the known name: equal to it when its spelling starts with the name
+            if title.startswith(name) or lower.startswith(name):
+                return kind
             return header_kind(name)
     return PASS
 
@@ -241,20 +253,20 @@ def parse_response_head(head: bytes) -> ResponseHead:
 
     Working on the raw head instead of a callback per field saves a Python call per field;
     fields forwarded as they came stay in the runs of lines they arrived in. Written with the
-    operations mypyc compiles to C (indexing, slicing, one splitlines): `find` or `strip` would
-    each cost a generic method call.
+    operations mypyc compiles to C (indexing, slicing, startswith) and one split (a skipping
+    search for CRLF, measured cheaper than splitlines, which tests every byte): `find` or
+    `strip` would each cost a generic method call.
     """
     if len(head) > MAX_RESPONSE_HEAD:
         raise ValueError("response head too large")
     parsed = ResponseHead()
-    lines = head.splitlines()  # llhttp allows no CR or LF but in the CRLF that ends a line
+    lines = head.split(b"\r\n")  # llhttp allows no CR or LF but in the CRLF ending each line
     pos = len(lines[0]) + 2  # past the status line
     run = pos
     runs = parsed.lines
-    for index in range(1, len(lines)):
+    for index in range(1, len(lines) - 1):  # the last item is the empty rest after the CRLF
         line = lines[index]
-        colon = _known_name_end(line)
-        kind = header_kind(line[:colon]) if colon else PASS
+        kind, colon = field_line_kind(line)
         if kind == X_REQUEST_ID:
             parsed.has_request_id = True
         elif kind != PASS and kind != HOST and kind != EXPECT and kind != X_FORWARDED_FOR:
@@ -279,15 +291,17 @@ def parse_response_head(head: bytes) -> ResponseHead:
     return parsed
 
 
-def _known_name_end(line: bytes) -> int:
-    """Where a field line's name ends, when it is as long as a name `header_kind` knows with the
-    same first letter; 0 otherwise (then the field is forwarded without a lookup). Names hold no
-    colon, so a colon found this way ends the name, or lies in the value of a name of another
-    length, which `header_kind` then does not know."""
-    for length in _SPECIAL_NAME_LENGTHS[line[0]]:
+def field_line_kind(line: bytes) -> tuple[int, int]:
+    """(`header_kind`, where the name ends) of a field line llhttp has accepted; (PASS, 0) when
+    the name is as long as no special name with its first letter. Names hold no colon, so a
+    colon found this way ends the name, or lies in the value of a name of another length, which
+    `header_kind` then does not know."""
+    for length, title, lower, kind in _SPECIAL_NAMES[line[0]]:
         if len(line) > length and line[length] == _COLON:
-            return length
-    return 0
+            if line.startswith(title) or line.startswith(lower):
+                return kind, length
+            return header_kind(line[:length]), length
+    return PASS, 0
 
 
 def _field_value(line: bytes, colon: int) -> bytes:
