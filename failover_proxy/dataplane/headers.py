@@ -57,23 +57,31 @@ MAX_RESPONSE_HEAD: Final = 64 * 1024
 VIA_TOKEN: Final = b"1.1 failover-proxy"
 
 
-_SpecialName = tuple[int, bytes, bytes, int]
-"""A name `header_kind` knows: its length, its usual spellings followed by a colon (Title-Case
-and lower case), and its kind."""
-
-_SPECIAL_NAMES: Final[list[tuple[_SpecialName, ...]]] = [
-    tuple(
-        (len(name), name.title() + b":", name + b":", kind)
-        for name, kind in sorted(_KIND_BY_LOWER_NAME.items())
-        if name[0] == byte | 0x20
-    )
+_SPECIAL_NAME_LENGTHS: Final[list[tuple[int, ...]]] = [
+    tuple(sorted({len(name) for name in _KIND_BY_LOWER_NAME if name[0] == byte | 0x20}))
     if chr(byte).isalpha() else ()
     for byte in range(256)
 ]
-"""By a field name's first byte: the names `header_kind` knows that start with it (no two of
-them with the same first letter are as long). A field whose name is as long as none of them is
-forwarded without a lookup; one spelled as usual is told by `startswith` (mypyc compiles it to
-a memcmp). Only another spelling is hashed for `header_kind`."""
+"""By a field name's first byte: the lengths of the names `header_kind` knows that start with
+it (no two of them with the same first letter are as long). A field whose name has none of
+these lengths is forwarded without a lookup, and no name has to be hashed for it."""
+
+_MAX_SPECIAL_NAME: Final = 32
+
+
+def _spellings_table() -> list[tuple[bytes, bytes, int]]:
+    table = [(b"", b"", PASS)] * (256 * _MAX_SPECIAL_NAME)
+    for name, kind in _KIND_BY_LOWER_NAME.items():
+        assert len(name) < _MAX_SPECIAL_NAME
+        for first in (name[0], name.title()[0]):
+            table[first * _MAX_SPECIAL_NAME + len(name)] = (name.title() + b":", name + b":", kind)
+    return table
+
+
+_SPELLINGS: Final = _spellings_table()
+"""By `first byte * 32 + length`, the one special name a field name may be: its usual spellings
+followed by a colon (Title-Case and lower case) and its kind. A name spelled so is told by
+`startswith` (mypyc compiles it to a memcmp); only another spelling is hashed."""
 
 
 def header_kind(name: bytes) -> int:
@@ -92,9 +100,11 @@ def request_field_kind(name: bytes) -> int:
     as long as no special name with its first letter is PASS without being hashed (User-Agent,
     Accept-*, Cookie, Referer, Sec-Fetch-*: most of what a browser sends)."""
     size = len(name)
-    for length, title, lower, kind in _SPECIAL_NAMES[name[0]]:
+    first = name[0]
+    for length in _SPECIAL_NAME_LENGTHS[first]:
         if size == length:
-            # as long as the known name: equal to it when its spelling starts with the name
+            title, lower, kind = _SPELLINGS[first * _MAX_SPECIAL_NAME + length]
+            # as long as the special name: equal to it when its spelling starts with the name
             if title.startswith(name) or lower.startswith(name):
                 return kind
             return header_kind(name)
@@ -296,8 +306,10 @@ def field_line_kind(line: bytes) -> tuple[int, int]:
     the name is as long as no special name with its first letter. Names hold no colon, so a
     colon found this way ends the name, or lies in the value of a name of another length, which
     `header_kind` then does not know."""
-    for length, title, lower, kind in _SPECIAL_NAMES[line[0]]:
+    first = line[0]
+    for length in _SPECIAL_NAME_LENGTHS[first]:
         if len(line) > length and line[length] == _COLON:
+            title, lower, kind = _SPELLINGS[first * _MAX_SPECIAL_NAME + length]
             if line.startswith(title) or line.startswith(lower):
                 return kind, length
             return header_kind(line[:length]), length
