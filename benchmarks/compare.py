@@ -5,10 +5,12 @@ and a 64 KiB file at /64k. In front of it, each on its own port and all started 
 nginx as a reverse proxy (upstream keepalive pool), HAProxy (http-reuse always) and
 failover-proxy (health checks, retries, metrics and the admin listener on), each with one worker
 (pinned to core 0, wrk on the other core) and with one worker per core (unpinned, wrk too).
-Access logs are off for all. Runs alternate target by target, round after round, so drift hits
-all alike; each figure is the median over rounds, and ratios are to nginx at the same worker
-count. Then: latency added at a fixed 5k req/s (hey) against the direct path, memory with
-10,000 idle keep-alive client connections, and memory while a 1 GiB body streams through.
+A featureless Python proxy on the same stack (floor_proxy.py, one worker) runs alongside as a
+floor for what Python can reach here. Access logs are off for all. Runs alternate target by
+target, round after round, so drift hits all alike; each figure is the median over rounds, and
+ratios are to nginx at the same worker count. Then: latency added at a fixed 5k req/s (hey)
+against the direct path, memory with 10,000 idle keep-alive client connections, and memory while
+a 1 GiB body streams through.
 
     python benchmarks/compare.py [--duration 5] [--rounds 2] [--quick]
 """
@@ -172,6 +174,18 @@ def start_targets(tmp: Path, backend_port: int) -> list[Target]:
                                f"{output}") from None
     time.sleep(1.0)
     return targets
+
+
+def start_floor(tmp: Path, backend_port: int) -> Target:
+    """benchmarks/floor_proxy.py, one process pinned like the other workers=1 targets: what a
+    Python proxy on uvloop and llhttp costs with no features at all (throughput rows only)."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, str(Path(__file__).with_name("floor_proxy.py")),
+         str(port), str(backend_port)],
+        stdout=subprocess.DEVNULL, stderr=_log(tmp, "python-floor-1"))
+    wait_port(port)
+    return Target("python-floor", "1", port, process)
 
 
 def _log(tmp: Path, name: str) -> int:
@@ -344,6 +358,11 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         "Every proxy keeps connections to the backend alive; access logs off for all; "
         "failover-proxy with health checks, retries, metrics and its admin listener on.",
         "",
+        "python-floor (workers=1 only): benchmarks/floor_proxy.py, the least a Python proxy on "
+        "uvloop and llhttp (httptools) does: parse each request and rebuild its head, forward "
+        "each response as it came, with none of failover-proxy's features. It shows how far "
+        "Python itself is from nginx on this machine in the same run.",
+        "",
         "RSS after the run: per worker (the largest), and of the master or supervisor where "
         "there is one (nginx, failover-proxy with workers=all); a single process (HAProxy, "
         "failover-proxy with workers=1) serves traffic and runs everything else itself.",
@@ -356,7 +375,7 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         "| master RSS MiB | req/s vs nginx | p99 vs nginx | p99 per round | TCP timeouts |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {"backend": 0, "nginx": 1, "haproxy": 2, "failover-proxy": 3}
+    order = {"backend": 0, "nginx": 1, "haproxy": 2, "python-floor": 3, "failover-proxy": 4}
     for row in sorted(rows, key=lambda r: (r.body, r.connections, r.workers, order[r.target])):
         ratio = f"{row.rps_vs_nginx:.2f}x" if row.rps_vs_nginx else ""
         p99 = f"{row.p99_vs_nginx:.2f}x" if row.p99_vs_nginx else ""
@@ -432,8 +451,11 @@ def main() -> int:
             direct = Target("backend", "1", backend_port, backend)
             targets = start_targets(tmp, backend_port)
             processes += [t.process for t in targets]
+            floor = start_floor(tmp, backend_port)
+            processes.append(floor.process)
             startup = startup_memory(targets)
-            rows = measure(targets, direct, args.duration, args.rounds, connection_counts)
+            rows = measure([*targets, floor], direct, args.duration, args.rounds,
+                           connection_counts)
             print("fixed-rate latency…", flush=True)
             latency = fixed_rate_latency(targets, direct, args.rate, args.rate_seconds,
                                          args.rounds)
