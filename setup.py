@@ -17,6 +17,7 @@ COMPILED = [
     "failover_proxy/outlier.py",
     "failover_proxy/topology.py",
     "failover_proxy/routing.py",
+    "failover_proxy/dataplane/chunked.py",
     "failover_proxy/dataplane/headers.py",
     "failover_proxy/dataplane/request.py",
     "failover_proxy/dataplane/upstream.py",

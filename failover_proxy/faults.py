@@ -28,6 +28,22 @@ MODES = (
 )
 
 
+async def read_request_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    """The body of a request whose head was just read (Content-Length or chunked, as the proxy
+    frames what it sends; trailers are read and dropped)."""
+    lower = head.lower()
+    if b"content-length: " in lower:
+        length = int(lower.split(b"content-length: ")[1].split(b"\r\n")[0])
+        return await reader.readexactly(length)
+    body = b""
+    if b"transfer-encoding: chunked" in lower:
+        while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) != 0:
+            body += (await reader.readexactly(size + 2))[:-2]
+        while await reader.readuntil(b"\r\n") != b"\r\n":
+            pass
+    return body
+
+
 @dataclass
 class Received:
     at: float
@@ -83,15 +99,8 @@ class FaultBackend:
                 head = await reader.readuntil(b"\r\n\r\n")
                 request_line = head.split(b"\r\n", 1)[0].decode()
                 method, path, _ = request_line.split(" ", 2)
-                body = b""
+                body = await read_request_body(reader, head)
                 lower = head.lower()
-                if b"content-length: " in lower:
-                    length = int(lower.split(b"content-length: ")[1].split(b"\r\n")[0])
-                    body = await reader.readexactly(length)
-                elif b"transfer-encoding: chunked" in lower:
-                    while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) != 0:
-                        body += (await reader.readexactly(size + 2))[:-2]
-                    await reader.readuntil(b"\r\n")
                 if path == "/healthz":
                     health_mode = self.health_mode or self.mode
                     if health_mode in ("healthy", "slow"):

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from failover_proxy.faults import read_request_body
 from failover_proxy.server import ProxyServer
 
 from .conftest import RawHandler, free_port, raw_request, read_request_head, single_upstream_config
@@ -26,13 +27,7 @@ class CountingBackend:
         while True:
             head = await read_request_head(reader)
             self.heads.append(head)
-            lower = head.lower()
-            if b"content-length: " in lower:
-                await reader.readexactly(int(lower.split(b"content-length: ")[1].split(b"\r\n")[0]))
-            elif b"transfer-encoding: chunked" in lower:
-                while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) != 0:
-                    await reader.readexactly(size + 2)
-                await reader.readuntil(b"\r\n")
+            await read_request_body(reader, head)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
 

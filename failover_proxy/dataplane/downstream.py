@@ -1,5 +1,12 @@
 """The client-facing HTTP/1.1 protocol: parse with llhttp, enforce limits, answer in order.
 
+Each read is cut at message boundaries and fed to llhttp piece by piece: a head up to its blank
+line, a Content-Length body by its length, a chunked body where `ChunkedBodyEnd` finds its end.
+So the connection knows where each head lies in the bytes, reads its fields from them whole
+(no Python call per field) and forwards them as the runs of lines they came in, while llhttp
+still validates every byte; a head or body end llhttp does not see exactly where the cut put it
+is refused as malformed.
+
 Requests on one connection are served one after another (pipelined requests queue up, each
 response goes out in request order). Reading from the client is paused whenever the proxy cannot
 take more: a body backlog waiting for a backend, a backend reading the body slowly, or too many
@@ -20,6 +27,7 @@ import httptools
 
 from ..routing import normalize_host
 from ..schema import LimitsConfig
+from .chunked import ChunkedBodyEnd
 from .forward import Exchange
 from .headers import (
     CONNECTION,
@@ -33,12 +41,12 @@ from .headers import (
     VIA,
     X_FORWARDED_FOR,
     X_REQUEST_ID,
-    add_field,
     decimal_value,
     error_response,
+    field_line_kind,
+    field_value_at,
     join_values,
     new_request_id,
-    request_field_kind,
 )
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
@@ -57,13 +65,39 @@ _PAUSE_STOPPED: Final = 16
 _MAX_PIPELINED: Final = 16
 _SLASH: Final = ord("/")
 _QUERY_MARK: Final = ord("?")
+_CR: Final = ord("\r")
+_LF: Final = ord("\n")
+
+# What the next bytes from the client are.
+_HEAD: Final = 0
+"""A request head, or the CR/LF llhttp allows before one."""
+_BODY_LENGTH: Final = 1
+_BODY_CHUNKED: Final = 2
+
+_SPLIT_WHOLE: Final = 4096
+"""A read holding at most this much from a request's start is split on CRLF whole: the first
+blank line ends the head, and the head needs no search of its own (a `find` costs as much as
+the split)."""
+
+
+def blank_line_at(lines: list[bytes]) -> int:
+    """Where the blank line ending a head is, in the bytes `lines` were split from on CRLF; -1
+    when those bytes end before it."""
+    pos = 0
+    last = len(lines) - 1
+    for index in range(last):
+        line = lines[index]
+        if not line and index:
+            return pos
+        pos += len(line) + 2
+    return -1
 
 
 def _not_connected(_: object) -> None:
     raise ConnectionError("not connected")
 
 
-def _read_special_field(request: Request, kind: int, name: bytes, value: bytes) -> None:
+def _read_special_field(request: Request, kind: int, value: bytes) -> None:
     """A request header the proxy reads or rewrites instead of forwarding as it came."""
     if kind == HOST:
         request.host_fields += 1
@@ -87,12 +121,45 @@ def _read_special_field(request: Request, kind: int, name: bytes, value: bytes) 
         request.forwarded_for = join_values(request.forwarded_for, value)
     elif kind == VIA:
         request.via = join_values(request.via, value)
-    elif kind == X_REQUEST_ID:
-        request.has_request_id = True
-        add_field(request.fields, name, value)
     elif kind == PROXY_CONNECTION:
         request.proxy_connection = True
     # DROPPED: hop-by-hop, or X-Forwarded-Proto / -Host, which the proxy sets itself
+
+
+def read_request_fields(
+    request: Request, head: bytes, lines: list[bytes], limits: ClientLimits
+) -> int:
+    """Read the field lines of a request head llhttp has accepted, and return the head's size.
+    `head`: the request line and the field lines, each ended by CRLF, maybe followed by more
+    bytes after the blank line; `lines`: `head` split on CRLF (llhttp allows no CR or LF but in
+    the CRLF ending each line). Fields the proxy does not rewrite stay in the runs of lines they
+    came in (`request.fields`)."""
+    pos = len(lines[0]) + 2  # past the request line
+    run = pos
+    runs = request.fields
+    count = 0
+    for index in range(1, len(lines)):
+        line = lines[index]
+        if not line:
+            break  # the blank line ending the head
+        count += 1
+        kind, colon = field_line_kind(line)
+        if kind == X_REQUEST_ID:
+            request.has_request_id = True  # forwarded as it came; the proxy adds none
+        elif kind != PASS:
+            if run < pos:
+                runs.append(head[run:pos])
+            run = pos + len(line) + 2
+            _read_special_field(request, kind, field_value_at(line, colon))
+        pos += len(line) + 2
+    if run < pos:
+        runs.append(head[run:pos])
+    if count > limits.max_headers:
+        raise RejectRequest(431, "Request Header Fields Too Large", "too many header fields")
+    if pos - len(lines[0]) - 2 > limits.max_header_bytes:
+        raise RejectRequest(431, "Request Header Fields Too Large", "request head too large")
+    request.field_count = count
+    return pos
 
 
 class ClientLimits:
@@ -136,7 +203,7 @@ class DownstreamProtocol:
         self.scheme = plane.scheme
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self._feed: Callable[[bytes], None] = self.parser.feed_data
+        self._feed: Callable[[bytes | memoryview], None] = self.parser.feed_data
         # Bound methods kept once per connection: the hot path skips a method lookup per call.
         self.send: Callable[[bytes], None] = _not_connected
         self.send_parts: Callable[[Iterable[bytes]], None] = _not_connected
@@ -155,8 +222,22 @@ class DownstreamProtocol:
         self._pause_reasons = 0
         self._current: Request | None = None
         self._url_parts: list[bytes] = []
-        self._header_bytes = 0
+        self._url_bytes = 0
         self._in_head = False
+        """A request has begun and its head is not complete."""
+        self._mode = _HEAD
+        self._body_left = 0
+        """Bytes of a Content-Length body still to come (_BODY_LENGTH)."""
+        self._chunks: ChunkedBodyEnd | None = None
+        """Where the chunked body being received ends (_BODY_CHUNKED)."""
+        self._head_start = b""
+        """The bytes of a head that began in an earlier read."""
+        self._head: bytes | None = None
+        """The head being fed to llhttp (from its request line through its blank line, maybe
+        followed by more bytes), once located."""
+        self._head_lines: list[bytes] | None = None
+        """`_head` split on CRLF, when the search for its end split it already."""
+        self._piece_at = 0
         self._upgrade_buffer: list[bytes] = []
         self._client_eof = False
 
@@ -265,12 +346,12 @@ class DownstreamProtocol:
                 self._upgrade_buffer.append(data)
             return
         try:
-            self._feed(data)
+            self._parse(data)
         except httptools.HttpParserUpgrade as upgrade:
             # The request asked to switch protocols: what follows is not HTTP unless the backend
             # refuses, so hold it until the backend answers.
             self.stopped_parsing = True
-            leftover = data[upgrade.args[0] :]
+            leftover = data[self._piece_at + upgrade.args[0] :]
             if leftover:
                 self._upgrade_buffer.append(leftover)
             self._pause(_PAUSE_UPGRADING)
@@ -282,6 +363,114 @@ class DownstreamProtocol:
                 self._reject(400, "Bad Request", "request could not be handled")
         except httptools.HttpParserError as exc:
             self._reject(400, "Bad Request", f"malformed request: {exc}")
+        except RejectRequest as exc:
+            self._reject(exc.status, exc.reason, exc.detail)
+
+    def _parse(self, data: bytes) -> None:
+        """Feed one read to llhttp in pieces cut at message boundaries (see the module doc)."""
+        size = len(data)
+        pos = 0
+        while pos < size:
+            mode = self._mode
+            if mode == _BODY_LENGTH:
+                end = pos + min(self._body_left, size - pos)
+                self._body_left -= end - pos
+                if not self._body_left:
+                    self._mode = _HEAD
+                self._feed_piece(data, pos, end)
+            elif mode == _BODY_CHUNKED:
+                chunks = self._chunks
+                assert chunks is not None
+                end = chunks.scan(data, pos)
+                if end < 0:
+                    self._feed_piece(data, pos, size)  # the body goes on (or llhttp refuses it)
+                    return
+                self._feed_piece(data, pos, end)
+                request = self._current
+                if request is None or not request.body.complete:
+                    raise RejectRequest(400, "Bad Request", "malformed chunked body")
+                self._mode = _HEAD
+                self._chunks = None
+            else:
+                end = self._head_piece(data, pos)
+                if end < 0:
+                    return
+            pos = end
+
+    def _head_piece(self, data: bytes, pos: int) -> int:
+        """Feed llhttp the next request head, or as much of it as this read holds: the offset
+        just past it (-1 when the read ends first)."""
+        size = len(data)
+        if not self._in_head:
+            while pos < size and (data[pos] == _CR or data[pos] == _LF):
+                pos += 1  # llhttp skips empty lines before a request line; so do we
+            if pos == size:
+                return -1
+            self._begin_request()
+            if size - pos <= _SPLIT_WHOLE:  # the usual read: one head, or little more
+                region = data[pos:] if pos else data
+                lines = region.split(b"\r\n")
+                blank = blank_line_at(lines)
+                stop = pos + blank + 2 if blank >= 0 else -1
+                if stop >= 0:
+                    self._head = region
+                    self._head_lines = lines
+            else:
+                end = data.find(b"\r\n\r\n", pos)
+                stop = end + 4 if end >= 0 else -1
+                if stop - pos > self._head_limit():
+                    self._refuse_large_head(data, pos)
+                if stop >= 0:
+                    self._head = data[pos:stop]
+            if stop < 0:
+                self._head_start = data[pos:] if pos else data
+        else:  # the head began in an earlier read
+            held = self._head_start
+            joined = held + data
+            end = joined.find(b"\r\n\r\n", max(len(held) - 3, 0))
+            stop = end + 4 - len(held) if end >= 0 else -1
+            if stop < 0:
+                self._head_start = joined
+            else:
+                self._head = joined[: end + 4]
+        if stop < 0:
+            self._feed_piece(data, pos, size)
+            if self._in_head and len(self._head_start) > self._head_limit():
+                self._refuse_large_head(self._head_start, 0)
+            return -1
+        self._head_start = b""
+        self._feed_piece(data, pos, stop)
+        if self._head is not None:  # llhttp did not end the head where the blank line is
+            raise RejectRequest(400, "Bad Request", "malformed request head")
+        return stop
+
+    def _refuse_large_head(self, data: bytes, start: int) -> None:
+        """A head past both limits together, refused without reading it: 414 when its request
+        line alone is too long, 431 otherwise."""
+        line_end = data.find(b"\r\n", start)
+        if line_end < 0 or line_end - start > self.limits.max_url_bytes + 16:
+            raise RejectRequest(414, "URI Too Long", "request target too long")
+        raise RejectRequest(431, "Request Header Fields Too Large", "request head too large")
+
+    def _head_limit(self) -> int:
+        limits = self.limits
+        return limits.max_url_bytes + limits.max_header_bytes + 64
+
+    def _feed_piece(self, data: bytes, start: int, end: int) -> None:
+        self._piece_at = start
+        if start == 0 and end == len(data):
+            self._feed(data)
+        elif start < end:
+            self._feed(memoryview(data)[start:end])  # llhttp reads the buffer in place
+
+    def _begin_request(self) -> None:
+        self._current = Request(new_request_id())
+        self._url_parts = []
+        self._url_bytes = 0
+        self._in_head = True
+        if self.exchange is None and not self.queue:
+            self.deadline = self.plane.clock + self.limits.header_timeout
+            self.deadline_status = 408
 
     def _reject(self, status: int, reason: str, detail: str) -> None:
         self.stopped_parsing = True
@@ -298,43 +487,28 @@ class DownstreamProtocol:
 
     # -- llhttp callbacks ----------------------------------------------------------------------
 
-    # No on_message_begin: a request starts with its first piece of URL (one callback fewer).
+    # No on_message_begin (the cut sees a request begin) and no on_header: the head's fields
+    # are read whole from its bytes (read_request_fields), which saves a Python call per field;
+    # trailers are validated by llhttp and dropped.
 
     def on_url(self, url: bytes) -> None:
-        if self._in_head:  # the request target arrived in more than one read
-            self._url_parts.append(url)
-            self._header_bytes += len(url)
-        else:
-            self._current = Request(new_request_id())
-            self._url_parts = [url]
-            self._header_bytes = len(url)
-            self._in_head = True
-            if self.exchange is None and not self.queue:
-                self.deadline = self.plane.clock + self.limits.header_timeout
-                self.deadline_status = 408
-        if self._header_bytes > self.limits.max_url_bytes:
+        if not self._in_head:  # llhttp began a request where the cut saw none
+            raise RejectRequest(400, "Bad Request", "malformed request")
+        self._url_parts.append(url)
+        self._url_bytes += len(url)
+        if self._url_bytes > self.limits.max_url_bytes:
             raise RejectRequest(414, "URI Too Long", "request target too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # trailers of a chunked body are not forwarded
-        request = self._current
-        assert request is not None
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.limits.max_header_bytes:
-            raise RejectRequest(431, "Request Header Fields Too Large", "request head too large")
-        request.field_count += 1
-        if request.field_count > self.limits.max_headers:
-            raise RejectRequest(431, "Request Header Fields Too Large", "too many header fields")
-        kind = request_field_kind(name)
-        if kind == PASS:
-            add_field(request.fields, name, value)
-        else:
-            _read_special_field(request, kind, name, value)
 
     def on_headers_complete(self) -> None:
         request = self._current
-        assert request is not None
+        head = self._head
+        if request is None or head is None or not self._in_head:
+            raise RejectRequest(400, "Bad Request", "malformed request head")
+        lines = self._head_lines
+        if lines is None:
+            lines = head.split(b"\r\n")
+        self._head = self._head_lines = None
+        head_bytes = read_request_fields(request, head, lines, self.limits)
         parser = self.parser
         request.method = parser.get_method()
         request.keep_alive = keep_alive = parser.should_keep_alive()
@@ -346,13 +520,19 @@ class DownstreamProtocol:
         target = parts[0] if len(parts) == 1 else b"".join(parts)
         self._read_framing(request, target)
         self._in_head = False
+        if request.chunked:
+            self._mode = _BODY_CHUNKED
+            self._chunks = ChunkedBodyEnd()
+        elif request.content_length:
+            self._mode = _BODY_LENGTH
+            self._body_left = request.content_length
         if request.chunked or request.content_length:
             request.body = RequestBody(
                 DEFAULT_REPLAY_BYTES, self._pause_for_body, self._resume_for_body
             )
         else:
             request.body = EMPTY_BODY
-        request.head_bytes = self._header_bytes  # only now: a rejected head has no body
+        request.head_bytes = head_bytes  # only now: a rejected head has no body
         self.deadline = 0.0
         if self.exchange is None and not self.queue and not self._serving:
             self._start_exchange(request)  # the common case: nothing ahead of it

@@ -1,10 +1,10 @@
 """Header rules of a proxy: hop-by-hop removal, X-Forwarded-*, Via, request ids, framing.
 
-Each request field is sorted as llhttp hands it over (`request_field_kind`); a response head is
-read whole from its raw bytes once llhttp has accepted it (`parse_response_head`). Most fields go
-through untouched and are kept as finished lines, so names go out spelled as the client or
-backend spelled them; the few the proxy rewrites (framing, hop-by-hop, Host, X-Forwarded-*, Via)
-are kept as values and written by the proxy. Heads are assembled with `b"..." % (...)` of bytes
+Request and response heads are read whole from their raw bytes once llhttp has accepted them
+(`field_line_kind` sorts each field line). Most fields go through untouched, in the runs of
+lines they came in, so they go out exactly as the client or backend wrote them; the few the
+proxy rewrites (framing, hop-by-hop, Host, X-Forwarded-*, Via) are kept as values and written
+by the proxy. Heads are assembled with `b"..." % (...)` of bytes
 and ints, which mypyc compiles to one allocation and plain copies (a long `b"".join` costs a
 malloc of its own)."""
 
@@ -95,41 +95,26 @@ def header_kind(name: bytes) -> int:
     return kind
 
 
-def request_field_kind(name: bytes) -> int:
-    """`header_kind` of a request field name as llhttp hands it over (a non-empty token): a name
-    as long as no special name with its first letter is PASS without being hashed (User-Agent,
-    Accept-*, Cookie, Referer, Sec-Fetch-*: most of what a browser sends)."""
-    size = len(name)
-    first = name[0]
-    for length in _SPECIAL_NAME_LENGTHS[first]:
-        if size == length:
-            title, lower, kind = _SPELLINGS[first * _MAX_SPECIAL_NAME + length]
-            # as long as the special name: equal to it when its spelling starts with the name
-            if title.startswith(name) or lower.startswith(name):
-                return kind
-            return header_kind(name)
-    return PASS
-
-
-def add_field(lines: list[bytes], name: bytes, value: bytes) -> None:
-    """Keep a forwarded field as its finished line (one format: cheaper than appending its
-    four pieces for one join later, measured)."""
-    lines.append(b"%s: %s\r\n" % (name, value))
-
-
 def _line_name(line: bytes) -> bytes:
     """The lower-case name of one field line (names cannot contain a colon)."""
     return line[: line.find(b":")].lower()
 
 
-def field_values(lines: list[bytes], lname: bytes) -> list[bytes]:
-    """Every value of a forwarded field, in order, by lower-case name (off the hot path)."""
-    return [line[len(lname) + 2 : -2] for line in lines if _line_name(line) == lname]
+def field_values(runs: list[bytes], lname: bytes) -> list[bytes]:
+    """Every value of a forwarded field, in order, by lower-case name (`runs`: field lines as
+    they came, one or several per item; off the hot path)."""
+    values = []
+    for run in runs:
+        for line in run.split(b"\r\n"):
+            colon = line.find(b":")
+            if colon > 0 and line[:colon].lower() == lname:
+                values.append(field_value_at(line, colon))
+    return values
 
 
-def field_value(lines: list[bytes], lname: bytes) -> bytes | None:
+def field_value(runs: list[bytes], lname: bytes) -> bytes | None:
     """The first value of a forwarded field, by lower-case name (off the hot path)."""
-    values = field_values(lines, lname)
+    values = field_values(runs, lname)
     return values[0] if values else None
 
 
@@ -285,15 +270,15 @@ def parse_response_head(head: bytes) -> ResponseHead:
                 runs.append(head[run:pos])
             run = pos + len(line) + 2
             if kind == CONTENT_LENGTH:
-                parsed.content_length = _field_value(line, colon)
+                parsed.content_length = field_value_at(line, colon)
             elif kind == TRANSFER_ENCODING:
                 parsed.chunked = True
             elif kind == CONNECTION:
-                parsed.connection = join_values(parsed.connection, _field_value(line, colon))
+                parsed.connection = join_values(parsed.connection, field_value_at(line, colon))
             elif kind == VIA:
-                parsed.via = join_values(parsed.via, _field_value(line, colon))
+                parsed.via = join_values(parsed.via, field_value_at(line, colon))
             elif kind == UPGRADE:
-                parsed.upgrade = _field_value(line, colon)
+                parsed.upgrade = field_value_at(line, colon)
             # DROPPED, PROXY_CONNECTION: hop-by-hop, not forwarded
         pos += len(line) + 2
     if run < len(head):
@@ -316,7 +301,7 @@ def field_line_kind(line: bytes) -> tuple[int, int]:
     return PASS, 0
 
 
-def _field_value(line: bytes, colon: int) -> bytes:
+def field_value_at(line: bytes, colon: int) -> bytes:
     """A field line's value without the optional whitespace around it."""
     start = colon + 1
     stop = len(line)

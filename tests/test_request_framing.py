@@ -1,0 +1,214 @@
+"""Where requests begin and end in what a client sends: heads read whole from the bytes, reads
+cut at each message's end, whatever way the client's bytes are split into reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from failover_proxy.dataplane.chunked import ChunkedBodyEnd
+from failover_proxy.dataplane.downstream import blank_line_at
+from failover_proxy.faults import read_request_body
+from failover_proxy.server import ProxyServer
+
+from .conftest import (
+    RawHandler,
+    raw_request,
+    read_request_head,
+    single_upstream_config,
+)
+
+StartRaw = Callable[[RawHandler], Awaitable[int]]
+StartProxy = Callable[[str], Awaitable[ProxyServer]]
+
+
+class RecordingBackend:
+    """Answers each request with its path and body; keeps every head and body it received."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request_head(reader)
+            body = await read_request_body(reader, head)
+            self.heads.append(head)
+            self.bodies.append(body)
+            answer = head.split(b" ")[1] + b" " + body
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            await writer.drain()
+
+
+@pytest.fixture
+async def recorded(raw_backend: StartRaw, proxy: StartProxy) -> tuple[RecordingBackend, ProxyServer]:
+    backend = RecordingBackend()
+    server = await proxy(
+        single_upstream_config(
+            [await raw_backend(backend)],
+            top_extra="limits: {max_header_bytes: 4KiB, max_url_bytes: 1KiB}\n",
+        )
+    )
+    return backend, server
+
+
+PIPELINE = (
+    b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
+    b"POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello\r\n\r\nGE"
+    b"POST /three HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5;name=value\r\nab\r\n\r\r\n3\r\nGET\r\n0\r\nX-Trailer: t\r\n\r\n"
+    b"\r\nGET /four HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+)
+"""Requests back to back: bodies holding CRLFs, a blank line and request-like bytes, a chunk
+extension, a trailer, and the empty line llhttp allows before a request line."""
+ANSWERS = [b"/one ", b"/two hello\r\n\r\nGE", b"/three ab\r\n\rGET", b"/four "]
+
+
+def answers(raw: bytes) -> list[bytes]:
+    return [part.split(b"\r\n\r\n", 1)[1] for part in raw.split(b"HTTP/1.1 200 OK")[1:]]
+
+
+async def send_in_pieces(port: int, data: bytes, cuts: list[int]) -> bytes:
+    """Send `data` cut at the given offsets, each piece in a read of its own, and read until
+    the proxy closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        start = 0
+        for cut in [*cuts, len(data)]:
+            writer.write(data[start:cut])
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            start = cut
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_pipelined_requests_with_bodies_in_one_read(
+    recorded: tuple[RecordingBackend, ProxyServer],
+) -> None:
+    backend, server = recorded
+    raw = await raw_request(server.port, PIPELINE)
+    assert answers(raw) == ANSWERS
+    assert backend.bodies == [b"", b"hello\r\n\r\nGE", b"ab\r\n\rGET", b""]
+    assert [head.split(b" ")[1] for head in backend.heads] == [b"/one", b"/two", b"/three",
+                                                               b"/four"]
+
+
+@pytest.mark.parametrize("step", [1, 7, 40])
+async def test_pipelined_requests_cut_anywhere_into_reads(
+    recorded: tuple[RecordingBackend, ProxyServer], step: int
+) -> None:
+    """Every boundary falls inside some read: within a method, a field, a chunk-size line, the
+    CRLF after chunk data, the last chunk and the blank line ending the head."""
+    backend, server = recorded
+    raw = await send_in_pieces(server.port, PIPELINE, list(range(step, len(PIPELINE), step)))
+    assert answers(raw) == ANSWERS
+    assert backend.bodies == [b"", b"hello\r\n\r\nGE", b"ab\r\n\rGET", b""]
+
+
+async def test_fields_are_forwarded_as_the_client_wrote_them(
+    recorded: tuple[RecordingBackend, ProxyServer],
+) -> None:
+    backend, server = recorded
+    request = (
+        b"GET /f HTTP/1.1\r\nHost: x\r\nx-lower: a\r\nX-Spaced:\t b  c \t\r\n"
+        b"Connection: keep-alive, X-Hop\r\nX-Hop: gone\r\nKeep-Alive: timeout=5\r\n"
+        b"Accept: */*\r\nX-Request-Id: client-7\r\n\r\n"
+    )
+    raw = await raw_request(server.port, request, until_close=False)
+    assert answers(raw) == [b"/f "]
+    (head,) = backend.heads
+    assert b"\r\nx-lower: a\r\nX-Spaced:\t b  c \t\r\n" in head
+    assert b"\r\nAccept: */*\r\nX-Request-Id: client-7\r\n" in head
+    lower = head.lower()
+    assert b"x-hop" not in lower and b"keep-alive" not in lower
+    assert lower.count(b"x-request-id") == 1
+
+
+async def test_a_head_growing_past_the_limit_is_refused_before_it_ends(
+    recorded: tuple[RecordingBackend, ProxyServer],
+) -> None:
+    _, server = recorded
+    loop = asyncio.get_running_loop()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.setblocking(False)
+        with contextlib.suppress(ConnectionError):  # refused and closed while we still send
+            await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(20):  # 20 x 400 bytes, and never the blank line
+                await loop.sock_sendall(sock, b"X-Pad: " + b"p" * 391 + b"\r\n")
+                await asyncio.sleep(0.005)
+        raw = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+    assert raw.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_a_chunked_body_llhttp_reads_otherwise_is_refused(
+    recorded: tuple[RecordingBackend, ProxyServer],
+) -> None:
+    backend, server = recorded
+    raw = await raw_request(
+        server.port,
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabcdef\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    assert all(b"/smuggled" not in head for head in backend.heads)
+
+
+BODY = b"5;ext\r\nhello\r\n10\r\n" + b"x" * 16 + b"\r\n0\r\nA: b\r\nC: d\r\n\r\n"
+
+
+@pytest.mark.parametrize("cut", range(len(BODY) + 1))
+def test_chunked_body_end_is_found_wherever_the_reads_are_cut(cut: int) -> None:
+    data = BODY + b"NEXT"
+    scanner = ChunkedBodyEnd()
+    first = scanner.scan(data[:cut], 0)
+    if first >= 0:
+        assert first == len(BODY)
+    else:
+        assert cut < len(BODY)
+        assert cut + scanner.scan(data[cut:], 0) == len(BODY)
+
+
+@pytest.mark.parametrize("body", [b"zz\r\nab\r\n", b"\r\n", b";x\r\n"])
+def test_chunked_body_end_gives_up_on_what_llhttp_refuses(body: bytes) -> None:
+    scanner = ChunkedBodyEnd()
+    assert scanner.scan(body + b"0\r\n\r\n", 0) == -1
+    assert scanner.broken
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /" + b"u" * 6000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"p" * 6000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"p" * 6000 + b"\r\n", 431),
+    ],
+    ids=["long-target", "long-head", "long-head-unfinished"],
+)
+async def test_a_head_past_both_limits_in_one_read_is_refused_unread(
+    recorded: tuple[RecordingBackend, ProxyServer], request_bytes: bytes, status: int
+) -> None:
+    backend, server = recorded
+    raw = await raw_request(server.port, request_bytes)
+    assert raw.startswith(b"HTTP/1.1 %d " % status)
+    assert not backend.heads
+
+
+@pytest.mark.parametrize(
+    ("data", "at"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 25),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody\r\n\r\nmore", 25),
+        (b"GET / HTTP/1.1\r\n\r\n", 16),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n", -1),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r", -1),
+        (b"GET / HTTP/1.1", -1),
+    ],
+)
+def test_blank_line_at(data: bytes, at: int) -> None:
+    assert blank_line_at(data.split(b"\r\n")) == at
