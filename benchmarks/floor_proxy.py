@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import cast
 
 import httptools
 import uvloop
@@ -26,8 +27,7 @@ class BackendSide(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio subclass
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)  # framing checked; the bytes go on unchanged
@@ -48,8 +48,7 @@ class ClientSide(asyncio.Protocol):
         self.fields: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
