@@ -172,7 +172,7 @@ class Request:
     def __init__(self, request_id: bytes) -> None:
         self.request_id = request_id
         self.fields: list[bytes] = []
-        """Header fields forwarded as they came, as lines (headers.add_field)."""
+        """Header fields forwarded as they came: runs of whole lines cut from the raw head."""
         self.fields_block: bytes | None = None
         """`fields` joined, less what Connection names (made once, for the first attempt)."""
 
