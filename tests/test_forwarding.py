@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import httpx
+import pytest
 from aiohttp import web
 
 from failover_proxy.server import ProxyServer
@@ -515,23 +516,29 @@ async def test_oversized_response_head_is_502(raw_backend: StartRaw, proxy: Star
     assert b"response head too large" in raw
 
 
+@pytest.mark.parametrize(
+    ("piece", "early_hints"), [(1, False), (1, True), (100_000, False), (100_000, True)],
+    ids=["bytewise", "bytewise-after-103", "one-write", "one-write-after-103"],
+)
 async def test_response_head_in_tiny_pieces_is_rewritten_whole(
-    raw_backend: StartRaw, proxy: StartProxy
+    raw_backend: StartRaw, proxy: StartProxy, piece: int, early_hints: bool
 ) -> None:
-    """The response head is read from its raw bytes: one split over many reads (here one byte
-    per write) and fields the proxy rewrites between forwarded ones must come out right."""
-    head = (
+    """The response head is read from its raw bytes: one split over many reads (one byte per
+    write) or one read that also holds the body (and maybe a 103 before it), and fields the
+    proxy rewrites between forwarded ones must come out right."""
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" if early_hints else b""
+    head = hints + (
         b"HTTP/1.1 200 OK\r\nServer: tiny\r\nKeep-Alive: timeout=5\r\nX-First: 1\r\n"
-        b"Content-Length: 5\r\nconnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n"
+        b"Content-Length: 6\r\nconnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n"
         b"X-Request-Id: from-backend\r\nVia: 1.0 cache\r\nX-Forwarded-Proto: gopher\r\n"
-        b"Proxy-Connection: keep-alive\r\nX-Last:  spaced value \r\n\r\nhello"
+        b"Proxy-Connection: keep-alive\r\nX-Last:  spaced value \r\n\r\nhe\r\n\r\n"
     )
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await read_request_head(reader)
-            for index in range(len(head)):
-                writer.write(head[index : index + 1])
+            for index in range(0, len(head), piece):
+                writer.write(head[index : index + piece])
                 await writer.drain()
 
     server = await proxy(single_upstream_config([await raw_backend(handler)]))
@@ -547,9 +554,9 @@ async def test_response_head_in_tiny_pieces_is_rewritten_whole(
             b"X-Request-Id: from-backend",
             b"X-Last:  spaced value ",
             b"Via: 1.0 cache, 1.1 failover-proxy",
-            b"Content-Length: 5",
+            b"Content-Length: 6",
         ]
-        assert response.endswith(b"\r\n\r\nhello")
+        assert response.endswith(b"\r\n\r\nhe\r\n\r\n")
     writer.close()
 
 

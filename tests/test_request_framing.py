@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from failover_proxy.dataplane.chunked import ChunkedBodyEnd
-from failover_proxy.dataplane.downstream import blank_line_at
+from failover_proxy.dataplane.headers import blank_line_at
 from failover_proxy.faults import read_request_body
 from failover_proxy.server import ProxyServer
 

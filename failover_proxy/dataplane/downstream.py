@@ -36,11 +36,13 @@ from .headers import (
     HOST,
     PASS,
     PROXY_CONNECTION,
+    SPLIT_WHOLE,
     TRANSFER_ENCODING,
     UPGRADE,
     VIA,
     X_FORWARDED_FOR,
     X_REQUEST_ID,
+    blank_line_at,
     decimal_value,
     error_response,
     field_line_kind,
@@ -73,25 +75,6 @@ _HEAD: Final = 0
 """A request head, or the CR/LF llhttp allows before one."""
 _BODY_LENGTH: Final = 1
 _BODY_CHUNKED: Final = 2
-
-_SPLIT_WHOLE: Final = 4096
-"""A read holding at most this much from a request's start is split on CRLF whole: the first
-blank line ends the head, and the head needs no search of its own (a `find` costs as much as
-the split)."""
-
-
-def blank_line_at(lines: list[bytes]) -> int:
-    """Where the blank line ending a head is, in the bytes `lines` were split from on CRLF; -1
-    when those bytes end before it."""
-    pos = 0
-    last = len(lines) - 1
-    for index in range(last):
-        line = lines[index]
-        if not line and index:
-            return pos
-        pos += len(line) + 2
-    return -1
-
 
 def _not_connected(_: object) -> None:
     raise ConnectionError("not connected")
@@ -407,7 +390,7 @@ class DownstreamProtocol:
             if pos == size:
                 return -1
             self._begin_request()
-            if size - pos <= _SPLIT_WHOLE:  # the usual read: one head, or little more
+            if size - pos <= SPLIT_WHOLE:  # the usual read: one head, or little more
                 region = data[pos:] if pos else data
                 lines = region.split(b"\r\n")
                 blank = blank_line_at(lines)

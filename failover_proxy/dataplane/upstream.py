@@ -18,6 +18,8 @@ import httptools
 
 from .headers import (
     MAX_RESPONSE_HEAD,
+    SPLIT_WHOLE,
+    blank_line_at,
     parse_response_head,
     response_keeps_alive,
     response_status,
@@ -181,8 +183,14 @@ class UpstreamConnection:
         self._head_open = False
         buf = self._head_buf
         start = self._head_at
-        end = buf.find(b"\r\n\r\n", start)
-        head = buf[start : end + 2]  # the status line and the field lines
+        if start == 0 and len(buf) <= SPLIT_WHOLE:  # the usual read: a head and a small body
+            head = buf  # the status line, the field lines, and what follows them
+            lines = buf.split(b"\r\n")
+            end = blank_line_at(lines) - 2
+        else:
+            end = buf.find(b"\r\n\r\n", start)
+            head = buf[start : end + 2]  # the status line and the field lines
+            lines = head.split(b"\r\n")
         if end < 0 or len(head) < 14 or not head.startswith(b"HTTP/"):  # a native call
             raise ValueError("response head not found where the parser saw it")
         self._head_at = end + 4  # a final response may follow an informational one
@@ -193,7 +201,7 @@ class UpstreamConnection:
         owner = self.owner
         if owner is None:
             return
-        parsed = parse_response_head(head)
+        parsed = parse_response_head(head, lines)
         owner.on_head(status, parsed, response_keeps_alive(head, parsed.connection))
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
