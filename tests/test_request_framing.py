@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from failover_proxy.dataplane.chunked import ChunkedBodyEnd
-from failover_proxy.dataplane.headers import blank_line_at
+from failover_proxy.dataplane.headers import blank_line_at, locate_head
 from failover_proxy.faults import read_request_body
 from failover_proxy.server import ProxyServer
 
@@ -212,3 +212,20 @@ async def test_a_head_past_both_limits_in_one_read_is_refused_unread(
 )
 def test_blank_line_at(data: bytes, at: int) -> None:
     assert blank_line_at(data.split(b"\r\n")) == at
+
+
+HEAD = b"GET / HTTP/1.1\r\nHost: x\r\n"
+
+
+@pytest.mark.parametrize("start", [0, 3])
+@pytest.mark.parametrize("body", [b"", b"xy\r\n\r\nz", b"b" * 5000], ids=["none", "short", "long"])
+def test_locate_head_split_whole_or_found(start: int, body: bytes) -> None:
+    buf = b"\r\n\r\n"[:start] + HEAD + b"\r\n" + body
+    head, lines, stop = locate_head(buf, start)
+    assert stop == start + len(HEAD) + 2
+    assert head.startswith(HEAD)
+    if lines is None:  # found by find: the head ends with its last field line
+        assert len(buf) - start > 4096 and head == HEAD
+    else:
+        assert lines == head.split(b"\r\n") and head == buf[start:]
+    assert locate_head(buf[:stop - 1], start)[2] == -1

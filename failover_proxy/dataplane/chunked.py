@@ -18,7 +18,6 @@ _DATA: Final = 1
 _TRAILERS: Final = 2
 """Reading trailer lines until the empty line that ends the message."""
 
-_LF: Final = ord("\n")
 _CR: Final = ord("\r")
 MAX_LINE: Final = 16 * 1024
 """A chunk-size or trailer line longer than this is left to llhttp to refuse."""

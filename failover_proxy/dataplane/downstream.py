@@ -36,18 +36,17 @@ from .headers import (
     HOST,
     PASS,
     PROXY_CONNECTION,
-    SPLIT_WHOLE,
     TRANSFER_ENCODING,
     UPGRADE,
     VIA,
     X_FORWARDED_FOR,
     X_REQUEST_ID,
-    blank_line_at,
     decimal_value,
     error_response,
     field_line_kind,
     field_value_at,
     join_values,
+    locate_head,
     new_request_id,
 )
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
@@ -216,8 +215,8 @@ class DownstreamProtocol:
         self._head_start = b""
         """The bytes of a head that began in an earlier read."""
         self._head: bytes | None = None
-        """The head being fed to llhttp (from its request line through its blank line, maybe
-        followed by more bytes), once located."""
+        """The head being fed to llhttp, from its request line on (headers.locate_head), once
+        located."""
         self._head_lines: list[bytes] | None = None
         """`_head` split on CRLF, when the search for its end split it already."""
         self._piece_at = 0
@@ -390,23 +389,14 @@ class DownstreamProtocol:
             if pos == size:
                 return -1
             self._begin_request()
-            if size - pos <= SPLIT_WHOLE:  # the usual read: one head, or little more
-                region = data[pos:] if pos else data
-                lines = region.split(b"\r\n")
-                blank = blank_line_at(lines)
-                stop = pos + blank + 2 if blank >= 0 else -1
-                if stop >= 0:
-                    self._head = region
-                    self._head_lines = lines
-            else:
-                end = data.find(b"\r\n\r\n", pos)
-                stop = end + 4 if end >= 0 else -1
-                if stop - pos > self._head_limit():
-                    self._refuse_large_head(data, pos)
-                if stop >= 0:
-                    self._head = data[pos:stop]
+            head, lines, stop = locate_head(data, pos)  # the usual read: split whole, no find
             if stop < 0:
                 self._head_start = data[pos:] if pos else data
+            elif lines is None and stop - pos > self._head_limit():
+                self._refuse_large_head(data, pos)  # found by find: not split yet
+            else:
+                self._head = head
+                self._head_lines = lines
         else:  # the head began in an earlier read
             held = self._head_start
             joined = held + data

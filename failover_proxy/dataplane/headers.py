@@ -225,8 +225,8 @@ def join_values(previous: bytes | None, value: bytes) -> bytes:
     return value if previous is None else previous + b", " + value
 
 
-SPLIT_WHOLE: Final = 4096
-"""A read holding at most this much from a head's start is split on CRLF whole: the first blank
+_SPLIT_WHOLE: Final = 4096
+"""Bytes holding at most this much from a head's start are split on CRLF whole: the first blank
 line ends the head, which then needs no search of its own (a `find` costs as much as the
 split, about 1.2k instructions for a 200-byte head)."""
 
@@ -242,6 +242,23 @@ def blank_line_at(lines: list[bytes]) -> int:
             return pos
         pos += len(line) + 2
     return -1
+
+
+def locate_head(buf: bytes, start: int) -> tuple[bytes, list[bytes] | None, int]:
+    """The head that begins at `start` in `buf` (a client's or a backend's): its bytes from its
+    first line on; its lines, when finding it split them; and the offset in `buf` just past its
+    blank line, -1 when `buf` ends before it. Little left of `buf` is split on CRLF whole, and
+    then the bytes run on past the head; otherwise `find` locates the blank line, the bytes end
+    with the last field line's CRLF (b"" when not found), and no lines are given."""
+    if len(buf) - start <= _SPLIT_WHOLE:
+        region = buf[start:] if start else buf
+        lines = region.split(b"\r\n")
+        blank = blank_line_at(lines)
+        return region, lines, start + blank + 2 if blank >= 0 else -1
+    end = buf.find(b"\r\n\r\n", start)
+    if end < 0:
+        return b"", None, -1
+    return buf[start : end + 2], None, end + 4
 
 
 class ResponseHead:

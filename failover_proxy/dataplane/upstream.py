@@ -18,8 +18,7 @@ import httptools
 
 from .headers import (
     MAX_RESPONSE_HEAD,
-    SPLIT_WHOLE,
-    blank_line_at,
+    locate_head,
     parse_response_head,
     response_keeps_alive,
     response_status,
@@ -181,19 +180,10 @@ class UpstreamConnection:
 
     def on_headers_complete(self) -> None:
         self._head_open = False
-        buf = self._head_buf
-        start = self._head_at
-        if start == 0 and len(buf) <= SPLIT_WHOLE:  # the usual read: a head and a small body
-            head = buf  # the status line, the field lines, and what follows them
-            lines = buf.split(b"\r\n")
-            end = blank_line_at(lines) - 2
-        else:
-            end = buf.find(b"\r\n\r\n", start)
-            head = buf[start : end + 2]  # the status line and the field lines
-            lines = head.split(b"\r\n")
-        if end < 0 or len(head) < 14 or not head.startswith(b"HTTP/"):  # a native call
+        head, lines, stop = locate_head(self._head_buf, self._head_at)
+        if stop < 0 or len(head) < 14 or not head.startswith(b"HTTP/"):  # a native call
             raise ValueError("response head not found where the parser saw it")
-        self._head_at = end + 4  # a final response may follow an informational one
+        self._head_at = stop  # a final response may follow an informational one
         self._status = status = response_status(head)
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
@@ -201,7 +191,7 @@ class UpstreamConnection:
         owner = self.owner
         if owner is None:
             return
-        parsed = parse_response_head(head, lines)
+        parsed = parse_response_head(head, lines if lines is not None else head.split(b"\r\n"))
         owner.on_head(status, parsed, response_keeps_alive(head, parsed.connection))
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
