@@ -517,18 +517,24 @@ async def test_oversized_response_head_is_502(raw_backend: StartRaw, proxy: Star
 
 
 @pytest.mark.parametrize(
-    ("piece", "early_hints"), [(1, False), (1, True), (100_000, False), (100_000, True)],
-    ids=["bytewise", "bytewise-after-103", "one-write", "one-write-after-103"],
+    ("piece", "early_hints", "pad"),
+    [(1, False, 0), (1, True, 0), (100_000, False, 0), (100_000, True, 0),
+     (100_000, False, 5000), (100_000, True, 5000)],
+    ids=["bytewise", "bytewise-after-103", "one-write", "one-write-after-103",
+         "one-write-long-head", "one-write-long-head-after-103"],
 )
 async def test_response_head_in_tiny_pieces_is_rewritten_whole(
-    raw_backend: StartRaw, proxy: StartProxy, piece: int, early_hints: bool
+    raw_backend: StartRaw, proxy: StartProxy, piece: int, early_hints: bool, pad: int
 ) -> None:
     """The response head is read from its raw bytes: one split over many reads (one byte per
     write) or one read that also holds the body (and maybe a 103 before it), and fields the
-    proxy rewrites between forwarded ones must come out right."""
+    proxy rewrites between forwarded ones must come out right. A head over 4 KiB is found by
+    searching for its blank line rather than split with the bytes after it."""
     hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" if early_hints else b""
+    padding = [b"X-Pad: " + b"p" * pad] if pad else []
     head = hints + (
-        b"HTTP/1.1 200 OK\r\nServer: tiny\r\nKeep-Alive: timeout=5\r\nX-First: 1\r\n"
+        b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in padding)
+        + b"Server: tiny\r\nKeep-Alive: timeout=5\r\nX-First: 1\r\n"
         b"Content-Length: 6\r\nconnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n"
         b"X-Request-Id: from-backend\r\nVia: 1.0 cache\r\nX-Forwarded-Proto: gopher\r\n"
         b"Proxy-Connection: keep-alive\r\nX-Last:  spaced value \r\n\r\nhe\r\n\r\n"
@@ -549,6 +555,7 @@ async def test_response_head_in_tiny_pieces_is_rewritten_whole(
         lines = response.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
         assert lines[0] == b"HTTP/1.1 200 OK"
         assert lines[1:] == [
+            *padding,
             b"Server: tiny",
             b"X-First: 1",
             b"X-Request-Id: from-backend",

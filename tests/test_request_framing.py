@@ -11,7 +11,13 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from failover_proxy.dataplane.chunked import ChunkedBodyEnd
-from failover_proxy.dataplane.headers import blank_line_at, locate_head
+from failover_proxy.dataplane.downstream import usual_method
+from failover_proxy.dataplane.headers import (
+    blank_line_at,
+    locate_head,
+    parse_response_head,
+    split_response_head,
+)
 from failover_proxy.faults import read_request_body
 from failover_proxy.server import ProxyServer
 
@@ -229,3 +235,30 @@ def test_locate_head_split_whole_or_found(start: int, body: bytes) -> None:
     else:
         assert lines == head.split(b"\r\n") and head == buf[start:]
     assert locate_head(buf[:stop - 1], start)[2] == -1
+
+
+RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 4\r\n"
+
+
+@pytest.mark.parametrize("start", [0, 3])
+@pytest.mark.parametrize("body", [b"", b"xy\r\n\r\n", b"b" * 5000], ids=["none", "short", "long"])
+def test_response_head_size_split_whole_or_found(start: int, body: bytes) -> None:
+    """A response head ends at its first blank line whether its read is split whole (and the
+    body's own blank lines come along) or searched; a head without one has no size."""
+    buf = b"\r\n\r\n"[:start] + RESPONSE_HEAD + b"\r\n" + body
+    head, lines = split_response_head(buf, start)
+    parsed = parse_response_head(head, lines)
+    assert parsed.size == len(RESPONSE_HEAD) + 2
+    assert parsed.content_length == b"4" and parsed.lines == [b"Server: s\r\n"]
+    unfinished = buf[start : start + len(RESPONSE_HEAD)]
+    assert parse_response_head(unfinished, unfinished.split(b"\r\n")).size > len(unfinished)
+
+
+@pytest.mark.parametrize(
+    ("line", "method"),
+    [(b"GET / HTTP/1.1", b"GET"), (b"POST /x HTTP/1.1", b"POST"), (b"HEAD / HTTP/1.0", b"HEAD"),
+     (b"PUT / HTTP/1.1", b"PUT"), (b"DELETE /d HTTP/1.1", b"DELETE"),
+     (b"PATCH / HTTP/1.1", None), (b"GETX / HTTP/1.1", None), (b"OPTIONS * HTTP/1.1", None)],
+)
+def test_usual_method_read_from_the_request_line(line: bytes, method: bytes | None) -> None:
+    assert usual_method(line) == method

@@ -79,6 +79,22 @@ def _not_connected(_: object) -> None:
     raise ConnectionError("not connected")
 
 
+def usual_method(request_line: bytes) -> bytes | None:
+    """The method of a request line llhttp has accepted, when it is one of the usual ones (a
+    shared constant, told by `startswith`, which mypyc compiles to a memcmp); None otherwise."""
+    if request_line.startswith(b"GET "):
+        return b"GET"
+    if request_line.startswith(b"POST "):
+        return b"POST"
+    if request_line.startswith(b"HEAD "):
+        return b"HEAD"
+    if request_line.startswith(b"PUT "):
+        return b"PUT"
+    if request_line.startswith(b"DELETE "):
+        return b"DELETE"
+    return None
+
+
 def _read_special_field(request: Request, kind: int, value: bytes) -> None:
     """A request header the proxy reads or rewrites instead of forwarding as it came."""
     if kind == HOST:
@@ -122,7 +138,7 @@ def read_request_fields(
     count = 0
     for index in range(1, len(lines)):
         line = lines[index]
-        if not line:
+        if len(line) == 0:  # len: `not line` is a generic truth test
             break  # the blank line ending the head
         count += 1
         kind, colon = field_line_kind(line)
@@ -482,12 +498,19 @@ class DownstreamProtocol:
             lines = head.split(b"\r\n")
         self._head = self._head_lines = None
         head_bytes = read_request_fields(request, head, lines, self.limits)
+        # The parser's getters are generic method calls: the usual request is read from its
+        # request line instead, as llhttp has accepted it.
         parser = self.parser
-        request.method = parser.get_method()
-        request.keep_alive = keep_alive = parser.should_keep_alive()
-        # llhttp keeps an HTTP/1.0 connection alive only when a Connection (or Proxy-Connection)
-        # header asks, so without one, alive means HTTP/1.1: no need for the version string.
-        if not keep_alive or request.connection is not None or request.proxy_connection:
+        request_line = lines[0]
+        method = usual_method(request_line)
+        request.method = method if method is not None else parser.get_method()
+        if (
+            request.connection is not None
+            or request.proxy_connection
+            or not request_line.endswith(b" HTTP/1.1")
+        ):
+            # Without a Connection (or Proxy-Connection) field, llhttp keeps HTTP/1.1 alive.
+            request.keep_alive = parser.should_keep_alive()
             request.http10 = parser.get_http_version() == "1.0"
         parts = self._url_parts
         target = parts[0] if len(parts) == 1 else b"".join(parts)

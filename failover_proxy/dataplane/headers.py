@@ -238,7 +238,7 @@ def blank_line_at(lines: list[bytes]) -> int:
     last = len(lines) - 1
     for index in range(last):
         line = lines[index]
-        if not line and index:
+        if len(line) == 0 and index:  # len: `not line` is a generic truth test
             return pos
         pos += len(line) + 2
     return -1
@@ -261,6 +261,19 @@ def locate_head(buf: bytes, start: int) -> tuple[bytes, list[bytes] | None, int]
     return buf[start : end + 2], None, end + 4
 
 
+def split_response_head(buf: bytes, start: int) -> tuple[bytes, list[bytes]]:
+    """The response head that begins at `start` in `buf`, which llhttp has found complete, and
+    its lines: little left of `buf` is split on CRLF whole (the bytes then run on past the
+    head), else up to the blank line `find` locates (b"" when there is none). Where the head
+    ends is left to `parse_response_head`, which walks the lines anyway."""
+    if len(buf) - start <= _SPLIT_WHOLE:
+        head = buf[start:] if start else buf
+    else:
+        end = buf.find(b"\r\n\r\n", start)
+        head = buf[start : end + 4] if end >= 0 else b""
+    return head, head.split(b"\r\n")
+
+
 class ResponseHead:
     """A backend's response head as parsed: the forwarded fields as runs of finished lines,
     and the values of the fields the proxy rewrites."""
@@ -273,6 +286,8 @@ class ResponseHead:
     upgrade: bytes | None = None
     via: bytes | None = None
     has_request_id = False
+    size = -1
+    """The head's length up to and including its blank line; -1 when the lines hold none."""
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
@@ -280,8 +295,8 @@ class ResponseHead:
 
 def parse_response_head(head: bytes, lines: list[bytes]) -> ResponseHead:
     """A response head llhttp has accepted: a status line and field lines, each ended by CRLF,
-    with no folding; whatever follows the first empty line is ignored. `lines`: `head` split on
-    CRLF (llhttp allows no CR or LF but in the CRLF ending each line).
+    with no folding; the first empty line ends it (`size`) and whatever follows is ignored.
+    `lines`: `head` split on CRLF (llhttp allows no CR or LF but in the CRLF ending each line).
 
     Working on the raw head instead of a callback per field saves a Python call per field;
     fields forwarded as they came stay in the runs of lines they arrived in. Written with the
@@ -296,8 +311,9 @@ def parse_response_head(head: bytes, lines: list[bytes]) -> ResponseHead:
     runs = parsed.lines
     for index in range(1, len(lines)):
         line = lines[index]
-        if not line:
-            break  # the blank line ending the head, or the empty rest after its last CRLF
+        if len(line) == 0:  # the blank line ending the head (len: `not line` is a generic test)
+            parsed.size = pos + 2
+            break
         kind, colon = field_line_kind(line)
         if kind == X_REQUEST_ID:
             parsed.has_request_id = True

@@ -18,10 +18,10 @@ import httptools
 
 from .headers import (
     MAX_RESPONSE_HEAD,
-    locate_head,
     parse_response_head,
     response_keeps_alive,
     response_status,
+    split_response_head,
 )
 
 if TYPE_CHECKING:
@@ -180,10 +180,15 @@ class UpstreamConnection:
 
     def on_headers_complete(self) -> None:
         self._head_open = False
-        head, lines, stop = locate_head(self._head_buf, self._head_at)
-        if stop < 0 or len(head) < 14 or not head.startswith(b"HTTP/"):  # a native call
+        buf = self._head_buf
+        start = self._head_at
+        head, lines = split_response_head(buf, start)
+        if len(head) < 14 or not head.startswith(b"HTTP/"):  # startswith: a native call
             raise ValueError("response head not found where the parser saw it")
-        self._head_at = stop  # a final response may follow an informational one
+        parsed = parse_response_head(head, lines)
+        if parsed.size < 0 or parsed.size > len(buf) - start:
+            raise ValueError("response head not found where the parser saw it")
+        self._head_at = start + parsed.size  # a final response may follow an informational one
         self._status = status = response_status(head)
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
@@ -191,7 +196,6 @@ class UpstreamConnection:
         owner = self.owner
         if owner is None:
             return
-        parsed = parse_response_head(head, lines if lines is not None else head.split(b"\r\n"))
         owner.on_head(status, parsed, response_keeps_alive(head, parsed.connection))
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
