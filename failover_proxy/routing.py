@@ -7,7 +7,7 @@ routes of the same host rank the longest path prefix wins (a plain string prefix
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -44,6 +44,14 @@ class Router(Generic[T]):
             group.sort(key=lambda item: len(item[0]), reverse=True)
         # Longest suffix first, so *.eu.example.com beats *.example.com.
         self._wildcard = sorted(wildcard.items(), key=lambda item: len(item[0]), reverse=True)
+        self._by_host = bool(self._exact or self._wildcard)
+
+    def match_request(self, raw_host: bytes | None, path: bytes) -> Route[T] | None:
+        """The route for a Host header as the client sent it and a request path; the host is
+        normalized only when some route names one."""
+        if not self._by_host:
+            return _longest_prefix(self._any, path)
+        return self.match(normalize_host(raw_host) if raw_host is not None else "", path)
 
     def match(self, host: str, path: bytes) -> Route[T] | None:
         """The route for a lower-case host (port removed) and a request path, or None."""
@@ -67,8 +75,8 @@ def _longest_prefix(group: list[tuple[bytes, Route[T]]], path: bytes) -> Route[T
     return None
 
 
-_HOST_CACHE: dict[bytes, str] = {}
-_HOST_CACHE_MAX = 4096
+_HOST_CACHE: Final[dict[bytes, str]] = {}
+_HOST_CACHE_MAX: Final = 4096
 
 
 def normalize_host(raw: bytes) -> str:

@@ -53,6 +53,18 @@ def test_host_rank_then_longest_prefix() -> None:
     assert r.match("other.org", b"/").target == "default"  # type: ignore[union-attr]
 
 
+def test_match_request_reads_the_host_as_sent() -> None:
+    """The Host header as the client wrote it (case, port) is normalized when routes name
+    hosts; a router without host routes matches by path alone, Host or not."""
+    r = router()
+    assert r.match_request(b"API.Example.com:8443", b"/v1").target == "api-v1"  # type: ignore[union-attr]
+    assert r.match_request(None, b"/static/x").target == "static"  # type: ignore[union-attr]
+    by_path = Router([Route(None, "/", "any"), Route(None, "/a", "a")])
+    assert by_path.match_request(b"Whatever:1", b"/ab").target == "a"  # type: ignore[union-attr]
+    assert by_path.match_request(None, b"/b").target == "any"  # type: ignore[union-attr]
+    assert Router([Route("a.com", "/", 1)]).match_request(None, b"/") is None
+
+
 def test_no_route() -> None:
     assert Router([Route("a.com", "/x", 1)]).match("a.com", b"/y") is None
 

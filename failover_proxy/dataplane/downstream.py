@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from ..routing import normalize_host
 from ..schema import LimitsConfig
 from .chunked import ChunkedBodyEnd
 from .forward import Exchange
@@ -567,8 +566,6 @@ class DownstreamProtocol:
         # An int operand: `b"?" in target` first tries the operand as an int, and that failure
         # formats a TypeError message on every request; `find` is a generic method call.
         request.path = target[: target.find(b"?")] if _QUERY_MARK in target else target
-        if request.raw_host is not None:
-            request.host = normalize_host(request.raw_host)
 
     def on_body(self, chunk: bytes) -> None:
         request = self._current
@@ -616,7 +613,7 @@ class DownstreamProtocol:
                 self._set_deadline(self.limits.keepalive_timeout, 0)
 
     def _start_exchange(self, request: Request) -> None:
-        route = self.plane.topology.router.match(request.host, request.path)
+        route = self.plane.topology.router.match_request(request.raw_host, request.path)
         if route is None:
             self._answer_no_route(request)
             if request.close_connection:

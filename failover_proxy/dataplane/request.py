@@ -142,7 +142,6 @@ class Request:
     method = b""
     target = b""
     path = b"/"
-    host = ""
     raw_host: bytes | None = None
     http10 = False
     keep_alive = True
