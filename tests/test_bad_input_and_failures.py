@@ -65,6 +65,8 @@ async def counted(raw_backend: StartRaw, proxy: StartProxy) -> tuple[CountingBac
         (b"GET nothing HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+        (b"GET /\r\nHost: x\r\n\r\n", 505),  # HTTP/0.9 to llhttp
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
         (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
         (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n\r\n", 417),

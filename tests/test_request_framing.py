@@ -136,6 +136,33 @@ async def test_fields_are_forwarded_as_the_client_wrote_them(
     assert lower.count(b"x-request-id") == 1
 
 
+@pytest.mark.parametrize(
+    ("request_line", "method", "target", "closes"),
+    [
+        (b"GET /a?b=1 HTTP/1.1", b"GET", b"/a?b=1", False),
+        (b"GET  /two-spaces  HTTP/1.1", b"GET", b"/two-spaces", False),
+        (b"PATCH /p HTTP/1.1", b"PATCH", b"/p", False),
+        (b"DELETE   /d HTTP/1.0", b"DELETE", b"/d", True),
+        (b"GET http://x/abs?q HTTP/1.1", b"GET", b"/abs?q", False),
+        (b"GET http://x:8080 HTTP/1.1", b"GET", b"/", False),
+        (b"GET /" + b"u" * 1023 + b" HTTP/1.1", b"GET", b"/" + b"u" * 1023, False),
+    ],
+    ids=["plain", "spaces", "patch", "http10", "absolute", "absolute-port-no-path", "url-limit"],
+)
+async def test_the_request_line_is_read_from_the_head(
+    recorded: tuple[RecordingBackend, ProxyServer],
+    request_line: bytes, method: bytes, target: bytes, closes: bool,
+) -> None:
+    """Method, target and version come from the request line as llhttp accepted it, which may
+    have more than one space around the target; a target at the URL limit (1 KiB) passes."""
+    backend, server = recorded
+    raw = await raw_request(server.port, request_line + b"\r\nHost: x\r\n\r\n", until_close=False)
+    assert raw.startswith(b"HTTP/1.1 200 OK")
+    (head,) = backend.heads
+    assert head.startswith(method + b" " + target + b" HTTP/1.1\r\n")
+    assert (b"Connection: close" in raw) == closes
+
+
 async def test_a_head_growing_past_the_limit_is_refused_before_it_ends(
     recorded: tuple[RecordingBackend, ProxyServer],
 ) -> None:

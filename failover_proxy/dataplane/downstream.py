@@ -21,7 +21,7 @@ import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
@@ -218,8 +218,6 @@ class DownstreamProtocol:
         """408 when a request head is overdue, 0 when an idle keep-alive connection expires."""
         self._pause_reasons = 0
         self._current: Request | None = None
-        self._url_parts: list[bytes] = []
-        self._url_bytes = 0
         self._in_head = False
         """A request has begun and its head is not complete."""
         self._mode = _HEAD
@@ -453,8 +451,6 @@ class DownstreamProtocol:
 
     def _begin_request(self) -> None:
         self._current = Request(new_request_id())
-        self._url_parts = []
-        self._url_bytes = 0
         self._in_head = True
         if self.exchange is None and not self.queue:
             self.deadline = self.plane.clock + self.limits.header_timeout
@@ -475,17 +471,10 @@ class DownstreamProtocol:
 
     # -- llhttp callbacks ----------------------------------------------------------------------
 
-    # No on_message_begin (the cut sees a request begin) and no on_header: the head's fields
-    # are read whole from its bytes (read_request_fields), which saves a Python call per field;
-    # trailers are validated by llhttp and dropped.
-
-    def on_url(self, url: bytes) -> None:
-        if not self._in_head:  # llhttp began a request where the cut saw none
-            raise RejectRequest(400, "Bad Request", "malformed request")
-        self._url_parts.append(url)
-        self._url_bytes += len(url)
-        if self._url_bytes > self.limits.max_url_bytes:
-            raise RejectRequest(414, "URI Too Long", "request target too long")
+    # No on_message_begin (the cut sees a request begin), no on_url and no on_header: the
+    # request line and the fields are read whole from the head's bytes (_read_request_line,
+    # read_request_fields), which saves a Python call each; trailers are validated by llhttp
+    # and dropped.
 
     def on_headers_complete(self) -> None:
         request = self._current
@@ -497,22 +486,7 @@ class DownstreamProtocol:
             lines = head.split(b"\r\n")
         self._head = self._head_lines = None
         head_bytes = read_request_fields(request, head, lines, self.limits)
-        # The parser's getters are generic method calls: the usual request is read from its
-        # request line instead, as llhttp has accepted it.
-        parser = self.parser
-        request_line = lines[0]
-        method = usual_method(request_line)
-        request.method = method if method is not None else parser.get_method()
-        if (
-            request.connection is not None
-            or request.proxy_connection
-            or not request_line.endswith(b" HTTP/1.1")
-        ):
-            # Without a Connection (or Proxy-Connection) field, llhttp keeps HTTP/1.1 alive.
-            request.keep_alive = parser.should_keep_alive()
-            request.http10 = parser.get_http_version() == "1.0"
-        parts = self._url_parts
-        target = parts[0] if len(parts) == 1 else b"".join(parts)
+        target = self._read_request_line(request, lines[0])
         self._read_framing(request, target)
         self._in_head = False
         if request.chunked:
@@ -537,6 +511,34 @@ class DownstreamProtocol:
             self._pause(_PAUSE_PIPELINE_FULL)
         self._ensure_serving()
 
+    def _read_request_line(self, request: Request, line: bytes) -> bytes:
+        """Method, version and keep-alive from a request line llhttp has accepted, and its
+        target. Read from the line itself: the parser's getters are generic method calls, and
+        its URL callback one more call and a bytes object per request."""
+        parser = self.parser
+        method = usual_method(line)
+        if method is None:
+            method = parser.get_method()
+        request.method = method
+        if not line.endswith(b" HTTP/1.1"):
+            version = parser.get_http_version()
+            if version != "1.0":  # llhttp takes HTTP/0.9 and HTTP/2.0 request lines as well
+                raise RejectRequest(
+                    505, "HTTP Version Not Supported", f"HTTP/{version} is not supported"
+                )
+            request.http10 = True
+        # Without a Connection or Proxy-Connection field, llhttp keeps HTTP/1.1 alive.
+        if request.connection is not None or request.proxy_connection or request.http10:
+            request.keep_alive = parser.should_keep_alive()
+        # `method SP target SP HTTP/d.d`, where llhttp allows more than one SP on either side
+        # of the target, which holds none itself.
+        target = line[len(method) + 1 : len(line) - 9]
+        if target.startswith(b" ") or target.endswith(b" "):
+            target = target.strip(b" ")
+        if len(target) > self.limits.max_url_bytes:
+            raise RejectRequest(414, "URI Too Long", "request target too long")
+        return target
+
     def _read_framing(self, request: Request, target: bytes) -> None:
         """Checks a proxy must make before trusting a request head (RFC 9112 §3.2, §6)."""
         if request.expect is not None:
@@ -551,9 +553,13 @@ class DownstreamProtocol:
             raise RejectRequest(400, "Bad Request", "more than one Host header")
         if not target or target[0] != _SLASH:  # not the usual origin form
             if target.startswith((b"http://", b"https://")):
-                url = httptools.parse_url(target)
-                request.raw_host = url.host + (b":%d" % url.port if url.port else b"")
-                target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+                # Any: the stub types port, path and query as never None, which mypyc checks
+                url: Any = httptools.parse_url(target)
+                port: int | None = url.port
+                path: bytes | None = url.path
+                query: bytes | None = url.query
+                request.raw_host = url.host + (b":%d" % port if port else b"")
+                target = (path or b"/") + (b"?" + query if query else b"")
             elif target != b"*":
                 raise RejectRequest(400, "Bad Request", "invalid request target")
         if request.raw_host is None and not request.http10:
