@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 from collections.abc import Awaitable, Callable
 
+import httptools
 import pytest
 
 from failover_proxy.dataplane.chunked import ChunkedBodyEnd
-from failover_proxy.dataplane.downstream import usual_method
+from failover_proxy.dataplane.downstream import target_in_line, usual_method
 from failover_proxy.dataplane.headers import (
     blank_line_at,
     locate_head,
@@ -289,3 +291,40 @@ def test_response_head_size_split_whole_or_found(start: int, body: bytes) -> Non
 )
 def test_usual_method_read_from_the_request_line(line: bytes, method: bytes | None) -> None:
     assert usual_method(line) == method
+
+
+class _UrlSeen:
+    """What llhttp itself reports of a request line (the reference the slicing must match)."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def test_the_target_sliced_from_the_line_is_the_one_llhttp_reads() -> None:
+    """Generated request lines (methods, spacing, target forms, versions): for every one llhttp
+    accepts, the target cut from the line is the URL llhttp reported, byte for byte."""
+    rng = random.Random(20261124)
+    methods = [b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"PURGE"]
+    pieces = [b"/", b"a", b"%20", b"?", b"=", b"&", b"#", b"http://h", b":8", b"*", b";", b".."]
+    accepted = 0
+    for _ in range(3000):
+        method = rng.choice(methods)
+        target = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        line = (method + b" " * rng.randint(1, 3) + target + b" " * rng.randint(1, 3)
+                + rng.choice([b"HTTP/1.1", b"HTTP/1.0"]))
+        seen = _UrlSeen()
+        try:
+            httptools.HttpRequestParser(seen).feed_data(line + b"\r\nHost: x\r\n\r\n")
+        except httptools.HttpParserError:
+            continue
+        assert seen.complete
+        assert target_in_line(line, usual_method(line) or method) == seen.url, line
+        accepted += 1
+    assert accepted > 500  # a fair share of the generated lines are ones llhttp takes

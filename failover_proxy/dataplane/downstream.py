@@ -94,6 +94,16 @@ def usual_method(request_line: bytes) -> bytes | None:
     return None
 
 
+def target_in_line(line: bytes, method: bytes) -> bytes:
+    """The request target of a request line llhttp has accepted with this method:
+    `method SP target SP HTTP/d.d`, where llhttp allows more than one SP on either side of the
+    target, which holds none itself."""
+    target = line[len(method) + 1 : len(line) - 9]
+    if target.startswith(b" ") or target.endswith(b" "):
+        target = target.strip(b" ")
+    return target
+
+
 def _read_special_field(request: Request, kind: int, value: bytes) -> None:
     """A request header the proxy reads or rewrites instead of forwarding as it came."""
     if kind == HOST:
@@ -530,11 +540,7 @@ class DownstreamProtocol:
         # Without a Connection or Proxy-Connection field, llhttp keeps HTTP/1.1 alive.
         if request.connection is not None or request.proxy_connection or request.http10:
             request.keep_alive = parser.should_keep_alive()
-        # `method SP target SP HTTP/d.d`, where llhttp allows more than one SP on either side
-        # of the target, which holds none itself.
-        target = line[len(method) + 1 : len(line) - 9]
-        if target.startswith(b" ") or target.endswith(b" "):
-            target = target.strip(b" ")
+        target = target_in_line(line, method)
         if len(target) > self.limits.max_url_bytes:
             raise RejectRequest(414, "URI Too Long", "request target too long")
         return target
