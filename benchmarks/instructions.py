@@ -11,7 +11,7 @@ the count, less the idle rate over the same wall time, is divided by the request
 completed. Instructions are not time: allocation, cache misses and system calls weigh
 differently. This complements compare.py, it does not replace it.
 
-    python benchmarks/instructions.py [--rounds 3] [--seconds 5] [--keep-dumps DIR]
+    python benchmarks/instructions.py [--rounds 3] [--seconds 5] [--keep-dumps DIR] [--body N]
                                       [[LABEL=]CHECKOUT ...]
 
 With --keep-dumps, `callgrind_annotate --inclusive=yes DIR/this-0.callgrind` shows where the
@@ -69,7 +69,8 @@ def _dump_total(pid: int, tmp: Path) -> tuple[int, Path]:
 
 
 def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float,
-               keep: Path | None = None, headers: tuple[str, ...] = ()) -> tuple[float, int]:
+               keep: Path | None = None, headers: tuple[str, ...] = (),
+               path: str = "/small") -> tuple[float, int]:
     """(instructions, requests) of one measured wrk run against a proxy under callgrind, less
     the instructions the idle proxy spends in the same wall time. Timer work (health probes,
     the sweep, the shared health view) runs per second, not per request, and under valgrind a
@@ -87,7 +88,7 @@ def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float,
     )
     try:
         wait_port(port, timeout=120)  # imports are slow under valgrind
-        url = f"http://127.0.0.1:{port}/small"
+        url = f"http://127.0.0.1:{port}{path}"
         run_wrk(url, 3, CONNECTIONS, headers=headers)  # warm-up: pools, memos, caches
         subprocess.run(["callgrind_control", "-i", "on", str(proxy.pid)], check=True,
                        capture_output=True)
@@ -122,6 +123,8 @@ def main() -> int:
                         help="keep each round's callgrind dump here (LABEL-ROUND.callgrind)")
     parser.add_argument("--browser-headers", action="store_true",
                         help="requests carry a browser's 11 header fields (wrk alone sends Host)")
+    parser.add_argument("--body", type=int, default=len(SMALL_BODY), metavar="BYTES",
+                        help="size of the backend's response body (default: compare.py's 100)")
     parser.add_argument("checkouts", nargs="*", default=[f"this={ROOT}"])
     args = parser.parse_args()
     ensure_tools({"nginx": "nginx", "wrk": "wrk", "valgrind": "valgrind"})
@@ -134,9 +137,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         backend_port = free_port()
+        sized_body = ("{'items': [1, 2, 3], 'name': 'value'}, " * (args.body // 36 + 1))[:args.body]
         block = f"""
     server {{ listen 127.0.0.1:{backend_port};
-             location /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }} }}"""
+             location /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
+             location /sized {{ default_type application/json; return 200 "{sized_body}"; }} }}"""
         backend = start_nginx("backend", "1", block, tmp, None)
         try:
             wait_port(backend_port)
@@ -151,7 +156,8 @@ def main() -> int:
                         keep = args.keep_dumps / f"{labels[checkout]}-{round_number}.callgrind"
                     instructions, requests = count_once(
                         checkout, backend_port, work, args.seconds, keep,
-                        BROWSER_HEADERS if args.browser_headers else ())
+                        BROWSER_HEADERS if args.browser_headers else (),
+                        "/small" if args.body == len(SMALL_BODY) else "/sized")
                     per_request = instructions / requests
                     counts[checkout].append(per_request)
                     print(f"{labels[checkout]}: {per_request:,.0f} instructions per request "
@@ -171,11 +177,14 @@ def main() -> int:
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "instructions-browser" if args.browser_headers else "instructions"
+    if args.body != len(SMALL_BODY):
+        name += f"-body{args.body}"
     requests = ("GET requests with a browser's 11 header fields" if args.browser_headers
                 else "GET requests with only a Host field (as wrk sends them)")
     (RESULTS / f"{name}.md").write_text(
         "# Instructions per proxied request (callgrind)\n\n"
-        f"wrk, {CONNECTIONS} keep-alive connections, {requests}, 100-byte responses from nginx, "
+        f"wrk, {CONNECTIONS} keep-alive connections, {requests}, {args.body}-byte responses from "
+        "nginx, "
         f"{args.seconds:g} s measured per round, the configuration of compare.py (health checks, "
         "retries, metrics on; access log off). The idle proxy's own timer work over the same wall "
         "time is subtracted.\n\n" + table + "\n")

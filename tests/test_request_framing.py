@@ -253,17 +253,27 @@ HEAD = b"GET / HTTP/1.1\r\nHost: x\r\n"
 
 
 @pytest.mark.parametrize("start", [0, 3])
-@pytest.mark.parametrize("body", [b"", b"xy\r\n\r\nz", b"b" * 5000], ids=["none", "short", "long"])
-def test_locate_head_split_whole_or_found(start: int, body: bytes) -> None:
-    buf = b"\r\n\r\n"[:start] + HEAD + b"\r\n" + body
+@pytest.mark.parametrize(
+    ("after", "split_whole"),
+    [(b"", True), (b"xy\r\n\r\nz", True), (b"b" * 1000, False), (b"b" * 5000, False),
+     ((HEAD + b"\r\n") * 30, True), (b"b" * 600 + b"\r\n0\r\n\r\n", False)],
+    ids=["none", "short", "body-1k", "body-5k", "pipelined-heads", "chunked-end"],
+)
+def test_locate_head_split_whole_or_found(start: int, after: bytes, split_whole: bool) -> None:
+    """A short read, or one ending in a blank line (heads only, up to 4 KiB), is split whole;
+    past 512 bytes, a body after the head (which would cost more to split) makes it a find."""
+    buf = b"\r\n\r\n"[:start] + HEAD + b"\r\n" + after
     head, lines, stop = locate_head(buf, start)
     assert stop == start + len(HEAD) + 2
-    assert head.startswith(HEAD)
+    assert (lines is not None) == split_whole
     if lines is None:  # found by find: the head ends with its last field line
-        assert len(buf) - start > 4096 and head == HEAD
+        assert head == HEAD
     else:
         assert lines == head.split(b"\r\n") and head == buf[start:]
     assert locate_head(buf[:stop - 1], start)[2] == -1
+    response = b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"
+    head, lines = split_response_head(b"\r\n\r\n"[:start] + response + after, start)
+    assert parse_response_head(head, lines).size == len(response)
 
 
 RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 4\r\n"

@@ -225,10 +225,24 @@ def join_values(previous: bytes | None, value: bytes) -> bytes:
     return value if previous is None else previous + b", " + value
 
 
-_SPLIT_WHOLE: Final = 4096
+_SPLIT_WHOLE: Final = 512
 """Bytes holding at most this much from a head's start are split on CRLF whole: the first blank
-line ends the head, which then needs no search of its own (a `find` costs as much as the
-split, about 1.2k instructions for a 200-byte head)."""
+line ends the head, which then needs no search of its own (a `find` costs as much as the split
+of a 200-byte head, about 1.2k instructions). Past this, the body bytes after the head cost more
+to split (about 4 instructions a byte) than `find` costs."""
+_SPLIT_WHOLE_HEADS: Final = 4096
+"""Bytes ending with a blank line (but not a chunked body's end) most likely hold heads only,
+such as a request without a body: split whole up to this much."""
+
+
+def _split_whole(buf: bytes, start: int) -> bool:
+    """Whether to split the rest of `buf` from `start` whole rather than `find` the blank line."""
+    rest = len(buf) - start
+    return rest <= _SPLIT_WHOLE or (
+        rest <= _SPLIT_WHOLE_HEADS
+        and buf.endswith(b"\r\n\r\n")
+        and not buf.endswith(b"\r\n0\r\n\r\n")
+    )
 
 
 def blank_line_at(lines: list[bytes]) -> int:
@@ -245,12 +259,12 @@ def blank_line_at(lines: list[bytes]) -> int:
 
 
 def locate_head(buf: bytes, start: int) -> tuple[bytes, list[bytes] | None, int]:
-    """The head that begins at `start` in `buf` (a client's or a backend's): its bytes from its
-    first line on; its lines, when finding it split them; and the offset in `buf` just past its
-    blank line, -1 when `buf` ends before it. Little left of `buf` is split on CRLF whole, and
-    then the bytes run on past the head; otherwise `find` locates the blank line, the bytes end
-    with the last field line's CRLF (b"" when not found), and no lines are given."""
-    if len(buf) - start <= _SPLIT_WHOLE:
+    """The request head that begins at `start` in `buf`: its bytes from its first line on; its
+    lines, when finding it split them; and the offset in `buf` just past its blank line, -1 when
+    `buf` ends before it. Little left of `buf`, or heads only, is split on CRLF whole, and then
+    the bytes run on past the head; otherwise `find` locates the blank line, the bytes end with
+    the last field line's CRLF (b"" when not found), and no lines are given."""
+    if _split_whole(buf, start):
         region = buf[start:] if start else buf
         lines = region.split(b"\r\n")
         blank = blank_line_at(lines)
@@ -263,10 +277,10 @@ def locate_head(buf: bytes, start: int) -> tuple[bytes, list[bytes] | None, int]
 
 def split_response_head(buf: bytes, start: int) -> tuple[bytes, list[bytes]]:
     """The response head that begins at `start` in `buf`, which llhttp has found complete, and
-    its lines: little left of `buf` is split on CRLF whole (the bytes then run on past the
-    head), else up to the blank line `find` locates (b"" when there is none). Where the head
-    ends is left to `parse_response_head`, which walks the lines anyway."""
-    if len(buf) - start <= _SPLIT_WHOLE:
+    its lines: little left of `buf`, or heads only, is split on CRLF whole (the bytes then run
+    on past the head), else up to the blank line `find` locates (b"" when there is none). Where
+    the head ends is left to `parse_response_head`, which walks the lines anyway."""
+    if _split_whole(buf, start):
         head = buf[start:] if start else buf
     else:
         end = buf.find(b"\r\n\r\n", start)
