@@ -8,9 +8,10 @@ failover-proxy (health checks, retries, metrics and the admin listener on), each
 A featureless Python proxy on the same stack (floor_proxy.py, one worker) runs alongside as a
 floor for what Python can reach here. Access logs are off for all. Runs alternate target by
 target, round after round, so drift hits all alike; each figure is the median over rounds, and
-ratios are to nginx at the same worker count. Then: latency added at a fixed 5k req/s (hey)
-against the direct path, memory with 10,000 idle keep-alive client connections, and memory while
-a 1 GiB body streams through.
+ratios are to nginx at the same worker count: the median of each round's ratio (paired in
+time, since the machine's speed drifts between rounds). Then: latency added at a fixed 5k req/s
+(hey) against the direct path, memory with 10,000 idle keep-alive client connections, and memory
+while a 1 GiB body streams through.
 
     python benchmarks/compare.py [--duration 5] [--rounds 2] [--quick]
 """
@@ -92,7 +93,12 @@ class Row:
     main_rss_mib: float | None
     """The master's or supervisor's RSS; None for a single process."""
     rps_vs_nginx: float = 0.0
+    """The median of the per-round ratios (`rps_ratio_rounds`)."""
     p99_vs_nginx: float = 0.0
+    """The median of the per-round p99 ratios."""
+    rps_ratio_rounds: list[float] = field(default_factory=list)
+    """req/s against nginx's in the same round: the targets of a round run within about a
+    minute of each other, while the machine's speed drifts by up to a third between rounds."""
     rounds: list[float] = field(default_factory=list)
     p99_rounds: list[float] = field(default_factory=list)
     tcp_timeouts: list[int] = field(default_factory=list)
@@ -235,8 +241,14 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
     for row in rows:
         nginx = by_key.get(("nginx", row.workers, row.body, row.connections))
         if nginx is not None and row.target != "backend":
-            row.rps_vs_nginx = row.requests_per_second / nginx.requests_per_second
-            row.p99_vs_nginx = row.p99_ms / nginx.p99_ms
+            row.rps_ratio_rounds = [
+                ours / theirs for ours, theirs in zip(row.rounds, nginx.rounds, strict=True)
+            ]
+            row.rps_vs_nginx = statistics.median(row.rps_ratio_rounds)
+            row.p99_vs_nginx = statistics.median(
+                ours / theirs
+                for ours, theirs in zip(row.p99_rounds, nginx.p99_rounds, strict=True)
+            )
     return rows
 
 
@@ -351,7 +363,9 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
              idle: list[dict[str, float | str]], stream: dict[str, float | str],
              args: argparse.Namespace) -> str:
     lines = [
-        f"wrk, {args.duration:g} s per run, median of {args.rounds} alternating rounds; backend: "
+        f"wrk, {args.duration:g} s per run, median of {args.rounds} alternating rounds (ratios to "
+        "nginx: the median of each round's ratio, as the machine's speed drifts between rounds); "
+        "backend: "
         f"nginx (1 worker) serving 100 B (/small) and 64 KiB (/64k); {CORES} cores. "
         "workers=1: the proxy pinned to core 0, backend and wrk (1 thread) on core 1; "
         f"workers=all: {CORES} workers/threads each, unpinned, wrk with 2 threads. "
@@ -372,8 +386,9 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         "timeouts has a p99 near or above 200 ms whatever the proxy does.",
         "",
         "| target | workers | body | conns | req/s | p50 ms | p99 ms | errors | worker RSS MiB "
-        "| master RSS MiB | req/s vs nginx | p99 vs nginx | p99 per round | TCP timeouts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| master RSS MiB | req/s vs nginx | per round | p99 vs nginx | p99 per round "
+        "| TCP timeouts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"backend": 0, "nginx": 1, "haproxy": 2, "python-floor": 3, "failover-proxy": 4}
     for row in sorted(rows, key=lambda r: (r.body, r.connections, r.workers, order[r.target])):
@@ -383,7 +398,8 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         lines.append(
             f"| {row.target} | {row.workers} | {row.body} | {row.connections} | "
             f"{row.requests_per_second:.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | {row.errors} "
-            f"| {row.worker_rss_mib:.1f} | {main} | {ratio} | {p99} | "
+            f"| {row.worker_rss_mib:.1f} | {main} | {ratio} | "
+            f"{', '.join(f'{v:.2f}' for v in row.rps_ratio_rounds)} | {p99} | "
             f"{', '.join(f'{v:.1f}' for v in row.p99_rounds)} | "
             f"{', '.join(str(v) for v in row.tcp_timeouts)} |"
         )
