@@ -18,7 +18,6 @@ from aiohttp import web
 
 from .dataplane.forward import IDEMPOTENT_METHODS
 from .metrics import MetricStore, ProcessGauges, exposition
-from .routing import normalize_host
 
 if TYPE_CHECKING:
     from .schema import ProxyConfig
@@ -143,7 +142,7 @@ class AdminServer:
         host = request.query.get("host", "")
         path = request.query.get("path", "/")
         method = request.query.get("method", "GET").upper()
-        route = self.proxy.topology.router.match(normalize_host(host.encode()), path.encode())
+        route = self.proxy.topology.router.match_request(host.encode(), path.encode())
         if route is None:
             return web.json_response(
                 {"host": host, "path": path, "method": method, "route": None,
