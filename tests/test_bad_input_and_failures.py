@@ -228,3 +228,97 @@ async def test_backend_closing_before_answering_is_502(
     raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
     assert status_of(raw) == 502
     assert b"before responding" in raw
+
+
+# -- found by the generated requests of test_fuzz_framing.py --------------------------------------
+
+
+async def test_upgrade_offer_without_a_route_is_answered_and_closed(
+    counted: tuple[CountingBackend, ProxyServer],
+) -> None:
+    """What follows an upgrade offer is not HTTP: after the 404 nobody reads it, so the
+    connection must end (it used to stay open, unread, until the keep-alive timeout)."""
+    _, server = counted
+    raw = await raw_request(
+        server.port,
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"\x81\x05hello",
+        timeout=2.0,
+    )
+    assert status_of(raw) == 404
+    assert b"Connection: close" in raw
+
+
+async def test_own_answers_to_head_requests_carry_no_body(
+    counted: tuple[CountingBackend, ProxyServer],
+) -> None:
+    """A body after a response to HEAD would be read as the start of the next response."""
+    backend, server = counted
+    raw = await raw_request(
+        server.port,
+        b"HEAD * HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    first, rest = raw.split(b"\r\n\r\n", 1)
+    assert first.startswith(b"HTTP/1.1 404 ") and b"Content-Length: " in first
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), rest[:100]
+    assert rest.endswith(b"\r\n\r\nok")
+    assert [head.split(b" ")[1] for head in backend.heads] == [b"/next"]
+
+
+async def test_a_request_after_an_answer_that_closes_never_reaches_the_backend(
+    counted: tuple[CountingBackend, ProxyServer],
+) -> None:
+    """The 404 is sent with Connection: close (its body had not arrived when it was decided);
+    the request pipelined behind it used to be forwarded all the same, its answer lost."""
+    backend, server = counted
+    warm = await raw_request(server.port, b"GET /warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(warm) == 200  # leaves an idle backend connection: the next would be sent
+    raw = await raw_request(
+        server.port,
+        b"POST * HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+        b"POST /transfer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+    )
+    assert status_of(raw) == 404
+    assert b"Connection: close" in raw
+    assert raw.count(b"HTTP/1.1 ") == 1
+    await asyncio.sleep(0.1)
+    assert [head.split(b" ")[1] for head in backend.heads] == [b"/warm"]
+
+
+async def test_client_ending_its_side_mid_body_gets_400_and_the_backend_is_not_blamed(
+    counted: tuple[CountingBackend, ProxyServer],
+) -> None:
+    _, server = counted
+    for body_start in (
+        b"Content-Length: 10\r\n\r\nabc",
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+    ):
+        for _ in range(2):  # the second time on the pooled connection the first one left
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\n" + body_start)
+            writer.write_eof()
+            raw = await asyncio.wait_for(reader.read(), 2.0)
+            writer.close()
+            assert status_of(raw) == 400, raw
+            assert b"before the request body was complete" in raw
+    b0 = server.topology.backend("web", "b0")
+    assert b0 is not None and b0.consecutive_failures == 0
+
+
+async def test_stalled_request_body_gets_408_and_the_backend_is_not_blamed(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    backend = CountingBackend()
+    server = await proxy(
+        single_upstream_config(
+            [await raw_backend(backend)], upstream_extra="    timeouts: {read: 500ms}\n"
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    raw = await asyncio.wait_for(reader.read(), 3.0)  # the proxy closes after its answer
+    writer.close()
+    assert status_of(raw) == 408, raw
+    assert b"request body not received in time" in raw
+    b0 = server.topology.backend("web", "b0")
+    assert b0 is not None and b0.consecutive_failures == 0

@@ -282,6 +282,19 @@ class DownstreamProtocol:
         if self.tunnel is not None:
             return None
         self._client_eof = True
+        current = self._current
+        if (
+            current is not None
+            and not self._in_head
+            and not current.body.complete
+            and not self.stopped_parsing
+        ):
+            # The body can never be completed: end the request now, as the client's fault,
+            # rather than leave the backend waiting for it until its read timeout.
+            self._reject(
+                400, "Bad Request", "the client ended its side before the request body was complete"
+            )
+            return True
         return True if (self.exchange is not None or self.queue) else None
 
     def pause_writing(self) -> None:
@@ -309,10 +322,14 @@ class DownstreamProtocol:
             self.transport.writelines(parts)
 
     def abort(self) -> None:
+        self.stopped_parsing = True
         if self.transport is not None:
             self.transport.abort()
 
     def close(self) -> None:
+        # Whatever else the client sent is not read: a request after an answer that closes
+        # the connection (a refusal, or Connection: close) must never reach a backend.
+        self.stopped_parsing = True
         if self.transport is not None:
             self.transport.close()
 
@@ -375,7 +392,7 @@ class DownstreamProtocol:
         """Feed one read to llhttp in pieces cut at message boundaries (see the module doc)."""
         size = len(data)
         pos = 0
-        while pos < size:
+        while pos < size and not self.stopped_parsing:  # stopped: closed by an answer
             mode = self._mode
             if mode == _BODY_LENGTH:
                 end = pos + min(self._body_left, size - pos)
@@ -471,12 +488,16 @@ class DownstreamProtocol:
         self._pause(_PAUSE_STOPPED)
         current = self._current
         request_id = current.request_id if current is not None else new_request_id()
+        payload = error_response(
+            status, reason, detail, request_id, close=True,
+            head_only=current is not None and current.method == b"HEAD",
+        )
+        self.plane.record_own_answer(current, request_id, self.client_ip, status, len(payload))
+        self.queue.append(_Rejection(payload))  # queued first: failing the body below may end
+        # the exchange at once, which then serves what is queued
         if current is not None and not self._in_head and not current.body.complete:
             # Broken in the middle of its body: whatever part went to a backend is abandoned.
             current.body.fail()
-        payload = error_response(status, reason, detail, request_id, close=True)
-        self.plane.record_own_answer(current, request_id, self.client_ip, status, len(payload))
-        self.queue.append(_Rejection(payload))
         self._ensure_serving()
 
     # -- llhttp callbacks ----------------------------------------------------------------------
@@ -495,8 +516,11 @@ class DownstreamProtocol:
         if lines is None:
             lines = head.split(b"\r\n")
         self._head = self._head_lines = None
+        line = lines[0]
+        method = usual_method(line)
+        request.method = method if method is not None else self.parser.get_method()
         head_bytes = read_request_fields(request, head, lines, self.limits)
-        target = self._read_request_line(request, lines[0])
+        target = self._read_request_line(request, line)
         self._read_framing(request, target)
         self._in_head = False
         if request.chunked:
@@ -522,14 +546,12 @@ class DownstreamProtocol:
         self._ensure_serving()
 
     def _read_request_line(self, request: Request, line: bytes) -> bytes:
-        """Method, version and keep-alive from a request line llhttp has accepted, and its
-        target. Read from the line itself: the parser's getters are generic method calls, and
-        its URL callback one more call and a bytes object per request."""
+        """Version and keep-alive from a request line llhttp has accepted, and its target
+        (the method is read first, so that any refusal knows a HEAD request). Read from the line
+        itself: the parser's getters are generic method calls, and its URL callback one more
+        call and a bytes object per request."""
         parser = self.parser
-        method = usual_method(line)
-        if method is None:
-            method = parser.get_method()
-        request.method = method
+        method = request.method
         if not line.endswith(b" HTTP/1.1"):
             version = parser.get_http_version()
             if version != "1.0":  # llhttp takes HTTP/0.9 and HTTP/2.0 request lines as well
@@ -641,11 +663,12 @@ class DownstreamProtocol:
         exchange.begin()
 
     def _answer_no_route(self, request: Request) -> None:
-        if not request.keep_alive or not request.body.complete:
+        if not request.keep_alive or not request.body.complete or request.upgrade is not None:
+            # after an upgrade offer the bytes that follow are not HTTP: nobody reads them
             request.close_connection = True
         response = error_response(
             404, "Not Found", "no route for this host and path", request.request_id,
-            close=request.close_connection,
+            close=request.close_connection, head_only=request.method == b"HEAD",
         )
         self.plane.record_own_answer(
             request, request.request_id, self.client_ip, 404, len(response)
@@ -692,6 +715,11 @@ class DownstreamProtocol:
     def _set_deadline(self, seconds: float, status: int) -> None:
         self.deadline = self.plane.clock + seconds
         self.deadline_status = status
+
+    def body_stalled(self) -> None:
+        """The backend has waited a read timeout for the rest of the request body: the
+        client stalled, not the backend (called by the attempt, which then counts no failure)."""
+        self._reject(408, "Request Timeout", "request body not received in time")
 
     def on_deadline(self) -> None:
         """Called by the sweeper when the client took too long (or idled too long)."""

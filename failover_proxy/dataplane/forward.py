@@ -371,6 +371,11 @@ class Attempt:
             self.seen_activity = self.activity
             self.last_activity = now
         elif now - self.last_activity >= self.read_timeout:
+            if not self.response_started and not self.request.body.complete:
+                # The backend is owed the rest of the body: the client stalled, not the
+                # backend. The refusal fails the body, which ends this attempt (abort_body).
+                self.downstream.body_stalled()
+                return
             self.conn.abort()
             self._finish(Outcome.TIMEOUT, f"backend sent nothing for {self.read_timeout:g}s")
 
@@ -646,8 +651,12 @@ class Exchange:
             return
         request = self.request
         written = attempt.head_sent and attempt.held_head is None
-        if outcome is Outcome.CLIENT_ERROR and not written:
-            self._end()  # the rejection queued behind this request answers the client
+        if outcome is Outcome.CLIENT_ERROR:
+            # The client broke or abandoned its own body: nothing to count against the backend.
+            if written:
+                request.close_connection = True  # the response is cut short
+                self.downstream.abort()
+            self._end()  # otherwise the rejection queued behind this request answers the client
             return
         if written:
             request.close_connection = True  # the response is cut short: the client must see it
@@ -842,6 +851,7 @@ class Exchange:
             proxy_headers=(
                 self.decision_header() if self.downstream.plane.debug_headers else None
             ),
+            head_only=request.method == b"HEAD",
         )
         self.bytes_out += len(response)
         self.downstream.write(response)

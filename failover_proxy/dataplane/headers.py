@@ -523,8 +523,11 @@ def error_response(
     close: bool = False,
     retry_after: int | None = None,
     proxy_headers: bytes | None = None,
+    head_only: bool = False,
 ) -> bytes:
-    """A short plain-text answer of the proxy's own: what failed and which request it was."""
+    """A short plain-text answer of the proxy's own: what failed and which request it was.
+    `head_only`: it answers a HEAD request, so the body is described but not sent (RFC 9110
+    §9.3.2); a client would read it as the start of the next response."""
     body = f"{status} {reason}: {detail} (request id {request_id.decode()})\n".encode()
     connection = b"close" if close else b"keep-alive"
     return (
@@ -533,6 +536,6 @@ def error_response(
         % (
             status, reason.encode(), len(body), request_id, connection,
             b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b"",
-            proxy_headers or b"", body,
+            proxy_headers or b"", b"" if head_only else body,
         )
     )
