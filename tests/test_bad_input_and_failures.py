@@ -322,3 +322,44 @@ async def test_stalled_request_body_gets_408_and_the_backend_is_not_blamed(
     assert b"request body not received in time" in raw
     b0 = server.topology.backend("web", "b0")
     assert b0 is not None and b0.consecutive_failures == 0
+
+
+async def test_backend_that_stops_reading_the_body_is_the_one_timed_out(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """The other side of the stalled-body rule: here the client is held back by the proxy
+    because the backend stopped reading, so the timeout is the backend's (504)."""
+    stopped = asyncio.Event()
+
+    async def never_reads_the_body(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        stopped.set()
+        await asyncio.sleep(10)
+
+    server = await proxy(
+        single_upstream_config(
+            [await raw_backend(never_reads_the_body)],
+            upstream_extra="    timeouts: {read: 500ms}\n    retry: {attempts: 1}\n",
+        )
+    )
+    size = 32 * 1024 * 1024
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+
+    async def send_body() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // 65536):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+
+    sending = asyncio.create_task(send_body())
+    try:
+        raw = await asyncio.wait_for(reader.read(), 5.0)
+    except ConnectionResetError:
+        raw = b""  # closed with the client's body unread: the kernel may reset (no lingering)
+    sending.cancel()
+    writer.close()
+    assert stopped.is_set()
+    assert raw == b"" or status_of(raw) == 504, raw[:200]
+    b0 = server.topology.backend("web", "b0")
+    assert b0 is not None and b0.consecutive_failures == 1  # the backend is blamed

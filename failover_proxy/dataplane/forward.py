@@ -371,9 +371,14 @@ class Attempt:
             self.seen_activity = self.activity
             self.last_activity = now
         elif now - self.last_activity >= self.read_timeout:
-            if not self.response_started and not self.request.body.complete:
-                # The backend is owed the rest of the body: the client stalled, not the
-                # backend. The refusal fails the body, which ends this attempt (abort_body).
+            if (
+                not self.response_started
+                and not self.request.body.complete
+                and not self.paused_client
+            ):
+                # The backend is owed the rest of the body and is not the one holding it up
+                # (paused_client: it stopped reading): the client stalled. The refusal fails
+                # the body, which ends this attempt (abort_body) with no failure counted.
                 self.downstream.body_stalled()
                 return
             self.conn.abort()
