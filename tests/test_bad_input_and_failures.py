@@ -36,6 +36,13 @@ def status_of(raw: bytes) -> int:
     return int(raw.split(b" ", 2)[1])
 
 
+def failures_counted(server: ProxyServer) -> int:
+    """The consecutive failures the proxy holds against the one backend `b0`."""
+    backend = server.topology.backend("web", "b0")
+    assert backend is not None
+    return backend.consecutive_failures
+
+
 @pytest.fixture
 async def counted(raw_backend: StartRaw, proxy: StartProxy) -> tuple[CountingBackend, ProxyServer]:
     backend = CountingBackend()
@@ -301,8 +308,7 @@ async def test_client_ending_its_side_mid_body_gets_400_and_the_backend_is_not_b
             writer.close()
             assert status_of(raw) == 400, raw
             assert b"before the request body was complete" in raw
-    b0 = server.topology.backend("web", "b0")
-    assert b0 is not None and b0.consecutive_failures == 0
+    assert failures_counted(server) == 0
 
 
 async def test_stalled_request_body_gets_408_and_the_backend_is_not_blamed(
@@ -320,8 +326,7 @@ async def test_stalled_request_body_gets_408_and_the_backend_is_not_blamed(
     writer.close()
     assert status_of(raw) == 408, raw
     assert b"request body not received in time" in raw
-    b0 = server.topology.backend("web", "b0")
-    assert b0 is not None and b0.consecutive_failures == 0
+    assert failures_counted(server) == 0
 
 
 async def test_backend_that_stops_reading_the_body_is_the_one_timed_out(
@@ -361,5 +366,4 @@ async def test_backend_that_stops_reading_the_body_is_the_one_timed_out(
     writer.close()
     assert stopped.is_set()
     assert raw == b"" or status_of(raw) == 504, raw[:200]
-    b0 = server.topology.backend("web", "b0")
-    assert b0 is not None and b0.consecutive_failures == 1  # the backend is blamed
+    assert failures_counted(server) == 1  # the backend is blamed

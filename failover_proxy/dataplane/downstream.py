@@ -493,8 +493,9 @@ class DownstreamProtocol:
             head_only=current is not None and current.method == b"HEAD",
         )
         self.plane.record_own_answer(current, request_id, self.client_ip, status, len(payload))
-        self.queue.append(_Rejection(payload))  # queued first: failing the body below may end
-        # the exchange at once, which then serves what is queued
+        # Queued first: failing the body below may end the exchange at once, which then serves
+        # what is queued.
+        self.queue.append(_Rejection(payload))
         if current is not None and not self._in_head and not current.body.complete:
             # Broken in the middle of its body: whatever part went to a backend is abandoned.
             current.body.fail()

@@ -656,18 +656,17 @@ class Exchange:
             return
         request = self.request
         written = attempt.head_sent and attempt.held_head is None
-        if outcome is Outcome.CLIENT_ERROR:
-            # The client broke or abandoned its own body: nothing to count against the backend.
-            if written:
-                request.close_connection = True  # the response is cut short
-                self.downstream.abort()
-            self._end()  # otherwise the rejection queued behind this request answers the client
-            return
+        # The client broke or abandoned its own body: nothing to count against the backend.
+        client_error = outcome is Outcome.CLIENT_ERROR
         if written:
             request.close_connection = True  # the response is cut short: the client must see it
             self.downstream.abort()
-            self.upstream.outlier.on_failure(backend, self.downstream.plane.clock, "reset")
+            if not client_error:
+                self.upstream.outlier.on_failure(backend, self.downstream.plane.clock, "reset")
             self._end()
+            return
+        if client_error:
+            self._end()  # the rejection queued behind this request answers the client
             return
         if (
             outcome is Outcome.RESET
