@@ -444,6 +444,12 @@ class LimitsConfig:
     header_timeout: Duration = 10.0
     """Time a client gets to send a whole request head (slowloris guard)."""
     keepalive_timeout: Duration = 75.0
+    lingering_timeout: Duration = 5.0
+    """Lingering close: how long a connection the proxy is closing waits for more of the
+    client's bytes (read and dropped) before it closes; 0 closes at once."""
+    lingering_time: Duration = 30.0
+    """Lingering close: the longest a closing connection keeps reading a client that goes on
+    sending."""
 
 
 def is_loopback(host: str) -> bool:

@@ -175,6 +175,8 @@ class ClientLimits:
     def __init__(self, config: LimitsConfig) -> None:
         self.header_timeout: float = config.header_timeout
         self.keepalive_timeout: float = config.keepalive_timeout
+        self.lingering_timeout: float = config.lingering_timeout
+        self.lingering_time: float = config.lingering_time
         self.max_url_bytes: int = config.max_url_bytes
         self.max_header_bytes: int = config.max_header_bytes
         self.max_headers: int = config.max_headers
@@ -245,6 +247,8 @@ class DownstreamProtocol:
         self._piece_at = 0
         self._upgrade_buffer: list[bytes] = []
         self._client_eof = False
+        self.lingering_until = 0.0
+        """While closing with a lingering close, the latest time to close at; else 0."""
 
     @property
     def draining(self) -> bool:
@@ -279,8 +283,8 @@ class DownstreamProtocol:
     def eof_received(self) -> bool | None:
         # A client that half-closes after its request still gets the answer; keep our side open
         # while a request is in progress, otherwise close.
-        if self.tunnel is not None:
-            return None
+        if self.tunnel is not None or self.lingering_until:
+            return None  # a lingering close ends here: the client has stopped sending
         self._client_eof = True
         current = self._current
         if (
@@ -314,11 +318,11 @@ class DownstreamProtocol:
     # -- writing -------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.lingering_until:
             self.transport.write(data)
 
     def writelines(self, parts: tuple[bytes, ...]) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.lingering_until:
             self.transport.writelines(parts)
 
     def abort(self) -> None:
@@ -327,8 +331,32 @@ class DownstreamProtocol:
             self.transport.abort()
 
     def close(self) -> None:
-        # Whatever else the client sent is not read: a request after an answer that closes
-        # the connection (a refusal, or Connection: close) must never reach a backend.
+        """End the connection after what has been written, as the proxy's own decision.
+
+        Whatever else the client sent is not parsed: a request after an answer that closes the
+        connection (a refusal, or Connection: close) must never reach a backend. But it is
+        read: closing a socket with unread bytes makes the kernel send a reset, and a client
+        still sending a body the proxy refused would then lose the answer before reading it.
+        So, like nginx's lingering close, the proxy ends its side (the client reads the answer,
+        then the end), drops what still arrives, and closes once the client ends its side too,
+        is quiet for `lingering_timeout`, or has gone on for `lingering_time`."""
+        self.stopped_parsing = True
+        transport = self.transport
+        if transport is None or self.closed or self.lingering_until or transport.is_closing():
+            return  # closed, aborted, or lingering already
+        limits = self.limits
+        if self._client_eof or limits.lingering_timeout <= 0 or not transport.can_write_eof():
+            transport.close()
+            return
+        self.lingering_until = self.plane.clock + limits.lingering_time
+        self._set_deadline(min(limits.lingering_timeout, limits.lingering_time), 0)
+        transport.write_eof()
+        if self._pause_reasons:
+            self._pause_reasons = 0
+            transport.resume_reading()
+
+    def close_now(self) -> None:
+        """End the connection without a lingering close: the client is idle or overdue."""
         self.stopped_parsing = True
         if self.transport is not None:
             self.transport.close()
@@ -364,7 +392,11 @@ class DownstreamProtocol:
             self.tunnel.from_client(data)
             return
         if self.stopped_parsing:
-            if self._pause_reasons & _PAUSE_UPGRADING:
+            if self.lingering_until:  # dropped; the client is still sending, so wait on
+                self.deadline = min(
+                    self.plane.clock + self.limits.lingering_timeout, self.lingering_until
+                )
+            elif self._pause_reasons & _PAUSE_UPGRADING:
                 self._upgrade_buffer.append(data)
             return
         try:
@@ -492,7 +524,11 @@ class DownstreamProtocol:
             status, reason, detail, request_id, close=True,
             head_only=current is not None and current.method == b"HEAD",
         )
-        self.plane.record_own_answer(current, request_id, self.client_ip, status, len(payload))
+        exchange = self.exchange
+        if exchange is not None and exchange.request is current:
+            exchange.refusal = status  # it records the request, once, with this status
+        else:
+            self.plane.record_own_answer(current, request_id, self.client_ip, status, len(payload))
         # Queued first: failing the body below may end the exchange at once, which then serves
         # what is queued.
         self.queue.append(_Rejection(payload))
@@ -723,8 +759,12 @@ class DownstreamProtocol:
         self._reject(408, "Request Timeout", "request body not received in time")
 
     def on_deadline(self) -> None:
-        """Called by the sweeper when the client took too long (or idled too long)."""
+        """Called by the sweeper when the client took too long (or idled too long, or a
+        lingering close has waited long enough)."""
         self.deadline = 0.0
+        if self.lingering_until:
+            self.close_now()
+            return
         if self.exchange is not None or self.tunnel is not None:
             return
         if self.deadline_status == 408 and self._current is not None and self._in_head:
@@ -734,4 +774,4 @@ class DownstreamProtocol:
                     self._current.request_id, close=True,
                 )
             )
-        self.close()
+        self.close_now()

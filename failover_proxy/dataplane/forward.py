@@ -476,6 +476,7 @@ class Exchange:
         "per_try_timeout",
         "read_timeout",
         "reason",
+        "refusal",
         "request",
         "retried_stale",
         "retrying",
@@ -495,6 +496,9 @@ class Exchange:
         self.route = route
         self.upstream = upstream = route.upstream
         self.status = 0
+        self.refusal = 0
+        """The status of the proxy's refusal of this request's body (400, 408, 413): when no
+        response went out yet, that refusal is the client's answer, and the status recorded."""
         self.bytes_out = 0
         self.ended = 0.0
         self.attempt: Attempt | None = None
@@ -580,7 +584,7 @@ class Exchange:
 
     def _next_connection(self) -> None:
         if self.request.body.failed:
-            self._end()  # the rejection queued behind this request answers the client
+            self._end_refused()
             return
         backend = self.backend
         assert backend is not None
@@ -617,7 +621,7 @@ class Exchange:
         assert backend is not None
         if self.request.body.failed:  # broken by the client while we connected
             backend.pool.release(conn, self.downstream.plane.clock)
-            self._end()
+            self._end_refused()
             return
         attempt = Attempt(self, conn, reused, backend)
         self.attempt = attempt
@@ -666,7 +670,7 @@ class Exchange:
             self._end()
             return
         if client_error:
-            self._end()  # the rejection queued behind this request answers the client
+            self._end_refused()
             return
         if (
             outcome is Outcome.RESET
@@ -843,6 +847,9 @@ class Exchange:
         self.connecting = None
         if self.finished:
             return
+        if request.body.failed:  # the client broke its body meanwhile: its refusal answers
+            self._end_refused()
+            return
         close = request.close_connection or not request.body.complete or not request.keep_alive
         if close:
             request.close_connection = True
@@ -871,11 +878,15 @@ class Exchange:
         self._record(self.status)
         self.downstream.exchange_done(self)
 
+    def _end_refused(self) -> None:
+        """End with no response sent: the client broke its own body, and the refusal queued
+        behind this exchange answers it. Recorded here, once, with that refusal's status."""
+        self.status = self.refusal or 400
+        self._end()
+
     def _record(self, status: int) -> None:
         """Count the finished request (status class, duration) and write its access log line."""
         seconds = (self.ended or perf_counter()) - self.began
-        if status < 100:
-            status = 400  # the client broke its own request; the queued rejection answers it
         backend = self.backend
         counts = self.route.counts.get(backend)
         if counts is None:

@@ -116,7 +116,7 @@ class DataPlane:
         """Close client connections that have no request in progress (for shutdown)."""
         for connection in list(self.connections):
             if connection.exchange is None and connection.tunnel is None:
-                connection.close()
+                connection.close_now()
 
     @property
     def busy_connections(self) -> int:
