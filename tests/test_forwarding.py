@@ -8,6 +8,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from failover_proxy.server import ProxyServer
 
 from .conftest import (
     RawHandler,
+    backend_entry,
     raw_request,
     read_one_response,
     read_request_head,
@@ -139,6 +141,7 @@ async def test_heads_are_exact_on_the_usual_path_and_the_general_one(
         )
         assert match, response
         request_id = match.group(1)
+        assert request_id == b"mine-1" if own_id else request_id != b"mine-1"
         line = request.split(b"\r\n", 1)[0]
         id_line = b"" if own_id else b"X-Request-Id: %s\r\n" % request_id
         assert seen[-1] == (
@@ -151,20 +154,43 @@ async def test_heads_are_exact_on_the_usual_path_and_the_general_one(
 
 
 async def test_request_id_kept_when_present_and_returned(
-    aiohttp_backend: StartApp, proxy: StartProxy
+    aiohttp_backend: StartApp, proxy: StartProxy, tmp_path: Path
 ) -> None:
+    """A client's own X-Request-Id is the request's id everywhere: the backend gets it, the
+    client gets it back, and the proxy's access log and its own answers name it. One that is
+    no short printable token is forwarded as it came, but the proxy names the request by an id
+    of its own."""
     port = await aiohttp_backend(echo_app())
-    server = await proxy(single_upstream_config([port]))
+    log_file = tmp_path / "access.log"
+    server = await proxy(
+        f"listen: {{host: 127.0.0.1, port: 0}}\naccess_log: {{path: '{log_file}'}}\n"
+        f"upstreams:\n  web:\n    backends:\n{backend_entry('b0', port)}"
+        "routes:\n  - {host: shop.test, path_prefix: /, upstream: web}\n"
+    )
+    odd = "x" * 200
     async with client(server) as http:
-        given = await http.get("/", headers={"X-Request-Id": "abc-123"})
+        shop = {"Host": "shop.test"}
+        given = await http.get("/", headers={**shop, "X-Request-Id": "abc-123"})
         seen = dict((k.lower(), v) for k, v in given.json()["headers"])
         assert seen["x-request-id"] == "abc-123"
-        fresh = await http.get("/")
+        assert given.headers["x-request-id"] == "abc-123"
+        unrouted = await http.get("/", headers={"Host": "other.test", "X-Request-Id": "abc-456"})
+        assert unrouted.status_code == 404
+        assert unrouted.headers["x-request-id"] == "abc-456" and "abc-456" in unrouted.text
+        too_long = await http.get("/", headers={**shop, "X-Request-Id": odd})
+        seen = dict((k.lower(), v) for k, v in too_long.json()["headers"])
+        assert seen["x-request-id"] == odd
+        own_id = too_long.headers["x-request-id"]
+        assert own_id != odd
+        fresh = await http.get("/", headers=shop)
         assert fresh.headers["x-request-id"]
         assert fresh.headers["x-request-id"] == dict(
             (k.lower(), v) for k, v in fresh.json()["headers"]
         )["x-request-id"]
         assert fresh.headers["via"] == "1.1 failover-proxy"
+    await asyncio.sleep(0.5)  # the sweep hands lines to the writer thread
+    logged = [json.loads(line)["request_id"] for line in log_file.read_text().splitlines()]
+    assert logged == ["abc-123", "abc-456", own_id, fresh.headers["x-request-id"]]
 
 
 async def test_host_header_preserve_and_base_path(

@@ -47,6 +47,7 @@ from .headers import (
     join_values,
     locate_head,
     new_request_id,
+    usable_request_id,
 )
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
@@ -152,6 +153,10 @@ def read_request_fields(
         count += 1
         kind, colon = field_line_kind(line)
         if kind == X_REQUEST_ID:
+            if not request.has_request_id:  # the first one names the request, when usable
+                value = field_value_at(line, colon)
+                if usable_request_id(value):
+                    request.request_id = value
             request.has_request_id = True  # forwarded as it came; the proxy adds none
         elif kind != PASS:
             if run < pos:

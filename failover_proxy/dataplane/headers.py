@@ -145,6 +145,16 @@ def new_request_id() -> bytes:
     return _REQUEST_IDS.next()
 
 
+MAX_CLIENT_REQUEST_ID: Final = 128
+
+
+def usable_request_id(value: bytes) -> bool:
+    """Whether a client's own X-Request-Id can name its request in the proxy's log, answers and
+    response as well (so one id follows the request everywhere): a printable token of at most
+    MAX_CLIENT_REQUEST_ID bytes. Any other is forwarded as it came, but not adopted."""
+    return 0 < len(value) <= MAX_CLIENT_REQUEST_ID and all(0x21 <= byte <= 0x7E for byte in value)
+
+
 def connection_tokens(value: bytes) -> set[bytes]:
     """Lower-case option names listed in a Connection header."""
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
