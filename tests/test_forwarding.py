@@ -330,6 +330,58 @@ async def test_response_framings_reach_the_client_intact(
     writer.close()
 
 
+async def test_each_response_head_on_one_backend_connection_is_read_anew(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A backend connection reuses its last parsed head when the next one has the same bytes;
+    heads that repeat, grow by a field, differ by a digit, change framing, or come with an
+    informational one before them, one after another on one connection, each reach the client
+    as sent (one backend connection throughout)."""
+    base = b"HTTP/1.1 200 OK\r\nServer: raw\r\nContent-Length: 2\r\n"
+    answers = [
+        base + b"\r\nok",
+        base + b"\r\nok",
+        base + b"X-More: 1\r\n\r\nok",  # the last head plus a field
+        b"HTTP/1.1 200 OK\r\nServer: raw\r\nContent-Length: 20\r\n\r\n" + b"t" * 20,
+        base + b"\r\nok",
+        b"HTTP/1.1 201 Created\r\nServer: raw\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nServer: raw\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" + base + b"\r\nok",
+        base + b"Connection: close\r\n\r\nok",
+        base + b"\r\nok",
+    ]
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while answers:
+            await read_request_head(reader)
+            answer = answers.pop(0)
+            writer.write(answer)
+            await writer.drain()
+            if b"Connection: close" in answer:
+                return
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    got: list[tuple[bytes, bytes, bytes]] = []
+    for _ in range(len(answers)):
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await asyncio.wait_for(read_one_response(reader), 5)
+        head, body = response.split(b"\r\n\r\n", 1)
+        more = b"X-More: 1" if b"\r\nX-More: 1\r\n" in head else b""
+        got.append((head.split(b"\r\n", 1)[0], more, body))
+    writer.close()
+    ok = (b"HTTP/1.1 200 OK", b"", b"ok")
+    assert got == [
+        ok, ok, (b"HTTP/1.1 200 OK", b"X-More: 1", b"ok"), (b"HTTP/1.1 200 OK", b"", b"t" * 20),
+        ok, (b"HTTP/1.1 201 Created", b"", b"ok"), (b"HTTP/1.1 200 OK", b"", b"2\r\nok\r\n0\r\n\r\n"),
+        ok, ok, ok,
+    ]
+    assert connections == 2  # the second after the backend's Connection: close
+
+
 async def test_backend_connection_kept_after_head_response_without_length(
     raw_backend: StartRaw, proxy: StartProxy
 ) -> None:

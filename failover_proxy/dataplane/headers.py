@@ -312,9 +312,36 @@ class ResponseHead:
     has_request_id = False
     size = -1
     """The head's length up to and including its blank line; -1 when the lines hold none."""
+    raw = b""
+    """The head's bytes up to and including its blank line (read_response_head)."""
+    status = 0
+    keeps_alive = False
+    """Whether the backend keeps the connection open after this response."""
+    block: bytes | None = None
+    """The forwarded lines as one block (forwarded_block), once built."""
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
+
+
+def read_response_head(buf: bytes, start: int) -> ResponseHead:
+    """The response head that begins at `start` in `buf`, which llhttp has found complete,
+    parsed and checked: where llhttp saw it end must be where its blank line is.
+
+    Nothing in a parsed head changes after this, so a connection may hand the same one out again
+    for a later response whose head has the same bytes (UpstreamConnection.on_headers_complete):
+    a backend answers one kind of request with heads that differ at most once a second (Date).
+    """
+    head, lines = split_response_head(buf, start)
+    if len(head) < 14 or not head.startswith(b"HTTP/"):  # startswith: a native call
+        raise ValueError("response head not found where the parser saw it")
+    parsed = parse_response_head(head, lines)
+    if parsed.size < 0 or parsed.size > len(buf) - start:
+        raise ValueError("response head not found where the parser saw it")
+    parsed.raw = head[: parsed.size]
+    parsed.status = response_status(head)
+    parsed.keeps_alive = response_keeps_alive(head, parsed.connection)
+    return parsed
 
 
 def parse_response_head(head: bytes, lines: list[bytes]) -> ResponseHead:
@@ -489,7 +516,9 @@ def build_response_head(
     status_line = _STATUS_LINES.get(status)
     if status_line is None:
         status_line = b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))
-    block = forwarded_block(head.lines, head.connection)
+    block = head.block
+    if block is None:
+        block = head.block = forwarded_block(head.lines, head.connection)
     content_length = None if head.chunked else head.content_length
     if (
         keep_alive and not client_http10 and upgrade is None and proxy_headers is None

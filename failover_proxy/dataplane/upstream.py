@@ -16,13 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .headers import (
-    MAX_RESPONSE_HEAD,
-    parse_response_head,
-    response_keeps_alive,
-    response_status,
-    split_response_head,
-)
+from .headers import MAX_RESPONSE_HEAD, ResponseHead, read_response_head
 
 if TYPE_CHECKING:
     # The owner is typed as the one class that owns connections, not as a Protocol: mypyc then
@@ -65,6 +59,8 @@ class UpstreamConnection:
         self._head_only_done = False
         self._status = 0
         """The status of the response being received."""
+        self._last_head: ResponseHead | None = None
+        """The last response head parsed here: the next one, when its bytes are the same."""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -182,21 +178,22 @@ class UpstreamConnection:
         self._head_open = False
         buf = self._head_buf
         start = self._head_at
-        head, lines = split_response_head(buf, start)
-        if len(head) < 14 or not head.startswith(b"HTTP/"):  # startswith: a native call
-            raise ValueError("response head not found where the parser saw it")
-        parsed = parse_response_head(head, lines)
-        if parsed.size < 0 or parsed.size > len(buf) - start:
-            raise ValueError("response head not found where the parser saw it")
+        last = self._last_head
+        # The same bytes as the last head: its only blank line is its end, so the head here ends
+        # where it did (startswith: a native memory compare, no split, no parse).
+        if last is not None and start == 0 and buf.startswith(last.raw):
+            parsed = last
+        else:
+            parsed = self._last_head = read_response_head(buf, start)
         self._head_at = start + parsed.size  # a final response may follow an informational one
-        self._status = status = response_status(head)
+        self._status = status = parsed.status
         if 100 <= status < 200 and status != 101:
             self._informational = True  # 100 Continue, 103 Early Hints: not forwarded
             return
         owner = self.owner
         if owner is None:
             return
-        owner.on_head(status, parsed, response_keeps_alive(head, parsed.connection))
+        owner.on_head(status, parsed, parsed.keeps_alive)
         if owner.head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
             # response. Until this read is parsed, events come from the old parser: body bytes
