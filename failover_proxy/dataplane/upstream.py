@@ -165,7 +165,7 @@ class UpstreamConnection:
 
     # -- llhttp callbacks ----------------------------------------------------------------------
 
-    # No on_header: the head is read whole from the raw bytes (parse_response_head), which
+    # No on_header: the head is read whole from the raw bytes (read_response_head), which
     # saves a Python call per field; trailers are validated by llhttp and dropped.
 
     def on_message_begin(self) -> None:
