@@ -328,7 +328,8 @@ def read_response_head(buf: bytes, start: int) -> ResponseHead:
     """The response head that begins at `start` in `buf`, which llhttp has found complete,
     parsed and checked: where llhttp saw it end must be where its blank line is.
 
-    Nothing in a parsed head changes after this, so a connection may hand the same one out again
+    Nothing in a parsed head changes after this (but for `block`, built once from its own lines
+    when first needed), so a connection may hand the same one out again
     for a later response whose head has the same bytes (UpstreamConnection.on_headers_complete):
     a backend answers one kind of request with heads that differ at most once a second (Date).
     """
