@@ -393,7 +393,8 @@ class Attempt:
             counter = ATTEMPT_HTTP_5XX if self.status >= 500 else ATTEMPT_OK
         else:
             counter = _OUTCOME_COUNTER[outcome]
-        self.backend.attempt_counts[counter] += 1
+        counts = self.backend.attempt_counts
+        counts[counter] = counts[counter] + 1  # `+=` on an item is a generic call in mypyc
         if self.per_try_timer is not None:
             self.per_try_timer.cancel()
             self.per_try_timer = None
@@ -891,10 +892,13 @@ class Exchange:
         counts = self.route.counts.get(backend)
         if counts is None:
             counts = self.route.counts_for(backend)
-        counts[status // 100 - 1] += 1
+        # `x[i] = x[i] + n`, not `x[i] += n`: mypyc compiles an item's `+=` to a generic call
+        index = status // 100 - 1
+        counts[index] = counts[index] + 1
         slots = backend.durations if backend is not None else self.upstream.unanswered_durations
-        slots[duration_slot(seconds)] += 1
-        slots[-1] += seconds
+        slot = duration_slot(seconds)
+        slots[slot] = slots[slot] + 1.0
+        slots[-1] = slots[-1] + seconds
         log = self.downstream.plane.access_log
         if log is not None:
             request = self.request
