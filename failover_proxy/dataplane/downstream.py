@@ -354,11 +354,16 @@ class DownstreamProtocol:
             transport.close()
             return
         self.lingering_until = self.plane.clock + limits.lingering_time
-        self._set_deadline(min(limits.lingering_timeout, limits.lingering_time), 0)
+        self._linger_on()
         transport.write_eof()
         if self._pause_reasons:
             self._pause_reasons = 0
             transport.resume_reading()
+
+    def _linger_on(self) -> None:
+        """A lingering close waits `lingering_timeout` more for the client, to `lingering_until`
+        at the latest (on_deadline then closes)."""
+        self.deadline = min(self.plane.clock + self.limits.lingering_timeout, self.lingering_until)
 
     def close_now(self) -> None:
         """End the connection without a lingering close: the client is idle or overdue."""
@@ -398,9 +403,7 @@ class DownstreamProtocol:
             return
         if self.stopped_parsing:
             if self.lingering_until:  # dropped; the client is still sending, so wait on
-                self.deadline = min(
-                    self.plane.clock + self.limits.lingering_timeout, self.lingering_until
-                )
+                self._linger_on()
             elif self._pause_reasons & _PAUSE_UPGRADING:
                 self._upgrade_buffer.append(data)
             return

@@ -329,9 +329,9 @@ def read_response_head(buf: bytes, start: int) -> ResponseHead:
     parsed and checked: where llhttp saw it end must be where its blank line is.
 
     Nothing in a parsed head changes after this (but for `block`, built once from its own lines
-    when first needed), so a connection may hand the same one out again
-    for a later response whose head has the same bytes (UpstreamConnection.on_headers_complete):
-    a backend answers one kind of request with heads that differ at most once a second (Date).
+    when first needed), so a connection may hand the same one out again for a later response
+    whose head has the same bytes (UpstreamConnection.on_headers_complete): a backend answers
+    one kind of request with heads that differ at most once a second (Date).
     """
     head, lines = split_response_head(buf, start)
     if len(head) < 14 or not head.startswith(b"HTTP/"):  # startswith: a native call
