@@ -382,6 +382,109 @@ async def test_each_response_head_on_one_backend_connection_is_read_anew(
     assert connections == 2  # the second after the backend's Connection: close
 
 
+async def test_a_repeated_head_frames_its_body_however_the_reads_split_it(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A response whose head has the last one's bytes and a Content-Length is framed without
+    llhttp (UpstreamConnection._known_response). Its body split over reads, arriving after the
+    head alone, a head split over reads (llhttp's path), a HEAD answered with the same head,
+    and a second response the backend sends unasked after a body: each client gets exactly
+    its response, and the backend connection is given up only after the unasked bytes."""
+    head = b"HTTP/1.1 200 OK\r\nServer: raw\r\nContent-Length: 10\r\n\r\n"
+    unasked = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nX"
+    script: list[tuple[bytes, list[bytes], bytes]] = [  # (method, the reads, the body expected)
+        (b"GET", [head + b"0123456789"], b"0123456789"),  # read by llhttp, kept
+        (b"GET", [head + b"01234", b"56789"], b"0123456789"),
+        (b"GET", [head, b"0123", b"456789"], b"0123456789"),
+        (b"GET", [head[:20], head[20:] + b"9876543210"], b"9876543210"),
+        (b"HEAD", [head], b""),
+        (b"GET", [head + b"abcdefghij"], b"abcdefghij"),
+        (b"GET", [head + b"0123456789" + unasked], b"0123456789"),
+        (b"GET", [head + b"0123456789"], b"0123456789"),  # on a new connection
+    ]
+    reads = [pieces for _, pieces, _ in script]
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while reads:
+            await read_request_head(reader)
+            for piece in reads.pop(0):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.02)  # each piece in a read of its own
+
+    server = await proxy(single_upstream_config([await raw_backend(handler)]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for method, _, body in script:
+        writer.write(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await asyncio.wait_for(read_one_response(reader, method == b"HEAD"), 5)
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n"), response
+        assert b"\r\nContent-Length: 10\r\n" in response, response
+        assert response.endswith(b"\r\n\r\n" + body), (method, response)
+    writer.close()
+    assert connections == 2  # the second after the unasked response
+
+
+async def test_a_repeated_failure_head_read_without_the_parser_is_retried_elsewhere(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A failure status on a head framed without llhttp is what it is on one llhttp read: a
+    POST gets it (not retried, the connection kept), a GET on that kept connection is retried
+    on the other backend, and the connection that carried it is given up."""
+    failing = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\ndown"
+    seen: list[tuple[int, bytes]] = []  # (connection number, request line) at the failing one
+    connections = 0
+
+    async def down(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        while True:
+            request = await read_request_head(reader)
+            seen.append((number, request.split(b"\r\n", 1)[0]))
+            writer.write(failing)
+            await writer.drain()
+
+    async def up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nup")
+            await writer.drain()
+
+    backends = backend_entry("down", await raw_backend(down)) + backend_entry(
+        "up", await raw_backend(up)
+    )
+    server = await proxy(
+        "listen: {host: 127.0.0.1, port: 0}\n"
+        f"upstreams:\n  web:\n    backends:\n{backends}"
+        "    balancer: hash\n    hash_on: {header: X-Key}\n"
+        "    retry: {next_attempt: any}\n"
+        "    outlier: {consecutive_failures: 1000000}\n"
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+    async def send(method: bytes, key: int) -> tuple[bytes, bytes]:
+        writer.write(b"%s / HTTP/1.1\r\nHost: x\r\nX-Key: %d\r\nContent-Length: 0\r\n\r\n"
+                     % (method, key))
+        response = await asyncio.wait_for(read_one_response(reader), 5)
+        return response.split(b" ", 2)[1], response.rsplit(b"\r\n", 1)[1]
+
+    key = 0
+    while await send(b"POST", key) != (b"503", b"down"):  # a key that hashes to the failing one
+        key += 1
+        assert key < 64
+    got = [await send(method, key) for method in (b"POST", b"GET", b"POST")]
+    writer.close()
+    assert got == [(b"503", b"down"), (b"200", b"up"), (b"503", b"down")]
+    assert seen == [
+        (1, b"POST / HTTP/1.1"), (1, b"POST / HTTP/1.1"), (1, b"GET / HTTP/1.1"),
+        (2, b"POST / HTTP/1.1"),
+    ]
+
+
 async def test_backend_connection_kept_after_head_response_without_length(
     raw_backend: StartRaw, proxy: StartProxy
 ) -> None:

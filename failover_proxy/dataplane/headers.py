@@ -319,6 +319,11 @@ class ResponseHead:
     """Whether the backend keeps the connection open after this response."""
     block: bytes | None = None
     """The forwarded lines as one block (forwarded_block), once built."""
+    body_size = -1
+    """The body's length when Content-Length alone frames it and the connection stays open
+    after it (a final status with a body, kept alive); -1 otherwise. Such a message ends with
+    the parser back at a message's start, so a later response whose head has these bytes can be
+    framed without the parser (UpstreamConnection)."""
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
@@ -340,8 +345,18 @@ def read_response_head(buf: bytes, start: int) -> ResponseHead:
     if parsed.size < 0 or parsed.size > len(buf) - start:
         raise ValueError("response head not found where the parser saw it")
     parsed.raw = head[: parsed.size]
-    parsed.status = response_status(head)
-    parsed.keeps_alive = response_keeps_alive(head, parsed.connection)
+    parsed.status = status = response_status(head)
+    parsed.keeps_alive = keeps_alive = response_keeps_alive(head, parsed.connection)
+    length = parsed.content_length
+    if (
+        keeps_alive
+        and length is not None
+        and not parsed.chunked
+        and status >= 200
+        and status != 204
+        and status != 304
+    ):
+        parsed.body_size = decimal_value(length)
     return parsed
 
 

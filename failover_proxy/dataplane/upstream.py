@@ -1,8 +1,9 @@
 """Connections to backends and their keep-alive pools (plain TCP or TLS with SNI).
 
-An `UpstreamConnection` parses responses with llhttp and hands every event to the attempt that
-currently owns it; between requests it rests in its backend's `UpstreamPool`, newest first, and
-is closed after `idle_timeout` so that we, not the backend, end idle connections.
+An `UpstreamConnection` parses responses with llhttp (but frames itself a response whose head
+repeats the last one's bytes and has a Content-Length) and hands every event to the attempt
+that currently owns it; between requests it rests in its backend's `UpstreamPool`, newest
+first, and is closed after `idle_timeout` so that we, not the backend, end idle connections.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class UpstreamConnection:
         """The status of the response being received."""
         self._last_head: ResponseHead | None = None
         """The last response head parsed here: the next one, when its bytes are the same."""
+        self._in_message = False
+        """llhttp has begun a response it has not finished (it is not at a message's start)."""
+        self._body_left = 0
+        """Body bytes still to come of a response read without llhttp (_known_response)."""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -128,11 +133,77 @@ class UpstreamConnection:
         if self.tunnel is not None:
             self.tunnel.from_backend(data)
             return
-        if self.owner is None:
+        owner = self.owner
+        if owner is None:
             # Bytes nobody asked for on an idle connection: it can no longer be trusted.
             self.abort()
             return
         self.bytes_received += len(data)
+        if self._body_left:
+            data = self._known_body(owner, data)
+            if not data:
+                return
+        elif not self._in_message:
+            last = self._last_head
+            if (
+                last is not None
+                and last.body_size >= 0
+                and not owner.head_only
+                and data.startswith(last.raw)
+            ):
+                data = self._known_response(owner, last, data)
+                if not data:
+                    return
+        self._parse(data)
+
+    def _known_response(self, owner: Attempt, head: ResponseHead, data: bytes) -> bytes:
+        """A response whose head has the bytes of the last one parsed here, framed by
+        Content-Length and kept alive (`head.body_size`), read without llhttp: its events go to
+        the owner as llhttp would send them; what follows its body is returned for llhttp.
+
+        This is exact. llhttp is at a message's start and validated these head bytes from that
+        state, which made them end where they do and give this framing; a Content-Length body is
+        counted, not parsed; and a kept-alive message ends with llhttp at a message's start
+        again. Each read costs a native memory compare instead of llhttp's pass over the head,
+        four callbacks from it, and a head read: about a sixth of a small proxied request.
+        """
+        size = len(head.raw)
+        self._status = status = head.status
+        owner.on_head(status, head, True)
+        if self.owner is not owner:
+            return b""  # the attempt ended on the head (a failure status): the rest is dropped
+        end = size + head.body_size
+        if len(data) < end:
+            if len(data) > size:
+                owner.on_body(data[size:])
+            self._body_left = end - len(data)
+            return b""
+        if end > size:
+            owner.on_body(data[size:end])
+        if self.owner is owner:
+            owner.on_complete()
+        return data[end:]
+
+    def _known_body(self, owner: Attempt, data: bytes) -> bytes:
+        """More of the body of a response read without llhttp; what follows it is returned."""
+        left = self._body_left
+        if len(data) < left:
+            self._body_left = left - len(data)
+            owner.on_body(data)
+            return b""
+        self._body_left = 0
+        if len(data) == left:
+            owner.on_body(data)
+            rest = b""
+        else:
+            owner.on_body(data[:left])
+            rest = data[left:]
+        if self.owner is owner:
+            owner.on_complete()
+        return rest
+
+    def _parse(self, data: bytes) -> None:
+        """Feed llhttp, which calls the on_* methods below."""
         if self._head_open:
             self._head_buf += data  # the head began in an earlier read
         else:
@@ -173,6 +244,7 @@ class UpstreamConnection:
             # The backend sent a response after the one we asked for, in the same read.
             raise ValueError("unsolicited response")
         self._head_open = True
+        self._in_message = True
 
     def on_headers_complete(self) -> None:
         self._head_open = False
@@ -201,6 +273,7 @@ class UpstreamConnection:
             self.parser = httptools.HttpResponseParser(self)
             self._feed = self.parser.feed_data
             self._head_only_done = True
+            self._in_message = False
             owner.on_complete()
 
     def on_body(self, chunk: bytes) -> None:
@@ -212,6 +285,7 @@ class UpstreamConnection:
             owner.on_body(chunk)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._informational:
             self._informational = False
             return
