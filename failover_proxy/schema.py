@@ -450,6 +450,10 @@ class LimitsConfig:
     lingering_time: Duration = 30.0
     """Lingering close: the longest a closing connection keeps reading a client that goes on
     sending."""
+    send_timeout: Duration = 60.0
+    """Longest a client may leave what the proxy has for it untaken: the proxy's buffer for it
+    full (the backend meanwhile held back, and not blamed), or what is left when the connection
+    closes. Then the connection is dropped (nginx's send_timeout)."""
 
 
 def is_loopback(host: str) -> bool:

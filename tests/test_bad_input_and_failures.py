@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -472,3 +473,104 @@ async def test_backend_that_stops_reading_the_body_is_the_one_timed_out(
     assert stopped.is_set()
     assert status_of(raw) == 504, raw[:200]
     assert failures_counted(server) == 1  # the backend is blamed
+
+
+def download_backend(size: int) -> RawHandler:
+    """Answers every request with `size` body bytes, as fast as the proxy takes them."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            for _ in range(size // 65536):
+                writer.write(b"z" * 65536)
+                await writer.drain()
+
+    return handler
+
+
+async def test_a_client_that_stops_reading_holds_the_backend_back_without_blaming_it(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A client that stops reading a download pauses the backend (back-pressure). The backend,
+    silent only because the proxy stopped reading it, is not timed out: when the client reads
+    on, four read timeouts later, it gets the whole body, and no failure is counted."""
+    size = 16 * 1024 * 1024
+    server = await proxy(
+        single_upstream_config(
+            [await raw_backend(download_backend(size))],
+            upstream_extra="    timeouts: {read: 500ms}\n    retry: {attempts: 1}\n",
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=65536)
+    writer.write(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+    received = len(await reader.read(65536))
+    await asyncio.sleep(2.0)  # the proxy's buffer for this client fills, and the backend waits
+    while received < size:
+        chunk = await asyncio.wait_for(reader.read(1024 * 1024), 5.0)
+        assert chunk, f"cut off after {received} of {size} bytes"
+        received += len(chunk)
+    writer.close()
+    assert failures_counted(server) == 0
+
+
+async def test_a_client_that_reads_nothing_more_is_dropped_after_send_timeout(
+    raw_backend: StartRaw, proxy: StartProxy, tmp_path: Path
+) -> None:
+    """A client that never reads on is dropped once the proxy's buffer for it has stayed full
+    for `send_timeout` (nginx's send_timeout), whatever the backend's read timeout; the
+    request is recorded as the client's (499), and the backend is not blamed."""
+    log_file = tmp_path / "access.log"
+    server = await proxy(
+        single_upstream_config(
+            [await raw_backend(download_backend(64 * 1024 * 1024))],
+            upstream_extra="    timeouts: {read: 300ms}\n    retry: {attempts: 1}\n",
+            top_extra=f"limits: {{send_timeout: 1500ms}}\naccess_log: {{path: '{log_file}'}}\n",
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=65536)
+    writer.write(b"GET /download HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+    held = await until_gone(server, 5.0)  # reading nothing more from here on
+    writer.close()
+    assert 1.4 <= held <= 3.0, held
+    assert failures_counted(server) == 0
+    await asyncio.sleep(0.5)  # the sweep hands lines to the writer thread
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [(line["status"], line["backend"]) for line in lines] == [(499, "b0")]
+
+
+async def test_a_closing_connection_the_client_does_not_read_is_dropped_after_send_timeout(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A response that closes the connection, all of it in the proxy but not taken by a
+    client that reads nothing: the proxy waits `send_timeout` for the client to take the rest,
+    not for ever. (The client connection's transport is given a buffer larger than the
+    response, so the whole of it is in the proxy when the connection closes.)"""
+    size = 8 * 1024 * 1024  # more than the kernel buffers between the proxy and the client
+    server = await proxy(
+        single_upstream_config(
+            [await raw_backend(download_backend(size))],
+            top_extra="limits: {send_timeout: 1s, lingering_timeout: 200ms}\n",
+        )
+    )
+    assert server.plane is not None
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, ("127.0.0.1", server.port))
+    for _ in range(200):  # accepted in this loop, soon
+        if server.plane.connections:
+            break
+        await asyncio.sleep(0.01)
+    (connection,) = server.plane.connections
+    assert connection.transport is not None
+    connection.transport.set_write_buffer_limits(high=2 * size)
+    await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    try:
+        held = await until_gone(server, 5.0)  # the client reads nothing
+    finally:
+        client.close()
+    assert 1.0 <= held <= 3.0, held

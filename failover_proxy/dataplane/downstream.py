@@ -182,6 +182,7 @@ class ClientLimits:
         self.keepalive_timeout: float = config.keepalive_timeout
         self.lingering_timeout: float = config.lingering_timeout
         self.lingering_time: float = config.lingering_time
+        self.send_timeout: float = config.send_timeout
         self.max_url_bytes: int = config.max_url_bytes
         self.max_header_bytes: int = config.max_header_bytes
         self.max_headers: int = config.max_headers
@@ -254,6 +255,9 @@ class DownstreamProtocol:
         self._client_eof = False
         self.lingering_until = 0.0
         """While closing with a lingering close, the latest time to close at; else 0."""
+        self.write_stalled_until = 0.0
+        """While the transport's buffer for the client is full (pause_writing), when the client
+        must have taken enough of it to resume by; else 0 (see DataPlane.sweep)."""
 
     @property
     def draining(self) -> bool:
@@ -308,6 +312,7 @@ class DownstreamProtocol:
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_stalled_until = self.plane.clock + self.limits.send_timeout
         if self.tunnel is not None:
             self.tunnel.client_write_paused(True)
         elif self.exchange is not None and self.exchange.attempt is not None:
@@ -315,6 +320,7 @@ class DownstreamProtocol:
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.write_stalled_until = 0.0
         if self.tunnel is not None:
             self.tunnel.client_write_paused(False)
         elif self.exchange is not None and self.exchange.attempt is not None:
@@ -351,7 +357,7 @@ class DownstreamProtocol:
             return  # closed, aborted, or lingering already
         limits = self.limits
         if self._client_eof or limits.lingering_timeout <= 0 or not transport.can_write_eof():
-            transport.close()
+            self._close_transport(transport)
             return
         self.lingering_until = self.plane.clock + limits.lingering_time
         self._linger_on()
@@ -369,7 +375,19 @@ class DownstreamProtocol:
         """End the connection without a lingering close: the client is idle or overdue."""
         self.stopped_parsing = True
         if self.transport is not None:
-            self.transport.close()
+            self._close_transport(self.transport)
+
+    def _close_transport(self, transport: asyncio.Transport) -> None:
+        """Close once what is written has gone out, and no later than `send_timeout` from now:
+        a client that takes nothing would hold the socket for ever (on_deadline aborts it)."""
+        transport.close()
+        self._set_deadline(self.limits.send_timeout, 0)
+
+    def on_write_stalled(self) -> None:
+        """Called by the sweeper: the client has left its full buffer untaken `send_timeout`
+        long. Dropped as a client that went away (499); the backend is not blamed."""
+        self.write_stalled_until = 0.0
+        self.abort()
 
     # -- reading, with reasons to pause --------------------------------------------------------
 
@@ -770,6 +788,10 @@ class DownstreamProtocol:
         """Called by the sweeper when the client took too long (or idled too long, or a
         lingering close has waited long enough)."""
         self.deadline = 0.0
+        transport = self.transport
+        if transport is not None and transport.is_closing():
+            transport.abort()  # closed, and the client took nothing more in send_timeout
+            return
         if self.lingering_until:
             self.close_now()
             return

@@ -367,7 +367,9 @@ class Attempt:
                 self.flush_head()
             else:
                 self.head_swept = True
-        if self.activity != self.seen_activity:
+        if self.activity != self.seen_activity or self.downstream.write_paused:
+            # (write_paused: the client has not taken what the backend sent, and the backend
+            # waits on it; the client's own limit is send_timeout, DataPlane.sweep)
             self.seen_activity = self.activity
             self.last_activity = now
         elif now - self.last_activity >= self.read_timeout:

@@ -103,7 +103,10 @@ class DataPlane:
         if self.access_log is not None:
             self.access_log.flush()
         for connection in list(self.connections):
-            if connection.deadline and now >= connection.deadline:
+            stalled = connection.write_stalled_until
+            if stalled and now >= stalled:
+                connection.on_write_stalled()
+            elif connection.deadline and now >= connection.deadline:
                 connection.on_deadline()
             elif connection.exchange is not None:
                 connection.exchange.check_timeout(now)
