@@ -417,14 +417,17 @@ async def test_a_repeated_head_frames_its_body_however_the_reads_split_it(
 
     server = await proxy(single_upstream_config([await raw_backend(handler)]))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    ids = []
     for method, _, body in script:
         writer.write(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
         response = await asyncio.wait_for(read_one_response(reader, method == b"HEAD"), 5)
         assert response.startswith(b"HTTP/1.1 200 OK\r\n"), response
         assert b"\r\nContent-Length: 10\r\n" in response, response
         assert response.endswith(b"\r\n\r\n" + body), (method, response)
+        ids += re.findall(rb"\r\nX-Request-Id: ([^\r]+)\r\n", response)
     writer.close()
     assert connections == 2  # the second after the unasked response
+    assert len(set(ids)) == len(ids) == len(script)  # the client head, built once, has each's
 
 
 async def test_a_repeated_failure_head_read_without_the_parser_is_retried_elsewhere(

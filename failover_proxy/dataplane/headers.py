@@ -319,6 +319,10 @@ class ResponseHead:
     """Whether the backend keeps the connection open after this response."""
     block: bytes | None = None
     """The forwarded lines as one block (forwarded_block), once built."""
+    usual_start: bytes | None = None
+    usual_end = b""
+    """The usual client head for this response (build_response_head), once built: the bytes
+    before its request id and those after it."""
     body_size = -1
     """The body's length when Content-Length alone frames it and the connection stays open
     after it (a final status with a body, kept alive); -1 otherwise. Such a message ends with
@@ -333,9 +337,9 @@ def read_response_head(buf: bytes, start: int) -> ResponseHead:
     """The response head that begins at `start` in `buf`, which llhttp has found complete,
     parsed and checked: where llhttp saw it end must be where its blank line is.
 
-    Nothing in a parsed head changes after this (but for `block`, built once from its own lines
-    when first needed), so a connection may hand the same one out again for a later response
-    whose head has the same bytes (UpstreamConnection.on_headers_complete): a backend answers
+    Nothing in a parsed head changes after this (but for `block` and the usual client head,
+    built once from it when first needed), so a connection may hand the same one out again
+    for a later response whose head has the same bytes (UpstreamConnection): a backend answers
     one kind of request with heads that differ at most once a second (Date).
     """
     head, lines = split_response_head(buf, start)
@@ -515,6 +519,21 @@ _STATUS_LINES: Final = {
 }
 
 
+def _status_line(status: int) -> bytes:
+    status_line = _STATUS_LINES.get(status)
+    if status_line is None:
+        status_line = b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))
+    return status_line
+
+
+def _block(head: ResponseHead) -> bytes:
+    """The response's forwarded lines as one block, built once per head."""
+    block = head.block
+    if block is None:
+        block = head.block = forwarded_block(head.lines, head.connection)
+    return block
+
+
 def build_response_head(
     status: int,
     head: ResponseHead,
@@ -529,18 +548,28 @@ def build_response_head(
     """The response head sent to the client, with our own framing and connection headers
     (`proxy_headers`: complete header lines of the proxy's own to add). The reason phrase is the
     standard one (RFC 9112 §4: clients ignore it)."""
-    status_line = _STATUS_LINES.get(status)
-    if status_line is None:
-        status_line = b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))
-    block = head.block
-    if block is None:
-        block = head.block = forwarded_block(head.lines, head.connection)
     content_length = None if head.chunked else head.content_length
-    if (
+    usual = (
         keep_alive and not client_http10 and upgrade is None and proxy_headers is None
         and not head.has_request_id and head.via is None
-    ):
-        # The usual response: one format for the whole head.
+    )
+    if usual and not chunked and content_length is not None and status == head.status:
+        # The usual response, framed by its length: all but the request id is the same for
+        # every response with this head (a connection hands the same ResponseHead out again
+        # while the backend's heads repeat), so it is built once.
+        start = head.usual_start
+        if start is None:
+            start = head.usual_start = (
+                _status_line(status) + _block(head) + b"X-Request-Id: "
+            )
+            head.usual_end = b"\r\n%sContent-Length: %s\r\n\r\n" % (
+                _PLAIN_VIA_LINE, content_length
+            )
+        return b"%s%s%s" % (start, request_id, head.usual_end)
+    status_line = _status_line(status)
+    block = _block(head)
+    if usual:
+        # One format for the whole head.
         if chunked:
             framing = _CHUNKED_END
         elif content_length is not None:
