@@ -9,6 +9,7 @@ import pytest
 
 from failover_proxy.dataplane.headers import (
     PASS,
+    _RequestIds,
     decimal_value,
     field_line_kind,
     header_kind,
@@ -115,3 +116,17 @@ def test_field_line_kind_looks_no_further_than_the_name() -> None:
     assert field_line_kind(b"X-Note: Connection: close")[0] == PASS
     assert field_line_kind(b"Cookie-Jar: x")[0] == PASS  # as long as Connection, another name
     assert field_line_kind(b"Content-Lengths: 5")[0] == PASS
+
+
+def test_request_ids_count_on_in_decimal_across_each_thousand() -> None:
+    """Ids are the process prefix and a counter whose last three digits come from a table: in
+    order, unique, and the digits after the prefix are the counter itself."""
+    ids = _RequestIds()
+    made = [ids.next() for _ in range(2500)]
+    prefixes = {made_id[: made_id.index(b"-") + 1] for made_id in made}
+    assert len(prefixes) == 1 and len(set(made)) == len(made)
+    (prefix,) = prefixes
+    assert [int(made_id[len(prefix):]) for made_id in made] == list(range(1, 2501))
+    assert made[0] == prefix + b"0001" and made[998:1001] == [
+        prefix + b"0999", prefix + b"1000", prefix + b"1001"
+    ]
