@@ -124,6 +124,31 @@ async def test_slow_request_head_gets_408(counted: tuple[CountingBackend, ProxyS
     writer.close()
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"HEAD /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"HEAD / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
+        # past both limits together: refused from its size, before llhttp reads any of it
+        (b"HEAD / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431),
+        (b"HEAD / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+        (b"HEAD / HTTP/1.1\r\nHost: x\r\n", 408),  # and never the blank line
+    ],
+)
+async def test_a_head_request_refused_before_its_head_is_read_gets_no_body(
+    counted: tuple[CountingBackend, ProxyServer], request_bytes: bytes, status: int
+) -> None:
+    """An answer to HEAD has no body (RFC 9110 §9.3.2), even when the proxy refuses the request
+    before reading its head: the request is known as HEAD from its first bytes."""
+    _, server = counted
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes)
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert status_of(raw) == status, raw[:200]
+    assert raw.endswith(b"\r\n\r\n") and raw.count(b"\r\n\r\n") == 1, raw[-200:]
+
+
 async def test_connection_refused_is_502_naming_the_backend(proxy: StartProxy) -> None:
     server = await proxy(single_upstream_config([free_port()]))
     raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)

@@ -292,8 +292,8 @@ async def exchange(port: int, data: bytes) -> bytes:
 
 def statuses_of(raw: bytes, methods: list[bytes]) -> list[int]:
     """The statuses of the responses the proxy sent, each head checked by llhttp; `methods`:
-    those of the client's requests in order, b"" where the head was not complete (a response
-    to HEAD has no body, except after a head refused unread, as the connection then ends)."""
+    those of the client's requests in order, b"" where neither llhttp nor the request's first
+    bytes tell (a response to HEAD has no body, refusals included)."""
     statuses: list[int] = []
     pos = 0
     while pos < len(raw):
@@ -310,7 +310,7 @@ def statuses_of(raw: bytes, methods: list[bytes]) -> list[int]:
         assert length is not None, f"response without Content-Length {head!r}"
         answered = len(statuses)
         head_request = answered < len(methods) and methods[answered] == b"HEAD"
-        if not head_request or (status >= 400 and pos + int(length) == len(raw)):
+        if not head_request:
             pos += int(length)
         statuses.append(status)
     assert pos == len(raw), f"bytes after the last response {raw!r}"
@@ -352,7 +352,10 @@ async def test_generated_requests_reach_the_backend_exactly_as_llhttp_reads_them
         assert took < CASE_TIMEOUT, where
         expected = oracle.complete
         assert len(got) <= len(expected), where
-        statuses = statuses_of(raw, [message.method for message in oracle.messages])
+        methods = [message.method for message in oracle.messages]
+        if methods and not methods[0] and data.lstrip(b"\r\n").startswith(b"HEAD "):
+            methods[0] = b"HEAD"  # refused before llhttp read its method: known from its start
+        statuses = statuses_of(raw, methods)
         assert all(status == 200 or 400 <= status < 600 for status in statuses), where
         assert statuses.count(200) == len(got), where
         forwarded = iter(got)

@@ -67,6 +67,7 @@ _MAX_PIPELINED: Final = 16
 _SLASH: Final = ord("/")
 _QUERY_MARK: Final = ord("?")
 _CR: Final = ord("\r")
+_H: Final = ord("H")
 _LF: Final = ord("\n")
 
 # What the next bytes from the client are.
@@ -486,7 +487,9 @@ class DownstreamProtocol:
                 pos += 1  # llhttp skips empty lines before a request line; so do we
             if pos == size:
                 return -1
-            self._begin_request()
+            request = self._begin_request()
+            if data[pos] == _H and data[pos : pos + 5] == b"HEAD ":  # (a native index first)
+                request.method = b"HEAD"  # so a refusal before the head is read has no body
             head, lines, stop = locate_head(data, pos)  # the usual read: split whole, no find
             if stop < 0:
                 self._head_start = data[pos:] if pos else data
@@ -534,12 +537,13 @@ class DownstreamProtocol:
         elif start < end:
             self._feed(memoryview(data)[start:end])  # llhttp reads the buffer in place
 
-    def _begin_request(self) -> None:
-        self._current = Request(new_request_id())
+    def _begin_request(self) -> Request:
+        request = self._current = Request(new_request_id())
         self._in_head = True
         if self.exchange is None and not self.queue:
             self.deadline = self.plane.clock + self.limits.header_timeout
             self.deadline_status = 408
+        return request
 
     def _reject(self, status: int, reason: str, detail: str) -> None:
         self.stopped_parsing = True
@@ -797,11 +801,12 @@ class DownstreamProtocol:
             return
         if self.exchange is not None or self.tunnel is not None:
             return
-        if self.deadline_status == 408 and self._current is not None and self._in_head:
+        current = self._current
+        if self.deadline_status == 408 and current is not None and self._in_head:
             self.write(
                 error_response(
                     408, "Request Timeout", "request head not received in time",
-                    self._current.request_id, close=True,
+                    current.request_id, close=True, head_only=current.method == b"HEAD",
                 )
             )
         self.close_now()
