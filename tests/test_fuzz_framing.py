@@ -225,7 +225,7 @@ def generated_request(rng: random.Random) -> bytes:
 # -- the backend: llhttp as well, answering each complete request ------------------------------
 
 
-class RecordingBackend:
+class StrictBackend:
     """Parses what the proxy forwards with strict llhttp, answers each request 'ok'."""
 
     def __init__(self) -> None:
@@ -256,8 +256,8 @@ class RecordingBackend:
 
 
 @pytest.fixture
-async def fuzz_target(proxy: StartProxy) -> AsyncIterator[tuple[RecordingBackend, int, list[str]]]:
-    backend = RecordingBackend()
+async def fuzz_target(proxy: StartProxy) -> AsyncIterator[tuple[StrictBackend, int, list[str]]]:
+    backend = StrictBackend()
     server = await asyncio.start_server(backend, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     errors: list[str] = []
@@ -330,7 +330,7 @@ REQUEST_CASES = 1000
 
 
 async def test_generated_requests_reach_the_backend_exactly_as_llhttp_reads_them(
-    fuzz_target: tuple[RecordingBackend, int, list[str]],
+    fuzz_target: tuple[StrictBackend, int, list[str]],
 ) -> None:
     backend, port, errors = fuzz_target
     rng = random.Random(20261124)
