@@ -450,6 +450,10 @@ class LimitsConfig:
     lingering_time: Duration = 30.0
     """Lingering close: the longest a closing connection keeps reading a client that goes on
     sending."""
+    body_timeout: Duration = 60.0
+    """Longest a client may pause while sending a request body the backend is waiting for
+    (nginx's client_body_timeout): then 408, and the backend is not blamed. The backend's read
+    and per-try timeouts start once the body is sent."""
     send_timeout: Duration = 60.0
     """Longest a client may leave what the proxy has for it untaken: the proxy's buffer for it
     full (the backend meanwhile held back, and not blamed), or what is left when the connection

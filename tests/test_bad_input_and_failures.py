@@ -14,7 +14,14 @@ import pytest
 from failover_proxy.faults import read_request_body
 from failover_proxy.server import ProxyServer
 
-from .conftest import RawHandler, free_port, raw_request, read_request_head, single_upstream_config
+from .conftest import (
+    RawHandler,
+    free_port,
+    raw_request,
+    read_one_response,
+    read_request_head,
+    single_upstream_config,
+)
 
 StartRaw = Callable[[RawHandler], Awaitable[int]]
 StartProxy = Callable[[str], Awaitable[ProxyServer]]
@@ -451,7 +458,9 @@ async def test_stalled_request_body_gets_408_and_the_backend_is_not_blamed(
     backend = CountingBackend()
     server = await proxy(
         single_upstream_config(
-            [await raw_backend(backend)], upstream_extra="    timeouts: {read: 500ms}\n"
+            [await raw_backend(backend)],
+            upstream_extra="    timeouts: {read: 5s}\n",
+            top_extra="limits: {body_timeout: 500ms}\n",
         )
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -460,6 +469,33 @@ async def test_stalled_request_body_gets_408_and_the_backend_is_not_blamed(
     writer.close()
     assert status_of(raw) == 408, raw
     assert b"request body not received in time" in raw
+    assert failures_counted(server) == 0
+
+
+async def test_a_slow_upload_is_not_a_slow_backend(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A client that sends its body in pieces, each pause longer than the backend's read and
+    per-try timeouts but within `body_timeout`: the backend, waiting for the body, is not timed
+    out (those timeouts start once the body is sent), and the request succeeds first time."""
+    backend = CountingBackend()
+    server = await proxy(
+        single_upstream_config(
+            [await raw_backend(backend)],
+            upstream_extra="    timeouts: {read: 300ms}\n"
+            "    retry: {attempts: 2, per_try_timeout: 300ms}\n",
+            top_extra="limits: {body_timeout: 3s}\n",
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n")
+    for piece in (b"a" * 10, b"b" * 10, b"c" * 10):
+        await asyncio.sleep(0.7)
+        writer.write(piece)
+    raw = await asyncio.wait_for(read_one_response(reader), 3.0)
+    writer.close()
+    assert status_of(raw) == 200, raw
+    assert len(backend.heads) == 1  # not retried
     assert failures_counted(server) == 0
 
 

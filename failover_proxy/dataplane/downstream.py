@@ -184,6 +184,7 @@ class ClientLimits:
         self.lingering_timeout: float = config.lingering_timeout
         self.lingering_time: float = config.lingering_time
         self.send_timeout: float = config.send_timeout
+        self.body_timeout: float = config.body_timeout
         self.max_url_bytes: int = config.max_url_bytes
         self.max_header_bytes: int = config.max_header_bytes
         self.max_headers: int = config.max_headers
@@ -784,8 +785,8 @@ class DownstreamProtocol:
         self.deadline_status = status
 
     def body_stalled(self) -> None:
-        """The backend has waited a read timeout for the rest of the request body: the
-        client stalled, not the backend (called by the attempt, which then counts no failure)."""
+        """The backend has waited `body_timeout` for the rest of the request body: the client
+        stalled, not the backend (called by the attempt, which then counts no failure)."""
         self._reject(408, "Request Timeout", "request body not received in time")
 
     def on_deadline(self) -> None:

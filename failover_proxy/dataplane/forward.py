@@ -148,9 +148,20 @@ class Attempt:
             return
         if self.downstream.write_paused:
             conn.pause_reading(True)
+        if request.body.complete:
+            self._arm_per_try()  # else once the body is sent (end_body)
+
+    def _arm_per_try(self) -> None:
+        """Start an explicit per-try timeout, kept exactly with a timer (the sweep is coarse).
+        It starts once the whole request is sent: a client slow to send its body is not the
+        backend's delay (Envoy starts its timeouts at the end of the request too)."""
         per_try = self.exchange.per_try_timeout
-        if per_try is not None and not self.done:
-            # An explicit per-try timeout is kept exactly, with a timer (the sweep is coarse).
+        if (
+            per_try is not None
+            and self.per_try_timer is None
+            and not self.done
+            and not self.response_started
+        ):
             self.per_try_timer = self.downstream.loop.call_later(per_try, self._per_try_expired)
 
     def _per_try_expired(self) -> None:
@@ -177,6 +188,7 @@ class Attempt:
         transport = self.conn.transport
         if self.request.chunked and transport is not None and not self.conn.closed:
             transport.write(_LAST_CHUNK)
+        self._arm_per_try()
 
     def abort_body(self) -> None:
         self.conn.abort()
@@ -372,17 +384,17 @@ class Attempt:
             # waits on it; the client's own limit is send_timeout, DataPlane.sweep)
             self.seen_activity = self.activity
             self.last_activity = now
-        elif now - self.last_activity >= self.read_timeout:
-            if (
-                not self.response_started
-                and not self.request.body.complete
-                and not self.paused_client
-            ):
-                # The backend is owed the rest of the body and is not the one holding it up
-                # (paused_client: it stopped reading): the client stalled. The refusal fails
-                # the body, which ends this attempt (abort_body) with no failure counted.
+        elif (
+            not self.response_started
+            and not self.request.body.complete
+            and not self.paused_client
+        ):
+            # The backend is owed the rest of the body and is not the one holding it up
+            # (paused_client: it stopped reading): the client's own limit applies. Its refusal
+            # fails the body, which ends this attempt (abort_body) with no failure counted.
+            if now - self.last_activity >= self.downstream.limits.body_timeout:
                 self.downstream.body_stalled()
-                return
+        elif now - self.last_activity >= self.read_timeout:
             self.conn.abort()
             self._finish(Outcome.TIMEOUT, f"backend sent nothing for {self.read_timeout:g}s")
 
