@@ -140,7 +140,7 @@ class UpstreamConnection:
             return
         self.bytes_received += len(data)
         if self._body_left:
-            data = self._known_body(owner, data)
+            data = self._known_body(owner, data, 0)
             if not data:
                 return
         elif not self._in_message:
@@ -167,40 +167,30 @@ class UpstreamConnection:
         again. Each read costs a native memory compare instead of llhttp's pass over the head,
         four callbacks from it, and a head read: about a sixth of a small proxied request.
         """
-        size = len(head.raw)
         self._status = status = head.status
         owner.on_head(status, head, True)
         if self.owner is not owner:
             return b""  # the attempt ended on the head (a failure status): the rest is dropped
-        end = size + head.body_size
-        if len(data) < end:
-            if len(data) > size:
-                owner.on_body(data[size:])
-            self._body_left = end - len(data)
+        self._body_left = head.body_size
+        return self._known_body(owner, data, len(head.raw))
+
+    def _known_body(self, owner: Attempt, data: bytes, start: int) -> bytes:
+        """The body bytes from `start` in `data` of a response read without llhttp, whose
+        `_body_left` bytes are still to come: handed to the owner, which is told when the body is
+        complete; what follows the body is returned for llhttp."""
+        end = start + self._body_left
+        size = len(data)
+        if size < end:
+            self._body_left = end - size
+            if size > start:
+                owner.on_body(data[start:] if start else data)
             return b""
-        if end > size:
-            owner.on_body(data[size:end])
+        self._body_left = 0
+        if end > start:
+            owner.on_body(data if start == 0 and end == size else data[start:end])
         if self.owner is owner:
             owner.on_complete()
         return data[end:]
-
-    def _known_body(self, owner: Attempt, data: bytes) -> bytes:
-        """More of the body of a response read without llhttp; what follows it is returned."""
-        left = self._body_left
-        if len(data) < left:
-            self._body_left = left - len(data)
-            owner.on_body(data)
-            return b""
-        self._body_left = 0
-        if len(data) == left:
-            owner.on_body(data)
-            rest = b""
-        else:
-            owner.on_body(data[:left])
-            rest = data[left:]
-        if self.owner is owner:
-            owner.on_complete()
-        return rest
 
     def _parse(self, data: bytes) -> None:
         """Feed llhttp, which calls the on_* methods below."""
