@@ -135,7 +135,8 @@ class Attempt:
         self.last_activity = downstream.plane.clock
 
     def start(self, head: bytes) -> None:
-        """Send the request head, hand the body over, and arm the read timeout."""
+        """Send the request head and hand the body over; an explicit per-try timeout starts
+        once the whole request is sent (_arm_per_try)."""
         conn = self.conn
         conn.owner = self
         conn.send(head)
