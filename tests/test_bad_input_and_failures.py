@@ -66,6 +66,14 @@ async def counted(raw_backend: StartRaw, proxy: StartProxy) -> tuple[CountingBac
     return backend, server
 
 
+@pytest.fixture
+async def api_only(raw_backend: StartRaw, proxy: StartProxy) -> tuple[CountingBackend, ProxyServer]:
+    """A proxy routing /api alone: any other path is a request without a route (404)."""
+    backend = CountingBackend()
+    config = single_upstream_config([await raw_backend(backend)])
+    return backend, await proxy(config.replace("{path_prefix: /,", "{path_prefix: /api,"))
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
@@ -276,14 +284,14 @@ async def test_backend_closing_before_answering_is_502(
 
 
 async def test_upgrade_offer_without_a_route_is_answered_and_closed(
-    counted: tuple[CountingBackend, ProxyServer],
+    api_only: tuple[CountingBackend, ProxyServer],
 ) -> None:
     """What follows an upgrade offer is not HTTP: after the 404 nobody reads it, so the
     connection must end (it used to stay open, unread, until the keep-alive timeout)."""
-    _, server = counted
+    _, server = api_only
     raw = await raw_request(
         server.port,
-        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
         b"\x81\x05hello",
         timeout=2.0,
     )
@@ -291,40 +299,58 @@ async def test_upgrade_offer_without_a_route_is_answered_and_closed(
     assert b"Connection: close" in raw
 
 
-async def test_own_answers_to_head_requests_carry_no_body(
+async def test_asterisk_form_is_for_options_alone(
     counted: tuple[CountingBackend, ProxyServer],
 ) -> None:
-    """A body after a response to HEAD would be read as the start of the next response."""
+    """`*` names the server as a whole, and only OPTIONS may ask for it (RFC 9112 §3.2.4):
+    any other method with it is refused, not forwarded."""
     backend, server = counted
+    for method in (b"GET", b"POST", b"DELETE"):
+        raw = await raw_request(
+            server.port, method + b" * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        assert status_of(raw) == 400, raw
+        assert b"only OPTIONS may have the target *" in raw
+    assert backend.heads == []
+
+
+async def test_own_answers_to_head_requests_carry_no_body(
+    api_only: tuple[CountingBackend, ProxyServer],
+) -> None:
+    """A body after a response to HEAD would be read as the start of the next response."""
+    backend, server = api_only
     raw = await raw_request(
         server.port,
-        b"HEAD * HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"HEAD /none HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /api/next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     first, rest = raw.split(b"\r\n\r\n", 1)
     assert first.startswith(b"HTTP/1.1 404 ") and b"Content-Length: " in first
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), rest[:100]
     assert rest.endswith(b"\r\n\r\nok")
-    assert [head.split(b" ")[1] for head in backend.heads] == [b"/next"]
+    assert [head.split(b" ")[1] for head in backend.heads] == [b"/api/next"]
 
 
 async def test_a_request_after_an_answer_that_closes_never_reaches_the_backend(
-    counted: tuple[CountingBackend, ProxyServer],
+    api_only: tuple[CountingBackend, ProxyServer],
 ) -> None:
     """The 404 is sent with Connection: close (its body had not arrived when it was decided);
     the request pipelined behind it used to be forwarded all the same, its answer lost."""
-    backend, server = counted
-    warm = await raw_request(server.port, b"GET /warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    backend, server = api_only
+    warm = await raw_request(
+        server.port, b"GET /api/warm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert status_of(warm) == 200  # leaves an idle backend connection: the next would be sent
     raw = await raw_request(
         server.port,
-        b"POST * HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
-        b"POST /transfer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+        b"POST /none HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n"
+        b"\r\nPOST /api/transfer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
     )
     assert status_of(raw) == 404
     assert b"Connection: close" in raw
     assert raw.count(b"HTTP/1.1 ") == 1
     await asyncio.sleep(0.1)
-    assert [head.split(b" ")[1] for head in backend.heads] == [b"/warm"]
+    assert [head.split(b" ")[1] for head in backend.heads] == [b"/api/warm"]
 
 
 async def send_until_stopped(

@@ -71,6 +71,40 @@ async def test_methods_paths_and_queries_pass_byte_for_byte(
             assert body["raw_path"] == target.decode().split("#")[0] or target.endswith(b"#")
 
 
+async def test_options_asterisk_goes_to_the_hosts_root_route_as_asterisk(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """`OPTIONS *` asks about the server as a whole (RFC 9112 §3.2.4): it is routed as the
+    host's root would be, and the backend gets the target `*` as the client sent it."""
+    seen: dict[str, list[bytes]] = {"api": [], "web": []}
+
+    def recorder(name: str) -> RawHandler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                seen[name].append(await read_request_head(reader))
+                writer.write(b"HTTP/1.1 200 OK\r\nAllow: GET, OPTIONS\r\nContent-Length: 2\r\n"
+                             b"\r\n" + name[:2].encode())
+                await writer.drain()
+
+        return handler
+
+    api_port = await raw_backend(recorder("api"))
+    web_port = await raw_backend(recorder("web"))
+    server = await proxy(
+        "listen: {host: 127.0.0.1, port: 0}\nupstreams:\n"
+        f"  api:\n    backends:\n{backend_entry('a0', api_port)}"
+        f"  web:\n    backends:\n{backend_entry('w0', web_port)}"
+        "routes:\n  - {path_prefix: /api, upstream: api}\n  - {path_prefix: /, upstream: web}\n"
+    )
+    for request in (b"OPTIONS * HTTP/1.1\r\nHost: shop\r\n\r\n",
+                    b"OPTIONS * HTTP/1.0\r\n\r\n"):
+        raw = await raw_request(server.port, request, until_close=False)
+        assert raw.startswith(b"HTTP/1.1 200 OK\r\nAllow: GET, OPTIONS\r\n"), raw
+        assert raw.endswith(b"\r\n\r\nwe")
+    assert seen["api"] == []
+    assert [head.split(b"\r\n", 1)[0] for head in seen["web"]] == [b"OPTIONS * HTTP/1.1"] * 2
+
+
 async def test_request_headers_rewritten_like_a_proxy(
     aiohttp_backend: StartApp, proxy: StartProxy
 ) -> None:

@@ -647,16 +647,21 @@ class DownstreamProtocol:
             raise RejectRequest(405, "Method Not Allowed", "CONNECT is not supported")
         if request.host_fields > 1:
             raise RejectRequest(400, "Bad Request", "more than one Host header")
+        path: bytes | None = None
         if not target or target[0] != _SLASH:  # not the usual origin form
-            if target.startswith((b"http://", b"https://")):
+            if target == b"*":  # asterisk form (RFC 9112 §3.2.4): about the server as a whole
+                if request.method != b"OPTIONS":
+                    raise RejectRequest(400, "Bad Request", "only OPTIONS may have the target *")
+                path = b"/"  # routed as the host's root; the backend gets `*` as it came
+            elif target.startswith((b"http://", b"https://")):
                 # Any: the stub types port, path and query as never None, which mypyc checks
                 url: Any = httptools.parse_url(target)
                 port: int | None = url.port
-                path: bytes | None = url.path
+                url_path: bytes | None = url.path
                 query: bytes | None = url.query
                 request.raw_host = url.host + (b":%d" % port if port else b"")
-                target = (path or b"/") + (b"?" + query if query else b"")
-            elif target != b"*":
+                target = (url_path or b"/") + (b"?" + query if query else b"")
+            else:
                 raise RejectRequest(400, "Bad Request", "invalid request target")
         if request.raw_host is None and not request.http10:
             raise RejectRequest(400, "Bad Request", "missing Host header")
@@ -667,7 +672,9 @@ class DownstreamProtocol:
         request.target = target
         # An int operand: `b"?" in target` first tries the operand as an int, and that failure
         # formats a TypeError message on every request; `find` is a generic method call.
-        request.path = target[: target.find(b"?")] if _QUERY_MARK in target else target
+        if path is None:
+            path = target[: target.find(b"?")] if _QUERY_MARK in target else target
+        request.path = path
 
     def on_body(self, chunk: bytes) -> None:
         request = self._current
