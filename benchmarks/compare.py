@@ -37,6 +37,7 @@ from common import (
     RESULTS,
     ROOT,
     LoadResult,
+    cpu_seconds,
     ensure_tools,
     free_port,
     process_tree,
@@ -103,6 +104,11 @@ class Row:
     p99_rounds: list[float] = field(default_factory=list)
     tcp_timeouts: list[int] = field(default_factory=list)
     """Retransmission timeouts on the machine in each round (each one stalls >= 200 ms)."""
+    cpu_us_per_request: float = 0.0
+    """CPU time (user + system) the target's processes were charged per request: the median."""
+    cpu_rounds: list[float] = field(default_factory=list)
+    cpu_vs_nginx: float = 0.0
+    """The median of the per-round CPU-per-request ratios."""
 
 
 def haproxy_conf(port: int, backend_port: int, threads: int) -> str:
@@ -201,7 +207,8 @@ def _log(tmp: Path, name: str) -> int:
 def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
             connection_counts: list[int]) -> list[Row]:
     """Every target x body x connection count, alternating; medians over rounds."""
-    samples: dict[tuple[str, str, str, int], list[tuple[LoadResult, tuple[float, float | None]]]]
+    samples: dict[tuple[str, str, str, int],
+                  list[tuple[LoadResult, tuple[float, float | None], float]]]
     samples = {}
     everyone = [direct, *targets]
     for target in everyone:  # warm up pools and caches
@@ -212,30 +219,36 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
             for connections in connection_counts:
                 for target in everyone:
                     pinned = target.pinned
+                    cpu_before = cpu_seconds(target.process.pid)
                     result = run_wrk(f"http://127.0.0.1:{target.port}/{body}", duration,
                                      connections, threads=1 if pinned else 2,
                                      core=1 if pinned else None)
+                    cpu = (cpu_seconds(target.process.pid) - cpu_before) / max(1, result.requests)
                     key = (target.name, target.workers, body, connections)
-                    samples.setdefault(key, []).append((result, target.rss_by_role()))
+                    samples.setdefault(key, []).append((result, target.rss_by_role(), cpu * 1e6))
                     print(f"  round {round_number + 1} {target.name:15} workers={target.workers:3}"
                           f" {body:5} c={connections:<4} {result.requests_per_second:9.0f} req/s"
                           f"  p50 {result.p50_ms:6.2f}  p99 {result.p99_ms:6.2f} ms"
+                          f"  CPU {cpu * 1e6:5.1f} us/req"
                           f"  errors {result.errors}  TCP timeouts {result.tcp_timeouts}"
                           f" retransmits {result.retransmits}", flush=True)
     rows = []
     for (name, workers, body, connections), results in samples.items():
-        loads = [load for load, _ in results]
+        loads = [load for load, _, _ in results]
+        cpus = [cpu for _, _, cpu in results]
         rows.append(Row(
             name, workers, body, connections,
             statistics.median(r.requests_per_second for r in loads),
             statistics.median(r.p50_ms for r in loads),
             statistics.median(r.p99_ms for r in loads),
             sum(r.errors for r in loads),
-            max(worker for _, (worker, _) in results),
-            max((main for _, (_, main) in results if main is not None), default=None),
+            max(worker for _, (worker, _), _ in results),
+            max((main for _, (_, main), _ in results if main is not None), default=None),
             rounds=[r.requests_per_second for r in loads],
             p99_rounds=[r.p99_ms for r in loads],
             tcp_timeouts=[r.tcp_timeouts for r in loads],
+            cpu_us_per_request=statistics.median(cpus),
+            cpu_rounds=cpus,
         ))
     by_key = {(r.target, r.workers, r.body, r.connections): r for r in rows}
     for row in rows:
@@ -249,6 +262,9 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
                 ours / theirs
                 for ours, theirs in zip(row.p99_rounds, nginx.p99_rounds, strict=True)
             )
+            cpu_ratios = [ours / theirs for ours, theirs
+                          in zip(row.cpu_rounds, nginx.cpu_rounds, strict=True) if theirs > 0]
+            row.cpu_vs_nginx = statistics.median(cpu_ratios) if cpu_ratios else 0.0
     return rows
 
 
@@ -381,26 +397,34 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         "there is one (nginx, failover-proxy with workers=all); a single process (HAProxy, "
         "failover-proxy with workers=1) serves traffic and runs everything else itself.",
         "",
+        "CPU us/req: the user and system CPU time charged to the target's processes during "
+        "the run (/proc/PID/stat), per request: what each request costs the machine, steadier "
+        "than req/s where the load generator and the backend share the cores. The kernel's "
+        "loopback work for a packet is charged to whichever process runs when it is done, so a "
+        "share of it belongs to wrk or the backend; that share is alike for every proxy.",
+        "",
         "TCP timeouts: the kernel's retransmission timeouts on the machine during each round "
         "(TcpExt TCPTimeouts). Linux waits at least 200 ms before retransmitting, so a round with "
         "timeouts has a p99 near or above 200 ms whatever the proxy does.",
         "",
         "| target | workers | body | conns | req/s | p50 ms | p99 ms | errors | worker RSS MiB "
         "| master RSS MiB | req/s vs nginx | per round | p99 vs nginx | p99 per round "
-        "| TCP timeouts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU us/req | CPU vs nginx | TCP timeouts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"backend": 0, "nginx": 1, "haproxy": 2, "python-floor": 3, "failover-proxy": 4}
     for row in sorted(rows, key=lambda r: (r.body, r.connections, r.workers, order[r.target])):
         ratio = f"{row.rps_vs_nginx:.2f}x" if row.rps_vs_nginx else ""
         p99 = f"{row.p99_vs_nginx:.2f}x" if row.p99_vs_nginx else ""
         main = f"{row.main_rss_mib:.1f}" if row.main_rss_mib is not None else "-"
+        cpu_ratio = f"{row.cpu_vs_nginx:.2f}x" if row.cpu_vs_nginx else ""
         lines.append(
             f"| {row.target} | {row.workers} | {row.body} | {row.connections} | "
             f"{row.requests_per_second:.0f} | {row.p50_ms:.2f} | {row.p99_ms:.2f} | {row.errors} "
             f"| {row.worker_rss_mib:.1f} | {main} | {ratio} | "
             f"{', '.join(f'{v:.2f}' for v in row.rps_ratio_rounds)} | {p99} | "
             f"{', '.join(f'{v:.1f}' for v in row.p99_rounds)} | "
+            f"{row.cpu_us_per_request:.1f} | {cpu_ratio} | "
             f"{', '.join(str(v) for v in row.tcp_timeouts)} |"
         )
     lines += ["", f"Latency at a fixed {args.rate} req/s (hey, 50 clients, "
