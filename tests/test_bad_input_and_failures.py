@@ -150,14 +150,21 @@ async def test_slow_request_head_gets_408(counted: tuple[CountingBackend, ProxyS
         (b"HEAD / HTTP/1.1\r\nHost: x\r\n", 408),  # and never the blank line
     ],
 )
+@pytest.mark.parametrize("first_read", [0, 2], ids=["whole", "HE-first"])
 async def test_a_head_request_refused_before_its_head_is_read_gets_no_body(
-    counted: tuple[CountingBackend, ProxyServer], request_bytes: bytes, status: int
+    counted: tuple[CountingBackend, ProxyServer], request_bytes: bytes, status: int,
+    first_read: int,
 ) -> None:
     """An answer to HEAD has no body (RFC 9110 §9.3.2), even when the proxy refuses the request
-    before reading its head: the request is known as HEAD from its first bytes."""
+    before reading its head: the request is known as HEAD from its first bytes, also when they
+    come in a read too short to hold the method."""
     _, server = counted
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(request_bytes)
+    if first_read:
+        writer.write(request_bytes[:first_read])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    writer.write(request_bytes[first_read:])
     raw = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert status_of(raw) == status, raw[:200]

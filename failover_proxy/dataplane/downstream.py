@@ -502,6 +502,8 @@ class DownstreamProtocol:
         else:  # the head began in an earlier read
             held = self._head_start
             joined = held + data
+            if len(held) < 5 and joined.startswith(b"HEAD ") and self._current is not None:
+                self._current.method = b"HEAD"  # the first read was too short to tell
             end = joined.find(b"\r\n\r\n", max(len(held) - 3, 0))
             stop = end + 4 - len(held) if end >= 0 else -1
             if stop < 0:
