@@ -55,6 +55,8 @@ class Backend:
         self.port = port
         self.base_path = base_path
         self.host_header = host_header
+        self.host_line = b" HTTP/1.1\r\nHost: %s\r\n" % host_header
+        """The end of the request line and the Host line it is sent with (host_header)."""
         self.pool = pool
         self.connection_settings: tuple[object, ...] = ()
         """What the pool was built from: a reload keeps the pool only when these are equal."""

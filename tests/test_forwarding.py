@@ -136,8 +136,9 @@ async def test_heads_are_exact_on_the_usual_path_and_the_general_one(
     raw_backend: StartRaw, proxy: StartProxy
 ) -> None:
     """The request head a backend gets and the response head a client gets, byte for byte: the
-    usual requests (no body, Content-Length, chunked) and ones that carry their own X-Request-Id
-    and Via (built the general way) end up with the same lines in the same order."""
+    usual requests (no body, Content-Length, chunked, an X-Forwarded-For to extend) and ones
+    that carry their own X-Request-Id and Via (built the general way) end up with the same
+    lines in the same order."""
     seen: list[bytes] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -164,6 +165,8 @@ async def test_heads_are_exact_on_the_usual_path_and_the_general_one(
          b"3\r\nabc\r\n0\r\n\r\n", b"", None, b"Transfer-Encoding: chunked\r\n"),
         (b"GET /own HTTP/1.1\r\n" + common + b"X-Request-Id: mine-1\r\nVia: 1.0 edge\r\n\r\n",
          b"X-Request-Id: mine-1\r\n", b"1.0 edge, ", b""),
+        (b"GET /xff HTTP/1.1\r\n" + common + b"X-Forwarded-For: 203.0.113.7\r\n\r\n", b"", None,
+         b""),
     ]
     for request, own_id, via_before, framing in cases:
         writer.write(request)
@@ -180,7 +183,8 @@ async def test_heads_are_exact_on_the_usual_path_and_the_general_one(
         id_line = b"" if own_id else b"X-Request-Id: %s\r\n" % request_id
         assert seen[-1] == (
             line + b"\r\nHost: 127.0.0.1:%d\r\nX-A: 1\r\n" % backend_port + own_id
-            + b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: shop"
+            + b"X-Forwarded-For: " + (b"203.0.113.7, " if b"/xff" in line else b"")
+            + b"127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: shop"
             b"\r\n" + id_line + b"Via: " + (via_before or b"") + b"1.1 failover-proxy\r\n"
             + framing + b"\r\n"
         ), seen[-1]

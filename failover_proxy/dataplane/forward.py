@@ -35,6 +35,8 @@ from .headers import (
     error_response,
     field_values,
     forwarded_block,
+    forwarded_prefix,
+    usual_request_head,
 )
 from .request import EMPTY_BODY, Request
 from .upstream import UpstreamConnection
@@ -552,6 +554,29 @@ class Exchange:
         fields = request.fields_block
         if fields is None:
             fields = request.fields_block = forwarded_block(request.fields, request.connection)
+        original_host = request.raw_host
+        if (
+            original_host is not None
+            and not request.has_request_id
+            and request.via is None
+            and request.upgrade is None
+        ):
+            forwarded_for = request.forwarded_for
+            return usual_request_head(
+                request.method,
+                request_target(backend, request),
+                b" HTTP/1.1\r\nHost: %s\r\n" % original_host
+                if self.upstream.preserve_host
+                else backend.host_line,
+                fields,
+                downstream.forwarded_prefix
+                if forwarded_for is None
+                else forwarded_prefix(forwarded_for, downstream.client_ip, downstream.scheme),
+                original_host,
+                request.request_id,
+                request.content_length,
+                request.chunked,
+            )
         return build_request_head(
             request.method,
             request_target(backend, request),

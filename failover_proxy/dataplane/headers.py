@@ -448,6 +448,46 @@ def field_value_at(line: bytes, colon: int) -> bytes:
     return line[start:stop]
 
 
+def forwarded_prefix(forwarded_for: bytes | None, client_ip: bytes, scheme: bytes) -> bytes:
+    """The X-Forwarded-For and -Proto lines of a request sent to a backend, and the name of
+    X-Forwarded-Host, whose value (the client's Host) follows in `usual_request_head`."""
+    if forwarded_for is not None:
+        client_ip = b"%s, %s" % (forwarded_for, client_ip)
+    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: " % (
+        client_ip, scheme
+    )
+
+
+def usual_request_head(
+    method: bytes,
+    target: bytes,
+    host_line: bytes,
+    fields: bytes,
+    prefix: bytes,
+    original_host: bytes,
+    request_id: bytes,
+    content_length: int | None,
+    chunked: bool,
+) -> bytes:
+    """The request head sent to a backend for the usual request: it came with a Host, no
+    X-Request-Id, Via or upgrade of its own. `host_line`: the request line's end and the Host
+    line (Backend.host_line when the backend's name is sent); `prefix`: forwarded_prefix. The
+    parts that stay the same are joined beforehand: each part of the format costs about 40
+    instructions, and this one has 10 where one built from scratch has 18."""
+    if chunked:
+        tail = _USUAL_CHUNKED_TAIL
+    elif content_length is not None:
+        return b"%s %s%s%s%s%s\r\nX-Request-Id: %s%sContent-Length: %d\r\n\r\n" % (
+            method, target, host_line, fields, prefix, original_host, request_id,
+            _USUAL_VIA_TAIL, content_length,
+        )
+    else:
+        tail = _USUAL_END_TAIL
+    return b"%s %s%s%s%s%s\r\nX-Request-Id: %s%s" % (
+        method, target, host_line, fields, prefix, original_host, request_id, tail
+    )
+
+
 def build_request_head(
     method: bytes,
     target: bytes,
@@ -465,30 +505,11 @@ def build_request_head(
     chunked: bool,
     upgrade: bytes | None,
 ) -> bytes:
-    """The request head sent to a backend, framed by the proxy itself (never the client);
-    `fields`: the forwarded header lines (forwarded_block)."""
+    """The request head sent to a backend, framed by the proxy itself (never the client), for
+    any request (usual_request_head makes the usual one faster); `fields`: the forwarded
+    header lines (forwarded_block)."""
     if forwarded_for is not None:
         client_ip = b"%s, %s" % (forwarded_for, client_ip)
-    if original_host is not None and not has_request_id and via is None and upgrade is None:
-        # The usual request: one format for the whole head (each one is an allocation and a
-        # pass over its parts, about 300 instructions).
-        if chunked:
-            framing = _CHUNKED_END
-        elif content_length is not None:
-            return (
-                b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s"
-                b"\r\nX-Forwarded-Host: %s\r\nX-Request-Id: %s\r\n%sContent-Length: %d\r\n\r\n"
-                % (method, target, host, fields, client_ip, scheme, original_host, request_id,
-                   _PLAIN_VIA_LINE, content_length)
-            )
-        else:
-            framing = _CRLF_END
-        return (
-            b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s"
-            b"\r\nX-Forwarded-Host: %s\r\nX-Request-Id: %s\r\n%s%s"
-            % (method, target, host, fields, client_ip, scheme, original_host, request_id,
-               _PLAIN_VIA_LINE, framing)
-        )
     if original_host is not None:
         proto = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n" % (scheme, original_host)
     else:
@@ -526,6 +547,10 @@ def _closing_lines(
 _PLAIN_VIA_LINE: Final = b"Via: " + VIA_TOKEN + b"\r\n"
 _CHUNKED_END: Final = b"Transfer-Encoding: chunked\r\n\r\n"
 _CRLF_END: Final = b"\r\n"
+_USUAL_VIA_TAIL: Final = b"\r\n" + _PLAIN_VIA_LINE
+"""What follows the request id in the usual request head, before its framing."""
+_USUAL_END_TAIL: Final = _USUAL_VIA_TAIL + _CRLF_END
+_USUAL_CHUNKED_TAIL: Final = _USUAL_VIA_TAIL + _CHUNKED_END
 _STATUS_LINES: Final = {
     status: b"HTTP/1.1 %d %s\r\n" % (status, phrase) for status, phrase in _REASON_PHRASES.items()
 }
