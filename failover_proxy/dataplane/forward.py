@@ -108,12 +108,17 @@ class Attempt:
     reusable = False
     paused_client = False
     failure_status = False
-    head_swept = False
-    held_body: list[bytes] | None = None
-    """The body of a small response (Content-Length up to HELD_BODY_BYTES), held with its head
-    until complete, so that a backend dying mid-body can still be retried unseen."""
-    per_try_timer: asyncio.TimerHandle | None = None
     """The response carried a failure status (already counted against the backend)."""
+    head_swept = False
+    holding_body = False
+    """The body of a small response (Content-Length up to HELD_BODY_BYTES) is held with its head
+    until complete, so that a backend dying mid-body can still be retried unseen."""
+    held_chunk: bytes | None = None
+    """The first chunk of a held body: a small response's body usually comes in one, and
+    holding it needs no list."""
+    held_more: list[bytes] | None = None
+    """The chunks of a held body after the first."""
+    per_try_timer: asyncio.TimerHandle | None = None
     activity = 0
     """Counts events from and to the backend; the sweep turns changes into `last_activity`."""
     seen_activity = -1  # the first sweep after the start stamps the time
@@ -247,7 +252,7 @@ class Attempt:
             # under five digits is always small enough: no conversion for the usual response
             and (len(content_length) < 5 or decimal_value(content_length) <= HELD_BODY_BYTES)
         ):
-            self.held_body = []
+            self.holding_body = True
         self.head_sent = True  # held until the first body byte, completion or the next sweep
         exchange = self.exchange
         exchange.status = status
@@ -273,20 +278,27 @@ class Attempt:
         head = self.held_head
         if head is not None:
             self.held_head = None
-            held = self.held_body
-            self.held_body = None
+            self.holding_body = False
+            chunk = self.held_chunk
             self.exchange.bytes_out += len(head)
-            if held:
-                self.exchange.bytes_out += sum(len(chunk) for chunk in held)
-                self.send_client_parts((head, *held))
+            if chunk is not None:
+                self.held_chunk = None
+                parts = [head, chunk, *(self.held_more or ())]
+                self.held_more = None
+                self.exchange.bytes_out += sum(len(part) for part in parts) - len(head)
+                self.send_client_parts(tuple(parts))
             else:
                 self.send_client(head)
 
     def on_body(self, chunk: bytes) -> None:
         self.activity += 1
-        held = self.held_body
-        if held is not None:
-            held.append(chunk)  # a small response is written whole, so a reset can be retried
+        if self.holding_body:  # a small response is written whole, so a reset can be retried
+            if self.held_chunk is None:
+                self.held_chunk = chunk
+            elif self.held_more is None:
+                self.held_more = [chunk]
+            else:
+                self.held_more.append(chunk)
             return
         self.exchange.bytes_out += len(chunk)
         head = self.held_head
@@ -306,19 +318,21 @@ class Attempt:
         head = self.held_head
         if head is not None:
             self.held_head = None
-            held = self.held_body
+            chunk = self.held_chunk
             exchange = self.exchange
             exchange.bytes_out += len(head)
-            if held:
-                self.held_body = None
-                if len(held) == 1:  # the usual small response: one buffer is cheapest to write
-                    body = held[0]
-                    exchange.bytes_out += len(body)
-                    self.send_client(head + body)
+            if chunk is not None:
+                self.held_chunk = None
+                self.holding_body = False
+                more = self.held_more
+                exchange.bytes_out += len(chunk)
+                if more is None:  # the usual small response: one buffer is cheapest to write
+                    self.send_client(head + chunk)
                 else:
-                    for chunk in held:
-                        exchange.bytes_out += len(chunk)
-                    self.send_client_parts((head, *held))
+                    self.held_more = None
+                    for piece in more:
+                        exchange.bytes_out += len(piece)
+                    self.send_client_parts((head, chunk, *more))
             else:
                 self.send_client(head + _LAST_CHUNK if self.chunked_out else head)
         elif self.chunked_out:

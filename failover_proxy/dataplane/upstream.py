@@ -190,7 +190,7 @@ class UpstreamConnection:
             owner.on_body(data if start == 0 and end == size else data[start:end])
         if self.owner is owner:
             owner.on_complete()
-        return data[end:]
+        return data[end:] if end < size else b""  # a slice call even when empty
 
     def _parse(self, data: bytes) -> None:
         """Feed llhttp, which calls the on_* methods below."""
