@@ -226,7 +226,7 @@ class DownstreamProtocol:
         self.send: Callable[[bytes], None] = _not_connected
         self.send_parts: Callable[[Iterable[bytes]], None] = _not_connected
         self.client_ip = b"unknown"
-        self.forwarded_prefix = forwarded_prefix(None, self.client_ip, self.scheme)
+        self.forwarded_prefix = b""
         """The X-Forwarded lines a request without X-Forwarded-For is sent with, up to the
         value of X-Forwarded-Host (the same for every such request on the connection)."""
         self.queue: deque[Request | _Rejection] = deque()
@@ -278,7 +278,7 @@ class DownstreamProtocol:
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
-            self.forwarded_prefix = forwarded_prefix(None, self.client_ip, self.scheme)
+        self.forwarded_prefix = forwarded_prefix(None, self.client_ip, self.scheme)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -473,7 +473,8 @@ def usual_request_head(
     X-Request-Id, Via or upgrade of its own. `host_line`: the request line's end and the Host
     line (Backend.host_line when the backend's name is sent); `prefix`: forwarded_prefix. The
     parts that stay the same are joined beforehand: each part of the format costs about 40
-    instructions, and this one has 10 where one built from scratch has 18."""
+    instructions, and this one has 10 (13 with a Content-Length) where one built from scratch
+    has 18 (21)."""
     if chunked:
         tail = _USUAL_CHUNKED_TAIL
     elif content_length is not None:
