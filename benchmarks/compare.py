@@ -254,18 +254,18 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
     for row in rows:
         nginx = by_key.get(("nginx", row.workers, row.body, row.connections))
         if nginx is not None and row.target != "backend":
-            row.rps_ratio_rounds = [
-                ours / theirs for ours, theirs in zip(row.rounds, nginx.rounds, strict=True)
-            ]
+            row.rps_ratio_rounds = per_round_ratios(row.rounds, nginx.rounds)
             row.rps_vs_nginx = statistics.median(row.rps_ratio_rounds)
-            row.p99_vs_nginx = statistics.median(
-                ours / theirs
-                for ours, theirs in zip(row.p99_rounds, nginx.p99_rounds, strict=True)
-            )
-            cpu_ratios = [ours / theirs for ours, theirs
-                          in zip(row.cpu_rounds, nginx.cpu_rounds, strict=True) if theirs > 0]
+            row.p99_vs_nginx = statistics.median(per_round_ratios(row.p99_rounds, nginx.p99_rounds))
+            cpu_ratios = per_round_ratios(row.cpu_rounds, nginx.cpu_rounds)
             row.cpu_vs_nginx = statistics.median(cpu_ratios) if cpu_ratios else 0.0
     return rows
+
+
+def per_round_ratios(ours: list[float], nginx: list[float]) -> list[float]:
+    """Each round's figure over nginx's in the same round (paired in time, as the machine's
+    speed drifts between rounds); a round where nginx's figure is 0 gives none."""
+    return [mine / theirs for mine, theirs in zip(ours, nginx, strict=True) if theirs > 0]
 
 
 def fixed_rate_latency(targets: list[Target], direct: Target, rate: int, seconds: float,
