@@ -15,6 +15,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from .balance import Balancer, ConsistentHash, LeastRequest, SmoothWeightedRoundRobin
+from .dataplane.headers import host_line
 from .dataplane.upstream import UpstreamPool
 from .metrics import MetricStore, ProviderEvent
 from .outlier import OutlierDetector
@@ -55,7 +56,7 @@ class Backend:
         self.port = port
         self.base_path = base_path
         self.host_header = host_header
-        self.host_line = b" HTTP/1.1\r\nHost: %s\r\n" % host_header
+        self.host_line = host_line(host_header)
         """The end of the request line and the Host line it is sent with (host_header)."""
         self.pool = pool
         self.connection_settings: tuple[object, ...] = ()

@@ -36,6 +36,7 @@ from .headers import (
     field_values,
     forwarded_block,
     forwarded_prefix,
+    host_line,
     usual_request_head,
 )
 from .request import EMPTY_BODY, Request
@@ -579,7 +580,7 @@ class Exchange:
             return usual_request_head(
                 request.method,
                 request_target(backend, request),
-                b" HTTP/1.1\r\nHost: %s\r\n" % original_host
+                host_line(original_host)
                 if self.upstream.preserve_host
                 else backend.host_line,
                 fields,

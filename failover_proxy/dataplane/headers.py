@@ -448,6 +448,12 @@ def field_value_at(line: bytes, colon: int) -> bytes:
     return line[start:stop]
 
 
+def host_line(host: bytes) -> bytes:
+    """The end of a request line sent to a backend and the Host line after it: the first part
+    of `usual_request_head` after the target."""
+    return b" HTTP/1.1\r\nHost: %s\r\n" % host
+
+
 def forwarded_prefix(forwarded_for: bytes | None, client_ip: bytes, scheme: bytes) -> bytes:
     """The X-Forwarded-For and -Proto lines of a request sent to a backend, and the name of
     X-Forwarded-Host, whose value (the client's Host) follows in `usual_request_head`."""
@@ -470,8 +476,8 @@ def usual_request_head(
     chunked: bool,
 ) -> bytes:
     """The request head sent to a backend for the usual request: it came with a Host, no
-    X-Request-Id, Via or upgrade of its own. `host_line`: the request line's end and the Host
-    line (Backend.host_line when the backend's name is sent); `prefix`: forwarded_prefix. The
+    X-Request-Id, Via or upgrade of its own. `host_line`: host_line(), kept per backend as
+    Backend.host_line when the backend's name is sent; `prefix`: forwarded_prefix. The
     parts that stay the same are joined beforehand: each part of the format costs about 40
     instructions, and this one has 10 (13 with a Content-Length) where one built from scratch
     has 18 (21)."""
