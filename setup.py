@@ -8,7 +8,7 @@ source checkout, so they cannot shadow edited sources. Everything else is in pyp
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
 COMPILED = [
@@ -36,5 +36,8 @@ else:
     from mypyc.build import mypycify
 
     extensions = mypycify(["--strict", *COMPILED], opt_level="3")
+    extensions.append(
+        Extension("failover_proxy.dataplane._direct", ["failover_proxy/dataplane/_direct.c"])
+    )
 
 setup(ext_modules=extensions)

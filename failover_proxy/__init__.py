@@ -15,8 +15,10 @@ def _refuse_stale_builds() -> None:
     if not (package.parent / "setup.py").exists():
         return  # an installed package: sources and builds come together
     for built in [*package.glob("*.so"), *package.glob("dataplane/*.so")]:
-        source = built.parent / (built.name.split(".", 1)[0] + ".py")
-        if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+        stem = built.name.split(".", 1)[0]
+        sources = [built.parent / (stem + ".py"), built.parent / (stem + ".c")]
+        source = next((path for path in sources if path.exists()), None)
+        if source is not None and source.stat().st_mtime > built.stat().st_mtime:
             raise ImportError(
                 f"{built.name} is older than {source.name}: rebuild with `make test` or "
                 "`pip install -e .` (or FAILOVER_PROXY_PURE=1 pip install -e . for plain Python)"

@@ -17,10 +17,8 @@ it, and the connection is closed: nothing after a framing error is ever forwarde
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
@@ -53,6 +51,7 @@ from .headers import (
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
+from .writepath import Send, SendParts, not_connected, write_path
 
 if TYPE_CHECKING:
     from .state import DataPlane
@@ -76,10 +75,6 @@ _HEAD: Final = 0
 """A request head, or the CR/LF llhttp allows before one."""
 _BODY_LENGTH: Final = 1
 _BODY_CHUNKED: Final = 2
-
-def _not_connected(_: object) -> None:
-    raise ConnectionError("not connected")
-
 
 def usual_method(request_line: bytes) -> bytes | None:
     """The method of a request line llhttp has accepted, when it is one of the usual ones (a
@@ -222,9 +217,9 @@ class DownstreamProtocol:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self._feed: Callable[[bytes | memoryview], None] = self.parser.feed_data
-        # Bound methods kept once per connection: the hot path skips a method lookup per call.
-        self.send: Callable[[bytes], None] = _not_connected
-        self.send_parts: Callable[[Iterable[bytes]], None] = _not_connected
+        self.send: Send = not_connected
+        """How every write to the client goes (writepath.write_path); bound once per connection."""
+        self.send_parts: SendParts = not_connected
         self.client_ip = b"unknown"
         self.forwarded_prefix = b""
         """The X-Forwarded lines a request without X-Forwarded-For is sent with, up to the
@@ -273,16 +268,11 @@ class DownstreamProtocol:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        self.send = transport.write
-        self.send_parts = transport.writelines
+        self.send, self.send_parts = write_path(transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
         self.forwarded_prefix = forwarded_prefix(None, self.client_ip, self.scheme)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.plane.connections.add(self)
         self._set_deadline(self.limits.header_timeout, 408)
 
@@ -337,11 +327,11 @@ class DownstreamProtocol:
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed and not self.lingering_until:
-            self.transport.write(data)
+            self.send(data)
 
     def writelines(self, parts: tuple[bytes, ...]) -> None:
         if self.transport is not None and not self.closed and not self.lingering_until:
-            self.transport.writelines(parts)
+            self.send_parts(parts)
 
     def abort(self) -> None:
         self.stopped_parsing = True
@@ -778,7 +768,7 @@ class DownstreamProtocol:
     def start_tunnel(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """The backend switched protocols: from now on bytes flow untouched both ways."""
         assert self.transport is not None and conn.transport is not None
-        tunnel = Tunnel(self.transport, conn.transport)
+        tunnel = Tunnel(self.transport, conn.transport, self.send, conn.send)
         self.tunnel = tunnel
         conn.tunnel = tunnel
         if leftover:

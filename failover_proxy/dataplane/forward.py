@@ -194,9 +194,9 @@ class Attempt:
             conn.send(chunk)
 
     def end_body(self) -> None:
-        transport = self.conn.transport
-        if self.request.chunked and transport is not None and not self.conn.closed:
-            transport.write(_LAST_CHUNK)
+        conn = self.conn
+        if self.request.chunked and conn.transport is not None and not conn.closed:
+            conn.send(_LAST_CHUNK)
         self._arm_per_try()
 
     def abort_body(self) -> None:

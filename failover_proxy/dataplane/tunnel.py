@@ -8,25 +8,35 @@ reads, and when either side closes, the other is closed after its pending bytes 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 class Tunnel:
-    """Joins a client transport and a backend transport until either closes."""
+    """Joins a client transport and a backend transport until either closes. Bytes are written
+    with each connection's own send (writepath.write_path), as everything else it wrote was."""
 
-    __slots__ = ("backend", "client", "closed")
+    __slots__ = ("backend", "client", "closed", "to_backend", "to_client")
 
-    def __init__(self, client: asyncio.Transport, backend: asyncio.Transport) -> None:
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        backend: asyncio.Transport,
+        to_client: Callable[[bytes], None],
+        to_backend: Callable[[bytes], None],
+    ) -> None:
         self.client = client
         self.backend = backend
+        self.to_client = to_client
+        self.to_backend = to_backend
         self.closed = False
 
     def from_client(self, data: bytes) -> None:
         if not self.closed:
-            self.backend.write(data)
+            self.to_backend(data)
 
     def from_backend(self, data: bytes) -> None:
         if not self.closed:
-            self.client.write(data)
+            self.to_client(data)
 
     def client_write_paused(self, paused: bool) -> None:
         """The client reads slowly: stop reading from the backend until it catches up."""

@@ -9,25 +9,20 @@ first, and is closed after `idle_timeout` so that we, not the backend, end idle 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from .headers import MAX_RESPONSE_HEAD, ResponseHead, read_response_head
+from .writepath import Send, SendParts, not_connected, write_path
 
 if TYPE_CHECKING:
     # The owner is typed as the one class that owns connections, not as a Protocol: mypyc then
     # calls its methods directly instead of through a generic method lookup per event.
     from .forward import Attempt
     from .tunnel import Tunnel
-
-
-def _not_connected(_: object) -> None:
-    raise ConnectionError("not connected")
 
 
 class UpstreamConnection:
@@ -41,9 +36,9 @@ class UpstreamConnection:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self._feed: Callable[[bytes], None] = self.parser.feed_data
-        self.send: Callable[[bytes], None] = _not_connected
-        """The transport's write, bound once (no method lookup per request)."""
-        self.send_parts: Callable[[Iterable[bytes]], None] = _not_connected
+        self.send: Send = not_connected
+        """How every write to the backend goes (writepath.write_path); bound once per connection."""
+        self.send_parts: SendParts = not_connected
         self.owner: Attempt | None = None
         self.tunnel: Tunnel | None = None
         self.closed = False
@@ -71,13 +66,8 @@ class UpstreamConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        self.send = transport.write
-        self.send_parts = transport.writelines
+        self.send, self.send_parts = write_path(transport)
         self.pool.open_connections += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

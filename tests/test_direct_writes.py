@@ -1,0 +1,282 @@
+"""Direct socket writes (writepath.py, _direct.c): the bytes and their order are what the
+transport's own write would give, whether the socket takes them at once or not; a closing
+transport is never written around; TLS connections keep using the transport.
+
+The writer is exercised on real uvloop TCP transports over loopback, with a client that stops
+reading to fill the socket's buffers, and through the real proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
+
+import httpx
+import pytest
+import trustme
+from aiohttp import web
+
+from failover_proxy.dataplane import writepath
+from failover_proxy.dataplane.writepath import write_path
+from failover_proxy.server import ProxyServer
+
+from .conftest import single_upstream_config
+
+# A plain-Python build (FAILOVER_PROXY_PURE=1) has no C extension and writes via the transport.
+DirectWriter = pytest.importorskip("failover_proxy.dataplane._direct").DirectWriter
+
+StartApp = Callable[[web.Application], Awaitable[int]]
+StartProxy = Callable[[str], Awaitable[ProxyServer]]
+
+
+class _Recorder(asyncio.Protocol):
+    """A server-side connection: keeps its transport and the flow-control calls it got."""
+
+    def __init__(self, made: asyncio.Future[_Recorder]) -> None:
+        self.made = made
+        self.transport: asyncio.Transport | None = None
+        self.paused = 0
+        self.resumed = 0
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.made.set_result(self)
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+class _Pair:
+    """A server transport on uvloop and the raw client socket it talks to."""
+
+    def __init__(self, server: _Recorder, client: socket.socket) -> None:
+        self.server = server
+        self.client = client
+        assert server.transport is not None
+        self.transport = server.transport
+
+    def writer(self) -> DirectWriter:
+        send, _ = write_path(self.transport)
+        assert isinstance(send, DirectWriter), "a plain TCP transport gets a DirectWriter"
+        return send
+
+    async def read_all(self, expected: int) -> bytes:
+        """What the client receives, until `expected` bytes or the end."""
+        loop = asyncio.get_running_loop()
+        received = bytearray()
+        while len(received) < expected:
+            chunk = await asyncio.wait_for(loop.sock_recv(self.client, 1 << 16), 10)
+            if not chunk:
+                break
+            received += chunk
+        return bytes(received)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[_Pair]:
+    loop = asyncio.get_running_loop()
+    made: asyncio.Future[_Recorder] = loop.create_future()
+    server = await loop.create_server(lambda: _Recorder(made), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = socket.socket()
+    client.setblocking(False)
+    await loop.sock_connect(client, ("127.0.0.1", port))
+    recorder = await asyncio.wait_for(made, 5)
+    yield _Pair(recorder, client)
+    client.close()
+    if recorder.transport is not None:
+        recorder.transport.abort()
+    server.close()
+    await server.wait_closed()
+
+
+def _fill_until_refused(pair: _Pair, writer: DirectWriter) -> bytes:
+    """Write until the socket takes less than a whole write (the client is not reading), so the
+    rest waits in the transport; the bytes written, in order."""
+    sock = pair.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    written = bytearray()
+    for index in range(1000):
+        piece = bytes([65 + index % 26]) * 262144  # more than the transport's high-water mark
+        writer(piece)
+        written += piece
+        if pair.transport.get_write_buffer_size():
+            return bytes(written)
+    raise AssertionError("the socket never refused a write")
+
+
+def _read_while_the_loop_waits(client: socket.socket) -> bytes:
+    """What the client can read within 0.1 s, read without letting the event loop run (this
+    blocks it on purpose)."""
+    early = bytearray()
+    for _ in range(5):
+        time.sleep(0.02)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := client.recv(1 << 16):
+                early += chunk
+    return bytes(early)
+
+
+async def test_writes_the_socket_takes_whole_skip_the_transport(pair: _Pair) -> None:
+    writer = pair.writer()
+    writer(b"HTTP/1.1 200 OK\r\n")
+    writer.writelines((b"content-length: 2\r\n", b"\r\n", b"ok"))
+    writer(b"")
+    writer.writelines((b"", b""))
+    expected = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    assert await pair.read_all(len(expected)) == expected
+    assert (writer.direct_writes, writer.handed_over) == (2, 0)
+    assert pair.transport.get_write_buffer_size() == 0
+
+
+async def test_what_the_socket_refuses_waits_in_the_transport_and_keeps_its_order(
+    pair: _Pair,
+) -> None:
+    """A client that stops reading: the unwritten end goes to the transport, which applies flow
+    control (pause_writing); later writes queue behind it, whole or in parts, and once the
+    client has read everything, writes go straight to the socket again."""
+    writer = pair.writer()
+    written = _fill_until_refused(pair, writer)
+    handed = writer.handed_over
+    assert handed >= 1
+    assert pair.server.paused == 1, "the transport's flow control still pauses the writer"
+    # The client reads some, so the socket has room again, while the event loop (which would
+    # move the transport's bytes to the socket) does not run: a direct write now would overtake
+    # them.
+    early = _read_while_the_loop_waits(pair.client)
+    assert early, "the client read some"
+    writer(b"<after>")
+    writer.writelines((b"<part one>", b"<part two>"))
+    assert writer.handed_over == handed + 2, "nothing overtakes the bytes the transport holds"
+    tail = b"<after><part one><part two>"
+    received = early + await pair.read_all(len(written) + len(tail) - len(early))
+    assert received == written + tail
+    for _ in range(100):
+        if pair.transport.get_write_buffer_size() == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert pair.server.resumed == 1
+    direct = writer.direct_writes
+    writer(b"<direct again>")
+    assert writer.direct_writes == direct + 1
+    assert await pair.read_all(14) == b"<direct again>"
+
+
+async def test_a_part_write_hands_over_the_rest_of_its_parts_in_order(pair: _Pair) -> None:
+    """writelines with parts bigger than the socket takes: the write stops inside some part, and
+    that part's end and every later part reach the client after it, each once."""
+    sock = pair.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    parts = (b"<head>", *(bytes([97 + index]) * 300_000 for index in range(5)))
+    writer = pair.writer()
+    writer.writelines(parts)
+    assert writer.handed_over == 1
+    assert pair.transport.get_write_buffer_size() > 0
+    expected = b"".join(parts)
+    assert await pair.read_all(len(expected)) == expected
+
+
+async def test_a_closing_transport_is_never_written_around(pair: _Pair) -> None:
+    """Once the transport is closing, writes go to the transport (which drops them after close)
+    and never to the descriptor: after the close, its number is reused by the next socket, which
+    must not receive them."""
+    writer = pair.writer()
+    old_fd = pair.transport.get_extra_info("socket").fileno()
+    pair.transport.close()
+    with contextlib.suppress(RuntimeError):
+        writer(b"after close")
+    await asyncio.wait_for(pair.server.lost, 5)
+    assert await pair.read_all(1) == b"", "the client sees the end and nothing written after it"
+    # The descriptor is closed now: the lowest free number goes to the next socket.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    newcomers = [socket.create_connection(listener.getsockname())]
+    accepted = [listener.accept()[0]]
+    try:
+        reused = [s for s in (*newcomers, *accepted, listener) if s.fileno() == old_fd]
+        assert reused, "the closed descriptor's number went to a new socket"
+        with contextlib.suppress(RuntimeError):
+            writer(b"leak")
+        with contextlib.suppress(RuntimeError):
+            writer.writelines((b"le", b"ak"))
+        for sock in (*newcomers, *accepted):
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(16)
+        assert writer.direct_writes == 0
+    finally:
+        for sock in (*newcomers, *accepted, listener):
+            sock.close()
+
+
+async def test_tls_connections_and_plain_python_builds_write_through_the_transport(
+    pair: _Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    made: asyncio.Future[_Recorder] = loop.create_future()
+    server = await loop.create_server(
+        lambda: _Recorder(made), "127.0.0.1", 0, ssl=server_context
+    )
+    port = server.sockets[0].getsockname()[1]
+    reader, client = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
+    )
+    try:
+        recorder = await asyncio.wait_for(made, 5)
+        assert recorder.transport is not None
+        send, send_parts = write_path(recorder.transport)
+        assert not isinstance(send, DirectWriter)
+        send(b"encrypted ")
+        send_parts((b"as ", b"ever"))
+        assert await asyncio.wait_for(reader.readexactly(17), 5) == b"encrypted as ever"
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+    monkeypatch.setattr(writepath, "DirectWriter", None)
+    send, _ = write_path(pair.transport)
+    assert send == pair.transport.write
+
+
+async def test_the_proxy_writes_small_exchanges_straight_to_both_sockets(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    """Through the real proxy: the client's and the backend's connections get DirectWriters,
+    and small requests and their responses go out without the transports."""
+
+    async def hello(_: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    server = await proxy(single_upstream_config([await aiohttp_backend(app)]))
+    async with httpx.AsyncClient() as client:
+        for _ in range(3):
+            response = await client.get(f"http://127.0.0.1:{server.port}/")
+            assert response.status_code == 200 and response.text == "hello"
+        assert server.plane is not None
+        to_clients = [conn.send for conn in server.plane.connections]
+        backend = server.plane.topology.upstreams["web"].backends[0]
+        to_backends = [conn.send for conn in backend.pool.idle]
+        for writers in (to_clients, to_backends):
+            assert len(writers) == 1 and isinstance(writers[0], DirectWriter)
+            assert (writers[0].direct_writes, writers[0].handed_over) == (3, 0)
