@@ -75,7 +75,8 @@ async def test_options_asterisk_goes_to_the_hosts_root_route_as_asterisk(
     raw_backend: StartRaw, proxy: StartProxy
 ) -> None:
     """`OPTIONS *` asks about the server as a whole (RFC 9112 §3.2.4): it is routed as the
-    host's root would be, and the backend gets the target `*` as the client sent it."""
+    host's root would be, and the backend gets the target `*` as the client sent it, or as
+    `OPTIONS http://host` implies it."""
     seen: dict[str, list[bytes]] = {"api": [], "web": []}
 
     def recorder(name: str) -> RawHandler:
@@ -96,13 +97,23 @@ async def test_options_asterisk_goes_to_the_hosts_root_route_as_asterisk(
         f"  web:\n    backends:\n{backend_entry('w0', web_port)}"
         "routes:\n  - {path_prefix: /api, upstream: api}\n  - {path_prefix: /, upstream: web}\n"
     )
-    for request in (b"OPTIONS * HTTP/1.1\r\nHost: shop\r\n\r\n",
-                    b"OPTIONS * HTTP/1.0\r\n\r\n"):
+    asked = {
+        b"OPTIONS * HTTP/1.1\r\nHost: shop\r\n\r\n": b"OPTIONS * HTTP/1.1",
+        b"OPTIONS * HTTP/1.0\r\n\r\n": b"OPTIONS * HTTP/1.1",
+        # The absolute form with an empty path and no query is the same question, and the
+        # last proxy sends it on as `*` (§3.2.4); with a path or a query it is about a resource.
+        b"OPTIONS http://shop HTTP/1.1\r\nHost: shop\r\n\r\n": b"OPTIONS * HTTP/1.1",
+        b"OPTIONS http://shop:8080 HTTP/1.1\r\nHost: shop:8080\r\n\r\n": b"OPTIONS * HTTP/1.1",
+        b"OPTIONS http://shop/ HTTP/1.1\r\nHost: shop\r\n\r\n": b"OPTIONS / HTTP/1.1",
+        b"OPTIONS http://shop?q HTTP/1.1\r\nHost: shop\r\n\r\n": b"OPTIONS /?q HTTP/1.1",
+        b"GET http://shop HTTP/1.1\r\nHost: shop\r\n\r\n": b"GET / HTTP/1.1",
+    }
+    for request in asked:
         raw = await raw_request(server.port, request, until_close=False)
         assert raw.startswith(b"HTTP/1.1 200 OK\r\nAllow: GET, OPTIONS\r\n"), raw
         assert raw.endswith(b"\r\n\r\nwe")
     assert seen["api"] == []
-    assert [head.split(b"\r\n", 1)[0] for head in seen["web"]] == [b"OPTIONS * HTTP/1.1"] * 2
+    assert [head.split(b"\r\n", 1)[0] for head in seen["web"]] == list(asked.values())
 
 
 async def test_request_headers_rewritten_like_a_proxy(

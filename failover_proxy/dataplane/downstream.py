@@ -657,7 +657,13 @@ class DownstreamProtocol:
                 url_path: bytes | None = url.path
                 query: bytes | None = url.query
                 request.raw_host = url.host + (b":%d" % port if port else b"")
-                target = (url_path or b"/") + (b"?" + query if query else b"")
+                if not url_path and not query and request.method == b"OPTIONS":
+                    # `OPTIONS http://host` asks about the origin as a whole: its last proxy
+                    # sends it on as `OPTIONS *` (RFC 9112 §3.2.4).
+                    target = b"*"
+                    path = b"/"  # routed as the asterisk form is
+                else:
+                    target = (url_path or b"/") + (b"?" + query if query else b"")
             else:
                 raise RejectRequest(400, "Bad Request", "invalid request target")
         if request.raw_host is None and not request.http10:
