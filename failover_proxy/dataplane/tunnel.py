@@ -8,7 +8,8 @@ reads, and when either side closes, the other is closed after its pending bytes 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+
+from .writepath import Send
 
 
 class Tunnel:
@@ -21,8 +22,8 @@ class Tunnel:
         self,
         client: asyncio.Transport,
         backend: asyncio.Transport,
-        to_client: Callable[[bytes], None],
-        to_backend: Callable[[bytes], None],
+        to_client: Send,
+        to_backend: Send,
     ) -> None:
         self.client = client
         self.backend = backend
