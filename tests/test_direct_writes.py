@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
@@ -220,6 +221,23 @@ async def test_a_closing_transport_is_never_written_around(pair: _Pair) -> None:
     finally:
         for sock in (*newcomers, *accepted, listener):
             sock.close()
+
+
+async def test_a_reset_connection_is_ended_by_the_transport_without_raising(pair: _Pair) -> None:
+    """The client resets the connection while the server is not reading (so only a write can
+    find out): the direct write fails, the transport's own write meets the same error and ends
+    the connection as it always does (connection_lost with the error), and the writer's caller
+    sees no exception."""
+    writer = pair.writer()
+    pair.transport.pause_reading()
+    pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    pair.client.close()
+    await asyncio.sleep(0.05)  # the reset arrives
+    writer(b"to nobody")
+    writer.writelines((b"to ", b"nobody"))
+    lost = await asyncio.wait_for(pair.server.lost, 5)
+    assert isinstance(lost, ConnectionError), lost
+    assert writer.direct_writes == 0
 
 
 async def test_tls_connections_and_plain_python_builds_write_through_the_transport(

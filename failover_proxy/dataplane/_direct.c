@@ -1,10 +1,10 @@
 /* Direct socket writes for the data plane's plain-TCP connections.
  *
- * uvloop's transport.write spends about 900 CPU instructions per call around the write(2)
+ * uvloop's transport.write spends about 900 CPU instructions per call around the system call
  * itself: a Python method call, then a list append and a list clear through method lookups,
  * a fileno lookup and flow-control bookkeeping. A proxied request makes two writes, so that is
  * about a tenth of the CPU a small request costs. When the transport holds nothing unsent,
- * writing straight to the socket makes the same system call for a fraction of that.
+ * sending straight to the socket makes the same kind of system call for a fraction of that.
  *
  * A DirectWriter stands in for one connection's transport.write and writelines:
  * - It writes to the socket itself only while the transport is open (is_closing() is false,
@@ -15,6 +15,8 @@
  *   buffer empty again, so bytes keep their order.
  * - It knows only what it handed to the transport itself: every write of the connection must
  *   go through it (see writepath.py).
+ * - It sends with MSG_NOSIGNAL: a peer that reset the connection gives this call an error,
+ *   never a SIGPIPE (Python ignores that signal anyway, and uvloop relies on it).
  * - The descriptor stays valid while is_closing() is false: uvloop and asyncio close a socket
  *   only after the transport is closing (and after connection_lost), so a write can never reach
  *   a later connection that reused the descriptor's number.
@@ -23,8 +25,8 @@
 #include <Python.h>
 #include <errno.h>
 #include <stddef.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
-#include <unistd.h>
 
 /* More parts than this go through the transport's writelines; the data plane writes at most 4. */
 #define MAX_PARTS 16
@@ -127,7 +129,7 @@ writer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *
         return through_transport(self, self->write, data);
     Py_ssize_t sent;
     do {
-        sent = write(self->fd, PyBytes_AS_STRING(data), (size_t)size);
+        sent = send(self->fd, PyBytes_AS_STRING(data), (size_t)size, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
     if (sent == size) {
         self->direct_writes++;
@@ -143,7 +145,7 @@ writer_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *
     return result;
 }
 
-/* The parts not written when a writev of `parts` wrote `sent` bytes, as a new tuple. */
+/* The parts not written when a sendmsg of `parts` sent `sent` bytes, as a new tuple. */
 static PyObject *
 unsent_parts(PyObject *parts, Py_ssize_t sent)
 {
@@ -200,9 +202,10 @@ writer_writelines(DirectWriter *self, PyObject *parts)
         return NULL;
     if (direct == 0)
         return through_transport(self, self->writelines, parts);
+    struct msghdr message = {.msg_iov = vectors, .msg_iovlen = (size_t)count};
     Py_ssize_t sent;
     do {
-        sent = writev(self->fd, vectors, (int)count);
+        sent = sendmsg(self->fd, &message, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
     if (sent == total) {
         self->direct_writes++;
@@ -261,7 +264,7 @@ writer_get_handed_over(DirectWriter *self, void *Py_UNUSED(closure))
 
 static PyMethodDef writer_methods[] = {
     {"writelines", (PyCFunction)writer_writelines, METH_O,
-     "Write a tuple of bytes with one writev while the transport holds nothing unsent."},
+     "Write a tuple of bytes with one sendmsg while the transport holds nothing unsent."},
     {NULL, NULL, 0, NULL},
 };
 
