@@ -1,6 +1,7 @@
 """Direct socket writes (writepath.py, _direct.c): the bytes and their order are what the
 transport's own write would give, whether the socket takes them at once or not; a closing
-transport is never written around; TLS connections keep using the transport.
+transport is never written around; a reset connection ends through the transport as before; TLS
+connections keep using the transport.
 
 The writer is exercised on real uvloop TCP transports over loopback, with a client that stops
 reading to fill the socket's buffers, and through the real proxy."""
