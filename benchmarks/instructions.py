@@ -137,11 +137,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         backend_port = free_port()
-        sized_body = ("{'items': [1, 2, 3], 'name': 'value'}, " * (args.body // 36 + 1))[:args.body]
+        # Served from a file: nginx refuses a `return` string longer than its config buffer.
+        sized = tmp / "www" / "sized"
+        sized.parent.mkdir()
+        sized.write_text(("{'items': [1, 2, 3], 'name': 'value'}, " * (args.body // 36 + 1))
+                         [:args.body])
         block = f"""
     server {{ listen 127.0.0.1:{backend_port};
              location /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
-             location /sized {{ default_type application/json; return 200 "{sized_body}"; }} }}"""
+             location = /sized {{ default_type application/json; root {sized.parent}; }} }}"""
         backend = start_nginx("backend", "1", block, tmp, None)
         try:
             wait_port(backend_port)
