@@ -71,6 +71,30 @@ async def test_methods_paths_and_queries_pass_byte_for_byte(
             assert body["raw_path"] == target.decode().split("#")[0] or target.endswith(b"#")
 
 
+async def test_small_and_large_held_bodies_arrive_byte_for_byte(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    """Bodies around the size where the proxy stops joining a held body to its head (and writes
+    the two side by side instead), each twice on one connection: the second time the backend's
+    head repeats, so the response is read without llhttp."""
+
+    def body(size: int) -> bytes:
+        return bytes((index * 7 + size) % 251 for index in range(size))
+
+    async def sized(request: web.Request) -> web.Response:
+        return web.Response(body=body(int(request.match_info["size"])))
+
+    app = web.Application()
+    app.router.add_get("/size/{size}", sized)
+    server = await proxy(single_upstream_config([await aiohttp_backend(app)]))
+    async with httpx.AsyncClient() as client:
+        for size in (1, 4095, 4096, 4097, 30_000, 65_536):
+            for _ in range(2):
+                response = await client.get(f"http://127.0.0.1:{server.port}/size/{size}")
+                assert response.status_code == 200
+                assert response.content == body(size), size
+
+
 async def test_options_asterisk_goes_to_the_hosts_root_route_as_asterisk(
     raw_backend: StartRaw, proxy: StartProxy
 ) -> None:
