@@ -9,17 +9,18 @@ of its ratio to the first checkout in the same round. CPU per request is the use
 time of the proxy's processes (/proc), which does not depend on who had the core that second.
 instructions.py gives the steadier count; this gives the time it buys.
 
-    python benchmarks/ab.py [--rounds 10] [--seconds 3] [--connections 64]
+    python benchmarks/ab.py [--rounds 12] [--seconds 3] [--connections 64] [--body small|64k]
                             [LABEL=]CHECKOUT [[LABEL=]CHECKOUT ...]
 
 Each CHECKOUT is a source tree with its own `.venv` (as for instructions.py); the first is the
-reference. Writes benchmarks/results/ab.md and ab.json.
+reference. Writes benchmarks/results/ab.md and ab.json (ab-64k.* with --body 64k).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -55,9 +56,11 @@ def start(label: str, checkout: Path, backend_port: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--body", choices=("small", "64k"), default="small",
+                        help="100-byte responses (the default) or 64 KiB ones")
     parser.add_argument("checkouts", nargs="+")
     args = parser.parse_args()
     ensure_tools({"nginx": "nginx", "wrk": "wrk"})
@@ -69,11 +72,13 @@ def main() -> int:
     samples: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="fp-ab-") as name:
         tmp = Path(name)
+        (tmp / "www").mkdir()
+        (tmp / "www" / "64k").write_bytes(os.urandom(64 * 1024))
         backend_port = free_port()
         backend = start_nginx("backend", "1", f"""
     server {{ listen 127.0.0.1:{backend_port} backlog=4096;
-             location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }} }}""",
-                              tmp, 1)
+             location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
+             location / {{ root {tmp / 'www'}; }} }}""", tmp, 1)
         try:
             for label, checkout in labels.items():
                 processes[label] = start(label, checkout, backend_port, tmp)
@@ -94,7 +99,7 @@ def main() -> int:
                 for name in order if round_number % 2 == 0 else reversed(order):
                     process, port = processes[name]
                     before = cpu_seconds(process.pid)
-                    result = run_wrk(f"http://127.0.0.1:{port}/small", args.seconds,
+                    result = run_wrk(f"http://127.0.0.1:{port}/{args.body}", args.seconds,
                                      args.connections)
                     cpu = (cpu_seconds(process.pid) - before) / max(1, result.requests) * 1e6
                     samples[name].append((result.requests_per_second, cpu))
@@ -125,15 +130,18 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ab.md").write_text(
+    name = "ab" if args.body == "small" else f"ab-{args.body}"
+    body_text = "100-byte" if args.body == "small" else "64 KiB"
+    (RESULTS / f"{name}.md").write_text(
         "# Same-minute A/B (benchmarks/ab.py)\n\n"
         f"wrk, {args.connections} connections, {args.seconds} s runs, {args.rounds} rounds, "
-        "alternating (the order flips each round); 100-byte responses from nginx; each "
+        f"alternating (the order flips each round); {body_text} responses from nginx; each "
         "failover-proxy with one worker pinned to core 0 and compare.py's configuration, nginx "
         "with one worker and a keepalive upstream pool; ratios are the medians of each round's "
         f"ratio to {reference}.\n\n" + table + "\n")
-    (RESULTS / "ab.json").write_text(json.dumps(
+    (RESULTS / f"{name}.json").write_text(json.dumps(
         {"connections": args.connections, "seconds": args.seconds, "reference": reference,
+         "body": args.body,
          "checkouts": {label: str(path) for label, path in labels.items()},
          "rounds": {name: [{"requests_per_second": rps, "cpu_us_per_request": cpu}
                            for rps, cpu in values] for name, values in samples.items()}},
