@@ -284,16 +284,31 @@ class Attempt:
         if head is not None:
             self.held_head = None
             self.holding_body = False
-            chunk = self.held_chunk
             self.exchange.bytes_out += len(head)
-            if chunk is not None:
-                self.held_chunk = None
-                parts = [head, chunk, *(self.held_more or ())]
-                self.held_more = None
-                self.exchange.bytes_out += sum(len(part) for part in parts) - len(head)
-                self.send_client_parts(tuple(parts))
-            else:
+            if not self._write_held_body(head):
                 self.send_client(head)
+
+    def _write_held_body(self, head: bytes) -> bool:
+        """Write `head` with the body held after it, if any was held (False when none was):
+        a small body joined to it as one buffer, a larger one or several chunks beside it."""
+        chunk = self.held_chunk
+        if chunk is None:
+            return False
+        self.held_chunk = None
+        self.holding_body = False
+        more = self.held_more
+        exchange = self.exchange
+        exchange.bytes_out += len(chunk)
+        if more is None and len(chunk) <= JOINED_BODY_BYTES:
+            self.send_client(head + chunk)  # the usual small response: one buffer
+        elif more is None:
+            self.send_client_parts((head, chunk))  # one sendmsg, the body not copied
+        else:
+            self.held_more = None
+            for piece in more:
+                exchange.bytes_out += len(piece)
+            self.send_client_parts((head, chunk, *more))
+        return True
 
     def on_body(self, chunk: bytes) -> None:
         self.activity += 1
@@ -323,24 +338,8 @@ class Attempt:
         head = self.held_head
         if head is not None:
             self.held_head = None
-            chunk = self.held_chunk
-            exchange = self.exchange
-            exchange.bytes_out += len(head)
-            if chunk is not None:
-                self.held_chunk = None
-                self.holding_body = False
-                more = self.held_more
-                exchange.bytes_out += len(chunk)
-                if more is None and len(chunk) <= JOINED_BODY_BYTES:
-                    self.send_client(head + chunk)  # the usual small response: one buffer
-                elif more is None:
-                    self.send_client_parts((head, chunk))  # one sendmsg, the body not copied
-                else:
-                    self.held_more = None
-                    for piece in more:
-                        exchange.bytes_out += len(piece)
-                    self.send_client_parts((head, chunk, *more))
-            else:
+            self.exchange.bytes_out += len(head)
+            if not self._write_held_body(head):
                 self.send_client(head + _LAST_CHUNK if self.chunked_out else head)
         elif self.chunked_out:
             self.send_client(_LAST_CHUNK)
