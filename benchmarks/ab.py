@@ -38,7 +38,7 @@ from common import (
     start_nginx,
     wait_port,
 )
-from compare import SMALL_BODY, failover_config, per_round_ratios
+from compare import backend_block, failover_config, nginx_proxy_block, per_round_ratios
 
 
 def start(label: str, checkout: Path, backend_port: int,
@@ -75,19 +75,13 @@ def main() -> int:
         (tmp / "www").mkdir()
         (tmp / "www" / "64k").write_bytes(os.urandom(64 * 1024))
         backend_port = free_port()
-        backend = start_nginx("backend", "1", f"""
-    server {{ listen 127.0.0.1:{backend_port} backlog=4096;
-             location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
-             location / {{ root {tmp / 'www'}; }} }}""", tmp, 1)
+        backend = start_nginx("backend", "1", backend_block(backend_port, tmp / "www"), tmp, 1)
         try:
             for label, checkout in labels.items():
                 processes[label] = start(label, checkout, backend_port, tmp)
             nginx_port = free_port()
-            processes["nginx"] = (start_nginx("nginx", "1", f"""
-    upstream origin {{ server 127.0.0.1:{backend_port}; keepalive 256; }}
-    server {{ listen 127.0.0.1:{nginx_port} backlog=4096;
-             location / {{ proxy_pass http://origin; proxy_http_version 1.1;
-                          proxy_set_header Connection ""; }} }}""", tmp, 0), nginx_port)
+            processes["nginx"] = (start_nginx(
+                "nginx", "1", nginx_proxy_block(nginx_port, backend_port), tmp, 0), nginx_port)
             wait_port(backend_port)
             for _, port in processes.values():
                 wait_port(port)

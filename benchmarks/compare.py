@@ -149,19 +149,31 @@ routes:
 """
 
 
+def backend_block(port: int, www: Path) -> str:
+    """The backend nginx's server: a fixed small body at /small, files from `www` elsewhere."""
+    return f"""
+    server {{ listen 127.0.0.1:{port} backlog=4096;
+             location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
+             location / {{ root {www}; }} }}"""
+
+
+def nginx_proxy_block(port: int, backend_port: int) -> str:
+    """nginx as the reverse proxy compared: a keep-alive upstream pool, HTTP/1.1 to it."""
+    return f"""
+    upstream origin {{ server 127.0.0.1:{backend_port}; keepalive 256; }}
+    server {{ listen 127.0.0.1:{port} backlog=4096;
+             location / {{ proxy_pass http://origin; proxy_http_version 1.1;
+                          proxy_set_header Connection ""; }} }}"""
+
+
 def start_targets(tmp: Path, backend_port: int) -> list[Target]:
     targets = []
     for workers in ("1", "all"):
         core = 0 if workers == "1" else None
         count = "1" if workers == "1" else "auto"
         port = free_port()
-        block = f"""
-    upstream origin {{ server 127.0.0.1:{backend_port}; keepalive 256; }}
-    server {{ listen 127.0.0.1:{port} backlog=4096;
-             location / {{ proxy_pass http://origin; proxy_http_version 1.1;
-                          proxy_set_header Connection ""; }} }}"""
-        targets.append(Target("nginx", workers, port,
-                              start_nginx(f"nginx-{workers}", count, block, tmp, core)))
+        targets.append(Target("nginx", workers, port, start_nginx(
+            f"nginx-{workers}", count, nginx_proxy_block(port, backend_port), tmp, core)))
         port = free_port()
         conf = tmp / f"haproxy-{workers}.cfg"
         conf.write_text(haproxy_conf(port, backend_port, 1 if workers == "1" else CORES))
@@ -481,10 +493,7 @@ def main() -> int:
         with open(tmp / "www" / "1g", "wb") as big:
             big.truncate(1 << 30)  # sparse: reads as zeros, costs no disk
         backend_port = free_port()
-        backend = start_nginx("backend", "1", f"""
-    server {{ listen 127.0.0.1:{backend_port} backlog=4096;
-             location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
-             location / {{ root {tmp / 'www'}; }} }}""", tmp, 1)
+        backend = start_nginx("backend", "1", backend_block(backend_port, tmp / "www"), tmp, 1)
         processes.append(backend)
         try:
             wait_port(backend_port)
