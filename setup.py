@@ -40,8 +40,9 @@ else:
     from mypyc.build import mypycify
 
     extensions = mypycify(["--strict", *COMPILED], opt_level="3")
-    extensions.append(
-        Extension("failover_proxy.dataplane._direct", ["failover_proxy/dataplane/_direct.c"])
-    )
+    extensions += [
+        Extension("failover_proxy.dataplane._direct", ["failover_proxy/dataplane/_direct.c"]),
+        Extension("failover_proxy.dataplane._reads", ["failover_proxy/dataplane/_reads.c"]),
+    ]
 
 setup(ext_modules=extensions)

@@ -48,6 +48,7 @@ from .headers import (
     new_request_id,
     usable_request_id,
 )
+from .readpath import NOT_READING, Reading, fail_connection, read_path
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
@@ -220,6 +221,8 @@ class DownstreamProtocol:
         self.send: Send = not_connected
         """How every write to the client goes (writepath.write_path); bound once per connection."""
         self.send_parts: SendParts = not_connected
+        self.reading: Reading = NOT_READING
+        """How the connection reads and is paused (readpath.read_path); bound once."""
         self.client_ip = b"unknown"
         self.forwarded_prefix = b""
         """The X-Forwarded lines a request without X-Forwarded-For is sent with, up to the
@@ -269,6 +272,7 @@ class DownstreamProtocol:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         self.send, self.send_parts = write_path(transport)
+        self.reading = read_path(transport, self.data_received, self.read_eof, self.read_failed)
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
@@ -278,6 +282,7 @@ class DownstreamProtocol:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.reading.detach()
         self.plane.connections.discard(self)
         if self.tunnel is not None:
             self.tunnel.close()
@@ -306,6 +311,17 @@ class DownstreamProtocol:
             )
             return True
         return True if (self.exchange is not None or self.queue) else None
+
+    def read_eof(self) -> None:
+        """The end of the stream, seen by the Reader (readpath): as the transport would."""
+        if not self.eof_received() and self.transport is not None:
+            self.transport.close()
+
+    def read_failed(self, exc: BaseException) -> None:
+        """A read failed, or a callback raised (readpath): end the connection as the transport
+        does on a fatal error."""
+        self.stopped_parsing = True
+        fail_connection(self.transport, self, exc)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -361,7 +377,7 @@ class DownstreamProtocol:
         transport.write_eof()
         if self._pause_reasons:
             self._pause_reasons = 0
-            transport.resume_reading()
+            self.reading.resume()
 
     def _linger_on(self) -> None:
         """A lingering close waits `lingering_timeout` more for the client, to `lingering_until`
@@ -389,16 +405,16 @@ class DownstreamProtocol:
     # -- reading, with reasons to pause --------------------------------------------------------
 
     def _pause(self, reason: int) -> None:
-        if not self._pause_reasons and self.transport is not None and not self.closed:
-            self.transport.pause_reading()
+        if not self._pause_reasons and not self.closed:
+            self.reading.pause()
         self._pause_reasons |= reason
 
     def _resume(self, reason: int) -> None:
         if not self._pause_reasons & reason:
             return
         self._pause_reasons &= ~reason
-        if not self._pause_reasons and self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        if not self._pause_reasons and not self.closed:
+            self.reading.resume()
 
     def set_paused_by_upstream(self, paused: bool) -> None:
         if paused:
@@ -774,7 +790,9 @@ class DownstreamProtocol:
     def start_tunnel(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """The backend switched protocols: from now on bytes flow untouched both ways."""
         assert self.transport is not None and conn.transport is not None
-        tunnel = Tunnel(self.transport, conn.transport, self.send, conn.send)
+        tunnel = Tunnel(
+            self.transport, conn.transport, self.send, conn.send, self.reading, conn.reading
+        )
         self.tunnel = tunnel
         conn.tunnel = tunnel
         if leftover:
@@ -784,7 +802,7 @@ class DownstreamProtocol:
         self._upgrade_buffer = []
         conn.pause_reading(False)
         self._pause_reasons = 0
-        self.transport.resume_reading()
+        self.reading.resume()
         if self.write_paused:
             tunnel.client_write_paused(True)
 

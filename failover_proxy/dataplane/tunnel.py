@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import asyncio
 
+from .readpath import Reading
 from .writepath import Send
 
 
 class Tunnel:
     """Joins a client transport and a backend transport until either closes. Bytes are written
-    with each connection's own send (writepath.write_path), as everything else it wrote was."""
+    with each connection's own send (writepath.write_path), as everything else it wrote was,
+    and reading is paused through each connection's own reading (readpath.read_path)."""
 
-    __slots__ = ("backend", "client", "closed", "to_backend", "to_client")
+    __slots__ = (
+        "backend",
+        "backend_reading",
+        "client",
+        "client_reading",
+        "closed",
+        "to_backend",
+        "to_client",
+    )
 
     def __init__(
         self,
@@ -24,11 +34,15 @@ class Tunnel:
         backend: asyncio.Transport,
         to_client: Send,
         to_backend: Send,
+        client_reading: Reading,
+        backend_reading: Reading,
     ) -> None:
         self.client = client
         self.backend = backend
         self.to_client = to_client
         self.to_backend = to_backend
+        self.client_reading = client_reading
+        self.backend_reading = backend_reading
         self.closed = False
 
     def from_client(self, data: bytes) -> None:
@@ -41,10 +55,10 @@ class Tunnel:
 
     def client_write_paused(self, paused: bool) -> None:
         """The client reads slowly: stop reading from the backend until it catches up."""
-        _set_reading(self.backend, not paused)
+        _set_reading(self.backend, self.backend_reading, not paused)
 
     def backend_write_paused(self, paused: bool) -> None:
-        _set_reading(self.client, not paused)
+        _set_reading(self.client, self.client_reading, not paused)
 
     def close(self) -> None:
         if self.closed:
@@ -54,10 +68,10 @@ class Tunnel:
         self.backend.close()
 
 
-def _set_reading(transport: asyncio.Transport, reading: bool) -> None:
+def _set_reading(transport: asyncio.Transport, reading: Reading, on: bool) -> None:
     if transport.is_closing():
         return
-    if reading and not transport.is_reading():
-        transport.resume_reading()
-    elif not reading and transport.is_reading():
-        transport.pause_reading()
+    if on and not reading.is_reading():
+        reading.resume()
+    elif not on and reading.is_reading():
+        reading.pause()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from .headers import MAX_RESPONSE_HEAD, ResponseHead, read_response_head
+from .readpath import NOT_READING, Reading, fail_connection, read_path
 from .writepath import Send, SendParts, not_connected, write_path
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ class UpstreamConnection:
         self.send: Send = not_connected
         """How every write to the backend goes (writepath.write_path); bound once per connection."""
         self.send_parts: SendParts = not_connected
+        self.reading: Reading = NOT_READING
+        """How the connection reads and is paused (readpath.read_path); bound once."""
+        self.lost_to: BaseException | None = None
+        """The error a failed read ended the connection with (connection_lost then gets None)."""
         self.owner: Attempt | None = None
         self.tunnel: Tunnel | None = None
         self.closed = False
@@ -67,10 +72,14 @@ class UpstreamConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         self.send, self.send_parts = write_path(transport)
+        self.reading = read_path(transport, self.data_received, self.read_eof, self.read_failed)
         self.pool.open_connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.reading.detach()
+        if exc is None and isinstance(self.lost_to, Exception):
+            exc = self.lost_to
         self.pool.forget(self)
         if self.tunnel is not None:
             self.tunnel.close()
@@ -81,6 +90,17 @@ class UpstreamConnection:
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; an HTTP/1.1 backend that half-closes is done
+
+    def read_eof(self) -> None:
+        """The end of the stream, seen by the Reader (readpath): as the transport would."""
+        if not self.eof_received() and self.transport is not None:
+            self.transport.close()
+
+    def read_failed(self, exc: BaseException) -> None:
+        """A read failed, or a callback raised (readpath): end the connection as the transport
+        does on a fatal error."""
+        self.lost_to = exc
+        fail_connection(self.transport, self, exc)
 
     def close(self) -> None:
         self.closed = True
@@ -99,9 +119,9 @@ class UpstreamConnection:
             return
         self.reading_paused = paused
         if paused:
-            self.transport.pause_reading()
+            self.reading.pause()
         else:
-            self.transport.resume_reading()
+            self.reading.resume()
 
     # -- flow control from the kernel ----------------------------------------------------------
 

@@ -33,19 +33,28 @@ def not_connected(_: object) -> None:
     raise ConnectionError("not connected")
 
 
-def write_path(transport: asyncio.Transport) -> tuple[Send, SendParts]:
-    """The write and writelines to use for a new connection's transport. Also turns Nagle's
-    algorithm off: a response head written before its body must not wait for an ACK."""
+def plain_socket_fd(transport: asyncio.Transport) -> int:
+    """The descriptor of a transport's socket when the transport is plain TCP, else -1 (TLS,
+    or no socket): only then may the socket be written and read directly."""
     sock = transport.get_extra_info("socket")
     if sock is None:
-        return transport.write, transport.writelines
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return -1
     encrypted = (
         transport.get_extra_info("sslcontext") is not None
         or transport.get_extra_info("ssl_object") is not None
     )
-    if DirectWriter is None or encrypted or sock.fileno() < 0:
+    return -1 if encrypted else sock.fileno()
+
+
+def write_path(transport: asyncio.Transport) -> tuple[Send, SendParts]:
+    """The write and writelines to use for a new connection's transport. Also turns Nagle's
+    algorithm off: a response head written before its body must not wait for an ACK."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    fd = plain_socket_fd(transport)
+    if DirectWriter is None or fd < 0:
         return transport.write, transport.writelines
-    writer = DirectWriter(sock.fileno(), transport)
+    writer = DirectWriter(fd, transport)
     return writer, writer.writelines

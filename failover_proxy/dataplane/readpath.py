@@ -1,0 +1,141 @@
+"""How a data-plane connection reads: in batches from one epoll set per event loop (Reader and
+ReadLoop, from _reads.c), or through the transport.
+
+uvloop hands each read to Python through two libuv callbacks, each taking the GIL back and
+dropping it again: about 1,700 CPU instructions per read, and a small proxied request reads
+twice. A ReadLoop is registered with the event loop once (add_reader on its epoll descriptor)
+and, whenever any of its sockets is ready, reads all of them under one GIL acquisition, calling
+each connection's data_received as uvloop would.
+
+A connection's reading is an object with take_over, pause, resume, is_reading and detach:
+protocols pause and resume through it (never through the transport, which no longer reads once
+a Reader took over). TLS connections, and builds without the C extension
+(FAILOVER_PROXY_PURE=1), read through the transport (TransportReading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable
+from typing import Protocol
+
+from .writepath import plain_socket_fd
+
+try:
+    from ._reads import Reader, ReadLoop
+except ImportError:  # a plain-Python build
+    Reader = ReadLoop = None  # type: ignore[assignment, misc]
+
+
+class Reading(Protocol):
+    """One connection's reading, as its protocol steers it."""
+
+    def take_over(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def is_reading(self) -> bool: ...
+    def detach(self) -> None: ...
+
+
+class TransportReading:
+    """Reading done by the transport itself."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def take_over(self) -> None:
+        """Nothing to take over: the transport reads."""
+
+    def pause(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self.transport.is_reading()
+
+    def detach(self) -> None:
+        """Nothing to release."""
+
+
+class NotReading:
+    """A connection's reading before its transport exists."""
+
+    __slots__ = ()
+
+    def take_over(self) -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def is_reading(self) -> bool:
+        return False
+
+    def detach(self) -> None:
+        pass
+
+
+NOT_READING = NotReading()
+
+_read_loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReadLoop] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def read_loop(loop: asyncio.AbstractEventLoop) -> ReadLoop:
+    """The event loop's ReadLoop, registered with it on first use (it lives as long as the
+    loop: the registration holds it, and closing the loop's selector drops it)."""
+    reads = _read_loops.get(loop)
+    if reads is None:
+        reads = ReadLoop()
+        loop.add_reader(reads.fileno(), reads.ready)
+        _read_loops[loop] = reads
+    return reads
+
+
+def fail_connection(
+    transport: asyncio.Transport | None, protocol: object, exc: BaseException
+) -> None:
+    """End a connection whose read failed or whose callback raised, as uvloop does: a read
+    error (a reset) quietly, an exception from our own code logged, then the transport aborted
+    (its connection_lost follows, with None: the protocol keeps the error itself)."""
+    if not isinstance(exc, OSError):
+        asyncio.get_running_loop().call_exception_handler({
+            "message": "Fatal error: protocol.data_received() call failed.",
+            "exception": exc,
+            "transport": transport,
+            "protocol": protocol,
+        })
+    if transport is not None:
+        transport.abort()
+
+
+def read_path(
+    transport: asyncio.Transport,
+    data_received: Callable[[bytes], None],
+    eof_received: Callable[[], None],
+    failed: Callable[[BaseException], None],
+) -> Reading:
+    """The reading of a connection whose protocol's connection_made was just called.
+
+    `eof_received` is called at the end of the stream (close the transport unless the protocol
+    keeps it half-open) and `failed` with the error of a failed read or the exception a callback
+    raised (abort the transport); both only once a Reader took over."""
+    fd = plain_socket_fd(transport)
+    if Reader is None or fd < 0:
+        return TransportReading(transport)
+    loop = asyncio.get_running_loop()
+    reader = Reader(read_loop(loop), fd, transport, data_received, eof_received, failed)
+    # uvloop starts the transport's reading after connection_made returns: take over after it.
+    loop.call_soon(reader.take_over)
+    return reader
