@@ -58,7 +58,7 @@ class _Server(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.reading = read_path(
-            self.transport, self.data_received, self.read_eof, self.read_failed
+            self.transport, self.data_received, self.eof_received, self.read_failed
         )
         if self.pause_at_once:
             self.reading.pause()
@@ -72,10 +72,6 @@ class _Server(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eofs += 1
         return self.keep_open
-
-    def read_eof(self) -> None:
-        if not self.eof_received():
-            self.transport.close()
 
     def read_failed(self, exc: BaseException) -> None:
         self.failures.append(exc)

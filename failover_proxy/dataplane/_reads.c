@@ -21,10 +21,10 @@
  * - The set can outlive a socket: closing a descriptor takes it out of every epoll set. The
  *   ReadLoop keeps, per descriptor number, the Reader that registered it, so a Reader whose
  *   socket closed under it never removes the registration of a later socket with the number.
- * - End of stream: the Reader leaves the set and calls `eof_received` (the protocol's own
- *   handler, which closes the transport unless the protocol keeps it half-open, as uvloop
- *   does). A read error or an exception from a callback: it leaves the set and calls `failed`
- *   with the exception (the protocol aborts the transport).
+ * - End of stream: the Reader leaves the set, calls the protocol's eof_received and closes
+ *   the transport unless that returned true (a half-open connection), as uvloop does. A read
+ *   error or an exception from a callback: it leaves the set and calls `failed` with the
+ *   exception (the protocol aborts the transport).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -66,7 +66,8 @@ struct Reader {
     PyObject *resume_transport; /* transport.resume_reading */
     PyObject *is_reading;       /* transport.is_reading */
     PyObject *on_data;          /* protocol.data_received */
-    PyObject *on_eof;           /* called at the end of the stream */
+    PyObject *close_transport;  /* transport.close */
+    PyObject *on_eof;           /* protocol.eof_received */
     PyObject *on_failure;       /* called with the exception of a failed read or callback */
 };
 
@@ -210,6 +211,23 @@ report_failure(Reader *reader, PyObject *exception)
     Py_DECREF(exception);
 }
 
+/* The end of the stream, met as uvloop's transport meets it: the protocol's eof_received, then
+ * the transport closed unless that returned true (the protocol keeps the connection half-open). */
+static PyObject *
+end_of_stream(Reader *reader)
+{
+    PyObject *keep = PyObject_CallNoArgs(reader->on_eof);
+    if (keep == NULL)
+        return NULL;
+    int keep_open = PyObject_IsTrue(keep);
+    Py_DECREF(keep);
+    if (keep_open < 0)
+        return NULL;
+    if (keep_open || reader->close_transport == NULL)
+        Py_RETURN_NONE;
+    return PyObject_CallNoArgs(reader->close_transport);
+}
+
 /* One recv for a ready reader, and the call its outcome asks for. Never leaves an error set. */
 static void
 read_ready(ReadLoop *loop, Reader *reader)
@@ -243,7 +261,7 @@ read_ready(ReadLoop *loop, Reader *reader)
         Py_DECREF(data);
     } else if (got == 0) {
         unregister(reader);
-        result = PyObject_CallNoArgs(reader->on_eof);
+        result = end_of_stream(reader);
     } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
         return;  /* another reader of the socket took it first */
     } else {
@@ -369,8 +387,9 @@ reader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->pause_transport = PyObject_GetAttrString(transport, "pause_reading");
     self->resume_transport = PyObject_GetAttrString(transport, "resume_reading");
     self->is_reading = PyObject_GetAttrString(transport, "is_reading");
+    self->close_transport = PyObject_GetAttrString(transport, "close");
     if (!self->is_closing || !self->pause_transport || !self->resume_transport ||
-        !self->is_reading) {
+        !self->is_reading || !self->close_transport) {
         Py_DECREF(self);
         return NULL;
     }
@@ -385,6 +404,7 @@ reader_traverse(Reader *self, visitproc visit, void *arg)
     Py_VISIT(self->pause_transport);
     Py_VISIT(self->resume_transport);
     Py_VISIT(self->is_reading);
+    Py_VISIT(self->close_transport);
     Py_VISIT(self->on_data);
     Py_VISIT(self->on_eof);
     Py_VISIT(self->on_failure);
@@ -398,6 +418,7 @@ reader_clear(Reader *self)
     Py_CLEAR(self->pause_transport);
     Py_CLEAR(self->resume_transport);
     Py_CLEAR(self->is_reading);
+    Py_CLEAR(self->close_transport);
     Py_CLEAR(self->on_data);
     Py_CLEAR(self->on_eof);
     Py_CLEAR(self->on_failure);

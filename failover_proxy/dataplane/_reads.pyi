@@ -25,7 +25,7 @@ class Reader:
         fd: int,
         transport: asyncio.Transport,
         data_received: Callable[[bytes], None],
-        eof_received: Callable[[], None],
+        eof_received: Callable[[], bool | None],
         failed: Callable[[BaseException], None],
     ) -> None: ...
     def take_over(self) -> None: ...

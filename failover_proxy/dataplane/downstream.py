@@ -272,7 +272,7 @@ class DownstreamProtocol:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         self.send, self.send_parts = write_path(transport)
-        self.reading = read_path(transport, self.data_received, self.read_eof, self.read_failed)
+        self.reading = read_path(transport, self.data_received, self.eof_received, self.read_failed)
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
@@ -311,11 +311,6 @@ class DownstreamProtocol:
             )
             return True
         return True if (self.exchange is not None or self.queue) else None
-
-    def read_eof(self) -> None:
-        """The end of the stream, seen by the Reader (readpath): as the transport would."""
-        if not self.eof_received() and self.transport is not None:
-            self.transport.close()
 
     def read_failed(self, exc: BaseException) -> None:
         """A read failed, or a callback raised (readpath): end the connection as the transport

@@ -123,14 +123,14 @@ def fail_connection(
 def read_path(
     transport: asyncio.Transport,
     data_received: Callable[[bytes], None],
-    eof_received: Callable[[], None],
+    eof_received: Callable[[], bool | None],
     failed: Callable[[BaseException], None],
 ) -> Reading:
     """The reading of a connection whose protocol's connection_made was just called.
 
-    `eof_received` is called at the end of the stream (close the transport unless the protocol
-    keeps it half-open) and `failed` with the error of a failed read or the exception a callback
-    raised (abort the transport); both only once a Reader took over."""
+    Once a Reader took over, the end of the stream calls the protocol's `eof_received` (the
+    transport is then closed unless it returned true, as uvloop does), and a failed read or an
+    exception from a callback calls `failed` with the exception (see fail_connection)."""
     fd = plain_socket_fd(transport)
     if Reader is None or fd < 0:
         return TransportReading(transport)

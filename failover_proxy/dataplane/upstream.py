@@ -72,7 +72,7 @@ class UpstreamConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         self.send, self.send_parts = write_path(transport)
-        self.reading = read_path(transport, self.data_received, self.read_eof, self.read_failed)
+        self.reading = read_path(transport, self.data_received, self.eof_received, self.read_failed)
         self.pool.open_connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -90,11 +90,6 @@ class UpstreamConnection:
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; an HTTP/1.1 backend that half-closes is done
-
-    def read_eof(self) -> None:
-        """The end of the stream, seen by the Reader (readpath): as the transport would."""
-        if not self.eof_received() and self.transport is not None:
-            self.transport.close()
 
     def read_failed(self, exc: BaseException) -> None:
         """A read failed, or a callback raised (readpath): end the connection as the transport
