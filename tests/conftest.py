@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,7 +19,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import trustme
 import uvloop
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,6 +36,40 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
     """Every async test runs on uvloop, as the proxy does in production."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for localhost from a new test CA, and a client
+    context that trusts that CA."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return server_context, client_context
+
+
+async def hello_exchanges(
+    start_app: Callable[[web.Application], Awaitable[int]],
+    start_proxy: Callable[[str], Awaitable[ProxyServer]],
+) -> tuple[list[Any], list[Any]]:
+    """Three small requests through the real proxy on one keep-alive connection to an aiohttp
+    backend that answers "hello"; the proxy's client-side and backend-side connections after."""
+
+    async def hello(_: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    server = await start_proxy(single_upstream_config([await start_app(app)]))
+    async with httpx.AsyncClient() as client:
+        for _ in range(3):
+            response = await client.get(f"http://127.0.0.1:{server.port}/")
+            assert response.status_code == 200 and response.text == "hello"
+        assert server.plane is not None
+        client_side = list(server.plane.connections)
+        backend = server.plane.topology.upstreams["web"].backends[0]
+        return client_side, list(backend.pool.idle)
 
 
 def free_port() -> int:

@@ -18,16 +18,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
-import httpx
 import pytest
-import trustme
 from aiohttp import web
 
 from failover_proxy.dataplane import readpath
 from failover_proxy.dataplane.readpath import TransportReading, fail_connection, read_path
 from failover_proxy.server import ProxyServer
 
-from .conftest import single_upstream_config
+from .conftest import hello_exchanges, tls_contexts
 
 # A plain-Python build (FAILOVER_PROXY_PURE=1) has no C extension and reads via the transport.
 Reader = pytest.importorskip("failover_proxy.dataplane._reads").Reader
@@ -149,6 +147,15 @@ async def listener() -> AsyncIterator[_Listener]:
     await server.wait_closed()
 
 
+async def _held_until_resumed(client: socket.socket, server: _Server, reader: Any) -> None:
+    """Bytes the client sends to a paused reader wait until it resumes."""
+    await _send(client, b"held")
+    await asyncio.sleep(0.1)
+    assert server.received == b""
+    reader.resume()
+    await server.wait_for_bytes(b"held")
+
+
 def _send_while_the_loop_waits(messages: list[tuple[socket.socket, bytes]]) -> None:
     """Send small messages (taken at once), then wait without letting the event loop run (this
     blocks it on purpose), so every socket is ready when the loop looks next."""
@@ -193,11 +200,7 @@ async def test_pause_holds_the_bytes_until_resume(listener: _Listener) -> None:
     reader = await server.taken_over()
     reader.pause()
     assert not reader.is_reading() and not reader.registered
-    await _send(client, b"held")
-    await asyncio.sleep(0.1)
-    assert server.received == b""
-    reader.resume()
-    await server.wait_for_bytes(b"held")
+    await _held_until_resumed(client, server, reader)
 
 
 async def test_a_connection_paused_before_the_take_over_stays_paused(
@@ -207,11 +210,7 @@ async def test_a_connection_paused_before_the_take_over_stays_paused(
     client, server = await listener.connect()
     reader = await server.taken_over()
     assert not reader.registered and not server.transport.is_reading()
-    await _send(client, b"held")
-    await asyncio.sleep(0.1)
-    assert server.received == b""
-    reader.resume()
-    await server.wait_for_bytes(b"held")
+    await _held_until_resumed(client, server, reader)
 
 
 async def test_the_end_of_the_stream_closes_unless_the_protocol_keeps_it_open(
@@ -336,11 +335,7 @@ async def test_tls_connections_and_plain_python_builds_read_through_the_transpor
     listener: _Listener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
+    server_context, client_context = tls_contexts()
     made: asyncio.Queue[_Server] = asyncio.Queue()
     server = await loop.create_server(lambda: _Server(made), "127.0.0.1", 0, ssl=server_context)
     port = server.sockets[0].getsockname()[1]
@@ -369,24 +364,11 @@ async def test_tls_connections_and_plain_python_builds_read_through_the_transpor
 async def test_the_proxy_reads_both_sides_through_readers(
     aiohttp_backend: StartApp, proxy: StartProxy
 ) -> None:
-    async def hello(_: web.Request) -> web.Response:
-        return web.Response(text="hello")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
-    server = await proxy(single_upstream_config([await aiohttp_backend(app)]))
     reads = _read_loop()
     before = reads.reads
-    async with httpx.AsyncClient() as client:
-        for _ in range(3):
-            response = await client.get(f"http://127.0.0.1:{server.port}/")
-            assert response.status_code == 200 and response.text == "hello"
-        assert server.plane is not None
-        client_side = [conn.reading for conn in server.plane.connections]
-        backend = server.plane.topology.upstreams["web"].backends[0]
-        backend_side = [conn.reading for conn in backend.pool.idle]
-        for readings in (client_side, backend_side):
-            assert len(readings) == 1 and isinstance(readings[0], Reader)
-            assert readings[0].taken_over and readings[0].registered
+    client_side, backend_side = await hello_exchanges(aiohttp_backend, proxy)
+    for readings in ([conn.reading for conn in client_side], [c.reading for c in backend_side]):
+        assert len(readings) == 1 and isinstance(readings[0], Reader)
+        assert readings[0].taken_over and readings[0].registered
     # Each side's first read may come before the take-over; the other four are batched.
     assert reads.reads - before >= 4

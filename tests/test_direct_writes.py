@@ -11,22 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
-import httpx
 import pytest
-import trustme
 from aiohttp import web
 
 from failover_proxy.dataplane import writepath
 from failover_proxy.dataplane.writepath import write_path
 from failover_proxy.server import ProxyServer
 
-from .conftest import single_upstream_config
+from .conftest import hello_exchanges, tls_contexts
 
 # A plain-Python build (FAILOVER_PROXY_PURE=1) has no C extension and writes via the transport.
 DirectWriter = pytest.importorskip("failover_proxy.dataplane._direct").DirectWriter
@@ -245,11 +242,7 @@ async def test_tls_connections_and_plain_python_builds_write_through_the_transpo
     pair: _Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
+    server_context, client_context = tls_contexts()
     made: asyncio.Future[_Recorder] = loop.create_future()
     server = await loop.create_server(
         lambda: _Recorder(made), "127.0.0.1", 0, ssl=server_context
@@ -281,21 +274,7 @@ async def test_the_proxy_writes_small_exchanges_straight_to_both_sockets(
 ) -> None:
     """Through the real proxy: the client's and the backend's connections get DirectWriters,
     and small requests and their responses go out without the transports."""
-
-    async def hello(_: web.Request) -> web.Response:
-        return web.Response(text="hello")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
-    server = await proxy(single_upstream_config([await aiohttp_backend(app)]))
-    async with httpx.AsyncClient() as client:
-        for _ in range(3):
-            response = await client.get(f"http://127.0.0.1:{server.port}/")
-            assert response.status_code == 200 and response.text == "hello"
-        assert server.plane is not None
-        to_clients = [conn.send for conn in server.plane.connections]
-        backend = server.plane.topology.upstreams["web"].backends[0]
-        to_backends = [conn.send for conn in backend.pool.idle]
-        for writers in (to_clients, to_backends):
-            assert len(writers) == 1 and isinstance(writers[0], DirectWriter)
-            assert (writers[0].direct_writes, writers[0].handed_over) == (3, 0)
+    client_side, backend_side = await hello_exchanges(aiohttp_backend, proxy)
+    for writers in ([conn.send for conn in client_side], [conn.send for conn in backend_side]):
+        assert len(writers) == 1 and isinstance(writers[0], DirectWriter)
+        assert (writers[0].direct_writes, writers[0].handed_over) == (3, 0)

@@ -28,6 +28,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -57,8 +58,8 @@ struct Reader {
     PyObject_HEAD
     ReadLoop *loop;
     int fd;
-    int registered;    /* in the ReadLoop's set (and in its owners) */
-    int taken_over;    /* reading is this Reader's, no longer the transport's */
+    char registered;   /* in the ReadLoop's set (and in its owners) */
+    char taken_over;   /* reading is this Reader's, no longer the transport's */
     int wanted;        /* reading is not paused by the protocol */
     int fallbacks;     /* times reading went back to the transport (see read_through_transport) */
     PyObject *is_closing;       /* transport.is_closing */
@@ -307,18 +308,6 @@ readloop_ready(ReadLoop *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-readloop_get_batches(ReadLoop *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromUnsignedLongLong(self->batches);
-}
-
-static PyObject *
-readloop_get_reads(ReadLoop *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromUnsignedLongLong(self->reads);
-}
-
-static PyObject *
 readloop_get_registered(ReadLoop *self, void *Py_UNUSED(closure))
 {
     long count = 0;
@@ -326,6 +315,13 @@ readloop_get_registered(ReadLoop *self, void *Py_UNUSED(closure))
         count += self->owners[fd] != NULL;
     return PyLong_FromLong(count);
 }
+
+static PyMemberDef readloop_members[] = {
+    {"batches", T_ULONGLONG, offsetof(ReadLoop, batches), READONLY,
+     "Times ready() found the set ready."},
+    {"reads", T_ULONGLONG, offsetof(ReadLoop, reads), READONLY, "Reads that returned bytes."},
+    {NULL, 0, 0, 0, NULL},
+};
 
 static PyMethodDef readloop_methods[] = {
     {"fileno", (PyCFunction)readloop_fileno, METH_NOARGS,
@@ -338,8 +334,6 @@ static PyMethodDef readloop_methods[] = {
 };
 
 static PyGetSetDef readloop_getset[] = {
-    {"batches", (getter)readloop_get_batches, NULL, "Times ready() found the set ready.", NULL},
-    {"reads", (getter)readloop_get_reads, NULL, "Reads that returned bytes.", NULL},
     {"registered", (getter)readloop_get_registered, NULL, "Sockets in the set now.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -354,6 +348,7 @@ static PyTypeObject ReadLoopType = {
     .tp_traverse = (traverseproc)readloop_traverse,
     .tp_clear = (inquiry)readloop_clear,
     .tp_methods = readloop_methods,
+    .tp_members = readloop_members,
     .tp_getset = readloop_getset,
     .tp_doc = "ReadLoop(): one epoll set of plain-TCP sockets, read in batches (see _reads.c).",
 };
@@ -585,24 +580,6 @@ reader_detach(Reader *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static PyObject *
-reader_get_registered(Reader *self, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(self->registered);
-}
-
-static PyObject *
-reader_get_taken_over(Reader *self, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(self->taken_over);
-}
-
-static PyObject *
-reader_get_fallbacks(Reader *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLong(self->fallbacks);
-}
-
 static PyMethodDef reader_methods[] = {
     {"take_over", (PyCFunction)reader_take_over, METH_NOARGS,
      "Stop the transport's reading and read the socket in the ReadLoop instead (call it "
@@ -615,13 +592,13 @@ static PyMethodDef reader_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef reader_getset[] = {
-    {"registered", (getter)reader_get_registered, NULL, "In the ReadLoop's set now.", NULL},
-    {"fallbacks", (getter)reader_get_fallbacks, NULL,
-     "Times the socket could not be put in the set, so the transport kept reading.", NULL},
-    {"taken_over", (getter)reader_get_taken_over, NULL,
-     "Reading is the Reader's, no longer the transport's.", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
+static PyMemberDef reader_members[] = {
+    {"registered", T_BOOL, offsetof(Reader, registered), READONLY, "In the ReadLoop's set now."},
+    {"taken_over", T_BOOL, offsetof(Reader, taken_over), READONLY,
+     "Reading is the Reader's, no longer the transport's."},
+    {"fallbacks", T_INT, offsetof(Reader, fallbacks), READONLY,
+     "Times the socket could not be put in the set, so the transport kept reading."},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyTypeObject ReaderType = {
@@ -634,7 +611,7 @@ static PyTypeObject ReaderType = {
     .tp_traverse = (traverseproc)reader_traverse,
     .tp_clear = (inquiry)reader_clear,
     .tp_methods = reader_methods,
-    .tp_getset = reader_getset,
+    .tp_members = reader_members,
     .tp_doc = "Reader(loop, fd, transport, data_received, eof_received, failed): one "
               "connection's reading, done in a ReadLoop once taken over (see _reads.c).",
 };
