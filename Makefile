@@ -35,7 +35,7 @@ test: $(VENV)/.installed system-deps
 # Installs nginx, haproxy, wrk and hey with apt-get when missing; failover-proxy against nginx
 # and HAProxy (1 worker and all cores, small and 64 KiB bodies, 64 and 256 connections, latency
 # at a fixed rate, memory with 10k idle connections and a 1 GiB stream); then a provider broken
-# in every fault mode under load. Tables go to benchmarks/results/ (about 10 minutes).
+# in every fault mode under load. Tables go to benchmarks/results/ (about 20 minutes).
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/failover.py

@@ -13,7 +13,7 @@ time, since the machine's speed drifts between rounds). Then: latency added at a
 (hey) against the direct path, memory with 10,000 idle keep-alive client connections, and memory
 while a 1 GiB body streams through.
 
-    python benchmarks/compare.py [--duration 5] [--rounds 2] [--quick]
+    python benchmarks/compare.py [--duration 3] [--rounds 8] [--quick]
 """
 
 from __future__ import annotations
@@ -470,8 +470,10 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=float, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
+    # Many short rounds rather than a few long ones: on this VM one round's ratio to nginx
+    # swings by +-20%, so a median needs rounds more than seconds (8 x 3 s: about 20 minutes).
+    parser.add_argument("--duration", type=float, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--rate-seconds", type=float, default=8)
     parser.add_argument("--idle", type=int, default=10_000)
