@@ -52,9 +52,10 @@ def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
 async def hello_exchanges(
     start_app: Callable[[web.Application], Awaitable[int]],
     start_proxy: Callable[[str], Awaitable[ProxyServer]],
-) -> tuple[list[Any], list[Any]]:
+) -> tuple[ProxyServer, list[Any], list[Any]]:
     """Three small requests through the real proxy on one keep-alive connection to an aiohttp
-    backend that answers "hello"; the proxy's client-side and backend-side connections after."""
+    backend that answers "hello"; the proxy, and its client-side and backend-side connections
+    after them."""
 
     async def hello(_: web.Request) -> web.Response:
         return web.Response(text="hello")
@@ -69,7 +70,7 @@ async def hello_exchanges(
         assert server.plane is not None
         client_side = list(server.plane.connections)
         backend = server.plane.topology.upstreams["web"].backends[0]
-        return client_side, list(backend.pool.idle)
+        return server, client_side, list(backend.pool.idle)
 
 
 def free_port() -> int:

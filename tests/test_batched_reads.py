@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
+import httpx
 import pytest
 from aiohttp import web
 
@@ -162,6 +163,10 @@ def _send_while_the_loop_waits(messages: list[tuple[socket.socket, bytes]]) -> N
     for client, message in messages:
         client.send(message)
     time.sleep(0.05)
+
+
+def _closing(index: int) -> dict[str, str]:
+    return {"connection": "close"} if index % 2 else {}
 
 
 def _read_loop() -> Any:
@@ -366,9 +371,35 @@ async def test_the_proxy_reads_both_sides_through_readers(
 ) -> None:
     reads = _read_loop()
     before = reads.reads
-    client_side, backend_side = await hello_exchanges(aiohttp_backend, proxy)
+    _, client_side, backend_side = await hello_exchanges(aiohttp_backend, proxy)
     for readings in ([conn.reading for conn in client_side], [c.reading for c in backend_side]):
         assert len(readings) == 1 and isinstance(readings[0], Reader)
         assert readings[0].taken_over and readings[0].registered
     # Each side's first read may come before the take-over; the other four are batched.
     assert reads.reads - before >= 4
+
+
+async def test_no_registration_outlives_its_connection(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    """Clients come and go through the proxy, half of them closed by the proxy (Connection:
+    close), half by themselves: once they are gone, the set holds exactly the backend
+    connections resting in the pool (read for a backend's close), nothing else."""
+    server, _, backend_side = await hello_exchanges(aiohttp_backend, proxy)
+    assert server.plane is not None
+    plane, pool = server.plane, backend_side[0].pool
+    for _ in range(3):
+        clients = [httpx.AsyncClient() for _ in range(20)]
+        for response in await asyncio.gather(*(
+            client.get(f"http://127.0.0.1:{server.port}/", headers=_closing(index))
+            for index, client in enumerate(clients)
+        )):
+            assert response.text == "hello"
+        for client in clients:
+            await client.aclose()
+    for _ in range(200):
+        if not plane.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not plane.connections
+    assert _read_loop().registered == len(pool.idle) > 0

@@ -274,7 +274,7 @@ async def test_the_proxy_writes_small_exchanges_straight_to_both_sockets(
 ) -> None:
     """Through the real proxy: the client's and the backend's connections get DirectWriters,
     and small requests and their responses go out without the transports."""
-    client_side, backend_side = await hello_exchanges(aiohttp_backend, proxy)
+    _, client_side, backend_side = await hello_exchanges(aiohttp_backend, proxy)
     for writers in ([conn.send for conn in client_side], [conn.send for conn in backend_side]):
         assert len(writers) == 1 and isinstance(writers[0], DirectWriter)
         assert (writers[0].direct_writes, writers[0].handed_over) == (3, 0)
