@@ -61,6 +61,9 @@ class _Server(asyncio.Protocol):
         )
         if self.pause_at_once:
             self.reading.pause()
+        # As soon as uvloop has started the transport reading (after this returns); the proxy
+        # takes over later, once a connection is kept alive after an exchange.
+        asyncio.get_running_loop().call_soon(self.reading.take_over)
         self.made.put_nowait(self)
 
     def data_received(self, data: bytes) -> None:
@@ -403,3 +406,30 @@ async def test_no_registration_outlives_its_connection(
         await asyncio.sleep(0.01)
     assert not plane.connections
     assert _read_loop().registered == len(pool.idle) > 0
+
+
+async def test_a_connection_that_serves_one_request_is_never_registered(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    """The proxy takes a connection's reading over only once it is kept alive: a client that
+    sends one request with Connection: close is read by its transport alone, so it costs no
+    epoll registration. The backend connection, kept in the pool, is taken over."""
+    server, _, backend_side = await hello_exchanges(aiohttp_backend, proxy)
+    reads = _read_loop()
+    before = reads.reads
+    async with httpx.AsyncClient() as client:
+        response = await client.get(
+            f"http://127.0.0.1:{server.port}/", headers={"connection": "close"}
+        )
+        assert response.text == "hello"
+    assert server.plane is not None
+    for _ in range(200):
+        if not server.plane.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not server.plane.connections
+    # One read in the set: the response, on the pooled backend connection taken over before.
+    # The client's request went through its transport.
+    assert reads.reads - before == 1
+    assert reads.registered == len(backend_side) == 1
+    assert backend_side[0].reading.taken_over

@@ -128,6 +128,22 @@ def _read_while_the_loop_waits(client: socket.socket) -> bytes:
     return bytes(early)
 
 
+async def test_tcp_transports_have_nagle_off_already(pair: _Pair) -> None:
+    """write_path relies on uvloop's TCP transports setting TCP_NODELAY themselves, accepted
+    and connected alike: a response head written before its body must not wait for an ACK."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    outgoing, _ = await asyncio.get_running_loop().create_connection(
+        asyncio.Protocol, *listener.getsockname()
+    )
+    try:
+        for transport in (pair.transport, outgoing):
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        outgoing.close()
+        listener.close()
+
+
 async def test_writes_the_socket_takes_whole_skip_the_transport(pair: _Pair) -> None:
     writer = pair.writer()
     writer(b"HTTP/1.1 200 OK\r\n")

@@ -11,8 +11,9 @@
  * the connection's data_received.
  *
  * A Reader is one connection's reading. It starts out reading through the transport (uvloop
- * starts a transport's reading itself, after connection_made) and takes over with take_over():
- * it pauses the transport's reading and puts the socket in the set. From then on pause() and
+ * starts a transport's reading itself, after connection_made) and takes over when the protocol
+ * calls take_over() (once the connection is kept alive: see readpath.py): it pauses the
+ * transport's reading and puts the socket in the set. From then on pause() and
  * resume() take the socket out of the set and put it back. Everything else stays with the
  * transport: writes, closing, and the connection_lost call.
  * - It reads only while the transport is open (is_closing() is false, asked before every
@@ -62,12 +63,9 @@ struct Reader {
     char taken_over;   /* reading is this Reader's, no longer the transport's */
     int wanted;        /* reading is not paused by the protocol */
     int fallbacks;     /* times reading went back to the transport (see read_through_transport) */
-    PyObject *is_closing;       /* transport.is_closing */
-    PyObject *pause_transport;  /* transport.pause_reading */
-    PyObject *resume_transport; /* transport.resume_reading */
-    PyObject *is_reading;       /* transport.is_reading */
+    PyObject *transport;        /* its other methods are called by name: rarely, per connection */
+    PyObject *is_closing;       /* transport.is_closing, bound once: asked before every read */
     PyObject *on_data;          /* protocol.data_received */
-    PyObject *close_transport;  /* transport.close */
     PyObject *on_eof;           /* protocol.eof_received */
     PyObject *on_failure;       /* called with the exception of a failed read or callback */
 };
@@ -224,9 +222,9 @@ end_of_stream(Reader *reader)
     Py_DECREF(keep);
     if (keep_open < 0)
         return NULL;
-    if (keep_open || reader->close_transport == NULL)
+    if (keep_open || reader->transport == NULL)
         Py_RETURN_NONE;
-    return PyObject_CallNoArgs(reader->close_transport);
+    return PyObject_CallMethod(reader->transport, "close", NULL);
 }
 
 /* One recv for a ready reader, and the call its outcome asks for. Never leaves an error set. */
@@ -379,12 +377,8 @@ reader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->on_eof = Py_NewRef(on_eof);
     self->on_failure = Py_NewRef(on_failure);
     self->is_closing = PyObject_GetAttrString(transport, "is_closing");
-    self->pause_transport = PyObject_GetAttrString(transport, "pause_reading");
-    self->resume_transport = PyObject_GetAttrString(transport, "resume_reading");
-    self->is_reading = PyObject_GetAttrString(transport, "is_reading");
-    self->close_transport = PyObject_GetAttrString(transport, "close");
-    if (!self->is_closing || !self->pause_transport || !self->resume_transport ||
-        !self->is_reading || !self->close_transport) {
+    self->transport = Py_NewRef(transport);
+    if (!self->is_closing) {
         Py_DECREF(self);
         return NULL;
     }
@@ -396,10 +390,7 @@ reader_traverse(Reader *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->loop);
     Py_VISIT(self->is_closing);
-    Py_VISIT(self->pause_transport);
-    Py_VISIT(self->resume_transport);
-    Py_VISIT(self->is_reading);
-    Py_VISIT(self->close_transport);
+    Py_VISIT(self->transport);
     Py_VISIT(self->on_data);
     Py_VISIT(self->on_eof);
     Py_VISIT(self->on_failure);
@@ -410,10 +401,7 @@ static int
 reader_clear(Reader *self)
 {
     Py_CLEAR(self->is_closing);
-    Py_CLEAR(self->pause_transport);
-    Py_CLEAR(self->resume_transport);
-    Py_CLEAR(self->is_reading);
-    Py_CLEAR(self->close_transport);
+    Py_CLEAR(self->transport);
     Py_CLEAR(self->on_data);
     Py_CLEAR(self->on_eof);
     Py_CLEAR(self->on_failure);
@@ -491,20 +479,20 @@ read_through_transport(Reader *self)
     self->fallbacks++;
     if (!self->wanted)
         Py_RETURN_NONE;
-    return PyObject_CallNoArgs(self->resume_transport);
+    return PyObject_CallMethod(self->transport, "resume_reading", NULL);
 }
 
 static PyObject *
 reader_take_over(Reader *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->taken_over || self->is_reading == NULL)
+    if (self->taken_over || self->transport == NULL)
         Py_RETURN_NONE;
     int closed = transport_closing(self);
     if (closed < 0)
         return NULL;
     if (closed)
         Py_RETURN_NONE;
-    PyObject *reading = PyObject_CallNoArgs(self->is_reading);
+    PyObject *reading = PyObject_CallMethod(self->transport, "is_reading", NULL);
     if (reading == NULL)
         return NULL;
     int was_reading = PyObject_IsTrue(reading);
@@ -517,7 +505,7 @@ reader_take_over(Reader *self, PyObject *Py_UNUSED(ignored))
          * (uvloop stops reading there; a resume() would read the end again, as uvloop's
          * resume_reading would). */
         Py_RETURN_NONE;
-    PyObject *result = PyObject_CallNoArgs(self->pause_transport);
+    PyObject *result = PyObject_CallMethod(self->transport, "pause_reading", NULL);
     if (result == NULL)
         return NULL;
     Py_DECREF(result);
@@ -542,7 +530,7 @@ reader_pause(Reader *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     if (closed)
         Py_RETURN_NONE;
-    return PyObject_CallNoArgs(self->pause_transport);
+    return PyObject_CallMethod(self->transport, "pause_reading", NULL);
 }
 
 static PyObject *
@@ -555,7 +543,7 @@ reader_resume(Reader *self, PyObject *Py_UNUSED(ignored))
     if (closed)
         Py_RETURN_NONE;
     if (!self->taken_over)
-        return PyObject_CallNoArgs(self->resume_transport);
+        return PyObject_CallMethod(self->transport, "resume_reading", NULL);
     if (!self->registered && register_reader(self) < 0)
         return read_through_transport(self);
     Py_RETURN_NONE;
@@ -566,9 +554,9 @@ reader_is_reading(Reader *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->taken_over)
         return PyBool_FromLong(self->registered);
-    if (self->is_reading == NULL)
+    if (self->transport == NULL)
         Py_RETURN_FALSE;
-    return PyObject_CallNoArgs(self->is_reading);
+    return PyObject_CallMethod(self->transport, "is_reading", NULL);
 }
 
 static PyObject *
@@ -582,8 +570,8 @@ reader_detach(Reader *self, PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef reader_methods[] = {
     {"take_over", (PyCFunction)reader_take_over, METH_NOARGS,
-     "Stop the transport's reading and read the socket in the ReadLoop instead (call it "
-     "after connection_made has returned: uvloop starts the transport reading then)."},
+     "Stop the transport's reading and read the socket in the ReadLoop instead (not inside "
+     "connection_made: uvloop starts the transport reading after it returns)."},
     {"pause", (PyCFunction)reader_pause, METH_NOARGS, "Stop reading (back-pressure)."},
     {"resume", (PyCFunction)reader_resume, METH_NOARGS, "Read again."},
     {"is_reading", (PyCFunction)reader_is_reading, METH_NOARGS, "Reading is not paused."},

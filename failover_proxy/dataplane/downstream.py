@@ -52,7 +52,7 @@ from .readpath import NOT_READING, Reading, fail_connection, read_path
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
-from .writepath import Send, SendParts, not_connected, write_path
+from .writepath import Send, SendParts, not_connected, plain_socket_fd, write_path
 
 if TYPE_CHECKING:
     from .state import DataPlane
@@ -223,6 +223,8 @@ class DownstreamProtocol:
         self.send_parts: SendParts = not_connected
         self.reading: Reading = NOT_READING
         """How the connection reads and is paused (readpath.read_path); bound once."""
+        self.reading_taken_over = False
+        """reading.take_over() was called: once, when the connection was first kept alive."""
         self.client_ip = b"unknown"
         self.forwarded_prefix = b""
         """The X-Forwarded lines a request without X-Forwarded-For is sent with, up to the
@@ -271,8 +273,11 @@ class DownstreamProtocol:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        self.send, self.send_parts = write_path(transport)
-        self.reading = read_path(transport, self.data_received, self.eof_received, self.read_failed)
+        fd = plain_socket_fd(transport)
+        self.send, self.send_parts = write_path(transport, fd)
+        self.reading = read_path(
+            transport, self.data_received, self.eof_received, self.read_failed, fd
+        )
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
@@ -776,7 +781,11 @@ class DownstreamProtocol:
             request.close_connection = True  # the backend refused the upgrade
         if request.close_connection:
             self.close()
-        elif self.queue or self._serving or self._client_eof:
+            return
+        if not self.reading_taken_over:  # kept alive: read in batches from now on (readpath)
+            self.reading_taken_over = True
+            self.reading.take_over()
+        if self.queue or self._serving or self._client_eof:
             self._serve_next()
         else:  # the common case: idle until the next request
             self.deadline = self.plane.clock + self.limits.keepalive_timeout

@@ -9,8 +9,9 @@ each connection's data_received as uvloop would.
 
 A connection's reading is an object with take_over, pause, resume, is_reading and detach:
 protocols pause and resume through it (never through the transport, which no longer reads once
-a Reader took over). TLS connections, and builds without the C extension
-(FAILOVER_PROXY_PURE=1), read through the transport (TransportReading).
+a Reader took over). Taking over costs two epoll_ctl calls per connection, so a protocol takes
+over only once a connection is kept alive for more requests. TLS connections, and builds
+without the C extension (FAILOVER_PROXY_PURE=1), read through the transport (TransportReading).
 """
 
 from __future__ import annotations
@@ -125,17 +126,22 @@ def read_path(
     data_received: Callable[[bytes], None],
     eof_received: Callable[[], bool | None],
     failed: Callable[[BaseException], None],
+    fd: int | None = None,
 ) -> Reading:
     """The reading of a connection whose protocol's connection_made was just called.
 
+    The transport reads until the protocol calls take_over(), which it does once the connection
+    is kept alive after an exchange (never inside connection_made: uvloop starts the transport
+    reading after that returns). A connection that serves one request and closes costs no
+    epoll registration, and its one read goes the way it always did.
+
     Once a Reader took over, the end of the stream calls the protocol's `eof_received` (the
     transport is then closed unless it returned true, as uvloop does), and a failed read or an
-    exception from a callback calls `failed` with the exception (see fail_connection)."""
-    fd = plain_socket_fd(transport)
+    exception from a callback calls `failed` with the exception (see fail_connection). `fd` is
+    the transport's writepath.plain_socket_fd when the caller has it already."""
+    if fd is None:
+        fd = plain_socket_fd(transport)
     if Reader is None or fd < 0:
         return TransportReading(transport)
     loop = asyncio.get_running_loop()
-    reader = Reader(read_loop(loop), fd, transport, data_received, eof_received, failed)
-    # uvloop starts the transport's reading after connection_made returns: take over after it.
-    loop.call_soon(reader.take_over)
-    return reader
+    return Reader(read_loop(loop), fd, transport, data_received, eof_received, failed)

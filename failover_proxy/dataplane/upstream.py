@@ -17,7 +17,7 @@ import httptools
 
 from .headers import MAX_RESPONSE_HEAD, ResponseHead, read_response_head
 from .readpath import NOT_READING, Reading, fail_connection, read_path
-from .writepath import Send, SendParts, not_connected, write_path
+from .writepath import Send, SendParts, not_connected, plain_socket_fd, write_path
 
 if TYPE_CHECKING:
     # The owner is typed as the one class that owns connections, not as a Protocol: mypyc then
@@ -42,6 +42,8 @@ class UpstreamConnection:
         self.send_parts: SendParts = not_connected
         self.reading: Reading = NOT_READING
         """How the connection reads and is paused (readpath.read_path); bound once."""
+        self.reading_taken_over = False
+        """reading.take_over() was called: once, when the pool first kept the connection."""
         self.lost_to: BaseException | None = None
         """The error a failed read ended the connection with (connection_lost then gets None)."""
         self.owner: Attempt | None = None
@@ -71,8 +73,11 @@ class UpstreamConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        self.send, self.send_parts = write_path(transport)
-        self.reading = read_path(transport, self.data_received, self.eof_received, self.read_failed)
+        fd = plain_socket_fd(transport)
+        self.send, self.send_parts = write_path(transport, fd)
+        self.reading = read_path(
+            transport, self.data_received, self.eof_received, self.read_failed, fd
+        )
         self.pool.open_connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -351,6 +356,9 @@ class UpstreamPool:
             return
         if conn.reading_paused:
             conn.pause_reading(False)  # an idle connection must see the backend's close
+        if not conn.reading_taken_over:  # kept alive: read in batches from now on (readpath)
+            conn.reading_taken_over = True
+            conn.reading.take_over()
         conn.idle_since = now
         self.idle.append(conn)
 
