@@ -1,12 +1,12 @@
 """Build hook: compile the hot path with mypyc (typed Python → C), about 2x less CPU per request.
 
-Also builds one small C extension, dataplane/_direct.c: direct socket writes (see
-dataplane/writepath.py).
+Also builds two small C extensions: dataplane/_direct.c, direct socket writes (see
+dataplane/writepath.py), and dataplane/_reads.c, batched socket reads (dataplane/readpath.py).
 
 The same modules run unchanged as plain Python: set FAILOVER_PROXY_PURE=1 to skip compiling
-(for example where no C compiler is available; writes then go through the transports); that
-also removes compiled copies left in a source checkout, so they cannot shadow edited sources.
-Everything else is in pyproject.toml.
+(for example where no C compiler is available; reads and writes then go through the
+transports); that also removes compiled copies left in a source checkout, so they cannot shadow
+edited sources. Everything else is in pyproject.toml.
 """
 
 import os
