@@ -48,6 +48,7 @@ from common import (
     start_nginx,
     wait_port,
 )
+from verdict import judge, ratio_interval
 
 SMALL_BODY = "x" * 100
 CORES = os.cpu_count() or 1
@@ -102,6 +103,7 @@ class Row:
     minute of each other, while the machine's speed drifts by up to a third between rounds."""
     rounds: list[float] = field(default_factory=list)
     p99_rounds: list[float] = field(default_factory=list)
+    p99_ratio_rounds: list[float] = field(default_factory=list)
     tcp_timeouts: list[int] = field(default_factory=list)
     """Retransmission timeouts on the machine in each round (each one stalls >= 200 ms)."""
     cpu_us_per_request: float = 0.0
@@ -268,7 +270,8 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
         if nginx is not None and row.target != "backend":
             row.rps_ratio_rounds = per_round_ratios(row.rounds, nginx.rounds)
             row.rps_vs_nginx = statistics.median(row.rps_ratio_rounds)
-            row.p99_vs_nginx = statistics.median(per_round_ratios(row.p99_rounds, nginx.p99_rounds))
+            row.p99_ratio_rounds = per_round_ratios(row.p99_rounds, nginx.p99_rounds)
+            row.p99_vs_nginx = statistics.median(row.p99_ratio_rounds)
             cpu_ratios = per_round_ratios(row.cpu_rounds, nginx.cpu_rounds)
             row.cpu_vs_nginx = statistics.median(cpu_ratios) if cpu_ratios else 0.0
     return rows
@@ -387,10 +390,94 @@ def streaming_memory(target: Target, path: str, size: int) -> dict[str, float | 
             "rss_before_mib": before, "rss_peak_mib": peak, "extra_mib": peak - before}
 
 
+MB_PER_MIB = 1.048576
+"""The memory targets are in MB (10^6 bytes); RSS is measured in MiB."""
+
+
+def _ratio_cell(ratios: list[float]) -> str:
+    interval = ratio_interval(ratios)
+    if interval is not None:
+        return str(interval)
+    return f"{ratios[0]:.2f}x (one round)" if ratios else "-"
+
+
+def _ratio_verdict(ratios: list[float], goal: float, *, at_least: bool) -> str:
+    interval = ratio_interval(ratios)
+    if interval is not None:
+        return judge(interval, goal, at_least=at_least)
+    if not ratios:
+        return "-"
+    met = ratios[0] >= goal if at_least else ratios[0] <= goal
+    return ("met" if met else "missed") + " (one round: no interval)"
+
+
+def _ratios(row: Row | None, figure: str) -> list[float]:
+    """A row's per-round ratios to nginx: of req/s ("rps") or of p99 ("p99")."""
+    if row is None:
+        return []
+    return row.rps_ratio_rounds if figure == "rps" else row.p99_ratio_rounds
+
+
+def targets_section(rows: list[Row], startup: list[dict[str, Any]],
+                    idle: list[dict[str, float | str]]) -> list[str]:
+    """Issue 6's targets against this run: each ratio to nginx with its 95% interval over the
+    rounds (verdict.py), HAProxy's in the same cells beside it for scale."""
+    by_key = {(r.target, r.workers, r.body, r.connections): r for r in rows}
+    lines = [
+        "## The targets in this run", "",
+        "Each ratio to nginx is the geometric mean of the rounds' ratios with its 95% interval "
+        "(Student's t over the rounds' log ratios; benchmarks/verdict.py). A target is met "
+        "when the whole interval is on its good side, missed when the whole of it is on the "
+        "other; otherwise this run cannot tell, and the verdict says on which side the centre "
+        "lies. HAProxy's figures for the same cells show how close to nginx a fast proxy "
+        "comes on this machine.", "",
+        "| target | cell | failover-proxy | HAProxy | verdict |", "|---|---|---|---|---|",
+    ]
+    checks = [("req/s >= 1.0x nginx", "small", 1.0, True, "rps"),
+              ("req/s >= 0.9x nginx", "64k", 0.9, True, "rps"),
+              ("p99 <= 1.5x nginx", "small", 1.5, False, "p99"),
+              ("p99 <= 1.5x nginx", "64k", 1.5, False, "p99")]
+    for label, body, goal, at_least, figure in checks:
+        for workers in ("1", "all"):
+            for connections in sorted({r.connections for r in rows}):
+                if figure == "p99" and connections != 64:
+                    continue
+                ours = by_key.get(("failover-proxy", workers, body, connections))
+                if ours is None:
+                    continue
+                haproxy = by_key.get(("haproxy", workers, body, connections))
+                lines.append(
+                    f"| {label} | workers={workers}, {body}, {connections} conns "
+                    f"| {_ratio_cell(_ratios(ours, figure))} "
+                    f"| {_ratio_cell(_ratios(haproxy, figure))} "
+                    f"| {_ratio_verdict(_ratios(ours, figure), goal, at_least=at_least)} |")
+    for entry in startup:
+        if entry["target"] != "failover-proxy":
+            continue
+        mb = entry["worker_rss_mib"] * MB_PER_MIB
+        where = ("workers=1: one process, the control plane included" if entry["workers"] == "1"
+                 else f"workers={entry['workers']}: the largest worker")
+        verdict = "met" if mb <= 30 else "missed"
+        if entry["workers"] == "1" and mb > 30:
+            verdict += " (the whole proxy runs in this process: aiohttp alone is about 23 MiB)"
+        lines.append(f"| idle RSS <= 30 MB per worker | {where} "
+                     f"| {mb:.1f} MB ({entry['worker_rss_mib']:.1f} MiB) | | {verdict} |")
+    for entry in idle:
+        if entry["target"] != "failover-proxy":
+            continue
+        mb = float(entry["extra_mib"]) * MB_PER_MIB
+        lines.append(f"| {entry['connections']} idle connections <= 100 MB extra | workers=1 "
+                     f"| +{mb:.1f} MB (+{float(entry['extra_mib']):.1f} MiB) | "
+                     f"| {'met' if mb <= 100 else 'missed'} |")
+    return [*lines, ""]
+
+
 def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[str, Any]],
              idle: list[dict[str, float | str]], stream: dict[str, float | str],
              args: argparse.Namespace) -> str:
     lines = [
+        *targets_section(rows, startup, idle),
+        "## Throughput and latency", "",
         f"wrk, {args.duration:g} s per run, median of {args.rounds} alternating rounds (ratios to "
         "nginx: the median of each round's ratio, as the machine's speed drifts between rounds); "
         "backend: "
