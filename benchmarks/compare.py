@@ -7,11 +7,12 @@ failover-proxy (health checks, retries, metrics and the admin listener on), each
 (pinned to core 0, wrk on the other core) and with one worker per core (unpinned, wrk too).
 A featureless Python proxy on the same stack (floor_proxy.py, one worker) runs alongside as a
 floor for what Python can reach here. Access logs are off for all. Runs alternate target by
-target, round after round, so drift hits all alike; each figure is the median over rounds, and
-ratios are to nginx at the same worker count: the median of each round's ratio (paired in
-time, since the machine's speed drifts between rounds). Then: latency added at a fixed 5k req/s
-(hey) against the direct path, memory with 10,000 idle keep-alive client connections, and memory
-while a 1 GiB body streams through.
+target, round after round, the order flipping each round, so drift hits all alike; each figure
+is the median over rounds, and ratios are to nginx at the same worker count: the median of each
+round's ratio (paired in time, since the machine's speed drifts between rounds). compare.md
+opens with issue 6's targets, each ratio with its 95% interval over the rounds (verdict.py).
+Then: latency added at a fixed 5k req/s (hey) against the direct path, memory with 10,000 idle
+keep-alive client connections, and memory while a 1 GiB body streams through.
 
     python benchmarks/compare.py [--duration 3] [--rounds 8] [--quick]
 """
@@ -229,9 +230,11 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
         run_wrk(f"http://127.0.0.1:{target.port}/small", 1, 64,
                 core=1 if target.pinned else None)
     for round_number in range(rounds):
+        # The order flips each round, so no target always runs just before or after another.
+        order = everyone if round_number % 2 == 0 else everyone[::-1]
         for body in ("small", "64k"):
             for connections in connection_counts:
-                for target in everyone:
+                for target in order:
                     pinned = target.pinned
                     cpu_before = cpu_seconds(target.process.pid)
                     result = run_wrk(f"http://127.0.0.1:{target.port}/{body}", duration,
