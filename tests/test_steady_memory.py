@@ -1,0 +1,197 @@
+"""The proxy keeps nothing per request or per connection once they are over.
+
+A proxy at the edge serves billions of requests between restarts: a few bytes kept per request
+is an outage weeks later. The real proxy runs in this process, so what its objects hold can be
+counted directly: after a warm-up (pools, caches, metric series), more rounds of a traffic mix
+(keep-alive, bodies, closing clients, refused heads, clients that hang up before their answer,
+pipelined requests, connections refused by a backend and retried on another) must leave the
+proxy's objects at their warm-up count, and Python's allocated blocks (bytes included, which the
+garbage collector does not track) close to where they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+
+from failover_proxy.server import ProxyServer
+
+from .conftest import backend_entry, free_port, read_one_response, wait_for_port
+
+StartProxy = Callable[[str], Awaitable[ProxyServer]]
+
+KEEP_ALIVE_REQUESTS = 40
+"""Per round, on each of two keep-alive connections (half GET, half POST with a body)."""
+WARM_UP_ROUNDS = 24
+"""Enough for the pools, metric series and the interpreter's caches to reach their size."""
+ROUNDS = 16
+
+
+def _proxy_object_counts() -> Counter[str]:
+    """Live objects of the proxy's own classes (and the event loop's handles), by type."""
+    counts: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        kind = type(obj)
+        module = getattr(kind, "__module__", "") or ""
+        if module.startswith(("failover_proxy", "uvloop", "asyncio", "_asyncio")):
+            counts[f"{module}.{kind.__qualname__}"] += 1
+    return counts
+
+
+async def _traffic_round(port: int) -> int:
+    """One round of the mix; the number of requests it made."""
+    made = 0
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for index in range(KEEP_ALIVE_REQUESTS):
+            if index % 2:
+                body = b"x" * (100 + index)
+                writer.write(
+                    b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body)
+                )
+            else:
+                writer.write(b"GET /hello?i=%d HTTP/1.1\r\nHost: app\r\n\r\n" % index)
+            response = await read_one_response(reader)
+            assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+            made += 1
+        writer.close()
+    # Pipelined: three requests in one write, answered in order.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: app\r\n\r\n" * 3)
+    for _ in range(3):
+        assert (await read_one_response(reader)).startswith(b"HTTP/1.1 200 ")
+    made += 3
+    writer.close()
+    # Clients that close: one request each, with Connection: close.
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        made += 1
+    # Refused heads: a malformed request line, and a smuggling attempt (both framings).
+    for bad in (
+        b"GET /hello HTTP/1.1 extra\r\nHost: app\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(bad)
+        assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+        writer.close()
+        made += 1
+    # Clients that hang up before their response: one mid-body, one right after its head.
+    for request in (
+        b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 1000\r\n\r\nabc",
+        b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n",
+    ):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.transport.abort()
+        made += 1
+    return made
+
+
+BACKEND = """
+import asyncio, sys
+from aiohttp import web
+
+async def hello(_):
+    return web.Response(text="hello")
+
+async def echo(request):
+    return web.Response(body=await request.read())
+
+async def slow(_):
+    await asyncio.sleep(0.05)
+    return web.Response(text="late")
+
+app = web.Application()
+app.router.add_get("/hello", hello)
+app.router.add_post("/echo", echo)
+app.router.add_get("/slow", slow)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+
+@pytest.fixture
+def backend_port() -> Iterator[int]:
+    """The backend in a process of its own: what aiohttp keeps of the connections the test
+    breaks is no concern here, and would cloud the count of the proxy's objects."""
+    port = free_port()
+    # Its output is not read: the tracebacks aiohttp logs for the connections the proxy aborts
+    # would fill a pipe and block it.
+    process = subprocess.Popen(
+        [sys.executable, "-c", BACKEND, str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process=process)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_memory_returns_to_its_level_after_rounds_of_traffic(
+    backend_port: int, proxy: StartProxy
+) -> None:
+    port = backend_port
+    # A second backend where nothing listens: about half the requests pick it first, fail to
+    # connect and are retried on the other. Passive detection is set never to eject it, and
+    # it shares its provider with the good one (a provider whose only backend fails would be
+    # taken down at once).
+    dead_port = free_port()
+    config = (
+        "listen: {host: 127.0.0.1, port: 0}\n"
+        "upstreams:\n  web:\n    backends:\n"
+        + backend_entry("good", port)
+        + backend_entry("dead", dead_port)
+        + "    retry: {attempts: 3, next_attempt: any}\n"
+        + "    outlier: {consecutive_failures: 1000000}\n"
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+    )
+    server = await proxy(config)
+
+    for _ in range(WARM_UP_ROUNDS):
+        await _traffic_round(server.port)
+    await asyncio.sleep(0.1)  # the aborted clients' exchanges end
+    assert server.plane is not None
+    dead = next(b for b in server.plane.topology.upstreams["web"].backends if b.name == "dead")
+    dead_attempts = dead.attempts_total
+    gc.collect()
+    objects_before = _proxy_object_counts()
+    blocks_before = sys.getallocatedblocks()
+
+    requests = 0
+    for _ in range(ROUNDS):
+        requests += await _traffic_round(server.port)
+    await asyncio.sleep(0.1)
+    gc.collect()
+    objects_after = _proxy_object_counts()
+    blocks_after = sys.getallocatedblocks()
+
+    assert dead.attempts_total - dead_attempts > requests // 10  # the retry path ran too
+
+    grown = {
+        name: objects_after[name] - objects_before[name]
+        for name in objects_after
+        if objects_after[name] - objects_before[name] > 2
+    }
+    assert not grown, f"objects left behind after {requests} requests: {grown}"
+    # A block kept per request would add `requests` blocks (a bytes object kept per request
+    # added 1,633 over 1,472 requests when tried); after the warm-up the count moves by about
+    # 100 over as many (caches still settling, the test's own client).
+    assert blocks_after - blocks_before < requests // 8, (
+        f"{blocks_after - blocks_before} more allocated blocks after {requests} requests"
+    )
+
