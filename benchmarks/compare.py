@@ -462,7 +462,8 @@ def targets_section(rows: list[Row], startup: list[dict[str, Any]],
                  else f"workers={entry['workers']}: the largest worker")
         verdict = "met" if mb <= 30 else "missed"
         if entry["workers"] == "1" and mb > 30:
-            verdict += " (the whole proxy runs in this process: aiohttp alone is about 23 MiB)"
+            verdict += (" (this one process also runs the control plane: aiohttp, pydantic, "
+                        "prometheus_client and PyYAML add about 20 MiB)")
         lines.append(f"| idle RSS <= 30 MB per worker | {where} "
                      f"| {mb:.1f} MB ({entry['worker_rss_mib']:.1f} MiB) | | {verdict} |")
     for entry in idle:
