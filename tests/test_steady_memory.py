@@ -3,7 +3,7 @@
 A proxy at the edge serves billions of requests between restarts: a few bytes kept per request
 is an outage weeks later. The real proxy runs in this process, so what its objects hold can be
 counted directly: after a warm-up (pools, caches, metric series), more rounds of a traffic mix
-(keep-alive, bodies, closing clients, refused heads, clients that hang up before their answer,
+(keep-alive, bodies, closing clients, refused heads, clients that leave before their answer,
 pipelined requests, connections refused by a backend and retried on another) must leave the
 proxy's objects at their warm-up count, and Python's allocated blocks (bytes included, which the
 garbage collector does not track) close to where they were.
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
+import struct
 import subprocess
 import sys
 from collections import Counter
@@ -87,15 +89,19 @@ async def _traffic_round(port: int) -> int:
         assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
         writer.close()
         made += 1
-    # Clients that hang up before their response: one mid-body, one right after its head.
-    for request in (
-        b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 1000\r\n\r\nabc",
-        b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n",
+    # Clients that hang up before their answer: one mid-body (a FIN: the body is cut short),
+    # one waiting on a slow backend that resets the connection (an RST, SO_LINGER 0).
+    for request, reset in (
+        (b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 1000\r\n\r\nabc", False),
+        (b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n", True),
     ):
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request)
         await writer.drain()
         await asyncio.sleep(0.01)
+        if reset:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
         made += 1
     return made
