@@ -24,7 +24,13 @@ import pytest
 
 from failover_proxy.server import ProxyServer
 
-from .conftest import backend_entry, free_port, read_one_response, wait_for_port
+from .conftest import (
+    backend_entry,
+    free_port,
+    raw_request,
+    read_one_response,
+    wait_for_port,
+)
 
 StartProxy = Callable[[str], Awaitable[ProxyServer]]
 
@@ -73,10 +79,10 @@ async def _traffic_round(port: int) -> int:
     writer.close()
     # Clients that close: one request each, with Connection: close.
     for _ in range(5):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /hello HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
-        assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
-        writer.close()
+        answer = await raw_request(
+            port, b"GET /hello HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 200 ")
         made += 1
     # Refused heads: a malformed request line, and a smuggling attempt (both framings).
     for bad in (
@@ -84,10 +90,7 @@ async def _traffic_round(port: int) -> int:
         b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 3\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(bad)
-        assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
-        writer.close()
+        assert (await raw_request(port, bad)).startswith(b"HTTP/1.1 400 ")
         made += 1
     # Clients that hang up before their answer: one mid-body (a FIN: the body is cut short),
     # one waiting on a slow backend that resets the connection (an RST, SO_LINGER 0).
