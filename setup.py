@@ -1,7 +1,8 @@
 """Build hook: compile the hot path with mypyc (typed Python → C), about 2x less CPU per request.
 
-Also builds two small C extensions: dataplane/_direct.c, direct socket writes (see
-dataplane/writepath.py), and dataplane/_reads.c, batched socket reads (dataplane/readpath.py).
+Also builds three small C extensions: dataplane/_direct.c, direct socket writes (see
+dataplane/writepath.py); dataplane/_reads.c, batched socket reads (dataplane/readpath.py); and
+dataplane/_fields.c, where a head ends and which of its fields the proxy reads (headers.py).
 
 The same modules run unchanged as plain Python: set FAILOVER_PROXY_PURE=1 to skip compiling
 (for example where no C compiler is available; reads and writes then go through the
@@ -43,6 +44,7 @@ else:
     extensions += [
         Extension("failover_proxy.dataplane._direct", ["failover_proxy/dataplane/_direct.c"]),
         Extension("failover_proxy.dataplane._reads", ["failover_proxy/dataplane/_reads.c"]),
+        Extension("failover_proxy.dataplane._fields", ["failover_proxy/dataplane/_fields.c"]),
     ]
 
 setup(ext_modules=extensions)

@@ -1,7 +1,7 @@
 """Direct socket writes (writepath.py, _direct.c): the bytes and their order are what the
-transport's own write would give, whether the socket takes them at once or not; a closing
-transport is never written around; a reset connection ends through the transport as before; TLS
-connections keep using the transport.
+transport's own write would give, whether the socket takes them at once or not; a detached
+writer (a connection closing or lost) never writes around the transport; a reset connection
+ends through the transport as before; TLS connections keep using the transport.
 
 The writer is exercised on real uvloop TCP transports over loopback, with a client that stops
 reading to fill the socket's buffers, and through the real proxy."""
@@ -203,12 +203,15 @@ async def test_a_part_write_hands_over_the_rest_of_its_parts_in_order(pair: _Pai
     assert await pair.read_all(len(expected)) == expected
 
 
-async def test_a_closing_transport_is_never_written_around(pair: _Pair) -> None:
-    """Once the transport is closing, writes go to the transport (which drops them after close)
-    and never to the descriptor: after the close, its number is reused by the next socket, which
-    must not receive them."""
+async def test_a_detached_writer_never_writes_around_the_transport(pair: _Pair) -> None:
+    """Once detached (as the data plane's protocols do before they close a transport, and in
+    connection_lost), writes go to the transport (which drops them after close) and never to
+    the descriptor: after the close, its number is reused by the next socket, which must not
+    receive them."""
     writer = pair.writer()
     old_fd = pair.transport.get_extra_info("socket").fileno()
+    writer.detach()
+    assert writer.detached
     pair.transport.close()
     with contextlib.suppress(RuntimeError):
         writer(b"after close")
@@ -294,3 +297,22 @@ async def test_the_proxy_writes_small_exchanges_straight_to_both_sockets(
     for writers in ([conn.send for conn in client_side], [conn.send for conn in backend_side]):
         assert len(writers) == 1 and isinstance(writers[0], DirectWriter)
         assert (writers[0].direct_writes, writers[0].handed_over) == (3, 0)
+
+
+async def test_the_proxy_stops_direct_reads_and_writes_when_a_connection_ends(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    """Through the real proxy: a client connection that ended, and a backend connection the
+    proxy closed, have their writer detached and their reader out of the set, so neither can
+    touch the descriptor once uvloop closes it; a connection still open keeps both."""
+    _, client_side, backend_side = await hello_exchanges(aiohttp_backend, proxy)
+    (downstream,) = client_side  # its client has closed: the proxy closed its side
+    (upstream,) = backend_side  # idle in the pool, open
+    for _ in range(200):
+        if downstream.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert downstream.closed and downstream.send.detached and not downstream.reading.registered
+    assert not upstream.send.detached and upstream.reading.registered
+    upstream.close()  # as the pool closes an idle connection
+    assert upstream.send.detached and not upstream.reading.registered

@@ -15,10 +15,10 @@ import pytest
 from failover_proxy.dataplane.chunked import ChunkedBodyEnd
 from failover_proxy.dataplane.downstream import target_in_line, usual_method
 from failover_proxy.dataplane.headers import (
-    blank_line_at,
-    locate_head,
+    NOTED,
+    REQUEST_TAKEN,
     parse_response_head,
-    split_response_head,
+    read_response_head,
 )
 from failover_proxy.faults import read_request_body
 from failover_proxy.server import ProxyServer
@@ -29,6 +29,7 @@ from .conftest import (
     read_request_head,
     single_upstream_config,
 )
+from .test_field_walk import WALKER_IDS, WALKERS, HeadEnd, WalkFields
 
 StartRaw = Callable[[RawHandler], Awaitable[int]]
 StartProxy = Callable[[str], Awaitable[ProxyServer]]
@@ -235,45 +236,26 @@ async def test_a_head_past_both_limits_in_one_read_is_refused_unread(
 
 
 @pytest.mark.parametrize(
-    ("data", "at"),
+    ("data", "end"),
     [
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 25),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody\r\n\r\nmore", 25),
-        (b"GET / HTTP/1.1\r\n\r\n", 16),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 27),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody\r\n\r\nmore", 27),
+        (b"GET / HTTP/1.1\r\n\r\n", 18),
         (b"GET / HTTP/1.1\r\nHost: x\r\n", -1),
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r", -1),
         (b"GET / HTTP/1.1", -1),
     ],
 )
-def test_blank_line_at(data: bytes, at: int) -> None:
-    assert blank_line_at(data.split(b"\r\n")) == at
-
-
-HEAD = b"GET / HTTP/1.1\r\nHost: x\r\n"
-
-
-@pytest.mark.parametrize("start", [0, 3])
-@pytest.mark.parametrize(
-    ("after", "split_whole"),
-    [(b"", True), (b"xy\r\n\r\nz", True), (b"b" * 1000, False), (b"b" * 5000, False),
-     ((HEAD + b"\r\n") * 30, True), (b"b" * 600 + b"\r\n0\r\n\r\n", False)],
-    ids=["none", "short", "body-1k", "body-5k", "pipelined-heads", "chunked-end"],
-)
-def test_locate_head_split_whole_or_found(start: int, after: bytes, split_whole: bool) -> None:
-    """A short read, or one ending in a blank line (heads only, up to 4 KiB), is split whole;
-    past 512 bytes, a body after the head (which would cost more to split) makes it a find."""
-    buf = b"\r\n\r\n"[:start] + HEAD + b"\r\n" + after
-    head, lines, stop = locate_head(buf, start)
-    assert stop == start + len(HEAD) + 2
-    assert (lines is not None) == split_whole
-    if lines is None:  # found by find: the head ends with its last field line
-        assert head == HEAD
-    else:
-        assert lines == head.split(b"\r\n") and head == buf[start:]
-    assert locate_head(buf[:stop - 1], start)[2] == -1
-    response = b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"
-    head, lines = split_response_head(b"\r\n\r\n"[:start] + response + after, start)
-    assert parse_response_head(head, lines).size == len(response)
+@pytest.mark.parametrize("walker", WALKERS, ids=WALKER_IDS)
+def test_a_head_ends_at_its_first_blank_line(
+    data: bytes, end: int, walker: tuple[HeadEnd, WalkFields]
+) -> None:
+    head_end, walk_fields = walker
+    for start in (0, 2):
+        buf = b"\r\n"[:start] + data
+        expected = end + start if end >= 0 else -1
+        assert head_end(buf, start) == expected
+        assert walk_fields(buf, start, REQUEST_TAKEN, NOTED, [])[0] == expected
 
 
 RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 4\r\n"
@@ -281,16 +263,18 @@ RESPONSE_HEAD = b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 4\r\n"
 
 @pytest.mark.parametrize("start", [0, 3])
 @pytest.mark.parametrize("body", [b"", b"xy\r\n\r\n", b"b" * 5000], ids=["none", "short", "long"])
-def test_response_head_size_split_whole_or_found(start: int, body: bytes) -> None:
-    """A response head ends at its first blank line whether its read is split whole (and the
-    body's own blank lines come along) or searched; a head without one has no size."""
+def test_response_head_size(start: int, body: bytes) -> None:
+    """A response head ends at its first blank line, whatever the body after it holds; a head
+    without one has no size."""
     buf = b"\r\n\r\n"[:start] + RESPONSE_HEAD + b"\r\n" + body
-    head, lines = split_response_head(buf, start)
-    parsed = parse_response_head(head, lines)
+    parsed = parse_response_head(buf, start)
     assert parsed.size == len(RESPONSE_HEAD) + 2
     assert parsed.content_length == b"4" and parsed.lines == [b"Server: s\r\n"]
-    unfinished = buf[start : start + len(RESPONSE_HEAD)]
-    assert parse_response_head(unfinished, unfinished.split(b"\r\n")).size > len(unfinished)
+    assert read_response_head(buf, start).raw == RESPONSE_HEAD + b"\r\n"
+    unfinished = buf[: start + len(RESPONSE_HEAD)]
+    assert parse_response_head(unfinished, start).size == -1
+    with pytest.raises(ValueError, match="not found"):
+        read_response_head(unfinished, start)
 
 
 @pytest.mark.parametrize(

@@ -31,8 +31,9 @@ from .headers import (
     CONTENT_LENGTH,
     EXPECT,
     HOST,
-    PASS,
+    NOTED,
     PROXY_CONNECTION,
+    REQUEST_TAKEN,
     TRANSFER_ENCODING,
     UPGRADE,
     VIA,
@@ -40,15 +41,14 @@ from .headers import (
     X_REQUEST_ID,
     decimal_value,
     error_response,
-    field_line_kind,
-    field_value_at,
     forwarded_prefix,
+    head_end,
     join_values,
-    locate_head,
     new_request_id,
     usable_request_id,
+    walk_fields,
 )
-from .readpath import NOT_READING, Reading, fail_connection, read_path
+from .readpath import NOT_READING, Reading, detach_io, fail_connection, read_path
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
@@ -133,43 +133,26 @@ def _read_special_field(request: Request, kind: int, value: bytes) -> None:
 
 
 def read_request_fields(
-    request: Request, head: bytes, lines: list[bytes], limits: ClientLimits
-) -> int:
-    """Read the field lines of a request head llhttp has accepted, and return the head's size.
-    `head`: the request line and the field lines, each ended by CRLF, maybe followed by more
-    bytes after the blank line; `lines`: `head` split on CRLF (llhttp allows no CR or LF but in
-    the CRLF ending each line). Fields the proxy does not rewrite stay in the runs of lines they
-    came in (`request.fields`)."""
-    pos = len(lines[0]) + 2  # past the request line
-    run = pos
-    runs = request.fields
-    count = 0
-    for index in range(1, len(lines)):
-        line = lines[index]
-        if len(line) == 0:  # len: `not line` is a generic truth test
-            break  # the blank line ending the head
-        count += 1
-        kind, colon = field_line_kind(line)
+    request: Request, found: list[int | bytes], line_size: int, size: int, limits: ClientLimits
+) -> None:
+    """Read the fields of a request head llhttp has accepted, as `walk_fields` found them:
+    `line_size` is the request line's, CRLF included, `size` the head's. The fields the proxy
+    does not rewrite are in the runs of lines they came in already (`request.fields`)."""
+    for index in range(3, len(found), 2):
+        kind = cast(int, found[index])
+        value = cast(bytes, found[index + 1])
         if kind == X_REQUEST_ID:
-            if not request.has_request_id:  # the first one names the request, when usable
-                value = field_value_at(line, colon)
-                if usable_request_id(value):
-                    request.request_id = value
+            if not request.has_request_id and usable_request_id(value):
+                request.request_id = value  # the first one names the request, when usable
             request.has_request_id = True  # forwarded as it came; the proxy adds none
-        elif kind != PASS:
-            if run < pos:
-                runs.append(head[run:pos])
-            run = pos + len(line) + 2
-            _read_special_field(request, kind, field_value_at(line, colon))
-        pos += len(line) + 2
-    if run < pos:
-        runs.append(head[run:pos])
+        else:
+            _read_special_field(request, kind, value)
+    count = cast(int, found[1])
     if count > limits.max_headers:
         raise RejectRequest(431, "Request Header Fields Too Large", "too many header fields")
-    if pos - len(lines[0]) - 2 > limits.max_header_bytes:
+    if size - line_size - 2 > limits.max_header_bytes:
         raise RejectRequest(431, "Request Header Fields Too Large", "request head too large")
     request.field_count = count
-    return pos
 
 
 class ClientLimits:
@@ -252,10 +235,12 @@ class DownstreamProtocol:
         self._head_start = b""
         """The bytes of a head that began in an earlier read."""
         self._head: bytes | None = None
-        """The head being fed to llhttp, from its request line on (headers.locate_head), once
-        located."""
-        self._head_lines: list[bytes] | None = None
-        """`_head` split on CRLF, when the search for its end split it already."""
+        """The bytes holding the head being fed to llhttp, once its end is found: the read
+        itself, or the reads it came in joined."""
+        self._head_at = 0
+        """Where in `_head` the head begins (its request line)."""
+        self._found: list[int | bytes] | None = None
+        """What walk_fields found in the head (`request.fields` holds its runs)."""
         self._piece_at = 0
         self._upgrade_buffer: list[bytes] = []
         self._client_eof = False
@@ -287,7 +272,7 @@ class DownstreamProtocol:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.reading.detach()
+        detach_io(self.reading, self.send)
         self.plane.connections.discard(self)
         if self.tunnel is not None:
             self.tunnel.close()
@@ -352,6 +337,7 @@ class DownstreamProtocol:
     def abort(self) -> None:
         self.stopped_parsing = True
         if self.transport is not None:
+            detach_io(self.reading, self.send)
             self.transport.abort()
 
     def close(self) -> None:
@@ -393,6 +379,7 @@ class DownstreamProtocol:
     def _close_transport(self, transport: asyncio.Transport) -> None:
         """Close once what is written has gone out, and no later than `send_timeout` from now:
         a client that takes nothing would hold the socket for ever (on_deadline aborts it)."""
+        detach_io(self.reading, self.send)
         transport.close()
         self._set_deadline(self.limits.send_timeout, 0)
 
@@ -502,25 +489,34 @@ class DownstreamProtocol:
             request = self._begin_request()
             if data[pos] == _H and data[pos : pos + 5] == b"HEAD ":  # (a native index first)
                 request.method = b"HEAD"  # so a refusal before the head is read has no body
-            head, lines, stop = locate_head(data, pos)  # the usual read: split whole, no find
+            # Walked before llhttp has read it: nothing found is used unless llhttp accepts the
+            # head, and the walk tells where the head ends.
+            found = walk_fields(data, pos, REQUEST_TAKEN, NOTED, request.fields)
+            stop = cast(int, found[0])
             if stop < 0:
+                request.fields.clear()  # walked again once the head is complete
                 self._head_start = data[pos:] if pos else data
-            elif lines is None and stop - pos > self._head_limit():
-                self._refuse_large_head(data, pos)  # found by find: not split yet
+            elif stop - pos > self._head_limit():
+                self._refuse_large_head(data, pos)
             else:
-                self._head = head
-                self._head_lines = lines
+                self._head = data
+                self._head_at = pos
+                self._found = found
         else:  # the head began in an earlier read
             held = self._head_start
             joined = held + data
             if len(held) < 5 and joined.startswith(b"HEAD ") and self._current is not None:
                 self._current.method = b"HEAD"  # the first read was too short to tell
-            end = joined.find(b"\r\n\r\n", max(len(held) - 3, 0))
-            stop = end + 4 - len(held) if end >= 0 else -1
+            end = head_end(joined, max(len(held) - 3, 0))  # only the new bytes are searched
+            stop = end - len(held) if end >= 0 else -1
             if stop < 0:
                 self._head_start = joined
-            else:
-                self._head = joined[: end + 4]
+            elif self._current is not None:
+                self._found = walk_fields(
+                    joined, 0, REQUEST_TAKEN, NOTED, self._current.fields
+                )
+                self._head = joined
+                self._head_at = 0
         if stop < 0:
             self._feed_piece(data, pos, size)
             if self._in_head and len(self._head_start) > self._head_limit():
@@ -593,14 +589,20 @@ class DownstreamProtocol:
         head = self._head
         if request is None or head is None or not self._in_head:
             raise RejectRequest(400, "Bad Request", "malformed request head")
-        lines = self._head_lines
-        if lines is None:
-            lines = head.split(b"\r\n")
-        self._head = self._head_lines = None
-        line = lines[0]
+        found = self._found
+        if found is None:
+            raise RejectRequest(400, "Bad Request", "malformed request head")
+        self._head = self._found = None
+        start = self._head_at
+        line_end = cast(int, found[2])
+        end = cast(int, found[0])
+        if end < 0 or line_end < start:
+            raise RejectRequest(400, "Bad Request", "malformed request head")
+        line = head[start:line_end]
         method = usual_method(line)
         request.method = method if method is not None else self.parser.get_method()
-        head_bytes = read_request_fields(request, head, lines, self.limits)
+        read_request_fields(request, found, line_end - start + 2, end - start, self.limits)
+        head_bytes = end - start
         target = self._read_request_line(request, line)
         self._read_framing(request, target)
         self._in_head = False

@@ -1,18 +1,19 @@
 """Header rules of a proxy: hop-by-hop removal, X-Forwarded-*, Via, request ids, framing.
 
-Request and response heads are read whole from their raw bytes once llhttp has accepted them
-(`field_line_kind` sorts each field line). Most fields go through untouched, in the runs of
-lines they came in, so they go out exactly as the client or backend wrote them; the few the
-proxy rewrites (framing, hop-by-hop, Host, X-Forwarded-*, Via) are kept as values and written
-by the proxy. Heads are assembled with `b"..." % (...)` of bytes
+Request and response heads are read whole from their raw bytes once llhttp has accepted them:
+`walk_fields` (in C, _fields.c) finds the few field lines the proxy reads. Most fields go
+through untouched, in the runs of lines they came in, so they go out exactly as the client or
+backend wrote them; the few the proxy rewrites (framing, hop-by-hop, Host, X-Forwarded-*, Via)
+are kept as values and written by the proxy. Heads are assembled with `b"..." % (...)` of bytes
 and ints, which mypyc compiles to one allocation and plain copies (a long `b"".join` costs a
 malloc of its own)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Final
+from typing import Final, cast
 
 # What the proxy does with a header field, by its lower-case name (PASS: forwarded as is).
 PASS: Final = 0
@@ -47,52 +48,86 @@ _KIND_BY_LOWER_NAME: Final = {
     b"x-forwarded-proto": DROPPED,
     b"x-forwarded-host": DROPPED,
 }
-_KIND_BY_NAME: Final[dict[bytes, int]] = {}
-"""`header_kind` memo by the name as sent (peers reuse a handful of spellings)."""
-_KIND_MEMO_MAX: Final = 4096
-
 MAX_RESPONSE_HEAD: Final = 64 * 1024
 """A backend sending a larger head is treated as broken (llhttp itself sets no limit)."""
 
 VIA_TOKEN: Final = b"1.1 failover-proxy"
 
 
-_SPECIAL_NAME_LENGTHS: Final[list[tuple[int, ...]]] = [
-    tuple(sorted({len(name) for name in _KIND_BY_LOWER_NAME if name[0] == byte | 0x20}))
-    if chr(byte).isalpha() else ()
-    for byte in range(256)
-]
-"""By a field name's first byte: the lengths of the names `header_kind` knows that start with
-it (no two of them with the same first letter are as long). A field whose name has none of
-these lengths is forwarded without a lookup, and no name has to be hashed for it."""
-
-_MAX_SPECIAL_NAME: Final = 32
-
-
-def _spellings_table() -> list[tuple[bytes, bytes, int]]:
-    table = [(b"", b"", PASS)] * (256 * _MAX_SPECIAL_NAME)
-    for name, kind in _KIND_BY_LOWER_NAME.items():
-        assert len(name) < _MAX_SPECIAL_NAME
-        for first in (name[0], name.title()[0]):
-            table[first * _MAX_SPECIAL_NAME + len(name)] = (name.title() + b":", name + b":", kind)
-    return table
-
-
-_SPELLINGS: Final = _spellings_table()
-"""By `first byte * 32 + length`, the one special name a field name may be: its usual spellings
-followed by a colon (Title-Case and lower case) and its kind. A name spelled so is told by
-`startswith` (mypyc compiles it to a memcmp); only another spelling is hashed."""
-
-
 def header_kind(name: bytes) -> int:
-    """How the proxy treats a header field (one dict lookup for a spelling seen before)."""
-    kind = _KIND_BY_NAME.get(name)
-    if kind is None:
-        kind = _KIND_BY_LOWER_NAME.get(name.lower(), PASS)
-        if len(_KIND_BY_NAME) >= _KIND_MEMO_MAX:
-            _KIND_BY_NAME.clear()  # a peer inventing names cannot grow the memo without bound
-        _KIND_BY_NAME[name] = kind
-    return kind
+    """How the proxy treats a header field, by its name in any case."""
+    return _KIND_BY_LOWER_NAME.get(name.lower(), PASS)
+
+
+REQUEST_TAKEN: Final = sum(1 << kind for kind in range(HOST, DROPPED + 1) if kind != X_REQUEST_ID)
+"""The kinds of request field the proxy reads and writes itself (walk_fields' `taken`): all
+but X-Request-Id, which is forwarded as it came."""
+RESPONSE_TAKEN: Final = sum(
+    1 << kind
+    for kind in (CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, UPGRADE, VIA, PROXY_CONNECTION,
+                 DROPPED)
+)
+"""The same for a response: Host, Expect and X-Forwarded-For mean nothing special in one."""
+NOTED: Final = 1 << X_REQUEST_ID
+"""Kinds read but forwarded as they came (walk_fields' `noted`)."""
+
+WalkFields = Callable[[bytes, int, int, int, list[bytes]], list[int | bytes]]
+
+
+def head_end_in_python(buf: bytes, start: int) -> int:
+    """_fields.c's head_end, for builds without a C compiler."""
+    end = buf.find(b"\r\n\r\n", start)
+    return end + 4 if end >= 0 else -1
+
+
+def walk_fields_in_python(
+    buf: bytes, start: int, taken: int, noted: int, runs: list[bytes]
+) -> list[int | bytes]:
+    """_fields.c's walk_fields (see there what it gives), for builds without a C compiler."""
+    found: list[int | bytes] = [-1, 0, -1]
+    line_end = buf.find(b"\r\n", start)
+    if line_end < 0:
+        return found
+    end = -1
+    count = 0
+    pos = run = line_end + 2
+    while not buf.startswith(b"\r\n", pos):
+        stop = buf.find(b"\r\n", pos)
+        if stop < 0:
+            break
+        count += 1
+        colon = buf.find(b":", pos, stop)
+        kind = PASS if colon < 0 else header_kind(buf[pos:colon])
+        if kind != PASS and taken >> kind & 1:
+            if run < pos:
+                runs.append(buf[run:pos])
+            run = stop + 2
+        if kind != PASS and (taken | noted) >> kind & 1:
+            found += [kind, buf[colon + 1 : stop].strip(b" \t")]
+        pos = stop + 2
+    else:
+        end = pos + 2
+    if run < pos:
+        runs.append(buf[run:pos])
+    found[0] = end
+    found[1] = count
+    found[2] = line_end
+    return found
+
+
+def _walkers() -> tuple[Callable[[bytes, int], int], WalkFields]:
+    try:
+        from . import _fields
+    except ImportError:  # a plain-Python build
+        return head_end_in_python, walk_fields_in_python
+    return _fields.head_end, _fields.walk_fields
+
+
+_WALKERS: Final = _walkers()
+head_end: Final = _WALKERS[0]
+"""Where a head ends (_fields.c, or the same in Python)."""
+walk_fields: Final = _WALKERS[1]
+"""A head's fields, those the proxy reads apart (_fields.c, or the same in Python)."""
 
 
 def _line_name(line: bytes) -> bytes:
@@ -247,69 +282,6 @@ def join_values(previous: bytes | None, value: bytes) -> bytes:
     return value if previous is None else previous + b", " + value
 
 
-_SPLIT_WHOLE: Final = 512
-"""Bytes holding at most this much from a head's start are split on CRLF whole: the first blank
-line ends the head, which then needs no search of its own (a `find` costs as much as the split
-of a 200-byte head, about 1.2k instructions). Past this, the body bytes after the head cost more
-to split (about 4 instructions a byte) than `find` costs."""
-_SPLIT_WHOLE_HEADS: Final = 4096
-"""Bytes ending with a blank line (but not a chunked body's end) most likely hold heads only,
-such as a request without a body: split whole up to this much."""
-
-
-def _split_whole(buf: bytes, start: int) -> bool:
-    """Whether to split the rest of `buf` from `start` whole rather than `find` the blank line."""
-    rest = len(buf) - start
-    return rest <= _SPLIT_WHOLE or (
-        rest <= _SPLIT_WHOLE_HEADS
-        and buf.endswith(b"\r\n\r\n")
-        and not buf.endswith(b"\r\n0\r\n\r\n")
-    )
-
-
-def blank_line_at(lines: list[bytes]) -> int:
-    """Where the blank line ending a head is, in the bytes `lines` were split from on CRLF; -1
-    when those bytes end before it."""
-    pos = 0
-    last = len(lines) - 1
-    for index in range(last):
-        line = lines[index]
-        if len(line) == 0 and index:  # len: `not line` is a generic truth test
-            return pos
-        pos += len(line) + 2
-    return -1
-
-
-def locate_head(buf: bytes, start: int) -> tuple[bytes, list[bytes] | None, int]:
-    """The request head that begins at `start` in `buf`: its bytes from its first line on; its
-    lines, when finding it split them; and the offset in `buf` just past its blank line, -1 when
-    `buf` ends before it. Little left of `buf`, or heads only, is split on CRLF whole, and then
-    the bytes run on past the head; otherwise `find` locates the blank line, the bytes end with
-    the last field line's CRLF (b"" when not found), and no lines are given."""
-    if _split_whole(buf, start):
-        region = buf[start:] if start else buf
-        lines = region.split(b"\r\n")
-        blank = blank_line_at(lines)
-        return region, lines, start + blank + 2 if blank >= 0 else -1
-    end = buf.find(b"\r\n\r\n", start)
-    if end < 0:
-        return b"", None, -1
-    return buf[start : end + 2], None, end + 4
-
-
-def split_response_head(buf: bytes, start: int) -> tuple[bytes, list[bytes]]:
-    """The response head that begins at `start` in `buf`, which llhttp has found complete, and
-    its lines: little left of `buf`, or heads only, is split on CRLF whole (the bytes then run
-    on past the head), else up to the blank line `find` locates (b"" when there is none). Where
-    the head ends is left to `parse_response_head`, which walks the lines anyway."""
-    if _split_whole(buf, start):
-        head = buf[start:] if start else buf
-    else:
-        end = buf.find(b"\r\n\r\n", start)
-        head = buf[start : end + 4] if end >= 0 else b""
-    return head, head.split(b"\r\n")
-
-
 class ResponseHead:
     """A backend's response head as parsed: the forwarded fields as runs of finished lines,
     and the values of the fields the proxy rewrites."""
@@ -354,15 +326,16 @@ def read_response_head(buf: bytes, start: int) -> ResponseHead:
     for a later response whose head has the same bytes (UpstreamConnection): a backend answers
     one kind of request with heads that differ at most once a second (Date).
     """
-    head, lines = split_response_head(buf, start)
-    if len(head) < 14 or not head.startswith(b"HTTP/"):  # startswith: a native call
+    parsed = parse_response_head(buf, start)
+    size = parsed.size
+    if size < 14:  # (no blank line: -1)
         raise ValueError("response head not found where the parser saw it")
-    parsed = parse_response_head(head, lines)
-    if parsed.size < 0 or parsed.size > len(buf) - start:
+    raw = buf if start == 0 and size == len(buf) else buf[start : start + size]
+    if not raw.startswith(b"HTTP/"):  # startswith: a native call
         raise ValueError("response head not found where the parser saw it")
-    parsed.raw = head[: parsed.size]
-    parsed.status = status = response_status(head)
-    parsed.keeps_alive = keeps_alive = response_keeps_alive(head, parsed.connection)
+    parsed.raw = raw
+    parsed.status = status = response_status(raw)
+    parsed.keeps_alive = keeps_alive = response_keeps_alive(raw, parsed.connection)
     length = parsed.content_length
     if (
         keeps_alive
@@ -376,65 +349,35 @@ def read_response_head(buf: bytes, start: int) -> ResponseHead:
     return parsed
 
 
-def parse_response_head(head: bytes, lines: list[bytes]) -> ResponseHead:
-    """A response head llhttp has accepted: a status line and field lines, each ended by CRLF,
-    with no folding; the first empty line ends it (`size`) and whatever follows is ignored.
-    `lines`: `head` split on CRLF (llhttp allows no CR or LF but in the CRLF ending each line).
-
-    Working on the raw head instead of a callback per field saves a Python call per field;
-    fields forwarded as they came stay in the runs of lines they arrived in. Written with the
-    operations mypyc compiles to C (indexing, slicing, startswith): `find` or `strip` would each
-    cost a generic method call.
-    """
-    if len(head) > MAX_RESPONSE_HEAD:
-        raise ValueError("response head too large")
+def parse_response_head(buf: bytes, start: int) -> ResponseHead:
+    """The response head at `start` in `buf`, which llhttp has accepted: a status line and field
+    lines, each ended by CRLF, with no folding; the first blank line ends it (`size`, -1 when
+    `buf` ends before one) and whatever follows is ignored. Fields forwarded as they came stay
+    in the runs of lines they arrived in (walk_fields)."""
     parsed = ResponseHead()
-    pos = len(lines[0]) + 2  # past the status line
-    run = pos
-    runs = parsed.lines
-    for index in range(1, len(lines)):
-        line = lines[index]
-        if len(line) == 0:  # the blank line ending the head (len: `not line` is a generic test)
-            parsed.size = pos + 2
-            break
-        kind, colon = field_line_kind(line)
-        if kind == X_REQUEST_ID:
+    found = walk_fields(buf, start, RESPONSE_TAKEN, NOTED, parsed.lines)
+    end = cast(int, found[0])
+    if end >= 0:
+        parsed.size = end - start
+    if end - start > MAX_RESPONSE_HEAD:
+        raise ValueError("response head too large")
+    for index in range(3, len(found), 2):
+        kind = cast(int, found[index])
+        value = cast(bytes, found[index + 1])
+        if kind == CONTENT_LENGTH:
+            parsed.content_length = value
+        elif kind == TRANSFER_ENCODING:
+            parsed.chunked = True
+        elif kind == CONNECTION:
+            parsed.connection = join_values(parsed.connection, value)
+        elif kind == VIA:
+            parsed.via = join_values(parsed.via, value)
+        elif kind == UPGRADE:
+            parsed.upgrade = value
+        elif kind == X_REQUEST_ID:
             parsed.has_request_id = True
-        elif kind != PASS and kind != HOST and kind != EXPECT and kind != X_FORWARDED_FOR:
-            # Host, Expect, X-Forwarded-For mean nothing special in a response: forwarded
-            if run < pos:
-                runs.append(head[run:pos])
-            run = pos + len(line) + 2
-            if kind == CONTENT_LENGTH:
-                parsed.content_length = field_value_at(line, colon)
-            elif kind == TRANSFER_ENCODING:
-                parsed.chunked = True
-            elif kind == CONNECTION:
-                parsed.connection = join_values(parsed.connection, field_value_at(line, colon))
-            elif kind == VIA:
-                parsed.via = join_values(parsed.via, field_value_at(line, colon))
-            elif kind == UPGRADE:
-                parsed.upgrade = field_value_at(line, colon)
-            # DROPPED, PROXY_CONNECTION: hop-by-hop, not forwarded
-        pos += len(line) + 2
-    if run < pos:
-        runs.append(head[run:pos])
+        # DROPPED, PROXY_CONNECTION: hop-by-hop, not forwarded
     return parsed
-
-
-def field_line_kind(line: bytes) -> tuple[int, int]:
-    """(`header_kind`, where the name ends) of a field line llhttp has accepted; (PASS, 0) when
-    the name is as long as no special name with its first letter. Names hold no colon, so a
-    colon found this way ends the name, or lies in the value of a name of another length, which
-    `header_kind` then does not know."""
-    first = line[0]
-    for length in _SPECIAL_NAME_LENGTHS[first]:
-        if len(line) > length and line[length] == _COLON:
-            title, lower, kind = _SPELLINGS[first * _MAX_SPECIAL_NAME + length]
-            if line.startswith(title) or line.startswith(lower):
-                return kind, length
-            return header_kind(line[:length]), length
-    return PASS, 0
 
 
 def field_value_at(line: bytes, colon: int) -> bytes:

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-from .writepath import plain_socket_fd
+from .writepath import Send, plain_socket_fd, stop_direct_writes
 
 try:
     from ._reads import Reader, ReadLoop
@@ -36,7 +36,9 @@ class Reading(Protocol):
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def is_reading(self) -> bool: ...
-    def detach(self) -> None: ...
+    def detach(self) -> None:
+        """Stop reading for good: called before the protocol closes or aborts its transport,
+        and in connection_lost (see _reads.c)."""
 
 
 class TransportReading:
@@ -118,7 +120,18 @@ def fail_connection(
             "protocol": protocol,
         })
     if transport is not None:
-        transport.abort()
+        transport.abort()  # (a Reader took itself out of its set before calling `failed`)
+
+
+def detach_io(reading: Reading, send: Send) -> None:
+    """Stop a connection's own reads and direct writes: before its protocol closes or aborts
+    the transport (uvloop stops a closing transport's reading too, and a write after the close
+    meets the transport's rules), and in connection_lost, after which uvloop may close the
+    socket and its number may become another connection's. Neither the Reader nor the
+    DirectWriter asks the transport whether it is closing on every read and write (a Python
+    call each): this call is what keeps them off a closed socket."""
+    reading.detach()
+    stop_direct_writes(send)
 
 
 def read_path(

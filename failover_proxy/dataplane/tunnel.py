@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .readpath import Reading
+from .readpath import Reading, detach_io
 from .writepath import Send
 
 
@@ -64,6 +64,8 @@ class Tunnel:
         if self.closed:
             return
         self.closed = True
+        detach_io(self.client_reading, self.to_client)
+        detach_io(self.backend_reading, self.to_backend)
         self.client.close()
         self.backend.close()
 

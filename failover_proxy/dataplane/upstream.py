@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from .headers import MAX_RESPONSE_HEAD, ResponseHead, read_response_head
-from .readpath import NOT_READING, Reading, fail_connection, read_path
+from .readpath import NOT_READING, Reading, detach_io, fail_connection, read_path
 from .writepath import Send, SendParts, not_connected, plain_socket_fd, write_path
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class UpstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.reading.detach()
+        detach_io(self.reading, self.send)
         if exc is None and isinstance(self.lost_to, Exception):
             exc = self.lost_to
         self.pool.forget(self)
@@ -106,12 +106,14 @@ class UpstreamConnection:
         self.closed = True
         self.owner = None
         if self.transport is not None:
+            detach_io(self.reading, self.send)
             self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
         self.owner = None
         if self.transport is not None:
+            detach_io(self.reading, self.send)
             self.transport.abort()
 
     def pause_reading(self, paused: bool) -> None:

@@ -46,6 +46,14 @@ def plain_socket_fd(transport: asyncio.Transport) -> int:
     return -1 if sock is None else int(sock.fileno())
 
 
+def stop_direct_writes(send: Send) -> None:
+    """From now on the connection writes through its transport only. Called in connection_lost:
+    uvloop may close the socket once that returns, and its number may then be another
+    connection's."""
+    if DirectWriter is not None and isinstance(send, DirectWriter):
+        send.detach()
+
+
 def write_path(transport: asyncio.Transport, fd: int | None = None) -> tuple[Send, SendParts]:
     """The write and writelines to use for a new connection's transport; `fd` is its
     plain_socket_fd when the caller has it already."""

@@ -1,0 +1,6 @@
+"""Types of the C extension _fields.c: where a head ends, and which fields the proxy reads."""
+
+def head_end(buf: bytes, start: int, /) -> int: ...
+def walk_fields(
+    buf: bytes, start: int, taken: int, noted: int, runs: list[bytes], /
+) -> list[int | bytes]: ...
