@@ -83,17 +83,40 @@ same_name(const char *name, const char *lower, Py_ssize_t length)
     return 1;
 }
 
+/* By length, the special names that long (no three are), each list ended by NULL; filled
+ * when the module is loaded. */
+static const SpecialName *names_by_length[LONGEST_SPECIAL + 1][3];
+static int names_indexed;
+
 static int
 name_kind(const char *name, Py_ssize_t length)
 {
     if (length > LONGEST_SPECIAL)
         return PASS;
-    for (int i = 0; i < SPECIAL_COUNT; i++) {
-        const SpecialName *special = &SPECIAL_NAMES[i];
-        if (special->length == length && same_name(name, special->name, length))
-            return special->kind;
+    for (const SpecialName *const *special = names_by_length[length]; *special; special++) {
+        if (same_name(name, (*special)->name, length))
+            return (*special)->kind;
     }
     return PASS;
+}
+
+static int
+index_names(void)
+{
+    for (int i = 0; i < SPECIAL_COUNT; i++) {
+        const SpecialName *special = &SPECIAL_NAMES[i];
+        const SpecialName **slot = names_by_length[special->length];
+        int used = 0;
+        while (slot[used] != NULL)
+            used++;
+        if (used >= 2) {
+            PyErr_SetString(PyExc_SystemError, "three special names of one length");
+            return -1;
+        }
+        slot[used] = special;
+    }
+    names_indexed = 1;
+    return 0;
 }
 
 /* The offset of the next CRLF at or after `from`, or -1. */
@@ -279,5 +302,7 @@ static struct PyModuleDef fields_module = {
 PyMODINIT_FUNC
 PyInit__fields(void)
 {
+    if (!names_indexed && index_names() < 0)
+        return NULL;
     return PyModule_Create(&fields_module);
 }
