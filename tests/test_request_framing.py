@@ -235,6 +235,23 @@ async def test_a_head_past_both_limits_in_one_read_is_refused_unread(
     assert not backend.heads
 
 
+async def test_a_read_holding_more_than_any_head_still_serves_its_requests(
+    recorded: tuple[RecordingBackend, ProxyServer],
+) -> None:
+    """A read longer than a head may be (here a body of 8 KiB, past the 5 KiB limits) is
+    searched for the head's end before the head is walked; the head, its body and the request
+    after them are served as usual."""
+    backend, server = recorded
+    body = bytes(range(256)) * 32
+    raw = await raw_request(
+        server.port,
+        b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        + b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert raw.count(b"HTTP/1.1 200 ") == 2 and raw.endswith(b"/after ")
+    assert backend.bodies == [body, b""]
+
+
 @pytest.mark.parametrize(
     ("data", "end"),
     [

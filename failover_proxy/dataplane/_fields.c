@@ -240,6 +240,8 @@ walk_fields(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const char *data = PyBytes_AS_STRING(args[0]);
     Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
 
+    /* Its first three items are set last; nothing in between runs Python code (only bytes,
+     * ints and list appends are made), so no one sees them unset. */
     PyObject *found = PyList_New(3);
     if (found == NULL)
         return NULL;

@@ -489,34 +489,22 @@ class DownstreamProtocol:
             request = self._begin_request()
             if data[pos] == _H and data[pos : pos + 5] == b"HEAD ":  # (a native index first)
                 request.method = b"HEAD"  # so a refusal before the head is read has no body
-            # Walked before llhttp has read it: nothing found is used unless llhttp accepts the
-            # head, and the walk tells where the head ends.
-            found = walk_fields(data, pos, REQUEST_TAKEN, NOTED, request.fields)
-            stop = cast(int, found[0])
+            stop = self._walk_head(request, data, pos)
             if stop < 0:
-                request.fields.clear()  # walked again once the head is complete
                 self._head_start = data[pos:] if pos else data
-            elif stop - pos > self._head_limit():
-                self._refuse_large_head(data, pos)
-            else:
-                self._head = data
-                self._head_at = pos
-                self._found = found
         else:  # the head began in an earlier read
             held = self._head_start
             joined = held + data
             if len(held) < 5 and joined.startswith(b"HEAD ") and self._current is not None:
                 self._current.method = b"HEAD"  # the first read was too short to tell
-            end = head_end(joined, max(len(held) - 3, 0))  # only the new bytes are searched
+            # Only the new bytes are searched: a client sending its head a byte at a time costs
+            # no more than one sending it whole.
+            end = head_end(joined, max(len(held) - 3, 0))
             stop = end - len(held) if end >= 0 else -1
             if stop < 0:
                 self._head_start = joined
             elif self._current is not None:
-                self._found = walk_fields(
-                    joined, 0, REQUEST_TAKEN, NOTED, self._current.fields
-                )
-                self._head = joined
-                self._head_at = 0
+                self._walk_head(self._current, joined, 0)
         if stop < 0:
             self._feed_piece(data, pos, size)
             if self._in_head and len(self._head_start) > self._head_limit():
@@ -527,6 +515,31 @@ class DownstreamProtocol:
         if self._head is not None:  # llhttp did not end the head where the blank line is
             raise RejectRequest(400, "Bad Request", "malformed request head")
         return stop
+
+    def _walk_head(self, request: Request, data: bytes, start: int) -> int:
+        """Walk the head that begins at `start` in `data` (walk_fields): where it ends, -1 when
+        `data` ends first. Walked before llhttp has read it: nothing found is used unless
+        llhttp accepts the head. More bytes than any head may hold are searched for the head's
+        end first, so a walk never covers more than a head's limit, and a head past the limit
+        is refused unread."""
+        limit = self._head_limit()
+        if len(data) - start > limit:
+            end = head_end(data, start)
+            if end < 0:
+                return -1
+            if end - start > limit:
+                self._refuse_large_head(data, start)
+        found = walk_fields(data, start, REQUEST_TAKEN, NOTED, request.fields)
+        end = cast(int, found[0])
+        if end < 0:
+            request.fields.clear()  # walked again once the head is complete
+            return -1
+        if end - start > limit:
+            self._refuse_large_head(data, start)
+        self._head = data
+        self._head_at = start
+        self._found = found
+        return end
 
     def _refuse_large_head(self, data: bytes, start: int) -> None:
         """A head past both limits together, refused without reading it: 414 when its request
