@@ -168,16 +168,22 @@ head_end(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(found == NULL ? -1 : (found - data) + 4);
 }
 
+/* Append a new reference to `list` and drop it; NULL (failed to make it) is passed on. */
+static int
+append_new(PyObject *list, PyObject *item)
+{
+    if (item == NULL)
+        return -1;
+    int failed = PyList_Append(list, item);
+    Py_DECREF(item);
+    return failed;
+}
+
 /* Append buf[from:to] to `runs`. */
 static int
 append_run(PyObject *runs, const char *data, Py_ssize_t from, Py_ssize_t to)
 {
-    PyObject *run = PyBytes_FromStringAndSize(data + from, to - from);
-    if (run == NULL)
-        return -1;
-    int failed = PyList_Append(runs, run);
-    Py_DECREF(run);
-    return failed;
+    return append_new(runs, PyBytes_FromStringAndSize(data + from, to - from));
 }
 
 /* Append a field's kind and its value (after the colon at `colon`, up to `line_end`, without
@@ -190,19 +196,9 @@ append_field(PyObject *found, int kind, const char *data, Py_ssize_t colon, Py_s
         from++;
     while (to > from && (data[to - 1] == ' ' || data[to - 1] == '\t'))
         to--;
-    PyObject *kind_object = PyLong_FromLong(kind);
-    if (kind_object == NULL)
+    if (append_new(found, PyLong_FromLong(kind)) < 0)
         return -1;
-    int failed = PyList_Append(found, kind_object);
-    Py_DECREF(kind_object);
-    if (failed)
-        return -1;
-    PyObject *value = PyBytes_FromStringAndSize(data + from, to - from);
-    if (value == NULL)
-        return -1;
-    failed = PyList_Append(found, value);
-    Py_DECREF(value);
-    return failed;
+    return append_new(found, PyBytes_FromStringAndSize(data + from, to - from));
 }
 
 /* Set item `index` of a new list, from a C integer. */

@@ -534,8 +534,6 @@ class DownstreamProtocol:
         if end < 0:
             request.fields.clear()  # walked again once the head is complete
             return -1
-        if end - start > limit:
-            self._refuse_large_head(data, start)
         self._head = data
         self._head_at = start
         self._found = found
@@ -600,17 +598,13 @@ class DownstreamProtocol:
     def on_headers_complete(self) -> None:
         request = self._current
         head = self._head
-        if request is None or head is None or not self._in_head:
-            raise RejectRequest(400, "Bad Request", "malformed request head")
-        found = self._found
-        if found is None:
+        found = self._found  # set with `_head`, from a walk that found the head's end
+        if request is None or head is None or found is None or not self._in_head:
             raise RejectRequest(400, "Bad Request", "malformed request head")
         self._head = self._found = None
         start = self._head_at
         line_end = cast(int, found[2])
         end = cast(int, found[0])
-        if end < 0 or line_end < start:
-            raise RejectRequest(400, "Bad Request", "malformed request head")
         line = head[start:line_end]
         method = usual_method(line)
         request.method = method if method is not None else self.parser.get_method()

@@ -103,7 +103,7 @@ def walk_fields_in_python(
                 runs.append(buf[run:pos])
             run = stop + 2
         if kind != PASS and (taken | noted) >> kind & 1:
-            found += [kind, buf[colon + 1 : stop].strip(b" \t")]
+            found += [kind, field_value_at(buf[pos:stop], colon - pos)]
         pos = stop + 2
     else:
         end = pos + 2
