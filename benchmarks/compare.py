@@ -458,12 +458,10 @@ def targets_section(rows: list[Row], startup: list[dict[str, Any]],
         if entry["target"] != "failover-proxy":
             continue
         mb = entry["worker_rss_mib"] * MB_PER_MIB
-        where = ("workers=1: one process, the control plane included" if entry["workers"] == "1"
-                 else f"workers={entry['workers']}: the largest worker")
+        where = f"workers={entry['workers']}: the largest worker"
+        if entry["master_rss_mib"] is not None:
+            where += f" (its supervisor: {entry['master_rss_mib']:.1f} MiB)"
         verdict = "met" if mb <= 30 else "missed"
-        if entry["workers"] == "1" and mb > 30:
-            verdict += (" (this one process also runs the control plane: aiohttp, pydantic, "
-                        "prometheus_client and PyYAML add about 20 MiB)")
         lines.append(f"| idle RSS <= 30 MB per worker | {where} "
                      f"| {mb:.1f} MB ({entry['worker_rss_mib']:.1f} MiB) | | {verdict} |")
     for entry in idle:
@@ -497,8 +495,8 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         "Python itself is from nginx on this machine in the same run.",
         "",
         "RSS after the run: per worker (the largest), and of the master or supervisor where "
-        "there is one (nginx, failover-proxy with workers=all); a single process (HAProxy, "
-        "failover-proxy with workers=1) serves traffic and runs everything else itself.",
+        "there is one (nginx and failover-proxy, for one worker too); HAProxy is a single "
+        "process that serves traffic and runs everything else itself.",
         "",
         "CPU us/req: the user and system CPU time charged to the target's processes during "
         "the run (/proc/PID/stat), per request: what each request costs the machine, steadier "

@@ -80,10 +80,15 @@ def count_once(checkout: Path, backend_port: int, tmp: Path, seconds: float,
     conf = tmp / "failover-proxy.yaml"
     conf.write_text(failover_config(port, backend_port, "1"))
     dump = tmp / "callgrind.out"
+    # Profiled in one process: a worker's data plane runs the same code, but valgrind would
+    # follow the supervisor, not the worker it starts. (Checkouts from before `run` started a
+    # supervisor for one worker serve in one process without the option.)
+    cli = (checkout / "failover_proxy" / "cli.py").read_text()
+    one_process = ["--single-process"] if "--single-process" in cli else []
     proxy = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}",
          str(checkout / ".venv" / "bin" / "python"), "-m", "failover_proxy", "run", "-c",
-         str(conf)],
+         str(conf), *one_process],
         cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

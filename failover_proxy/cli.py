@@ -64,13 +64,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_CONFIG_ERROR
     config, source = loaded
-    if config.worker_count > 1:
-        from .supervisor import supervise
+    if args.single_process:
+        if config.worker_count != 1:
+            print(f"{args.config}: --single-process serves with one process, but workers: "
+                  f"{config.workers} asks for {config.worker_count}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        from .server import serve
 
-        return _run_loop(lambda: supervise(config, source))
-    from .server import serve
+        return _run_loop(lambda: serve(config, config_source=source))
+    from .supervisor import supervise
 
-    return _run_loop(lambda: serve(config, config_source=source))
+    return _run_loop(lambda: supervise(config, source))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -136,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the proxy from a YAML config")
     run.add_argument("-c", "--config", required=True, help="path to the YAML config")
+    run.add_argument(
+        "--single-process", action="store_true",
+        help="serve, probe and answer the admin API in this one process, with no supervisor "
+        "(for profilers and debuggers, like nginx's `master_process off`; needs workers: 1)",
+    )
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser("check", help="validate a config and exit")
@@ -148,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
-    # Started by the supervisor of `workers: N`, never by hand.
+    # Started by the supervisor that `run` starts, never by hand.
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--listen-fd", type=int, required=True)
     worker.add_argument("--ipc-fd", type=int, required=True)

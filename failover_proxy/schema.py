@@ -521,8 +521,8 @@ class ProxyConfig:
     watch_config: bool = False
     """Reload when the config file changes (checked every second), besides SIGHUP and /reload."""
     workers: Literal["auto"] | Annotated[int, Constraints(ge=1, le=256)] = 1
-    """Processes serving traffic: `auto` = one per CPU. Above 1, a supervisor process holds the
-    listening socket, the health checks and the admin listener, and the workers share them."""
+    """Processes serving traffic: `auto` = one per CPU. A supervisor process beside them (for
+    one worker too) holds the listening sockets, the health checks and the admin listener."""
 
     @property
     def worker_count(self) -> int:

@@ -1,4 +1,4 @@
-"""A worker process of a multi-process proxy (`workers: N`), started by the supervisor.
+"""A worker process of `failover-proxy run` (`workers: N`), started by the supervisor.
 
 It serves the data plane on the listening socket it inherited and takes everything else from
 the supervisor over its message socket: the config (validated there, and received as the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import socket
 import ssl
@@ -261,24 +262,50 @@ async def proxy() -> AsyncIterator[Callable[[str], Awaitable[ProxyServer]]]:
 
 
 class ProxyProcess:
-    """The `failover-proxy run` command as a separate process (for memory and signal tests)."""
+    """The `failover-proxy run` command as a separate process (for memory and signal tests):
+    its supervisor and the workers under it."""
 
-    def __init__(self, config_path: Path, port: int) -> None:
+    STARTED = b"proxy listening on"
+    """Logged by the supervisor once every worker serves (its port answers before that: the
+    supervisor binds it before it starts the workers)."""
+
+    def __init__(self, config_path: Path, port: int, *options: str, timeout: float = 15.0) -> None:
         self.port = port
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "failover_proxy", "run", "-c", str(config_path)],
+            [sys.executable, "-m", "failover_proxy", "run", "-c", str(config_path), *options],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        wait_for_port(port, process=self.process)
+        self._early_output = b""
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while self.STARTED not in self._early_output:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"not started in {timeout:g}s: {self._early_output.decode()}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.process.wait()
+                raise RuntimeError(f"exited with {self.process.returncode}: "
+                                   f"{self._early_output.decode()}")
+            self._early_output += chunk
+
+    def pids(self) -> list[int]:
+        """The supervisor, then its workers."""
+        pid = self.process.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [pid, *map(int, children.read().split())]
 
     def rss_bytes(self) -> int:
-        with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        """The RSS of the supervisor and its workers together."""
+        total = 0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/status") as status:
+                total += next(int(line.split()[1]) * 1024 for line in status
+                              if line.startswith("VmRSS:"))
+        return total
 
     def stop(self) -> str:
         """SIGINT: a graceful stop without SIGTERM's drain delay (tests need no load balancer
@@ -290,7 +317,7 @@ class ProxyProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             out, _ = self.process.communicate()
-        return out.decode(errors="replace")
+        return (self._early_output + out).decode(errors="replace")
 
 
 def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -308,13 +335,14 @@ def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen[by
 
 
 @pytest.fixture
-def proxy_process(tmp_path: Path) -> Iterator[Callable[[str, int], ProxyProcess]]:
+def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Start `failover-proxy run` with a config text, its port and any more options."""
     started: list[ProxyProcess] = []
 
-    def start(config_text: str, port: int) -> ProxyProcess:
+    def start(config_text: str, port: int, *options: str) -> ProxyProcess:
         path = tmp_path / "proxy.yaml"
         path.write_text(config_text)
-        process = ProxyProcess(path, port)
+        process = ProxyProcess(path, port, *options)
         started.append(process)
         return process
 

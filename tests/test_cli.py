@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+from aiohttp import web
 
-from .conftest import ROOT, env_without_proxy_vars, free_port, wait_for_port
+from .conftest import (
+    ROOT,
+    ProxyProcess,
+    env_without_proxy_vars,
+    free_port,
+    single_upstream_config,
+    wait_for_port,
+)
+
+StartApp = Callable[[web.Application], Awaitable[int]]
+StartProcess = Callable[..., ProxyProcess]
 
 
 def test_demo_serves_three_providers_and_stops_cleanly_on_ctrl_c() -> None:
@@ -117,5 +131,61 @@ def test_a_busy_port_is_one_clear_line(tmp_path: Path) -> None:
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )
     assert result.returncode == 1
-    assert "failover-proxy: cannot start:" in result.stderr and "address already in use" in result.stderr
+    assert result.stderr.startswith(f"failover-proxy: cannot start: cannot listen on 127.0.0.1:{port}")
+    assert "address already in use" in result.stderr.lower() and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+
+def hello_app() -> web.Application:
+    async def hello(_: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    return app
+
+
+async def test_run_with_one_worker_restarts_it_and_loses_no_queued_connection(
+    aiohttp_backend: StartApp, proxy_process: StartProcess
+) -> None:
+    """`workers: 1` still gets a supervisor: when the one worker dies, clients that connect
+    meanwhile wait in the socket's queue (the supervisor holds it) and the new worker serves
+    them."""
+    port = free_port()
+    config = single_upstream_config([await aiohttp_backend(hello_app())], listen_port=port)
+    process = await asyncio.to_thread(proxy_process, config, port)
+    supervisor, worker = process.pids()
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+        assert (await http.get(f"http://127.0.0.1:{port}/")).text == "hello"
+    os.kill(worker, signal.SIGKILL)
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as http:  # new connections
+        replies = await asyncio.gather(*(http.get(f"http://127.0.0.1:{port}/") for _ in range(8)))
+    assert [r.text for r in replies] == ["hello"] * 8
+    pids = process.pids()
+    assert len(pids) == 2 and pids[0] == supervisor and worker not in pids
+    out = await asyncio.to_thread(process.stop)
+    assert f"worker 0 (pid {worker}) died with exit code -9; restarting it" in out
+
+
+async def test_single_process_serves_without_a_supervisor(
+    tmp_path: Path, aiohttp_backend: StartApp, proxy_process: StartProcess
+) -> None:
+    """`run --single-process` (for profilers): one process serves, probes and answers."""
+    port = free_port()
+    config = single_upstream_config([await aiohttp_backend(hello_app())], listen_port=port)
+    process = await asyncio.to_thread(proxy_process, config, port, "--single-process")
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+        assert (await http.get(f"http://127.0.0.1:{port}/")).text == "hello"
+    assert process.pids() == [process.process.pid]
+    assert "Traceback" not in await asyncio.to_thread(process.stop)
+    four = tmp_path / "four.yaml"
+    four.write_text(config + "workers: 4\n")
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "failover_proxy", "run", "--single-process", "-c", str(four)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr == (f"{four}: --single-process serves with one process, but "
+                              "workers: 4 asks for 4\n")
