@@ -14,7 +14,11 @@ opens with issue 6's targets, each ratio with its 95% interval over the rounds (
 Then: latency added at a fixed 5k req/s (hey) against the direct path, memory with 10,000 idle
 keep-alive client connections, and memory while a 1 GiB body streams through.
 
-    python benchmarks/compare.py [--duration 3] [--rounds 8] [--quick]
+    python benchmarks/compare.py [--duration 3] [--rounds 8] [--quick] [--bodies small]
+
+`--bodies small` (or `64k`) measures throughput for that body alone, with no fixed-rate, idle
+or streaming runs, and writes compare-small.md/json beside the full run's compare.md: for a
+cell too close to call, more rounds in the same time narrow its interval.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from common import (
 from verdict import judge, ratio_interval
 
 SMALL_BODY = "x" * 100
+BODIES = ("small", "64k")
 CORES = os.cpu_count() or 1
 PROXIES = ("nginx", "haproxy", "failover-proxy")
 
@@ -220,7 +225,7 @@ def _log(tmp: Path, name: str) -> int:
 
 
 def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
-            connection_counts: list[int]) -> list[Row]:
+            connection_counts: list[int], bodies: list[str]) -> list[Row]:
     """Every target x body x connection count, alternating; medians over rounds."""
     samples: dict[tuple[str, str, str, int],
                   list[tuple[LoadResult, tuple[float, float | None], float]]]
@@ -232,7 +237,7 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
     for round_number in range(rounds):
         # The order flips each round, so no target always runs just before or after another.
         order = everyone if round_number % 2 == 0 else everyone[::-1]
-        for body in ("small", "64k"):
+        for body in bodies:
             for connections in connection_counts:
                 for target in order:
                     pinned = target.pinned
@@ -528,6 +533,8 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
             f"{row.cpu_us_per_request:.1f} | {cpu_ratio} | "
             f"{', '.join(str(v) for v in row.tcp_timeouts)} |"
         )
+    if not stream:  # a throughput-only run (--bodies)
+        return "\n".join([*lines, ""])
     lines += ["", f"Latency at a fixed {args.rate} req/s (hey, 50 clients, "
               f"{args.rate_seconds:g} s, median of {args.rounds} alternating rounds), workers=1:",
               "",
@@ -568,7 +575,10 @@ def main() -> int:
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true",
                         help="one round of 2 s runs, 64 connections only (a smoke test)")
+    parser.add_argument("--bodies", choices=BODIES, nargs="+", default=list(BODIES),
+                        help="measure these bodies only, throughput alone (compare-BODY.md)")
     args = parser.parse_args()
+    subset = args.bodies != list(BODIES)
     if args.quick:
         args.duration, args.rounds, args.rate_seconds, args.idle = 2, 1, 3, 2000
     connection_counts = [64] if args.quick else [64, 256]
@@ -595,15 +605,20 @@ def main() -> int:
             processes.append(floor.process)
             startup = startup_memory(targets)
             rows = measure([*targets, floor], direct, args.duration, args.rounds,
-                           connection_counts)
-            print("fixed-rate latency…", flush=True)
-            latency = fixed_rate_latency(targets, direct, args.rate, args.rate_seconds,
-                                         args.rounds)
-            print("idle connections…", flush=True)
-            idle = idle_connection_memory(targets, args.idle)
-            ours = next(t for t in targets if t.name == "failover-proxy" and t.workers == "1")
-            print("streaming 1 GiB…", flush=True)
-            stream = streaming_memory(ours, "/1g", 1 << 30)
+                           connection_counts, args.bodies)
+            latency: list[dict[str, Any]] = []
+            idle: list[dict[str, float | str]] = []
+            stream: dict[str, float | str] = {}
+            if not subset:
+                print("fixed-rate latency…", flush=True)
+                latency = fixed_rate_latency(targets, direct, args.rate, args.rate_seconds,
+                                             args.rounds)
+                print("idle connections…", flush=True)
+                idle = idle_connection_memory(targets, args.idle)
+                ours = next(t for t in targets
+                            if t.name == "failover-proxy" and t.workers == "1")
+                print("streaming 1 GiB…", flush=True)
+                stream = streaming_memory(ours, "/1g", 1 << 30)
         finally:
             for process in processes:
                 process.send_signal(signal.SIGINT if process is not backend else signal.SIGTERM)
@@ -615,8 +630,9 @@ def main() -> int:
     table = markdown(rows, latency, startup, idle, stream, args)
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compare.md").write_text(table)
-    (RESULTS / "compare.json").write_text(json.dumps({
+    name = "compare-" + "-".join(args.bodies) if subset else "compare"
+    (RESULTS / f"{name}.md").write_text(table)
+    (RESULTS / f"{name}.json").write_text(json.dumps({
         "cores": CORES, "duration_s": args.duration, "rounds": args.rounds,
         "throughput": [asdict(row) for row in rows], "fixed_rate_latency": latency,
         "startup_memory": startup, "idle_connections": idle, "streaming": stream,
