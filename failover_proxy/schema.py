@@ -213,6 +213,7 @@ def config_class(cls: type[_T]) -> type[_T]:
 @config_class
 class ListenConfig:
     host: str = "127.0.0.1"
+    """An address (0.0.0.0 or :: for all); a name listens on the first address it resolves to."""
     port: Port = 8080
     backlog: AtLeastOne = 1024
 

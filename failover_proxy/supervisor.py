@@ -379,9 +379,12 @@ def _bind_listening_sockets(host: str, port: int, backlog: int, count: int) -> l
     share of the traffic, so the port is first bound without it: a port already in use fails
     with EADDRINUSE, as it does without workers.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sockets: list[socket.socket] = []
     try:
+        # A name binds the first address it resolves to (localhost: 127.0.0.1 on Debian).
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        host = str(address[0])
         if port != 0:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -398,7 +401,7 @@ def _bind_listening_sockets(host: str, port: int, backlog: int, count: int) -> l
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise OSError(exc.errno, f"cannot listen on {shown}: {exc.strerror}") from exc
     return sockets
 

@@ -198,9 +198,10 @@ async def test_memory_returns_to_its_level_after_rounds_of_traffic(
     }
     assert not grown, f"objects left behind after {requests} requests: {grown}"
     # A block kept per request would add `requests` blocks (a bytes object kept per request
-    # added 1,633 over 1,472 requests when tried); after the warm-up the count moves by about
-    # 100 over as many (caches still settling, the test's own client).
-    assert blocks_after - blocks_before < requests // 8, (
+    # added 1,633 over 1,472 requests when tried); after the warm-up the count moves by -5 to
+    # about 190 over as many (caches still settling, the test's own client: 8 runs measured),
+    # so the bound sits between the two, well clear of each.
+    assert blocks_after - blocks_before < requests // 3, (
         f"{blocks_after - blocks_before} more allocated blocks after {requests} requests"
     )
 

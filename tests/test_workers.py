@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from failover_proxy.faults import FaultBackend
+from failover_proxy.supervisor import _bind_listening_sockets
 from failover_proxy.worker import COUNTS_INTERVAL
 
 from .conftest import ROOT, backend_lines, free_port, parse_metrics, sample, wait_for_port
@@ -261,3 +262,17 @@ async def test_reload_and_drain_reach_every_worker(
     assert answer.status_code == 200 and answer.json()["path"] == "/slow"
     assert cluster.process.returncode == 0, out
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(("host", "expected"), [("localhost", {"127.0.0.1", "::1"}),
+                                                  ("::1", {"::1"}), ("127.0.0.2", {"127.0.0.2"})])
+def test_listen_host_may_be_a_name_or_either_family(host: str, expected: set[str]) -> None:
+    """The supervisor binds what the host names (a name: its first address), every socket of the
+    group on the same port."""
+    group = _bind_listening_sockets(host, 0, 16, 2)
+    try:
+        addresses = {sock.getsockname()[:2] for sock in group}
+        assert len(addresses) == 1 and next(iter(addresses))[0] in expected
+    finally:
+        for sock in group:
+            sock.close()
