@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -133,7 +134,7 @@ class RunProcess:
         return None
 
     async def stop(self) -> None:
-        self.process.send_signal(2)
+        self.process.send_signal(signal.SIGINT)
         await self.process.wait()
         await self.session.close()
 

@@ -77,7 +77,7 @@ class _Server(asyncio.Protocol):
 
     def read_failed(self, exc: BaseException) -> None:
         self.failures.append(exc)
-        fail_connection(self.transport, self, exc)
+        fail_connection(self.transport, self, exc, self.reading, self.transport.write)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.detach_when_lost:

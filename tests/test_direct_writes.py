@@ -316,3 +316,22 @@ async def test_the_proxy_stops_direct_reads_and_writes_when_a_connection_ends(
     assert not upstream.send.detached and upstream.reading.registered
     upstream.close()  # as the pool closes an idle connection
     assert upstream.send.detached and not upstream.reading.registered
+
+
+async def test_a_failed_read_detaches_before_the_transport_is_aborted(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    """A read that fails (the path a reset takes) ends the connection with its writer detached
+    and its reader out of the set at once, not only later in connection_lost: nothing written
+    in between goes around the aborted transport."""
+    _, _, backend_side = await hello_exchanges(aiohttp_backend, proxy)
+    (upstream,) = backend_side  # idle in the pool, open
+    assert not upstream.send.detached and upstream.reading.registered
+    upstream.read_failed(ConnectionResetError("reset by the test"))
+    assert upstream.send.detached and not upstream.reading.registered
+    assert upstream.transport is not None and upstream.transport.is_closing()
+    for _ in range(200):
+        if upstream.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.closed  # connection_lost followed

@@ -306,7 +306,7 @@ class DownstreamProtocol:
         """A read failed, or a callback raised (readpath): end the connection as the transport
         does on a fatal error."""
         self.stopped_parsing = True
-        fail_connection(self.transport, self, exc)
+        fail_connection(self.transport, self, exc, self.reading, self.send)
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -229,7 +229,6 @@ def forwarded_block(lines: list[bytes], connection: bytes | None) -> bytes:
 
 
 _ZERO: Final = ord("0")
-_COLON: Final = ord(":")
 _SPACE: Final = ord(" ")
 _TAB: Final = ord("\t")
 

@@ -107,11 +107,13 @@ def read_loop(loop: asyncio.AbstractEventLoop) -> ReadLoop:
 
 
 def fail_connection(
-    transport: asyncio.Transport | None, protocol: object, exc: BaseException
+    transport: asyncio.Transport | None, protocol: object, exc: BaseException,
+    reading: Reading, send: Send,
 ) -> None:
     """End a connection whose read failed or whose callback raised, as uvloop does: a read
-    error (a reset) quietly, an exception from our own code logged, then the transport aborted
-    (its connection_lost follows, with None: the protocol keeps the error itself)."""
+    error (a reset) quietly, an exception from our own code logged, then its reads and direct
+    writes detached and the transport aborted (its connection_lost follows, with None: the
+    protocol keeps the error itself)."""
     if not isinstance(exc, OSError):
         asyncio.get_running_loop().call_exception_handler({
             "message": "Fatal error: protocol.data_received() call failed.",
@@ -120,7 +122,8 @@ def fail_connection(
             "protocol": protocol,
         })
     if transport is not None:
-        transport.abort()  # (a Reader took itself out of its set before calling `failed`)
+        detach_io(reading, send)
+        transport.abort()
 
 
 def detach_io(reading: Reading, send: Send) -> None:

@@ -100,7 +100,7 @@ class UpstreamConnection:
         """A read failed, or a callback raised (readpath): end the connection as the transport
         does on a fatal error."""
         self.lost_to = exc
-        fail_connection(self.transport, self, exc)
+        fail_connection(self.transport, self, exc, self.reading, self.send)
 
     def close(self) -> None:
         self.closed = True
