@@ -9,12 +9,13 @@ A featureless Python proxy on the same stack (floor_proxy.py, one worker) runs a
 floor for what Python can reach here. Access logs are off for all. Runs alternate target by
 target, round after round, the order flipping each round, so drift hits all alike; each figure
 is the median over rounds, and ratios are to nginx at the same worker count: the median of each
-round's ratio (paired in time, since the machine's speed drifts between rounds). compare.md
+round's ratio (paired in time, since the machine's speed drifts between runs; nginx runs right
+beside the proxies compared with it). compare.md
 opens with issue 6's targets, each ratio with its 95% interval over the rounds (verdict.py).
 Then: latency added at a fixed 5k req/s (hey) against the direct path, memory with 10,000 idle
 keep-alive client connections, and memory while a 1 GiB body streams through.
 
-    python benchmarks/compare.py [--duration 3] [--rounds 8] [--quick] [--bodies small]
+    python benchmarks/compare.py [--duration 1] [--rounds 24] [--quick] [--bodies small]
 
 `--bodies small` (or `64k`) measures throughput for that body alone, with no fixed-rate, idle
 or streaming runs, and writes compare-small.md/json beside the full run's compare.md: for a
@@ -235,8 +236,7 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
         run_wrk(f"http://127.0.0.1:{target.port}/small", 1, 64,
                 core=1 if target.pinned else None)
     for round_number in range(rounds):
-        # The order flips each round, so no target always runs just before or after another.
-        order = everyone if round_number % 2 == 0 else everyone[::-1]
+        order = round_order(everyone, round_number)
         for body in bodies:
             for connections in connection_counts:
                 for target in order:
@@ -283,6 +283,25 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
             cpu_ratios = per_round_ratios(row.cpu_rounds, nginx.cpu_rounds)
             row.cpu_vs_nginx = statistics.median(cpu_ratios) if cpu_ratios else 0.0
     return rows
+
+
+# Within a worker count, nginx runs between HAProxy and failover-proxy: each ratio to nginx then
+# pairs runs made back to back. The machine's speed drifts from one run to the next, so the
+# further apart two runs are, the more a round's ratio swings: with the eight targets in one
+# sequence (nginx and failover-proxy two runs apart, pinned and unpinned runs mixed), one
+# round's log ratio had a spread of 0.12-0.13; back to back (ab.py), 0.057.
+_SEQUENCE = ("backend", "python-floor", "haproxy", "nginx", "failover-proxy")
+
+
+def round_order(everyone: list[Target], round_number: int) -> list[Target]:
+    """The order of one round's runs: grouped by worker count, each group in _SEQUENCE's order,
+    groups and order both flipping each round, so no target always runs first or last."""
+    groups = [sorted((t for t in everyone if t.workers == workers),
+                     key=lambda t: _SEQUENCE.index(t.name))
+              for workers in ("1", "all")]
+    if round_number % 2:
+        groups = [group[::-1] for group in groups[::-1]]
+    return [target for group in groups for target in group]
 
 
 def per_round_ratios(ours: list[float], nginx: list[float]) -> list[float]:
@@ -486,8 +505,8 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         *targets_section(rows, startup, idle),
         "## Throughput and latency", "",
         f"wrk, {args.duration:g} s per run, median of {args.rounds} alternating rounds (ratios to "
-        "nginx: the median of each round's ratio, as the machine's speed drifts between rounds); "
-        "backend: "
+        "nginx: the median of each round's ratio, as the machine's speed drifts between runs; "
+        "within a worker count nginx runs right beside HAProxy and failover-proxy); backend: "
         f"nginx (1 worker) serving 100 B (/small) and 64 KiB (/64k); {CORES} cores. "
         "workers=1: the proxy pinned to core 0, backend and wrk (1 thread) on core 1; "
         f"workers=all: {CORES} workers/threads each, unpinned, wrk with 2 threads. "
@@ -536,7 +555,8 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
     if not stream:  # a throughput-only run (--bodies)
         return "\n".join([*lines, ""])
     lines += ["", f"Latency at a fixed {args.rate} req/s (hey, 50 clients, "
-              f"{args.rate_seconds:g} s, median of {args.rounds} alternating rounds), workers=1:",
+              f"{args.rate_seconds:g} s, median of {args.rate_rounds} alternating rounds), "
+              "workers=1:",
               "",
               "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | errors | p99 per round |",
               "|---|---|---|---|---|---|---|"]
@@ -566,12 +586,16 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    # Many short rounds rather than a few long ones: on this VM one round's ratio to nginx
-    # swings by +-20%, so a median needs rounds more than seconds (8 x 3 s: about 20 minutes).
-    parser.add_argument("--duration", type=float, default=3)
-    parser.add_argument("--rounds", type=int, default=8)
+    # Many short rounds rather than a few long ones: a round's ratio to nginx swings by as much
+    # with 1 s runs as with 3 s runs (ab.py: a log-ratio spread of 0.057 for both), so 24 rounds
+    # of 1 s narrow an interval by sqrt(3) against 8 of 3 s in the same time (about 25 minutes
+    # in all).
+    parser.add_argument("--duration", type=float, default=1)
+    parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--rate-seconds", type=float, default=8)
+    parser.add_argument("--rate-rounds", type=int, default=8,
+                        help="rounds of the fixed-rate latency runs")
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true",
                         help="one round of 2 s runs, 64 connections only (a smoke test)")
@@ -580,7 +604,8 @@ def main() -> int:
     args = parser.parse_args()
     subset = args.bodies != list(BODIES)
     if args.quick:
-        args.duration, args.rounds, args.rate_seconds, args.idle = 2, 1, 3, 2000
+        args.duration, args.rounds, args.rate_seconds, args.rate_rounds = 2, 1, 3, 1
+        args.idle = 2000
     connection_counts = [64] if args.quick else [64, 256]
     ensure_tools()
     limit = raise_open_file_limit()  # per process: this one holds the client ends
@@ -612,7 +637,7 @@ def main() -> int:
             if not subset:
                 print("fixed-rate latency…", flush=True)
                 latency = fixed_rate_latency(targets, direct, args.rate, args.rate_seconds,
-                                             args.rounds)
+                                             args.rate_rounds)
                 print("idle connections…", flush=True)
                 idle = idle_connection_memory(targets, args.idle)
                 ours = next(t for t in targets
