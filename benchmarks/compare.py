@@ -10,8 +10,8 @@ floor for what Python can reach here. Access logs are off for all. Runs alternat
 target, round after round, the order flipping each round, so drift hits all alike; each figure
 is the median over rounds, and ratios are to nginx at the same worker count: the median of each
 round's ratio (paired in time, since the machine's speed drifts between runs; nginx runs right
-beside the proxies compared with it). compare.md
-opens with issue 6's targets, each ratio with its 95% interval over the rounds (verdict.py).
+beside the proxies compared with it). compare.md opens with issue 6's targets, each ratio with
+its 95% interval over the rounds (verdict.py).
 Then: latency added at a fixed 5k req/s (hey) against the direct path, memory with 10,000 idle
 keep-alive client connections, and memory while a 1 GiB body streams through.
 
@@ -287,9 +287,11 @@ def measure(targets: list[Target], direct: Target, duration: float, rounds: int,
 
 # Within a worker count, nginx runs between HAProxy and failover-proxy: each ratio to nginx then
 # pairs runs made back to back. The machine's speed drifts from one run to the next, so the
-# further apart two runs are, the more a round's ratio swings: with the eight targets in one
-# sequence (nginx and failover-proxy two runs apart, pinned and unpinned runs mixed), one
-# round's log ratio had a spread of 0.12-0.13; back to back (ab.py), 0.057.
+# further apart two runs are, the more a round's ratio can swing: two targets alone back to back
+# (ab.py) gave a log-ratio spread of 0.057. With the eight targets in one sequence (nginx and
+# failover-proxy two runs apart, pinned and unpinned runs mixed) failover-proxy's small cells
+# spread by 0.08-0.13; in the first run in this order, by 0.085-0.13: less in some cells, and
+# never the 0.057 of two targets alone, as the machine also moves within a second or two.
 _SEQUENCE = ("backend", "python-floor", "haproxy", "nginx", "failover-proxy")
 
 
