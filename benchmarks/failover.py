@@ -102,7 +102,8 @@ class RunProcess:
 
     async def start(self, config: str) -> int:
         port, self.admin = free_port(), free_port()
-        path = Path(tempfile.mkdtemp(prefix="fp-failover-")) / "proxy.yaml"
+        self.directory = tempfile.TemporaryDirectory(prefix="fp-failover-")
+        path = Path(self.directory.name) / "proxy.yaml"
         path.write_text(config.replace("port: 0}", f"port: {port}}}") +
                         f"admin: {{host: 127.0.0.1, port: {self.admin}}}\n")
         self.process = await asyncio.create_subprocess_exec(
@@ -137,6 +138,7 @@ class RunProcess:
         self.process.send_signal(signal.SIGINT)
         await self.process.wait()
         await self.session.close()
+        self.directory.cleanup()
 
 
 async def run_mode(mode: str, clients: int, seconds: float,

@@ -130,7 +130,7 @@ class ProxyServer:
         out = []
         for sock in self._server.sockets:
             host, port = sock.getsockname()[:2]
-            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            out.append(address_text(host, port))
         return out
 
     async def live_stats(self) -> tuple[MetricStore, ProcessGauges]:
@@ -351,3 +351,9 @@ async def serve(
     server = ProxyServer(config, config_source)
     await server.start()
     await run_until_stopped(server, ready)
+
+
+def address_text(host: str, port: int) -> str:
+    """host:port as logs and errors show it, an IPv6 address in brackets (so its colons do not
+    run into the port's)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -42,7 +42,13 @@ from .health import HealthChecker
 from .healthview import export_view
 from .metrics import MetricStore, ProcessGauges
 from .schema import ConfigError, ProxyConfig
-from .server import ReloadResult, reload_failed, reload_succeeded, run_until_stopped
+from .server import (
+    ReloadResult,
+    address_text,
+    reload_failed,
+    reload_succeeded,
+    run_until_stopped,
+)
 from .topology import Topology, Upstream, build_topology
 
 log = logging.getLogger("failover_proxy.supervisor")
@@ -401,8 +407,8 @@ def _bind_listening_sockets(host: str, port: int, backlog: int, count: int) -> l
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise OSError(exc.errno, f"cannot listen on {shown}: {exc.strerror}") from exc
+        raise OSError(exc.errno,
+                      f"cannot listen on {address_text(host, port)}: {exc.strerror}") from exc
     return sockets
 
 

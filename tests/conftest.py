@@ -50,6 +50,17 @@ def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server_context, client_context
 
 
+def hello_app() -> web.Application:
+    """A backend that answers GET / with "hello"."""
+
+    async def hello(_: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    return app
+
+
 async def hello_exchanges(
     start_app: Callable[[web.Application], Awaitable[int]],
     start_proxy: Callable[[str], Awaitable[ProxyServer]],
@@ -57,13 +68,7 @@ async def hello_exchanges(
     """Three small requests through the real proxy on one keep-alive connection to an aiohttp
     backend that answers "hello"; the proxy, and its client-side and backend-side connections
     after them."""
-
-    async def hello(_: web.Request) -> web.Response:
-        return web.Response(text="hello")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
-    server = await start_proxy(single_upstream_config([await start_app(app)]))
+    server = await start_proxy(single_upstream_config([await start_app(hello_app())]))
     async with httpx.AsyncClient() as client:
         for _ in range(3):
             response = await client.get(f"http://127.0.0.1:{server.port}/")

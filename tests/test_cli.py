@@ -18,6 +18,7 @@ from .conftest import (
     ProxyProcess,
     env_without_proxy_vars,
     free_port,
+    hello_app,
     single_upstream_config,
     wait_for_port,
 )
@@ -134,16 +135,6 @@ def test_a_busy_port_is_one_clear_line(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"failover-proxy: cannot start: cannot listen on 127.0.0.1:{port}")
     assert "address already in use" in result.stderr.lower() and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
-
-
-
-def hello_app() -> web.Application:
-    async def hello(_: web.Request) -> web.Response:
-        return web.Response(text="hello")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
-    return app
 
 
 async def test_run_with_one_worker_restarts_it_and_loses_no_queued_connection(
