@@ -6,7 +6,8 @@ nginx as a reverse proxy (upstream keepalive pool), HAProxy (http-reuse always) 
 failover-proxy (health checks, retries, metrics and the admin listener on), each with one worker
 (pinned to core 0, wrk on the other core) and with one worker per core (unpinned, wrk too).
 A featureless Python proxy on the same stack (floor_proxy.py, one worker) runs alongside as a
-floor for what Python can reach here. Access logs are off for all. Runs alternate target by
+floor for what Python can reach here. Access logs are off for all, and nginx and HAProxy add
+the header fields failover-proxy always adds (HEADER_FIELDS). Runs alternate target by
 target, round after round, the order flipping each round, so drift hits all alike; each figure
 is the median over rounds, and ratios are to nginx at the same worker count: the median of each
 round's ratio (paired in time, since the machine's speed drifts between runs; nginx runs right
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -60,6 +62,14 @@ SMALL_BODY = "x" * 100
 BODIES = ("small", "64k")
 CORES = os.cpu_count() or 1
 PROXIES = ("nginx", "haproxy", "failover-proxy")
+HEADER_FIELDS = (
+    "X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, X-Request-Id (when absent) and Via "
+    "to the backend; X-Request-Id and Via to the client"
+)
+"""What failover-proxy always adds, so nginx and HAProxy are configured to add them too: the
+backend parses them and wrk reads them, on the same cores as the proxy."""
+ADDED_UPSTREAM = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id", "Via")
+ADDED_DOWNSTREAM = ("X-Request-Id", "Via")
 
 
 @dataclass
@@ -134,6 +144,16 @@ defaults
     http-reuse always
 frontend bench
     bind 127.0.0.1:{port}
+    # the header fields failover-proxy adds (HEADER_FIELDS)
+    option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    unique-id-format %{{+X}}o%ci-%cp-%Ts-%rt-%pid
+    http-request set-header X-Request-Id %[unique-id] unless {{ req.hdr(x-request-id) -m found }}
+    http-request set-var(txn.request_id) req.hdr(x-request-id)
+    http-request add-header Via "1.1 haproxy"
+    http-response set-header X-Request-Id %[var(txn.request_id)]
+    http-response add-header Via "1.1 haproxy"
     default_backend origin
 backend origin
     server origin 127.0.0.1:{backend_port} maxconn 9000
@@ -159,20 +179,35 @@ routes:
 
 
 def backend_block(port: int, www: Path) -> str:
-    """The backend nginx's server: a fixed small body at /small, files from `www` elsewhere."""
+    """The backend nginx's server: a fixed small body at /small, the added header fields it
+    received at /headers (check_same_fields), files from `www` elsewhere."""
+    echo = "|".join(f"$http_{name.lower().replace('-', '_')}" for name in ADDED_UPSTREAM)
     return f"""
     server {{ listen 127.0.0.1:{port} backlog=4096;
              location = /small {{ default_type text/plain; return 200 "{SMALL_BODY}"; }}
+             location = /headers {{ default_type text/plain; return 200 "{echo}"; }}
              location / {{ root {www}; }} }}"""
 
 
 def nginx_proxy_block(port: int, backend_port: int) -> str:
-    """nginx as the reverse proxy compared: a keep-alive upstream pool, HTTP/1.1 to it."""
+    """nginx as the reverse proxy compared: a keep-alive upstream pool, HTTP/1.1 to it, and the
+    header fields failover-proxy adds (HEADER_FIELDS). Its request id is a counter, as ours is
+    (process, connection, request on it): nginx's own $request_id draws 16 random bytes per
+    request, which cost it about 8% of its req/s here."""
     return f"""
     upstream origin {{ server 127.0.0.1:{backend_port}; keepalive 256; }}
+    map $http_x_request_id $bench_request_id {{
+        "" $pid-$connection-$connection_requests; default $http_x_request_id; }}
     server {{ listen 127.0.0.1:{port} backlog=4096;
              location / {{ proxy_pass http://origin; proxy_http_version 1.1;
-                          proxy_set_header Connection ""; }} }}"""
+                          proxy_set_header Connection "";
+                          proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+                          proxy_set_header X-Forwarded-Proto $scheme;
+                          proxy_set_header X-Forwarded-Host $http_host;
+                          proxy_set_header X-Request-Id $bench_request_id;
+                          proxy_set_header Via "1.1 nginx";
+                          add_header X-Request-Id $bench_request_id;
+                          add_header Via "1.1 nginx"; }} }}"""
 
 
 def start_targets(tmp: Path, backend_port: int) -> list[Target]:
@@ -207,6 +242,26 @@ def start_targets(tmp: Path, backend_port: int) -> list[Target]:
                                f"{output}") from None
     time.sleep(1.0)
     return targets
+
+
+def check_same_fields(targets: list[Target]) -> None:
+    """Fail the run unless every proxy compared adds the header fields failover-proxy adds: the
+    backend echoes those it received, and the response must carry the others."""
+    for target in targets:
+        conn = http.client.HTTPConnection("127.0.0.1", target.port, timeout=5)
+        try:
+            conn.request("GET", "/headers", headers={"Host": "bench"})
+            response = conn.getresponse()
+            received = response.read().decode().split("|")
+        finally:
+            conn.close()
+        echoed = dict(zip(ADDED_UPSTREAM, received, strict=False))
+        missing = [f"{name} (to the backend)" for name in ADDED_UPSTREAM if not echoed.get(name)]
+        missing += [f"{name} (to the client)" for name in ADDED_DOWNSTREAM
+                    if response.getheader(name) is None]
+        if response.status != 200 or missing:
+            raise RuntimeError(f"{target.name} (workers={target.workers}) is not configured "
+                               f"like the others: status {response.status}, missing {missing}")
 
 
 def start_floor(tmp: Path, backend_port: int) -> Target:
@@ -512,7 +567,8 @@ def markdown(rows: list[Row], latency: list[dict[str, Any]], startup: list[dict[
         f"nginx (1 worker) serving 100 B (/small) and 64 KiB (/64k); {CORES} cores. "
         "workers=1: the proxy pinned to core 0, backend and wrk (1 thread) on core 1; "
         f"workers=all: {CORES} workers/threads each, unpinned, wrk with 2 threads. "
-        "Every proxy keeps connections to the backend alive; access logs off for all; "
+        "Every proxy keeps connections to the backend alive and adds the same header fields "
+        f"({HEADER_FIELDS}); access logs off for all; "
         "failover-proxy with health checks, retries, metrics and its admin listener on.",
         "",
         "python-floor (workers=1 only): benchmarks/floor_proxy.py, the least a Python proxy on "
@@ -631,6 +687,7 @@ def main() -> int:
             floor = start_floor(tmp, backend_port)
             processes.append(floor.process)
             startup = startup_memory(targets)
+            check_same_fields(targets)
             rows = measure([*targets, floor], direct, args.duration, args.rounds,
                            connection_counts, args.bodies)
             latency: list[dict[str, Any]] = []
