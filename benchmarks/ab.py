@@ -131,7 +131,8 @@ def main() -> int:
         f"wrk, {args.connections} connections, {args.seconds} s runs, {args.rounds} rounds, "
         f"alternating (the order flips each round); {body_text} responses from nginx; each "
         "failover-proxy with one worker pinned to core 0 and compare.py's configuration, nginx "
-        "with one worker and a keepalive upstream pool; ratios are the medians of each round's "
+        "with one worker, a keepalive upstream pool and the header fields failover-proxy adds "
+        "(compare.py's); ratios are the medians of each round's "
         f"ratio to {reference}.\n\n" + table + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(
         {"connections": args.connections, "seconds": args.seconds, "reference": reference,
