@@ -2,9 +2,10 @@
 
 The backend is nginx (one worker, pinned to the last core) serving a 100-byte body at /small
 and a 64 KiB file at /64k. In front of it, each on its own port and all started at once:
-nginx as a reverse proxy (upstream keepalive pool), HAProxy (http-reuse always) and
-failover-proxy (health checks, retries, metrics and the admin listener on), each with one worker
-(pinned to core 0, wrk on the other core) and with one worker per core (unpinned, wrk too).
+nginx as a reverse proxy (upstream keepalive pool), HAProxy (http-reuse always, health
+checks) and failover-proxy (health checks, retries, metrics and the admin listener on), each
+with one worker (pinned to core 0, wrk on the other core) and with one worker per core
+(unpinned, wrk too).
 A featureless Python proxy on the same stack (floor_proxy.py, one worker) runs alongside as a
 floor for what Python can reach here. Access logs are off for all, and nginx and HAProxy add
 the header fields failover-proxy always adds (HEADER_FIELDS). Runs alternate target by
@@ -156,7 +157,8 @@ frontend bench
     http-response add-header Via "1.1 haproxy"
     default_backend origin
 backend origin
-    server origin 127.0.0.1:{backend_port} maxconn 9000
+    option httpchk GET /small
+    server origin 127.0.0.1:{backend_port} maxconn 9000 check inter 1s
 """
 
 
