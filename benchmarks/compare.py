@@ -63,14 +63,12 @@ SMALL_BODY = "x" * 100
 BODIES = ("small", "64k")
 CORES = os.cpu_count() or 1
 PROXIES = ("nginx", "haproxy", "failover-proxy")
-HEADER_FIELDS = (
-    "X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, X-Request-Id (when absent) and Via "
-    "to the backend; X-Request-Id and Via to the client"
-)
-"""What failover-proxy always adds, so nginx and HAProxy are configured to add them too: the
-backend parses them and wrk reads them, on the same cores as the proxy."""
 ADDED_UPSTREAM = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id", "Via")
 ADDED_DOWNSTREAM = ("X-Request-Id", "Via")
+HEADER_FIELDS = (f"{', '.join(ADDED_UPSTREAM)} to the backend (X-Request-Id when absent); "
+                 f"{', '.join(ADDED_DOWNSTREAM)} to the client")
+"""What failover-proxy always adds, so nginx and HAProxy are configured to add them too: the
+backend parses them and wrk reads them, on the same cores as the proxy."""
 
 
 @dataclass
