@@ -503,12 +503,13 @@ def _ratios(row: Row | None, figure: str) -> list[float]:
 
 
 def targets_section(rows: list[Row], startup: list[dict[str, Any]],
-                    idle: list[dict[str, float | str]]) -> list[str]:
+                    idle: list[dict[str, float | str]],
+                    title: str = "The targets in this run") -> list[str]:
     """Issue 6's targets against this run: each ratio to nginx with its 95% interval over the
     rounds (verdict.py), HAProxy's in the same cells beside it for scale."""
     by_key = {(r.target, r.workers, r.body, r.connections): r for r in rows}
     lines = [
-        "## The targets in this run", "",
+        f"## {title}", "",
         "Each ratio to nginx is the geometric mean of the rounds' ratios with its 95% interval "
         "(Student's t over the rounds' log ratios; benchmarks/verdict.py). A target is met "
         "when the whole interval is on its good side, missed when the whole of it is on the "
