@@ -151,25 +151,26 @@ def backend_port() -> Iterator[int]:
         process.wait(timeout=10)
 
 
-async def test_memory_returns_to_its_level_after_rounds_of_traffic(
-    backend_port: int, proxy: StartProxy
-) -> None:
-    port = backend_port
-    # A second backend where nothing listens: about half the requests pick it first, fail to
-    # connect and are retried on the other. Passive detection is set never to eject it, and
-    # it shares its provider with the good one (a provider whose only backend fails would be
-    # taken down at once).
-    dead_port = free_port()
-    config = (
+def mix_config(backend_port: int) -> str:
+    """The backend, and a second one where nothing listens: about half the requests pick it
+    first, fail to connect and are retried on the other. Passive detection is set never to eject
+    it, and it shares its provider with the good one (a provider whose only backend fails would
+    be taken down at once)."""
+    return (
         "listen: {host: 127.0.0.1, port: 0}\n"
         "upstreams:\n  web:\n    backends:\n"
-        + backend_entry("good", port)
-        + backend_entry("dead", dead_port)
+        + backend_entry("good", backend_port)
+        + backend_entry("dead", free_port())
         + "    retry: {attempts: 3, next_attempt: any}\n"
         + "    outlier: {consecutive_failures: 1000000}\n"
         "routes:\n  - {path_prefix: /, upstream: web}\n"
     )
-    server = await proxy(config)
+
+
+async def test_memory_returns_to_its_level_after_rounds_of_traffic(
+    backend_port: int, proxy: StartProxy
+) -> None:
+    server = await proxy(mix_config(backend_port))
 
     for _ in range(WARM_UP_ROUNDS):
         await _traffic_round(server.port)
@@ -205,3 +206,33 @@ async def test_memory_returns_to_its_level_after_rounds_of_traffic(
         f"{blocks_after - blocks_before} more allocated blocks after {requests} requests"
     )
 
+
+
+async def test_ended_connections_go_by_reference_counting_alone(
+    backend_port: int, proxy: StartProxy
+) -> None:
+    """Nothing of a connection that ended waits for the cyclic collector. An object left in a
+    reference cycle (a parser holding its protocol's callbacks did that) stays until a collector
+    pass, and a pass over tens of thousands of them stalls the event loop: under wrk, 1 s runs
+    on fresh connections saw single requests take 10-36 ms against nginx's 9."""
+    server = await proxy(mix_config(backend_port))
+    await _traffic_round(server.port)  # pools and caches at their size
+    await asyncio.sleep(0.1)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(2):
+            await _traffic_round(server.port)
+        await asyncio.sleep(0.1)  # the aborted clients' exchanges end
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        stranded = Counter(
+            type(obj).__qualname__
+            for obj in gc.garbage
+            if (type(obj).__module__ or "").startswith(("failover_proxy", "httptools"))
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not stranded, f"left to the cyclic collector: {dict(stranded)}"

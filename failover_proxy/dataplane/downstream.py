@@ -65,6 +65,8 @@ _PAUSE_UPGRADING: Final = 8
 _PAUSE_STOPPED: Final = 16
 
 _MAX_PIPELINED: Final = 16
+_NO_PARSER: Final = httptools.HttpRequestParser(object())
+"""What a lost connection holds in place of its parser (as upstream._NO_PARSER)."""
 _SLASH: Final = ord("/")
 _QUERY_MARK: Final = ord("?")
 _CR: Final = ord("\r")
@@ -273,6 +275,11 @@ class DownstreamProtocol:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         detach_io(self.reading, self.send)
+        # Let go of what holds our callbacks (reference cycles, see upstream._NO_PARSER): the
+        # parser, and the last request, whose body can pause and resume our reading.
+        self.parser = _NO_PARSER
+        self._feed = _NO_PARSER.feed_data
+        self._current = None
         self.plane.connections.discard(self)
         if self.tunnel is not None:
             self.tunnel.close()

@@ -1018,8 +1018,10 @@ class Exchange:
             self.connecting.cancel()
         attempt = self.attempt
         if attempt is not None:
+            self.attempt = None  # each attempt points back here: no cycle left behind
             attempt.abandon()
         hedge = self.hedge
         if hedge is not None:
+            self.hedge = None
             hedge.backend.in_flight -= 1
             hedge.abandon()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from .forward import Attempt
     from .tunnel import Tunnel
 
+_NO_PARSER: Final = httptools.HttpResponseParser(object())
+"""What a connection holds in place of its parser before it connects and once it is lost: a
+parser holds its protocol's callbacks, a reference cycle only the cyclic collector frees, and a
+collector pass over many connections' worth stalls the event loop."""
+
 
 class UpstreamConnection:
     """One connection to a backend; parses responses and forwards events to its owner.
@@ -35,8 +40,8 @@ class UpstreamConnection:
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self._feed: Callable[[bytes], None] = self.parser.feed_data
+        self.parser = _NO_PARSER  # until connected: a refused connect leaves no cycle
+        self._feed: Callable[[bytes], None] = _NO_PARSER.feed_data
         self.send: Send = not_connected
         """How every write to the backend goes (writepath.write_path); bound once per connection."""
         self.send_parts: SendParts = not_connected
@@ -73,6 +78,8 @@ class UpstreamConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.parser = httptools.HttpResponseParser(self)
+        self._feed = self.parser.feed_data
         fd = plain_socket_fd(transport)
         self.send, self.send_parts = write_path(transport, fd)
         self.reading = read_path(
@@ -83,6 +90,8 @@ class UpstreamConnection:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         detach_io(self.reading, self.send)
+        self.parser = _NO_PARSER  # it holds our callbacks: see _NO_PARSER
+        self._feed = _NO_PARSER.feed_data
         if exc is None and isinstance(self.lost_to, Exception):
             exc = self.lost_to
         self.pool.forget(self)
