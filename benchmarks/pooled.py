@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from common import RESULTS
 from compare import Row, targets_section
 
-POOLED_LISTS = ("rounds", "p99_rounds", "rps_ratio_rounds", "p99_ratio_rounds", "cpu_rounds",
-                "tcp_timeouts")
-"""A row's per-round figures: the ones pooled. Its medians stay those of the first run."""
-
 
 def pooled_rows(paths: list[Path]) -> list[Row]:
-    """Every run's rows for the same cell merged into one, round lists joined in order."""
+    """Every run's rows for the same cell merged into one: each per-round list (every list
+    field of Row) joined in order; the medians and other single figures stay the first run's."""
     merged: dict[tuple[str, str, str, int], Row] = {}
     for path in paths:
         for entry in json.loads(path.read_text())["throughput"]:
@@ -37,8 +35,10 @@ def pooled_rows(paths: list[Path]) -> list[Row]:
             if key not in merged:
                 merged[key] = row
                 continue
-            for name in POOLED_LISTS:
-                getattr(merged[key], name).extend(getattr(row, name))
+            for field in fields(Row):
+                value = getattr(row, field.name)
+                if isinstance(value, list):
+                    getattr(merged[key], field.name).extend(value)
     return list(merged.values())
 
 
