@@ -19,7 +19,6 @@ HERE = Path(__file__).resolve().parent
 COMPILED = [
     "failover_proxy/balance.py",
     "failover_proxy/policy.py",
-    "failover_proxy/outlier.py",
     "failover_proxy/topology.py",
     "failover_proxy/routing.py",
     "failover_proxy/dataplane/chunked.py",

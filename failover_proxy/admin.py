@@ -22,7 +22,7 @@ from .metrics import MetricStore, ProcessGauges, exposition
 if TYPE_CHECKING:
     from .schema import ProxyConfig
     from .server import ReloadResult
-    from .topology import Backend, Provider, Topology, Upstream
+    from .topology import Backend, Provider, Region, Topology, Upstream
 
 log = logging.getLogger("failover_proxy.admin")
 
@@ -73,6 +73,10 @@ class AdminServer:
         app.router.add_get("/status", self._status)
         app.router.add_get("/debug/route", self._debug_route)
         app.router.add_post("/backends/{upstream}/{backend}/{action:drain|undrain}", self._drain)
+        app.router.add_post(
+            "/providers/{upstream}/{provider}/regions/{region}/{action:force-down|restore}",
+            self._force,
+        )
         app.router.add_post(
             "/providers/{upstream}/{provider}/{action:force-down|restore}", self._force
         )
@@ -137,8 +141,8 @@ class AdminServer:
         return web.json_response(status_document(self.proxy))
 
     async def _debug_route(self, request: web.Request) -> web.Response:
-        """What the policy would do now for a request; it takes a turn of the round robin,
-        as a real request would."""
+        """What the policy would do now for a request. It only looks: no balancer moves on,
+        so asking changes nothing about where real requests go."""
         host = request.query.get("host", "")
         path = request.query.get("path", "/")
         method = request.query.get("method", "GET").upper()
@@ -149,27 +153,30 @@ class AdminServer:
                  "decision": "404: no route for this host and path"}, status=404,
             )
         upstream = route.target.upstream
-        backend, reason = upstream.choose([], [])
+        backend, reason = upstream.choose([], [], peek=True)
         answer: dict[str, Any] = {
             "host": host, "path": path, "method": method, "route": route.target.label,
             "upstream": upstream.name, "panic": upstream.panic,
             "traffic_shares": upstream.policy.shares(),
+            "regions": {r.name: r.state for r in upstream.regions},
         }
         if backend is None:
             answer |= {"decision": "503: nothing usable", "reason": reason}
             return web.json_response(answer)
-        fallback, fallback_reason = upstream.choose([backend], [backend.provider])
+        fallback, fallback_reason = upstream.choose([backend], [backend.tier], peek=True)
         retry = upstream.config.retry
         answer |= {
             "decision": "forward",
             "provider": backend.provider,
+            "region": backend.region,
             "backend": backend.name,
             "reason": reason or upstream.policy.why_not_preferred() or "first choice of the policy",
             "retry": {
                 "attempts": retry.attempts,
                 "on": retry.on if method.encode() in IDEMPOTENT_METHODS else ["connect-failure"],
                 "next": None if fallback is None or fallback is backend else {
-                    "provider": fallback.provider, "backend": fallback.name,
+                    "provider": fallback.provider, "region": fallback.region,
+                    "backend": fallback.name,
                     "reason": fallback_reason,
                 },
             },
@@ -199,9 +206,7 @@ class AdminServer:
             raise _not_found(f"upstream {upstream.name} has no backend {name!r}",
                              [b.name for b in upstream.backends])
         draining = request.match_info["action"] == "drain"
-        backend.draining = draining
-        backend.reason = "drained by an operator" if draining else ""
-        upstream.refresh(asyncio.get_running_loop().time())
+        upstream.health.drain(backend, draining, asyncio.get_running_loop().time())
         return web.json_response(backend_status(backend, upstream))
 
     async def _force(self, request: web.Request) -> web.Response:
@@ -212,11 +217,19 @@ class AdminServer:
             raise _not_found(f"upstream {upstream.name} has no provider {name!r}",
                              list(upstream.providers))
         down = request.match_info["action"] == "force-down"
-        provider.forced_down = down
-        provider.reason = f"provider {name} forced down by an operator" if down else ""
-        upstream.refresh(asyncio.get_running_loop().time())
+        region_name = request.match_info.get("region")
+        if region_name is not None:
+            region = next((r for r in provider.regions if r.region == region_name), None)
+            if region is None:
+                raise _not_found(f"provider {name} of upstream {upstream.name} has no region "
+                                 f"{region_name!r}", [r.region for r in provider.regions])
+            upstream.health.force(region, down, asyncio.get_running_loop().time())
+            return web.json_response(region_status(region, upstream.backend_shares())
+                                     | {"name": region.name})
+        upstream.health.force(provider, down, asyncio.get_running_loop().time())
         return web.json_response(
-            provider_status(provider, upstream, upstream.policy.shares()) | {"name": name}
+            provider_status(provider, upstream, upstream.provider_shares(),
+                            upstream.backend_shares()) | {"name": name}
         )
 
     async def _reload(self, _: web.Request) -> web.Response:
@@ -248,14 +261,18 @@ def status_document(proxy: AdminTarget) -> dict[str, Any]:
     ready, reason = proxy.readiness()
     upstreams = {}
     for upstream in proxy.topology.upstreams.values():
-        shares = upstream.policy.shares()
+        shares = upstream.provider_shares()
+        backend_shares = upstream.backend_shares()
+        order = list(dict.fromkeys(t.provider for t in upstream.tiers))
         upstreams[upstream.name] = {
             "strategy": upstream.config.policy.strategy,
+            "order": [t.name for t in upstream.tiers],
+            "local_region": upstream.config.policy.local_region,
             "panic": upstream.panic,
             "active_requests": upstream.active_requests,
             "providers": {
-                provider.name: provider_status(provider, upstream, shares)
-                for provider in upstream.policy.providers
+                name: provider_status(upstream.providers[name], upstream, shares, backend_shares)
+                for name in order
             },
         }
     return {
@@ -270,21 +287,34 @@ def status_document(proxy: AdminTarget) -> dict[str, Any]:
 
 
 def provider_status(
-    provider: Provider, upstream: Upstream, shares: dict[str, float]
+    provider: Provider, upstream: Upstream, shares: dict[str, float],
+    backend_shares: dict[str, float],
 ) -> dict[str, Any]:
-    share = shares.get(provider.name, 0.0)
-    inner = dict(provider.balancer.shares()) if provider.balancer is not None else {}
     return {
         "state": provider.state,
         "reason": provider.reason,
         "forced_down": provider.forced_down,
-        "traffic_share": round(share, 4),
+        "traffic_share": round(shares.get(provider.name, 0.0), 4),
         "weight": provider.weight,
+        "regions": {
+            region.region: region_status(region, backend_shares) for region in provider.regions
+        },
         "backends": {
             backend.name: backend_status(backend, upstream)
-            | {"traffic_share": round(share * inner.get(backend, 0.0), 4)}
+            | {"traffic_share": round(backend_shares.get(backend.name, 0.0), 4)}
             for backend in provider.backends
         },
+    }
+
+
+def region_status(region: Region, backend_shares: dict[str, float]) -> dict[str, Any]:
+    return {
+        "state": region.state,
+        "usable": region.usable,
+        "reason": region.reason,
+        "forced_down": region.forced_down,
+        "traffic_share": round(sum(backend_shares.get(b.name, 0.0) for b in region.backends), 4),
+        "backends": [b.name for b in region.backends],
     }
 
 

@@ -35,6 +35,11 @@ class Balancer(Generic[T]):
         """Each item with its share of picks."""
         raise NotImplementedError
 
+    def peek(self, exclude: Sequence[T]) -> T:
+        """What the next pick would be (not one of `exclude` when another is possible),
+        without moving the balancer on: for explaining a decision, not for making one."""
+        raise NotImplementedError
+
 
 # Above this cycle length the schedule is computed pick by pick instead of kept in a table.
 _MAX_TABLE: Final = 4096
@@ -94,6 +99,20 @@ class SmoothWeightedRoundRobin(Balancer[T]):
         """Each item with its share of picks."""
         return [(item, w / self._total) for item, w in zip(self._items, self._weights, strict=True)]
 
+    def peek(self, exclude: Sequence[T]) -> T:
+        table = self._table
+        if table is None:
+            current = list(self._current)
+            order = [_smooth_step(current, self._weights, self._total) for _ in self._items]
+            candidates = [self._items[i] for i in order]
+        else:
+            count = len(table)
+            candidates = [table[(self._position + n) % count] for n in range(count)]
+        for item in candidates:
+            if item not in exclude:
+                return item
+        return candidates[0]
+
     def pick(self, key: int = 0) -> T:
         """The next item (`key` is for hashing balancers); IndexError when the pool is empty."""
         table = self._table
@@ -136,6 +155,17 @@ class LeastRequest(Balancer[T]):
             return items[first]
         return items[second]
 
+    def peek(self, exclude: Sequence[T]) -> T:
+        """The least loaded item (a pick compares two random ones)."""
+        order = sorted(
+            range(len(self._items)),
+            key=lambda i: self._load(self._items[i]) / self._weights[i],
+        )
+        for index in order:
+            if self._items[index] not in exclude:
+                return self._items[index]
+        return self._items[order[0]]
+
     def shares(self) -> list[tuple[T, float]]:
         total = sum(self._weights)
         return [(item, w / total) for item, w in zip(self._items, self._weights, strict=True)]
@@ -168,6 +198,13 @@ class ConsistentHash(Balancer[T]):
         if position == len(self._points):
             position = 0
         return self._items[self._ring_items[position]]
+
+    def peek(self, exclude: Sequence[T]) -> T:
+        """Where key 0 lands, or the next item along the ring not in `exclude`."""
+        for index in self._ring_items:
+            if self._items[index] not in exclude:
+                return self._items[index]
+        return self._items[self._ring_items[0]]
 
     def shares(self) -> list[tuple[T, float]]:
         total = sum(self._weights)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 import time
 
@@ -19,8 +18,6 @@ import aiohttp
 
 from .schema import HealthCheckConfig
 from .topology import Backend, Upstream
-
-log = logging.getLogger("failover_proxy.health")
 
 
 class _ProbeTarget:
@@ -85,28 +82,12 @@ class HealthChecker:
     async def _probe_forever(self, target: _ProbeTarget) -> None:
         backend, config = target.backend, target.config
         loop = asyncio.get_running_loop()
-        passes = failures = 0
         while True:
             ok, detail = await self.probe(target.upstream, backend, config)
             upstream = target.upstream
             result = "ok" if ok else "fail"
             upstream.store.inc("health_checks", (upstream.name, backend.name, result))
-            backend.last_check = f"{'ok' if ok else 'failed'}: {detail}"
-            backend.last_check_at = time.time()
-            if ok:
-                passes, failures = passes + 1, 0
-                if not backend.healthy and passes >= config.healthy_threshold:
-                    backend.healthy = True
-                    backend.reason = ""
-                    log.info("%s/%s healthy again", upstream.name, backend.name)
-                    upstream.refresh(loop.time())
-            else:
-                passes, failures = 0, failures + 1
-                if backend.healthy and failures >= config.unhealthy_threshold:
-                    backend.healthy = False
-                    backend.reason = f"health check failed {failures} times: {detail}"
-                    log.warning("%s/%s unhealthy: %s", upstream.name, backend.name, detail)
-                    upstream.refresh(loop.time())
+            upstream.health.probe_result(backend, ok, detail, config, loop.time(), time.time())
             interval = config.interval if backend.healthy else config.unhealthy_interval
             await asyncio.sleep(interval * (1 + random.uniform(-config.jitter, config.jitter)))
 

@@ -72,6 +72,11 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("upstream", "provider", "backend", "reason"),
     ),
     "health_checks": ("Active health probes, by result.", ("upstream", "backend", "result")),
+    "health_transitions": (
+        "Changes of state of a backend, region or provider (level), by the state entered and "
+        "the event that caused it.",
+        ("upstream", "level", "name", "state", "event"),
+    ),
     "config_reloads": ("Config reloads, by result (success, failure).", ("result",)),
     "hedges": ("Hedged second attempts sent.", ("upstream",)),
     "circuit_breaker_overflows": ("Requests refused by a circuit breaker.", ("upstream",)),
@@ -296,6 +301,11 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
         PREFIX + "provider_state", "1 for the provider's current state.",
         labels=("upstream", "provider", "state"),
     )
+    region_up = GaugeMetricFamily(
+        PREFIX + "region_up",
+        "1 when the region (a provider's backends in one region) is in rotation, else 0.",
+        labels=("upstream", "provider", "region"),
+    )
     share = GaugeMetricFamily(
         PREFIX + "provider_traffic_share",
         "The share of new requests the policy gives the provider now (0 to 1).",
@@ -306,10 +316,12 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
         labels=("upstream", "provider", "backend"),
     )
     for upstream in topology.upstreams.values():
-        shares = upstream.policy.shares()
+        shares = upstream.provider_shares()
         for provider in upstream.providers.values():
             labels = [upstream.name, provider.name]
             provider_up.add_metric(labels, 1 if provider.state != "down" else 0)
+            for region in provider.regions:
+                region_up.add_metric([*labels, region.region], 1 if region.usable else 0)
             for state in PROVIDER_STATES:
                 provider_state.add_metric([*labels, state], 1 if provider.state == state else 0)
             share.add_metric(labels, shares.get(provider.name, 0.0))
@@ -322,7 +334,8 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
                     backend_state.add_metric(
                         [*backend_labels, state], 1 if current == state else 0
                     )
-    yield from (backend_up, backend_state, provider_up, provider_state, share, in_flight)
+    yield from (backend_up, backend_state, provider_up, provider_state, region_up, share,
+                in_flight)
 
 
 def exposition(store: MetricStore, topology: Topology, gauges: ProcessGauges) -> bytes:

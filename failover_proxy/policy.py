@@ -1,7 +1,9 @@
-"""Choosing a provider: priority failover or a weighted split that re-spreads when one fails.
+"""Choosing a provider (or a provider's region): priority failover, or a weighted split that
+re-spreads when one fails.
 
-The policy is rebuilt whenever a provider's state changes (rare) so that a pick on the hot path
-is one table lookup (priority) or one smooth-WRR step (weighted).
+What the policy chooses between are tiers: providers, or the regions of a provider where
+`policy.providers` names them. The policy is rebuilt whenever a tier's state changes (rare) so
+that a pick on the hot path is one table lookup (priority) or one smooth-WRR step (weighted).
 """
 
 from __future__ import annotations
@@ -12,29 +14,25 @@ from .balance import SmoothWeightedRoundRobin
 from .schema import PolicyConfig
 
 if TYPE_CHECKING:
-    from .topology import Provider
+    from .topology import Domain
 
 
-def provider_latency(provider: Provider) -> float:
-    """Mean recent latency of the provider's usable backends that have been measured."""
+def provider_latency(provider: Domain) -> float:
+    """Mean recent latency of the tier's usable backends that have been measured."""
     values = [b.ewma_latency for b in provider.backends if b.usable and b.ewma_latency > 0]
     return sum(values) / len(values) if values else 0.0
 
 
 class ProviderPolicy:
-    """Orders the providers of one upstream for each request."""
+    """Orders the tiers (providers or regions) of one upstream for each request."""
 
-    def __init__(self, config: PolicyConfig, providers: list[Provider]) -> None:
+    def __init__(self, config: PolicyConfig, tiers: list[Domain]) -> None:
         self.config = config
-        order = config.providers or []
-        ranked = sorted(
-            providers,
-            key=lambda p: order.index(p.name) if p.name in order else len(order),
-        )
-        self.providers = ranked
-        self.preferred: Provider | None = ranked[0] if ranked else None
-        self._split: SmoothWeightedRoundRobin[Provider] | None = None
-        self.rebuild()
+        self.providers = tiers
+        """The tiers in the configured order."""
+        self.preferred: Domain | None = tiers[0] if tiers else None
+        self._split: SmoothWeightedRoundRobin[Domain] | None = None
+        self._up: list[Domain] = []
 
     def rebuild(self, everyone: bool = False) -> None:
         """Recompute the preferred provider / the weighted split from the providers' states.
@@ -45,7 +43,7 @@ class ProviderPolicy:
         if not up:
             # Every provider is down: rather than refuse, use whatever backends still answer
             # (providers taken down by an operator excepted).
-            up = [p for p in self.providers if p.balancer is not None and not p.forced_down]
+            up = [p for p in self.providers if p.balancer is not None and not p.forced]
         if self.config.strategy == "priority":
             self.preferred = up[0] if up else None
             self._split = None
@@ -67,7 +65,7 @@ class ProviderPolicy:
             self.preferred = weighted[0] if weighted else None
         self._up = up
 
-    def _fastest(self, providers: list[Provider]) -> list[Provider]:
+    def _fastest(self, providers: list[Domain]) -> list[Domain]:
         """The providers within `latency_tolerance` of the fastest (unmeasured ones included,
         so that they get measured)."""
         latency = {p.name: provider_latency(p) for p in providers}
@@ -77,10 +75,11 @@ class ProviderPolicy:
         limit = min(measured) * (1 + self.config.latency_tolerance)
         return [p for p in providers if latency[p.name] <= limit]
 
-    def pick(self, exclude: list[str]) -> Provider | None:
-        """The provider for this attempt, avoiding the named ones when another is usable."""
+    def pick(self, exclude: list[str], peek: bool = False) -> Domain | None:
+        """The tier for this attempt, avoiding the named ones when another is usable; `peek`
+        leaves the split where it is."""
         if self._split is not None:
-            provider = self._split.pick()
+            provider = self._split.peek([]) if peek else self._split.pick()
             if not exclude or provider.name not in exclude:
                 return provider
         for provider in self._up:
@@ -98,8 +97,12 @@ class ProviderPolicy:
         return shares
 
     def why_not_preferred(self) -> str:
-        """Why traffic is not on the first provider of the configured order."""
+        """Why traffic is not on the first tier of the configured order."""
         first = self.providers[0] if self.providers else None
         if first is None or first.usable or self.config.strategy != "priority":
             return ""
-        return first.reason or f"provider {first.name} down"
+        parent = first.parent
+        if parent is not None and parent.state == "down":
+            return parent.reason or f"provider {parent.name} down"
+        kind = "provider" if parent is None else "region"
+        return first.reason or f"{kind} {first.name} down"

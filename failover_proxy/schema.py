@@ -283,12 +283,19 @@ class OutlierConfig:
     base_ejection: Duration = 30.0
     max_ejection: Duration = 300.0
     max_ejection_percent: Annotated[int, Constraints(ge=0, le=100)] = 50
+    uneject_on_passing_check: bool = True
+    """A passing active health check ends an ejection at once (Envoy's
+    successful_active_health_check_uneject_host): a backend that is back is not kept out by a
+    passive verdict taken while it was failing. The ejection still counts, so one more failure
+    on probation ejects it for longer."""
 
 
 @config_class
 class CorrelatedFailuresConfig:
     backends: AtLeastOne = 2
-    """Distinct backends of one provider failing within `window` take the provider down."""
+    """Distinct backends of one region (of a provider with several regions) failing within
+    `window` take the region down; distinct backends of one provider, in more than one of its
+    regions, take the provider down. (A domain of fewer backends: all of them.)"""
     window: Duration = 1.0
 
 
@@ -301,9 +308,21 @@ class PolicyConfig:
     others whose latency is within `latency_tolerance` of it sharing by weight."""
     latency_tolerance: Fraction = 0.2
     providers: list[str] | None = None
-    """Priority order (strategy priority); default: the order backends are listed in."""
+    """Priority order (strategy priority); default: the order backends are listed in. An entry
+    is a provider (`gcp`) or one region of a provider (`aws/us-east-1`): `[aws/us-east-1,
+    aws/us-west-2, gcp]` fails over region by region before leaving aws. The regions of a
+    provider named by region that the list leaves out follow its last named region."""
     provider_weights: dict[str, int] | None = None
-    """Share per provider (strategy weighted); default: the sum of its backends' weights."""
+    """Share per provider or `provider/region` entry of `providers` (strategy weighted);
+    default: the sum of its backends' weights."""
+    local_region: str | None = None
+    """The gateway's own region: inside a provider, its backends there get the traffic while
+    that region is healthy enough, and the rest spills to the provider's other regions in
+    proportion to the capacity it lacks (Envoy's locality weighting): the local share is
+    min(1, overprovisioning x usable fraction of the local region)."""
+    overprovisioning: Annotated[float, Constraints(ge=1.0, le=10.0)] = 1.4
+    """How much spare capacity a region is assumed to have (1.4: it can lose 29 % of its
+    backends before any traffic spills over)."""
     min_healthy_fraction: Fraction = 0.5
     correlated_failures: CorrelatedFailuresConfig = CorrelatedFailuresConfig()
     hold_down: Duration = 10.0
@@ -402,15 +421,40 @@ class UpstreamConfig:
 
     def _check_policy_providers(self) -> None:
         known = list(dict.fromkeys(b.provider for b in self.backends))
+        regions = list(dict.fromkeys(f"{b.provider}/{b.region}" for b in self.backends))
         policy = self.policy
-        for index, name in enumerate(policy.providers or []):
-            if name not in known:
+        entries = policy.providers or []
+        for index, name in enumerate(entries):
+            provider, slash, _ = name.partition("/")
+            if slash and name not in regions:
+                raise LocatedError(
+                    ("policy", "providers", index),
+                    f"no backend in region {name!r} (regions: {', '.join(regions)})",
+                )
+            if not slash and name not in known:
                 raise LocatedError(
                     ("policy", "providers", index),
                     f"no backend of provider {name!r} (providers: {', '.join(known)})",
                 )
+            if name in entries[:index]:
+                raise LocatedError(("policy", "providers", index), f"{name!r} is listed twice")
+            if (slash and provider in entries) or (
+                not slash and any(e.startswith(provider + "/") for e in entries)
+            ):
+                raise LocatedError(
+                    ("policy", "providers", index),
+                    f"provider {provider!r} is named both whole and by region: name its "
+                    "regions only, or the provider only",
+                )
+        local = policy.local_region
+        if local is not None and all(b.region != local for b in self.backends):
+            named = sorted({b.region for b in self.backends if b.region})
+            raise LocatedError(
+                ("policy", "local_region"),
+                f"no backend in region {local!r} (regions: {', '.join(named) or 'none named'})",
+            )
         for name, weight in (policy.provider_weights or {}).items():
-            if name not in known:
+            if name not in known and name not in entries:
                 raise LocatedError(
                     ("policy", "provider_weights", name),
                     f"no backend of provider {name!r} (providers: {', '.join(known)})",

@@ -188,8 +188,8 @@ class ProxyServer:
         if report is None:
             return
         for upstream in topology.upstreams.values():
-            upstream.records_moves = False
-            upstream.outlier.report = (
+            upstream.health.quiet = True
+            upstream.health.report = (
                 lambda kind, backend, why, name=upstream.name: report(kind, name, backend, why)
             )
 

@@ -39,7 +39,7 @@ from .admin import AdminServer
 from .config import ConfigSource
 from .dataplane.state import SWEEP_INTERVAL
 from .health import HealthChecker
-from .healthview import export_view
+from .healthview import take_snapshot
 from .metrics import MetricStore, ProcessGauges
 from .schema import ConfigError, ProxyConfig
 from .server import (
@@ -192,10 +192,10 @@ class Supervisor:
             if upstream is None or backend is None:
                 return  # from a generation since replaced
             if kind == "failure":
-                upstream.outlier.on_failure(backend, asyncio.get_running_loop().time(),
-                                            message["why"])
+                upstream.health.request_failed(backend, asyncio.get_running_loop().time(),
+                                               message["why"])
             else:
-                upstream.outlier.on_success(backend)
+                upstream.health.request_succeeded(backend)
             self._state_changed()
         elif kind == "counts":
             worker.counts = message["store"]
@@ -238,7 +238,9 @@ class Supervisor:
 
     def _view(self) -> dict[str, Any]:
         self._view_version += 1
-        return export_view(self.topology, asyncio.get_running_loop().time(), self._view_version)
+        snapshot = take_snapshot(self.topology, asyncio.get_running_loop().time(),
+                                 self._view_version)
+        return {"t": "health", "snapshot": snapshot}
 
     async def _sweep_forever(self) -> None:
         """Ejections and hold-downs end, slow starts ramp: on the supervisor's clock."""
@@ -246,7 +248,7 @@ class Supervisor:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             for upstream in self.topology.upstreams.values():
-                upstream.outlier.sweep(loop.time())
+                upstream.health.tick(loop.time())
 
     # -- admin.AdminTarget -----------------------------------------------------------------------
 

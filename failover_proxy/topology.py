@@ -8,7 +8,6 @@ headers, base paths, TLS contexts).
 from __future__ import annotations
 
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -17,8 +16,8 @@ from urllib.parse import urlsplit
 from .balance import Balancer, ConsistentHash, LeastRequest, SmoothWeightedRoundRobin
 from .dataplane.headers import host_line
 from .dataplane.upstream import UpstreamPool
-from .metrics import MetricStore, ProviderEvent
-from .outlier import OutlierDetector
+from .healthstate import HealthMachine, carry_backend_health
+from .metrics import MetricStore
 from .policy import ProviderPolicy
 from .routing import Route, Router
 from .schema import BackendConfig, ProxyConfig, UpstreamConfig
@@ -27,8 +26,8 @@ from .schema import BackendConfig, ProxyConfig, UpstreamConfig
 class Backend:
     """One origin: where it is, its provider and region, its pool, and what we know of its health.
 
-    `usable` is what the policy reads on the hot path; it is recomputed by `Upstream.refresh`
-    whenever a health check, an ejection or an operator changes one of its inputs.
+    Its health fields are written by the upstream's `HealthMachine` alone (healthstate.py);
+    `usable` is what the policy reads on the hot path.
     """
 
     def __init__(
@@ -50,6 +49,9 @@ class Backend:
         self.name = name
         self.provider = provider
         self.region = region
+        self.tier = provider
+        """The policy entry this backend is chosen through: its provider, or `provider/region`
+        when the policy names its region (retries move to another tier)."""
         self.weight = weight
         self.scheme = scheme
         self.host = host
@@ -69,6 +71,9 @@ class Backend:
         self.attempts_total = 0
         self.healthy = True
         """Active health checks' verdict (optimistic until they say otherwise)."""
+        self.probe_passes = 0
+        self.probe_failures = 0
+        """The active checks' current streak (passes or failures in a row)."""
         self.last_check = ""
         self.last_check_at = 0.0
         """Wall-clock time of the last probe's result (0: not probed yet)."""
@@ -82,6 +87,8 @@ class Backend:
         self.ewma_latency = 0.0
         """Recent latency of real requests (seconds, EWMA of each successful attempt)."""
         self.reason = ""
+        self.logged_state = "healthy"
+        """The state last logged and counted as a transition."""
 
     @property
     def address(self) -> str:
@@ -98,37 +105,78 @@ class Backend:
         return "healthy"
 
 
-class Provider:
-    """The backends of one provider inside one upstream, and the provider's own state."""
+class Domain:
+    """A failure domain above backends: one region of a provider, or a provider. Its state is
+    derived from its members by the health machine, or held down (correlated failure,
+    hold-down) or forced down by an operator."""
 
-    def __init__(self, name: str, backends: list[Backend], weight: int) -> None:
+    def __init__(self, name: str, provider: str, backends: list[Backend], weight: int) -> None:
         self.name = name
+        self.provider = provider
+        """The provider's name (its own name for a provider)."""
         self.backends = backends
         self.weight = weight
+        self.parent: Domain | None = None
+        """A region's provider (None for a provider)."""
         self.state = "up"
         self.reason = ""
         self.down_until = 0.0
-        """While in the future the provider stays down (hold-down, correlated failure)."""
+        """While in the future the domain stays down (hold-down, correlated failure)."""
         self.down_since = 0.0
         self.up_since = 0.0
         self.downs = 0
         """Times taken down in a row without a healthy stretch; each doubles the hold-down."""
         self.ramp = 1.0
-        """Slow start: the share of its weight the provider gets now (1.0 once ramped up)."""
+        """Slow start: the share of its weight the domain gets now (1.0 once ramped up)."""
         self.forced_down = False
         """Taken down by an operator (a failover drill) until restored."""
         self.balancer: Balancer[Backend] | None = SmoothWeightedRoundRobin(
             backends, [b.weight for b in backends]
         )
         self.recent_failures: dict[str, float] = {}
+        """Backend name -> when it last failed, within the correlated-failure window."""
 
     @property
     def usable(self) -> bool:
-        return self.state != "down" and self.balancer is not None
+        parent = self.parent
+        return (
+            self.state != "down"
+            and self.balancer is not None
+            and (parent is None or parent.state != "down")
+        )
+
+    @property
+    def forced(self) -> bool:
+        """Forced down by an operator, itself or through its provider."""
+        parent = self.parent
+        return self.forced_down or (parent is not None and parent.forced_down)
+
+
+class Region(Domain):
+    """The backends of one provider in one region (`aws/us-east-1`)."""
+
+    def __init__(self, provider: Domain, region: str, backends: list[Backend]) -> None:
+        super().__init__(
+            f"{provider.name}/{region}", provider.name, backends, sum(b.weight for b in backends)
+        )
+        self.region = region
+        self.parent = provider
+
+
+class Provider(Domain):
+    """The backends of one provider inside one upstream, by region."""
+
+    def __init__(self, name: str, backends: list[Backend], weight: int) -> None:
+        super().__init__(name, name, backends, weight)
+        by_region: dict[str, list[Backend]] = {}
+        for backend in backends:
+            by_region.setdefault(backend.region, []).append(backend)
+        self.regions = [Region(self, region, members) for region, members in by_region.items()]
 
 
 _NONE: Final[list[str]] = []
 _RAMP_FLOOR: Final = 0.1  # a recovering backend or provider gets at least this share from the start
+_SCALE: Final = 1000  # weights are scaled by this before shares (local region, slow start) apply
 
 
 def _backend_load(backend: Backend) -> float:
@@ -136,19 +184,37 @@ def _backend_load(backend: Backend) -> float:
     return (backend.in_flight + 1) * (backend.ewma_latency or 0.001)
 
 
-def _ramp(now: float, since: float, slow_start: float) -> float:
-    """Slow start: the share of its weight a recovered provider or backend gets now (linear)."""
+def ramp(now: float, since: float, slow_start: float) -> float:
+    """Slow start: the share of its weight a recovered domain or backend gets now (linear)."""
     if slow_start <= 0 or since <= 0 or now - since >= slow_start:
         return 1.0
     return max(_RAMP_FLOOR, (now - since) / slow_start)
 
 
-def _ramp_percent(now: float, since: float, slow_start: float) -> int:
-    return max(1, round(100 * _ramp(now, since, slow_start)))
+def _policy_tiers(config: UpstreamConfig, providers: dict[str, Provider]) -> list[Domain]:
+    """What the policy chooses between: providers, or regions where `policy.providers` names
+    them (a provider's unnamed regions right after its last named one), in the configured
+    order, then the providers it does not name."""
+    entries = config.policy.providers or []
+    tiers: list[Domain] = []
+    for entry in entries:
+        provider_name, slash, _ = entry.partition("/")
+        provider = providers[provider_name]
+        if not slash:
+            tiers.append(provider)
+            continue
+        tiers.extend(r for r in provider.regions if r.name == entry)
+        named = [e for e in entries if e.startswith(provider_name + "/")]
+        if entry == named[-1]:
+            tiers.extend(r for r in provider.regions if r.name not in named)
+    listed = {t.provider for t in tiers}
+    tiers.extend(p for name, p in providers.items() if name not in listed)
+    return tiers
 
 
 class Upstream:
-    """A named pool of backends spread over providers, with its policy and settings."""
+    """A named pool of backends spread over providers and regions, with its policy, settings and
+    health machine."""
 
     def __init__(
         self,
@@ -173,10 +239,15 @@ class Upstream:
             )
             for provider, members in by_provider.items()
         }
+        self.regions = [r for p in self.providers.values() for r in p.regions]
+        self.tiers = tiers = _policy_tiers(config, self.providers)
+        for tier in tiers:
+            tier.weight = weights.get(tier.name, tier.weight)
+            for backend in tier.backends:
+                backend.tier = tier.name
         self.unanswered_durations = store.duration_slots(name, "")
         """Duration slots of requests no backend answered (503 at once, circuit breaker…)."""
-        self.policy = ProviderPolicy(config.policy, list(self.providers.values()))
-        self.outlier = OutlierDetector(self)
+        self.policy = ProviderPolicy(config.policy, tiers)
         self.failure_statuses = frozenset(config.outlier.failure_statuses)
         # Settings read per request, kept as plain attributes (cheaper than the config model).
         self.read_timeout: float = config.timeouts.read
@@ -188,7 +259,7 @@ class Upstream:
         self.max_requests = config.circuit_breaker.max_requests
         self.max_requests_per_backend = config.circuit_breaker.max_requests_per_backend
         self.ramping = False
-        """A provider or backend is in its slow-start ramp: the sweep refreshes weights."""
+        """A domain or backend is in its slow-start ramp: the sweep refreshes weights."""
         self.panic = False
         """Too few backends usable: health is ignored (panic: spread) or all is refused (fail)."""
         self.active_requests = 0
@@ -197,107 +268,74 @@ class Upstream:
         self.ssl_context: ssl.SSLContext | None = None
         self.listeners: list[Callable[[Upstream], None]] = []
         """Called after every change of state (metrics, status page)."""
-        self.records_moves = True
-        """Count providers leaving rotation; off in worker processes, whose supervisor counts
-        them once for all."""
-        if previous is not None:  # a reload: providers carry on in the state they were in
-            for provider in self.providers.values():
-                old_provider = previous.providers.get(provider.name)
-                if old_provider is not None:
-                    for field in _CARRIED_PROVIDER_STATE:
-                        setattr(provider, field, getattr(old_provider, field))
-        self.refresh(now)  # builds the configured balancers
+        self.health = HealthMachine(self)
+        self.health.config_changed(previous, now)  # carries state over, builds the balancers
 
-    def refresh(self, now: float) -> None:
-        """Recompute backend usability, provider states and balancers after any change."""
+    def rebuild(self, now: float) -> None:
+        """The balancers and the policy's table from the health machine's states: called by
+        the machine after every change it makes, and by nothing else."""
         policy = self.config.policy
-        minimum = policy.min_healthy_fraction
-        hold_down = policy.hold_down
         slow_start = policy.slow_start
-        ramping = False
-        left: list[tuple[Provider, str]] = []
-        returned: list[Provider] = []
-        for backend in self.backends:
-            if backend.ejected_until and now >= backend.ejected_until:
-                backend.ejected_until = 0.0  # back on probation
-            was_usable = backend.usable
-            backend.usable = backend.healthy and not backend.ejected_until and not backend.draining
-            if backend.usable and not was_usable:
-                backend.usable_since = now
         usable_share = sum(1 for b in self.backends if b.usable) / len(self.backends)
         self.panic = usable_share < policy.panic_threshold
         spread = self.panic and policy.panic == "spread"
-        for provider in self.providers.values():
-            usable = [b for b in provider.backends if b.usable]
-            candidates = [b for b in provider.backends if not b.draining] if spread else usable
-            fraction = len(usable) / len(provider.backends)
-            was_down = provider.state == "down"
-            if provider.forced_down or now < provider.down_until:
-                state = "down"
-            elif not usable or fraction < minimum:
-                state = "down"
-                provider.reason = (
-                    f"provider {provider.name} down: {len(usable)} of "
-                    f"{len(provider.backends)} backends usable"
-                )
+        refuse = self.panic and policy.panic == "fail"
+        ramping = False
+        down_regions = {r.name for r in self.regions if r.state == "down"}
+        for tier in self.tiers:
+            if spread:
+                candidates = [b for b in tier.backends if not b.draining]
             else:
-                state = "up" if len(usable) == len(provider.backends) else "degraded"
-                provider.reason = "" if state == "up" else (
-                    f"provider {provider.name} degraded: {len(usable)} of "
-                    f"{len(provider.backends)} backends usable"
-                )
-            if state == "down" and not was_down:
-                provider.down_since = now
-                if provider.forced_down:
-                    cause = "forced_down"
-                elif now < provider.down_until:
-                    cause = "correlated_failure"
-                else:
-                    cause = "health"
-                left.append((provider, cause))
-                if not provider.forced_down:
-                    provider.down_until = max(provider.down_until, now + hold_down)
-            elif state != "down" and was_down:
-                provider.up_since = now
-                returned.append(provider)
-            provider.state = state
-            provider.ramp = _ramp(now, provider.up_since, slow_start)
-            percents = [_ramp_percent(now, b.usable_since, slow_start) for b in candidates]
-            weights = [b.weight * p for b, p in zip(candidates, percents, strict=True)]
-            ramping = ramping or provider.ramp < 1.0 or any(p < 100 for p in percents)
-            provider.balancer = (
-                self._balancer(candidates, weights)
-                if candidates and not (self.panic and policy.panic == "fail")
+                candidates = [b for b in tier.backends if b.usable]
+                # A provider's backends in its down regions take no traffic through it (unless
+                # every region is down: the provider is then down too, its balancer only the
+                # last resort when nothing else is left).
+                live = [b for b in candidates
+                        if f"{b.provider}/{b.region}" not in down_regions]
+                candidates = live or candidates
+            weights = self._weights(tier, candidates, now, spread)
+            for b in candidates:
+                ramping = ramping or ramp(now, b.usable_since, slow_start) < 1.0
+            tier.ramp = ramp(now, tier.up_since, slow_start)
+            ramping = ramping or tier.ramp < 1.0
+            kept = [(b, w) for b, w in zip(candidates, weights, strict=True) if w > 0]
+            tier.balancer = (
+                self._balancer([b for b, _ in kept], [w for _, w in kept])
+                if kept and not refuse
                 else None
             )
         self.ramping = ramping
         self.policy.rebuild(everyone=spread)
-        if (left or returned) and self.records_moves:
-            self._record_moves(left, returned)
-        self.generation += 1
-        for listener in self.listeners:
-            listener(self)
 
-    def _record_moves(self, left: list[tuple[Provider, str]], returned: list[Provider]) -> None:
-        """Count providers leaving rotation (failovers, to whoever takes their traffic now) and
-        keep both directions in the recent history the status page shows."""
-        store = self.store
-        wall = time.time()
-        shares = self.policy.shares()
-        for provider, cause in left:
-            takers = tuple(n for n, share in shares.items() if share > 0 and n != provider.name)
-            for taker in takers or ("none",):
-                store.inc("failovers", (self.name, provider.name, taker, cause))
-            store.record_event(
-                ProviderEvent(wall, self.name, provider.name, "failover", takers,
-                              provider.reason or cause)
-            )
-        for provider in returned:
-            givers = tuple(n for n, share in shares.items() if share > 0 and n != provider.name)
-            store.record_event(
-                ProviderEvent(wall, self.name, provider.name, "recovered", givers,
-                              "back in rotation")
-            )
+    def _weights(
+        self, tier: Domain, candidates: list[Backend], now: float, spread: bool
+    ) -> list[int]:
+        """Each candidate's weight: its own, ramped by slow start, and shaped by the local
+        region's share when the tier is a provider with backends in `policy.local_region`."""
+        policy = self.config.policy
+        weights = [
+            round(b.weight * _SCALE * ramp(now, b.usable_since, policy.slow_start))
+            for b in candidates
+        ]
+        local = policy.local_region
+        if local is None or isinstance(tier, Region) or spread:
+            return weights
+        members = [b for b in tier.backends if b.region == local]
+        if not members or len(members) == len(candidates):
+            return weights
+        usable = sum(b.weight for b in members if b in candidates)
+        share = min(1.0, policy.overprovisioning * usable / sum(b.weight for b in members))
+        local_total = sum(w for b, w in zip(candidates, weights, strict=True) if b.region == local)
+        other_total = sum(weights) - local_total
+        if other_total == 0:
+            return weights
+        shaped = []
+        for b, w in zip(candidates, weights, strict=True):
+            if b.region == local:
+                shaped.append(round(w * _SCALE * share / local_total) if local_total else 0)
+            else:
+                shaped.append(round(w * _SCALE * (1.0 - share) / other_total))
+        return shaped
 
     def _balancer(self, backends: list[Backend], weights: list[int]) -> Balancer[Backend]:
         kind = self.config.balancer
@@ -313,58 +351,72 @@ class Upstream:
         previous = backend.ewma_latency
         backend.ewma_latency = seconds if previous == 0.0 else previous + 0.2 * (seconds - previous)
 
-    def take_provider_down(self, provider: Provider, now: float, reason: str) -> None:
-        """A provider-wide failure: out of rotation at once, for at least the hold-down.
+    def provider_shares(self) -> dict[str, float]:
+        """The fraction of new requests each provider gets now (its regions' shares added)."""
+        shares = {name: 0.0 for name in self.providers}
+        for tier, share in self.policy.shares().items():
+            provider = tier.partition("/")[0]
+            shares[provider] += share
+        return shares
 
-        A provider that fails again soon after coming back stays down twice as long each time
-        (capped at outlier.max_ejection), so a provider that passes health checks but fails real
-        traffic is not flapped in and out.
-        """
-        policy = self.config.policy
-        stable = now - provider.up_since > 10 * policy.hold_down
-        provider.downs = 1 if stable else provider.downs + 1
-        hold = min(policy.hold_down * 2 ** (provider.downs - 1), self.config.outlier.max_ejection)
-        provider.down_until = now + max(hold, policy.hold_down)
-        provider.reason = reason
-        self.refresh(now)
+    def backend_shares(self) -> dict[str, float]:
+        """The fraction of new requests each backend gets now."""
+        shares = {b.name: 0.0 for b in self.backends}
+        tiers = {t.name: t for t in self.tiers}
+        for name, share in self.policy.shares().items():
+            balancer = tiers[name].balancer
+            for backend, inner in balancer.shares() if balancer is not None else []:
+                shares[backend.name] += share * inner
+        return shares
 
     def pick(self, key: int = 0) -> Backend | None:
         """The first attempt's backend (the hot path; `choose` explains and handles retries)."""
-        provider = self.policy.pick(_NONE)
-        if provider is None or provider.balancer is None:
+        tier = self.policy.pick(_NONE)
+        if tier is None or tier.balancer is None:
             return None
-        return provider.balancer.pick(key)
+        return tier.balancer.pick(key)
 
     def choose(
-        self, tried_backends: list[Backend], tried_providers: list[str]
+        self, tried_backends: list[Backend], tried_tiers: list[str], peek: bool = False
     ) -> tuple[Backend | None, str]:
-        """The backend for an attempt, and why it was chosen when it is not the plain choice."""
+        """The backend for an attempt, and why it was chosen when it is not the plain choice.
+
+        `peek` answers without moving any balancer on (the admin's /debug/route).
+        """
         different = self.config.retry.next_attempt == "different_provider"
-        provider = self.policy.pick(tried_providers if different else [])
+        tier = self.policy.pick(tried_tiers if different else [], peek)
         reason = ""
-        if provider is None and tried_providers:
-            provider = self.policy.pick([])
+        if tier is None and tried_tiers:
+            tier = self.policy.pick([], peek)
             reason = "no other provider usable"
-        if provider is None or provider.balancer is None:
+        if tier is None or tier.balancer is None:
             if self.panic and self.config.policy.panic == "fail":
                 return None, "panic: too few usable backends, refusing (panic: fail)"
             return None, "no usable backend: " + "; ".join(
                 p.reason or f"provider {p.name} down" for p in self.providers.values()
             )
-        backend = provider.balancer.pick()
-        for _ in range(len(provider.balancer)):
-            if backend not in tried_backends:
-                break
-            backend = provider.balancer.pick()
-        if tried_providers and not reason:
-            reason = f"retry on provider {provider.name} after {', '.join(tried_providers)}"
-        elif not tried_providers and provider is not self.policy.preferred:
+        balancer = tier.balancer
+        if peek:
+            backend = balancer.peek(tried_backends)
+        else:
+            backend = balancer.pick()
+            for _ in range(len(balancer)):
+                if backend not in tried_backends:
+                    break
+                backend = balancer.pick()
+        if tried_tiers and not reason:
+            reason = f"retry on {_tier_text(tier)} after {', '.join(tried_tiers)}"
+        elif not tried_tiers and tier is not self.policy.preferred:
             reason = self.policy.why_not_preferred()
         return backend, reason
 
     def close(self) -> None:
         for backend in self.backends:
             backend.pool.close()
+
+
+def _tier_text(tier: Domain) -> str:
+    return f"region {tier.name}" if isinstance(tier, Region) else f"provider {tier.name}"
 
 
 def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
@@ -425,17 +477,6 @@ def build_backend(
     return built
 
 
-_CARRIED_BACKEND_STATE = (
-    "healthy", "last_check", "last_check_at", "ejected_until", "ejections",
-    "consecutive_failures", "on_probation", "draining", "usable", "usable_since",
-    "ewma_latency", "reason",
-)
-_CARRIED_PROVIDER_STATE = (
-    "state", "reason", "down_until", "down_since", "up_since", "downs", "ramp", "forced_down",
-    "recent_failures",
-)
-
-
 def _carry_backend(
     config: BackendConfig, upstream: UpstreamConfig, old: Backend | None, new: Backend
 ) -> Backend:
@@ -449,8 +490,7 @@ def _carry_backend(
         old.weight = config.weight
         old.region = config.region
         return old
-    for name in _CARRIED_BACKEND_STATE:
-        setattr(new, name, getattr(old, name))
+    carry_backend_health(old, new)
     old.pool.close()
     return new
 

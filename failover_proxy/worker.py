@@ -18,7 +18,7 @@ import socket
 from typing import Any
 
 from . import ipc
-from .healthview import apply_view
+from .healthview import apply_snapshot
 from .schema import ProxyConfig
 from .server import ProxyServer
 from .topology import Backend
@@ -75,7 +75,7 @@ async def _follow(
     while (message := await ipc.receive(reader)) is not None:
         kind = message["t"]
         if kind == "health":
-            apply_view(server.topology, message, loop.time())
+            apply_snapshot(server.topology, message["snapshot"], loop.time())
         elif kind == "stats":
             ipc.send(writer, {"t": "stats", "id": message["id"], **_stats(server)})
         elif kind == "config":

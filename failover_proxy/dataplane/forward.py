@@ -510,6 +510,7 @@ class Exchange:
         "first_byte_timeout",
         "head",
         "hedge",
+        "hedge_connecting",
         "hedge_timer",
         "per_try_timeout",
         "read_timeout",
@@ -543,6 +544,7 @@ class Exchange:
         self.hedge: Attempt | None = None
         self.hedge_timer: asyncio.TimerHandle | None = None
         self.connecting: asyncio.Task[None] | None = None
+        self.hedge_connecting: asyncio.Task[None] | None = None
         self.retried_stale = False
         self.retrying = False
         self.finished = False
@@ -708,7 +710,7 @@ class Exchange:
                 conn.close()
             suspect = backend.consecutive_failures or backend.on_probation
             if suspect and not attempt.failure_status:
-                self.upstream.outlier.on_success(backend)
+                self.upstream.health.request_succeeded(backend)
             self.ended = now = perf_counter()
             self.upstream.record_latency(backend, now - self.started)
             self._end()
@@ -727,7 +729,7 @@ class Exchange:
             request.close_connection = True  # the response is cut short: the client must see it
             self.downstream.abort()
             if not client_error:
-                self.upstream.outlier.on_failure(backend, self.downstream.plane.clock, "reset")
+                self.upstream.health.request_failed(backend, self.downstream.plane.clock, "reset")
             self._end()
             return
         if client_error:
@@ -773,20 +775,25 @@ class Exchange:
         backend = self.backend
         if self.finished or primary is None or primary.response_started or backend is None:
             return
-        other, _ = self.upstream.choose([backend], [backend.provider])
+        other, _ = self.upstream.choose([backend], [backend.tier])
         if other is None or other is backend:
             return
+        if not self.retrying and not self._within_budget():
+            return  # a hedge is a retry sent early: the same budget bounds both
+        self._charge_budget()
         conn = other.pool.take_idle(self.downstream.plane.clock)
         if conn is not None:
             self._start_hedge(other, conn, reused=True)
         else:
-            self.downstream.loop.create_task(self._connect_hedge(other))
+            self.hedge_connecting = self.downstream.loop.create_task(self._connect_hedge(other))
 
     async def _connect_hedge(self, backend: Backend) -> None:
         try:
             conn = await backend.pool.connect()
         except OSError:
+            self.hedge_connecting = None
             return  # the primary attempt carries on alone
+        self.hedge_connecting = None
         primary = self.attempt
         if self.finished or primary is None or primary.response_started:
             conn.close()
@@ -820,7 +827,9 @@ class Exchange:
         self.hedge = None
         attempt.conn.abort()
         attempt.backend.in_flight -= 1
-        self.upstream.outlier.on_failure(attempt.backend, self.downstream.plane.clock, "hedged")
+        self.upstream.health.request_failed(
+            attempt.backend, self.downstream.plane.clock, "hedged"
+        )
         if attempt is not hedge:  # the primary failed: the hedge becomes the attempt
             self.attempt = hedge
             self.backend = hedge.backend
@@ -833,20 +842,29 @@ class Exchange:
         """A response with a failure status arrived: count it; True when it will be retried."""
         backend = self.backend
         assert backend is not None
-        self.upstream.outlier.on_failure(backend, self.downstream.plane.clock, f"status {status}")
-        return self._may_retry(str(status), nothing_sent=False)
+        health = self.upstream.health
+        health.request_failed(backend, self.downstream.plane.clock, f"status {status}")
+        return self._may_retry(str(status), nothing_sent=False, exempt=health.correlated(backend))
 
     def _failed(self, condition: str, detail: str, status: int) -> None:
         """An attempt failed before any response byte reached the client."""
         backend = self.backend
         assert backend is not None
-        self.upstream.outlier.on_failure(backend, self.downstream.plane.clock, condition)
-        if self._may_retry(condition, nothing_sent=condition == "connect-failure"):
+        health = self.upstream.health
+        health.request_failed(backend, self.downstream.plane.clock, condition)
+        nothing_sent = condition == "connect-failure"
+        # A connect failure reached nothing: retrying it costs the failed backend nothing. And
+        # a failure of a whole region or provider is what retries are for: all its requests
+        # fail at once, and the budget must not turn part of them into errors.
+        exempt = nothing_sent or health.correlated(backend)
+        if self._may_retry(condition, nothing_sent, exempt):
             self._retry_elsewhere(condition)
         else:
             self._error(status, detail)
 
-    def _may_retry(self, condition: str, nothing_sent: bool) -> bool:
+    def _may_retry(self, condition: str, nothing_sent: bool, exempt: bool) -> bool:
+        """Whether the failed attempt may be retried: allowed, safe to replay, and within the
+        retry budget unless `exempt` from it (still bounded by `retry.attempts`)."""
         if self.finished:
             return False
         retry = self.upstream.config.retry
@@ -867,15 +885,26 @@ class Exchange:
         if not request.body.replayable:
             upstream.store.inc("replay_buffer_overflows", (upstream.name,))
             return False
-        if not self.retrying:
-            budget = max(
-                retry.min_retry_concurrency,
-                int(upstream.active_requests * retry.budget_percent / 100),
-            )
-            if upstream.active_retries >= budget:
-                upstream.store.inc("retry_budget_exhausted", (upstream.name,))
-                return False
+        return exempt or self.retrying or self._within_budget()
+
+    def _within_budget(self) -> bool:
+        """Retries in flight (hedges included) below their share of requests in flight."""
+        upstream = self.upstream
+        retry = upstream.config.retry
+        budget = max(
+            retry.min_retry_concurrency,
+            int(upstream.active_requests * retry.budget_percent / 100),
+        )
+        if upstream.active_retries >= budget:
+            upstream.store.inc("retry_budget_exhausted", (upstream.name,))
+            return False
         return True
+
+    def _charge_budget(self) -> None:
+        """This exchange now holds a place in the retry budget (until it ends)."""
+        if not self.retrying:
+            self.retrying = True
+            self.upstream.active_retries += 1
 
     def _retry_elsewhere(self, condition: str) -> None:
         previous = self.backend
@@ -885,13 +914,12 @@ class Exchange:
             tried = self.tried = []  # made only when needed: most requests are never retried
         tried.append(previous)
         upstream = self.upstream
-        backend, reason = upstream.choose(tried, [b.provider for b in tried])
+        backend, reason = upstream.choose(tried, [b.tier for b in tried])
         if backend is None:
             self._error(503, reason, retry_after=True)
             return
-        if not self.retrying:
-            self.retrying = True
-            upstream.active_retries += 1
+        if condition != "connect-failure":
+            self._charge_budget()
         store = upstream.store
         store.inc("retries", (upstream.name, condition))
         if backend.provider != previous.provider:
@@ -1016,6 +1044,8 @@ class Exchange:
             self.hedge_timer.cancel()
         if self.connecting is not None:
             self.connecting.cancel()
+        if self.hedge_connecting is not None:
+            self.hedge_connecting.cancel()
         attempt = self.attempt
         if attempt is not None:
             self.attempt = None  # each attempt points back here: no cycle left behind

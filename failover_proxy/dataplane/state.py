@@ -111,7 +111,7 @@ class DataPlane:
             elif connection.exchange is not None:
                 connection.exchange.check_timeout(now)
         for upstream in self.topology.upstreams.values():
-            upstream.outlier.sweep(now)
+            upstream.health.tick(now)
             for backend in upstream.backends:
                 backend.pool.sweep(now)
 

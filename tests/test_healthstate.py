@@ -23,21 +23,21 @@ routes:
 def test_ejection_backoff_probation_and_cap() -> None:
     upstream = build_topology(parse_config(CONFIG)).upstreams["web"]
     a1 = upstream.backends[0]
-    outlier = upstream.outlier
+    health = upstream.health
     for second in range(2):
-        outlier.on_failure(a1, 100.0 + second, "reset")
+        health.request_failed(a1, 100.0 + second, "reset")
     assert a1.usable
-    outlier.on_failure(a1, 102.0, "reset")
+    health.request_failed(a1, 102.0, "reset")
     assert not a1.usable and a1.state == "ejected" and a1.ejected_until == 112.0
-    outlier.sweep(112.5)
+    health.tick(112.5)
     assert a1.usable and a1.on_probation
-    outlier.on_failure(a1, 113.0, "timeout")  # one failure on probation: out again, twice as long
+    health.request_failed(a1, 113.0, "timeout")  # one failure on probation: out again, twice as long
     assert not a1.usable and a1.ejected_until == 133.0
-    outlier.sweep(133.0)
-    outlier.on_success(a1)
+    health.tick(133.0)
+    health.request_succeeded(a1)
     assert not a1.on_probation
     for second in range(3):
-        outlier.on_failure(a1, 140.0 + second, "reset")
+        health.request_failed(a1, 140.0 + second, "reset")
     assert a1.ejected_until == 142.0 + 25.0  # 3 x 10 s capped at max_ejection
 
 
@@ -45,5 +45,5 @@ def test_max_ejection_percent_keeps_half_the_pool() -> None:
     upstream = build_topology(parse_config(CONFIG)).upstreams["web"]
     for index, backend in enumerate(upstream.backends):
         for n in range(3):
-            upstream.outlier.on_failure(backend, 10.0 + index + n * 0.1, "reset")
+            upstream.health.request_failed(backend, 10.0 + index + n * 0.1, "reset")
     assert sum(1 for b in upstream.backends if b.usable) == 2

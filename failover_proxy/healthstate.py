@@ -1,0 +1,527 @@
+"""The one health state machine of an upstream: events in, transitions logged and counted,
+balancers rebuilt, snapshots out.
+
+Every change of state of a backend, a region or a provider is one of the named events below,
+applied by a method of `HealthMachine` and by nothing else: active probes, real requests'
+outcomes (passive outlier detection and correlated failure), time passing (ejections and
+hold-downs ending, slow start ramping), an operator's drain or force-down, a config reload, and,
+in a worker process, the supervisor's snapshot. After each event the machine derives what
+follows from it, in one pass from the bottom up:
+
+- a backend is usable while healthy (active checks), not ejected (passive) and not draining;
+- a region (the backends of one provider in one region) is down while forced, held down, or
+  with too few usable backends (`min_healthy_fraction`);
+- a provider is down while forced, held down, with all its regions down, or with too few usable
+  backends in the regions that are not;
+
+then logs each transition (WARNING for leaving rotation, INFO for the rest), counts it
+(`failover_proxy_health_transitions_total`), has the upstream rebuild its balancers, and tells
+its listeners (metrics, status page, the supervisor's broadcast).
+
+Correlated failure: K distinct backends of one region failing within the window take the
+region out in one step (for a provider with several regions); K distinct backends of a provider,
+in more than one of its regions (or in its only one), take the provider out. A domain taken out
+stays out for its hold-down, doubled each time it fails again soon after coming back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from .healthview import BackendHealth, DomainHealth, UpstreamHealth
+from .metrics import ProviderEvent
+
+if TYPE_CHECKING:
+    from .schema import HealthCheckConfig
+    from .topology import Backend, Domain, Provider, Region, Upstream
+
+log = logging.getLogger("failover_proxy.health")
+
+# The events, as they appear in logs and in the `event` label of the transitions counter.
+PROBE_PASSED: Final = "probe_passed"
+PROBE_FAILED: Final = "probe_failed"
+REQUEST_FAILED: Final = "request_failed"
+TIME_PASSED: Final = "time_passed"
+DRAINED: Final = "drained"
+UNDRAINED: Final = "undrained"
+FORCED_DOWN: Final = "forced_down"
+RESTORED: Final = "restored"
+CONFIG_CHANGED: Final = "config_changed"
+SNAPSHOT: Final = "snapshot"
+
+_OPERATOR_EVENTS: Final = frozenset({DRAINED, UNDRAINED, FORCED_DOWN, RESTORED})
+"""An operator's own moves are not failures: they take no hold-down."""
+
+Reporter = Callable[[str, "Backend", str], None]
+"""(kind: failure | success, backend, why): a worker hands request outcomes to its supervisor."""
+
+
+def _reason_label(why: str) -> str:
+    """A failure's description as a metric label: `status 503` -> `http_503`."""
+    return why.replace("status ", "http_").replace("-", "_").replace(" ", "_")
+
+
+class _Transition:
+    __slots__ = ("after", "before", "cause", "domain", "level", "name", "reason")
+
+    def __init__(self, level: str, name: str, before: str, after: str, reason: str,
+                 cause: str = "", domain: Domain | None = None) -> None:
+        self.level = level
+        self.name = name
+        self.before = before
+        self.after = after
+        self.reason = reason
+        self.cause = cause
+        self.domain = domain
+
+
+class HealthMachine:
+    """Owns the health of one upstream's backends, regions and providers."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.report: Reporter | None = None
+        """In a worker: request outcomes go to the supervisor, whose machine decides for every
+        worker (its decisions come back as snapshots)."""
+        self.quiet = False
+        """In a worker: transitions are logged and counted once, by the supervisor."""
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def probe_result(self, backend: Backend, passed: bool, detail: str, check: HealthCheckConfig,
+                     now: float, wall: float) -> None:
+        """An active probe of `backend` passed or failed."""
+        backend.last_check = f"{'ok' if passed else 'failed'}: {detail}"
+        backend.last_check_at = wall
+        changed = False
+        if passed:
+            backend.probe_passes += 1
+            backend.probe_failures = 0
+            if not backend.healthy and backend.probe_passes >= check.healthy_threshold:
+                backend.healthy = True
+                backend.reason = ""
+                changed = True
+            uneject = self.upstream.config.outlier.uneject_on_passing_check
+            if backend.healthy and backend.ejected_until and uneject:
+                backend.ejected_until = 0.0  # still on probation: one failure ejects it again
+                backend.reason = ""
+                changed = True
+        else:
+            backend.probe_failures += 1
+            backend.probe_passes = 0
+            if backend.healthy and backend.probe_failures >= check.unhealthy_threshold:
+                backend.healthy = False
+                backend.reason = f"health check failed {backend.probe_failures} times: {detail}"
+                changed = True
+        if changed:
+            self._settle(now, PROBE_PASSED if passed else PROBE_FAILED)
+
+    def request_succeeded(self, backend: Backend) -> None:
+        """A real request to `backend` succeeded: its failure streak and probation end."""
+        backend.consecutive_failures = 0
+        backend.on_probation = False
+        if self.report is not None:
+            self.report("success", backend, "")
+
+    def request_failed(self, backend: Backend, now: float, why: str) -> None:
+        """A real request to `backend` failed (connect failure, reset, timeout, failure status)."""
+        region, provider = self._domains_of(backend)
+        _note(region, backend, now, self.upstream.config.policy.correlated_failures.window)
+        _note(provider, backend, now, self.upstream.config.policy.correlated_failures.window)
+        if self.report is not None:
+            self.report("failure", backend, why)
+            return
+        backend.consecutive_failures += 1
+        changed = False
+        window = f"{self.upstream.config.policy.correlated_failures.window:g}s"
+        if region.state != "down" and self._region_wide(region) and self._others_usable(region):
+            failed = len(region.recent_failures)
+            self._take_down(region, now, f"region {region.name} down: {failed} backends "
+                            f"failed within {window} ({why})")
+            changed = True
+        if (provider.state != "down" and self._provider_wide(provider)
+                and self._others_usable(provider)):
+            # Never the last usable domain: taking it out would only turn errors into 503s.
+            self._take_down(provider, now, f"provider {provider.name} down: "
+                            f"{len(provider.recent_failures)} backends failed within {window} "
+                            f"({why})")
+            changed = True
+        outlier = self.upstream.config.outlier
+        threshold = 1 if backend.on_probation else outlier.consecutive_failures
+        if backend.consecutive_failures >= threshold and self._may_eject():
+            self._eject(backend, now, why)
+            changed = True
+        if changed:
+            self._settle(now, REQUEST_FAILED)
+
+    def tick(self, now: float) -> None:
+        """Time passed: ejections and hold-downs that ended, slow starts that ramp."""
+        upstream = self.upstream
+        expired = any(b.ejected_until and now >= b.ejected_until for b in upstream.backends)
+        held = any(
+            d.state == "down" and d.down_until and now >= d.down_until
+            for d in self._domains()
+        )
+        if upstream.config.policy.strategy == "latency":
+            spread = upstream.panic and upstream.config.policy.panic == "spread"
+            upstream.policy.rebuild(everyone=spread)  # follow the latencies as they move
+        if expired or held or upstream.ramping:
+            self._settle(now, TIME_PASSED)
+
+    def drain(self, backend: Backend, draining: bool, now: float) -> None:
+        """An operator drains a backend (no new requests) or takes it back."""
+        backend.draining = draining
+        backend.reason = "drained by an operator" if draining else ""
+        self._settle(now, DRAINED if draining else UNDRAINED)
+
+    def force(self, domain: Domain, down: bool, now: float) -> None:
+        """An operator (or a drill) forces a provider or region down, or restores it."""
+        domain.forced_down = down
+        kind = "region" if domain.parent is not None else "provider"
+        domain.reason = f"{kind} {domain.name} forced down by an operator" if down else ""
+        if not down:
+            domain.down_until = 0.0
+        self._settle(now, FORCED_DOWN if down else RESTORED)
+
+    def config_changed(self, previous: Upstream | None, now: float) -> None:
+        """A new generation of the upstream: domains carry on in the state they were in
+        (backends that carry on are carried by the topology builder)."""
+        if previous is not None:
+            old = {d.name: d for d in previous.health._domains()}
+            for domain in self._domains():
+                before = old.get(domain.name)
+                if before is not None and type(before) is type(domain):
+                    _carry_domain(before, domain)
+        self._settle(now, CONFIG_CHANGED)
+
+    def adopt(self, health: UpstreamHealth, now: float) -> None:
+        """A worker takes the supervisor's decisions (moments travel as offsets from the
+        sender's now, so the two processes need not share a clock)."""
+        for backend in self.upstream.backends:
+            state = health.backends.get(backend.name)
+            if state is not None:
+                _adopt_backend(backend, state, now)
+        for domain in self._domains():
+            found = health.domains.get(domain.name)
+            if found is not None:
+                _adopt_domain(domain, found, now)
+        self._settle(now, SNAPSHOT)
+
+    def export(self, now: float) -> UpstreamHealth:
+        """This upstream's health, for the workers."""
+        return UpstreamHealth(
+            backends={b.name: _export_backend(b, now) for b in self.upstream.backends},
+            domains={d.name: _export_domain(d, now) for d in self._domains()},
+        )
+
+    # -- questions -------------------------------------------------------------------------------
+
+    def correlated(self, backend: Backend) -> bool:
+        """Whether a failure of `backend` is part of a failure of its whole region or provider
+        (down, or failing across its backends right now) that another domain can take over:
+        its retry is not a storm to protect against but the failover itself."""
+        region, provider = self._domains_of(backend)
+        if provider.state == "down" or self._provider_wide(provider):
+            failing: Domain = provider
+        elif region.state == "down" or self._region_wide(region):
+            failing = region
+        else:
+            return False
+        # Only while something else can take the traffic: when everything fails, the retry
+        # budget keeps retries from multiplying the load on whatever still half-answers.
+        return self._others_usable(failing)
+
+    # -- the derivation --------------------------------------------------------------------------
+
+    def _settle(self, now: float, event: str) -> None:
+        """Derive every state from the inputs just changed, rebuild, log, count, tell."""
+        upstream = self.upstream
+        transitions: list[_Transition] = []
+        for backend in upstream.backends:
+            if backend.ejected_until and now >= backend.ejected_until:
+                backend.ejected_until = 0.0  # back on probation
+                backend.reason = ""
+            was_usable = backend.usable
+            backend.usable = (
+                backend.healthy and not backend.ejected_until and not backend.draining
+            )
+            if backend.usable and not was_usable:
+                backend.usable_since = now
+            state = backend.state
+            if state != backend.logged_state:
+                transitions.append(
+                    _Transition("backend", backend.name, backend.logged_state, state,
+                                backend.reason or "back in rotation")
+                )
+                backend.logged_state = state
+        for provider in upstream.providers.values():
+            # A provider's only region is the provider itself: its transitions say it all.
+            told = transitions if len(provider.regions) > 1 else []
+            for region in provider.regions:
+                usable = sum(1 for b in region.backends if b.usable)
+                self._derive(region, usable, now, False, event, told)
+            live = [r for r in provider.regions if r.state != "down"]
+            usable = sum(1 for r in live for b in r.backends if b.usable)
+            self._derive(provider, usable, now, len(provider.regions) > 1 and not live, event,
+                         transitions)
+        upstream.rebuild(now)
+        if transitions and not self.quiet:
+            self._announce(transitions, event)
+        upstream.generation += 1
+        for listener in upstream.listeners:
+            listener(upstream)
+
+    def _derive(self, domain: Domain, usable: int, now: float, all_regions_down: bool,
+                event: str, transitions: list[_Transition]) -> None:
+        policy = self.upstream.config.policy
+        kind = "region" if domain.parent is not None else "provider"
+        total = len(domain.backends)
+        was = domain.state
+        if domain.down_until and now >= domain.down_until:
+            domain.down_until = 0.0  # the hold-down is over
+        if domain.forced_down or domain.down_until:
+            state = "down"
+        elif all_regions_down:
+            state = "down"
+            domain.reason = f"provider {domain.name} down: all its regions are down"
+        elif not usable or usable / total < policy.min_healthy_fraction:
+            state = "down"
+            domain.reason = f"{kind} {domain.name} down: {usable} of {total} backends usable"
+        else:
+            state = "up" if usable == total else "degraded"
+            domain.reason = "" if state == "up" else (
+                f"{kind} {domain.name} degraded: {usable} of {total} backends usable"
+            )
+        cause = ""
+        if state == "down" and was != "down":
+            domain.down_since = now
+            if domain.forced_down:
+                cause = "forced_down"
+            elif domain.down_until:
+                cause = "correlated_failure"
+            else:
+                cause = "health"
+                if event not in _OPERATOR_EVENTS:
+                    domain.down_until = now + policy.hold_down  # no flapping back at once
+        elif state != "down" and was == "down":
+            domain.up_since = now
+        domain.state = state
+        if state != was:
+            reason = domain.reason or ("back in rotation" if was == "down" else state)
+            transitions.append(_Transition(kind, domain.name, was, state, reason, cause, domain))
+
+    def _announce(self, transitions: list[_Transition], event: str) -> None:
+        upstream = self.upstream
+        store = upstream.store
+        shares = upstream.provider_shares()
+        for change in transitions:
+            store.inc("health_transitions",
+                      (upstream.name, change.level, change.name, change.after, event))
+            leaving = change.after in ("down", "unhealthy", "ejected", "draining")
+            domain_move = change.domain is not None and "down" in (change.before, change.after)
+            level = logging.WARNING if leaving or domain_move else logging.INFO
+            log.log(level, "%s %s %s: %s -> %s (%s; %s)", upstream.name, change.level,
+                    change.name, change.before, change.after, change.reason, event)
+            if domain_move and change.domain is not None:
+                self._record_move(change, change.domain, shares)
+
+    def _record_move(self, change: _Transition, domain: Domain,
+                     shares: dict[str, float]) -> None:
+        """A region or provider leaving or re-entering rotation: counted as a failover (to
+        whoever takes its traffic now) and kept in the history the status page shows."""
+        upstream = self.upstream
+        others = tuple(n for n, share in shares.items() if share > 0 and n != domain.provider)
+        if change.after == "down":
+            if domain.parent is None:
+                for taker in others or ("none",):
+                    upstream.store.inc("failovers",
+                                       (upstream.name, domain.name, taker, change.cause))
+            upstream.store.record_event(ProviderEvent(
+                time.time(), upstream.name, domain.name, "failover", others,
+                domain.reason or change.cause))
+        else:
+            upstream.store.record_event(ProviderEvent(
+                time.time(), upstream.name, domain.name, "recovered", others, "back in rotation"))
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _domains(self) -> list[Domain]:
+        out: list[Domain] = []
+        for provider in self.upstream.providers.values():
+            out.extend(provider.regions)
+            out.append(provider)
+        return out
+
+    def _domains_of(self, backend: Backend) -> tuple[Region, Provider]:
+        provider = self.upstream.providers[backend.provider]
+        for region in provider.regions:
+            if region.region == backend.region:
+                return region, provider
+        raise KeyError(backend.region)
+
+    def _region_wide(self, region: Region) -> bool:
+        """K distinct backends of a region failed within the window (regions of a provider
+        with several; a provider's only region is the provider itself)."""
+        provider = self.upstream.providers[region.provider]
+        if len(provider.regions) < 2:
+            return False
+        threshold = self.upstream.config.policy.correlated_failures.backends
+        return len(region.recent_failures) >= min(threshold, len(region.backends))
+
+    def _provider_wide(self, provider: Provider) -> bool:
+        """K distinct backends of the provider failed within the window, in more than one of
+        its regions when it has several (one region failing is that region's failure)."""
+        threshold = self.upstream.config.policy.correlated_failures.backends
+        recent = provider.recent_failures
+        if len(recent) < min(threshold, len(provider.backends)):
+            return False
+        if len(provider.regions) < 2:
+            return True
+        failing = {r.name for r in provider.regions if any(b.name in recent for b in r.backends)}
+        return len(failing) > 1
+
+    def _others_usable(self, domain: Domain) -> bool:
+        """Whether anything outside `domain` could take its traffic."""
+        upstream = self.upstream
+        for backend in upstream.backends:
+            if backend.usable and backend not in domain.backends:
+                region, provider = self._domains_of(backend)
+                if region.state != "down" and provider.state != "down":
+                    return True
+        return False
+
+    def _take_down(self, domain: Domain, now: float, reason: str) -> None:
+        """A domain-wide failure: out of rotation at once, for at least the hold-down; a domain
+        that fails again soon after coming back stays down twice as long each time (capped at
+        outlier.max_ejection), so one that passes probes but fails real traffic is not flapped
+        in and out."""
+        config = self.upstream.config
+        hold_down = config.policy.hold_down
+        stable = now - domain.up_since > 10 * hold_down
+        domain.downs = 1 if stable else domain.downs + 1
+        hold = min(hold_down * 2 ** (domain.downs - 1), config.outlier.max_ejection)
+        domain.down_until = now + max(hold, hold_down)
+        domain.reason = reason
+
+    def _may_eject(self) -> bool:
+        backends = self.upstream.backends
+        ejected = sum(1 for b in backends if b.ejected_until)
+        percent = self.upstream.config.outlier.max_ejection_percent
+        return (ejected + 1) * 100 <= percent * len(backends)
+
+    def _eject(self, backend: Backend, now: float, why: str) -> None:
+        config = self.upstream.config.outlier
+        backend.ejections += 1
+        duration = min(config.base_ejection * backend.ejections, config.max_ejection)
+        backend.ejected_until = now + duration
+        backend.consecutive_failures = 0
+        backend.on_probation = True  # back after its time, one failure sends it out again
+        backend.reason = (
+            f"ejected for {duration:g}s after {config.consecutive_failures} failures ({why})"
+        )
+        upstream = self.upstream
+        upstream.store.inc(
+            "ejections", (upstream.name, backend.provider, backend.name, _reason_label(why))
+        )
+
+
+def _note(domain: Domain, backend: Backend, now: float, window: float) -> None:
+    """Remember a failure of `backend` in the domain's window of recent failures."""
+    recent = domain.recent_failures
+    recent[backend.name] = now
+    for name, when in list(recent.items()):
+        if now - when > window:
+            del recent[name]
+
+
+def carry_backend_health(old: Backend, new: Backend) -> None:
+    """A reload replaced a backend's object (its connection settings changed): the new one
+    carries on with the old one's health."""
+    new.healthy = old.healthy
+    new.probe_passes = old.probe_passes
+    new.probe_failures = old.probe_failures
+    new.last_check = old.last_check
+    new.last_check_at = old.last_check_at
+    new.ejected_until = old.ejected_until
+    new.ejections = old.ejections
+    new.consecutive_failures = old.consecutive_failures
+    new.on_probation = old.on_probation
+    new.draining = old.draining
+    new.usable = old.usable
+    new.usable_since = old.usable_since
+    new.ewma_latency = old.ewma_latency
+    new.reason = old.reason
+    new.logged_state = old.logged_state
+
+
+def _carry_domain(old: Domain, new: Domain) -> None:
+    new.state = old.state
+    new.reason = old.reason
+    new.down_until = old.down_until
+    new.down_since = old.down_since
+    new.up_since = old.up_since
+    new.downs = old.downs
+    new.ramp = old.ramp
+    new.forced_down = old.forced_down
+    new.recent_failures = old.recent_failures
+
+
+def _offset(moment: float, now: float) -> float | None:
+    return moment - now if moment else None
+
+
+def _moment(offset: float | None, now: float) -> float:
+    return now + offset if offset is not None else 0.0
+
+
+def _export_backend(backend: Backend, now: float) -> BackendHealth:
+    return BackendHealth(
+        healthy=backend.healthy,
+        ejected_until=_offset(backend.ejected_until, now),
+        ejections=backend.ejections,
+        consecutive_failures=backend.consecutive_failures,
+        on_probation=backend.on_probation,
+        draining=backend.draining,
+        usable_since=_offset(backend.usable_since, now),
+        reason=backend.reason,
+        last_check=backend.last_check,
+        last_check_at=backend.last_check_at,
+    )
+
+
+def _adopt_backend(backend: Backend, state: BackendHealth, now: float) -> None:
+    backend.healthy = state.healthy
+    backend.ejected_until = _moment(state.ejected_until, now)
+    backend.ejections = state.ejections
+    backend.consecutive_failures = state.consecutive_failures
+    backend.on_probation = state.on_probation
+    backend.draining = state.draining
+    backend.usable_since = _moment(state.usable_since, now)
+    backend.reason = state.reason
+    backend.last_check = state.last_check
+    backend.last_check_at = state.last_check_at
+
+
+def _export_domain(domain: Domain, now: float) -> DomainHealth:
+    return DomainHealth(
+        state=domain.state,
+        reason=domain.reason,
+        forced_down=domain.forced_down,
+        downs=domain.downs,
+        down_until=_offset(domain.down_until, now),
+        down_since=_offset(domain.down_since, now),
+        up_since=_offset(domain.up_since, now),
+    )
+
+
+def _adopt_domain(domain: Domain, state: DomainHealth, now: float) -> None:
+    domain.state = state.state
+    domain.reason = state.reason
+    domain.forced_down = state.forced_down
+    domain.downs = state.downs
+    domain.down_until = _moment(state.down_until, now)
+    domain.down_since = _moment(state.down_since, now)
+    domain.up_since = _moment(state.up_since, now)
