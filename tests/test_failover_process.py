@@ -1,0 +1,197 @@
+"""Every fault mode under heavy keep-alive load, through the real `failover-proxy run` process.
+
+Three providers of two backends each (fault-injecting servers in this process), a supervisor and
+its worker in their own processes, and 16, 64 or 256 keep-alive clients on raw sockets. For each
+fault mode in turn, under the `priority` (aws first) and `weighted` policies: aws breaks while
+the clients keep sending; no client may see an error; aws must be out of rotation within the
+mode's bound and stop receiving traffic; then aws is mended and must be back at its full share
+within the recovery bound before the next mode starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from failover_proxy.faults import FaultBackend
+from failover_proxy.loadgen import KeepAliveLoad
+
+from .conftest import ROOT, backend_lines, free_port
+
+MODES = ("refusing", "blackhole", "slow", "5xx", "reset_after_headers", "reset_mid_body",
+         "flapping")
+REMOVAL_BOUND = {  # seconds from the fault until aws is out of rotation
+    "refusing": 0.5, "5xx": 0.5, "reset_after_headers": 0.5, "reset_mid_body": 0.5,
+    "flapping": 0.5,
+    "blackhole": 1.2, "slow": 1.2,  # the first failures wait out the 400 ms per-try timeout
+}
+FAULT_SECONDS = 1.0
+LAG = 0.3
+INTERVAL, HEALTHY_THRESHOLD, HOLD_DOWN, SLOW_START = 0.2, 2, 0.5, 0.0
+MAX_HOLD = 2.0
+"""outlier.max_ejection: a provider that fails again soon after it came back is held down
+twice as long each time (flap damping), up to this; modes follow each other within seconds."""
+RECOVERY_BOUND = HEALTHY_THRESHOLD * INTERVAL + MAX_HOLD + SLOW_START + 1.0
+
+
+def config(backends: list[FaultBackend], policy: str, port: int, admin: int) -> str:
+    return f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+admin: {{host: 127.0.0.1, port: {admin}}}
+access_log: {{enabled: false}}
+upstreams:
+  web:
+    backends:
+{backend_lines(backends)}
+    timeouts: {{connect: 250ms, read: 5s}}
+    health_check: {{path: /healthz, interval: {INTERVAL}s, unhealthy_interval: 100ms,
+                   timeout: 250ms, healthy_threshold: {HEALTHY_THRESHOLD},
+                   unhealthy_threshold: 2, jitter: 0%}}
+    outlier: {{consecutive_failures: 3, base_ejection: 1s, max_ejection: {MAX_HOLD}s}}
+    policy: {{{policy}, correlated_failures: {{backends: 2, window: 1s}},
+             hold_down: {HOLD_DOWN}s, slow_start: {SLOW_START}s}}
+    retry: {{attempts: 3, per_try_timeout: 400ms}}
+routes:
+  - {{path_prefix: /, upstream: web}}
+"""
+
+
+@dataclass
+class RunningProxy:
+    process: subprocess.Popen[bytes]
+    port: int
+    admin: httpx.AsyncClient
+    log: Path
+
+    async def status(self) -> dict[str, Any]:
+        response = await self.admin.get("/status")
+        document: dict[str, Any] = response.json()
+        return document
+
+    async def aws_share(self) -> float:
+        aws = (await self.status())["upstreams"]["web"]["providers"]["aws"]
+        return float(aws["traffic_share"]) if aws["state"] == "up" else 0.0
+
+    async def removed_at(self, after_wall: float) -> float | None:
+        """Wall-clock time aws left rotation after `after_wall` (the supervisor's record)."""
+        for event in (await self.status())["recent_failovers"]:
+            if (event["provider"] == "aws" and event["kind"] == "failover"
+                    and event["at"] >= after_wall):
+                return float(event["at"])
+        return None
+
+
+@pytest.fixture
+async def run_proxy(tmp_path: Path) -> AsyncIterator[Any]:
+    started: list[RunningProxy] = []
+
+    async def start(text: str, port: int, admin_port: int) -> RunningProxy:
+        path = tmp_path / "proxy.yaml"
+        path.write_text(text)
+        log = tmp_path / "proxy.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "failover_proxy", "run", "-c", str(path)],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            )
+        admin = httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", trust_env=False,
+                                  timeout=10)
+        running = RunningProxy(process, port, admin, log)
+        started.append(running)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            try:
+                if (await admin.get("/readyz")).status_code == 200:
+                    return running
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+        raise TimeoutError(log.read_text())
+
+    yield start
+    for running in started:
+        running.process.terminate()
+        try:
+            running.process.wait(15)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            running.process.wait()
+        await running.admin.aclose()
+
+
+async def wait_for_full_share(proxy: RunningProxy, full: float, limit: float) -> float:
+    """Seconds until aws has its full share of new requests again (at most `limit`)."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        if abs(await proxy.aws_share() - full) < 0.01:
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"aws not back at share {full} within {limit:g}s: "
+                         f"{json.dumps((await proxy.status())['upstreams']['web'])[:2000]}")
+
+
+@pytest.mark.parametrize("clients", [16, 64, 256])
+@pytest.mark.parametrize("strategy", ["priority", "weighted"])
+async def test_every_fault_mode_is_invisible_to_clients(
+    run_proxy: Any, strategy: str, clients: int
+) -> None:
+    backends = [FaultBackend(f"{p}-{s}", p) for p in ("aws", "azure", "gcp") for s in "ab"]
+    for backend in backends:
+        await backend.start()
+    aws = [b for b in backends if b.provider == "aws"]
+    policy = ("strategy: priority, providers: [aws, azure, gcp]" if strategy == "priority"
+              else "strategy: weighted")
+    full = 1.0 if strategy == "priority" else 1 / 3
+    port, admin = free_port(), free_port()
+    proxy = await run_proxy(config(backends, policy, port, admin), port, admin)
+    load = KeepAliveLoad(port, clients)
+    running = asyncio.create_task(load.run())
+    report: list[str] = []
+    try:
+        await asyncio.sleep(0.5)
+        for mode in MODES:
+            await wait_for_full_share(proxy, full, RECOVERY_BOUND)
+            fault_wall, fault_at = time.time(), time.monotonic()
+            for backend in aws:
+                await backend.set_mode(mode)
+            await asyncio.sleep(FAULT_SECONDS)
+            removed = await proxy.removed_at(fault_wall)
+            assert removed is not None, f"{mode}: aws never left rotation"
+            took = removed - fault_wall
+            # Requests the proxy had sent before the view changed may be read by a backend
+            # (in this busy process) a little later: one per client at most, within LAG.
+            settled = fault_at + took
+            late = sorted(r.at - settled for b in aws for r in b.requests_since(settled))
+            for backend in aws:
+                await backend.set_mode("healthy")
+            recovered = await wait_for_full_share(proxy, full, RECOVERY_BOUND)
+            errors = [e for e in load.since(fault_at) if not e.ok]
+            report.append(f"{mode}: out in {took:.3f}s, back at full share {recovered:.2f}s "
+                          f"after the mend, {len(late)} requests reached aws later (the last "
+                          f"{late[-1] if late else 0:.3f}s later), {len(errors)} errors")
+            assert took <= REMOVAL_BOUND[mode], report[-1]
+            assert len(late) <= clients and (not late or late[-1] <= LAG), report[-1]
+    finally:
+        load.stop()
+        await running
+        for backend in backends:
+            await backend.stop()
+    print(f"\n{strategy}, {clients} clients:\n  " + "\n  ".join(report))
+    errors = load.errors
+    assert not errors, (
+        f"{len(errors)} client errors of {len(load.samples)}: "
+        f"{[(round(e.started - load.samples[0].started, 3), e.detail) for e in errors[:10]]}\n"
+        + "\n".join(report) + "\n" + proxy.log.read_text()[-5000:]
+    )
+    assert load.ok > 300
