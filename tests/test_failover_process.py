@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -68,7 +69,7 @@ routes:
 
 @dataclass
 class RunningProxy:
-    process: subprocess.Popen[bytes]
+    process: asyncio.subprocess.Process
     port: int
     admin: httpx.AsyncClient
     log: Path
@@ -100,8 +101,8 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[Any]:
         path.write_text(text)
         log = tmp_path / "proxy.log"
         with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "failover_proxy", "run", "-c", str(path)],
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "failover_proxy", "run", "-c", str(path),
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             )
         admin = httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", trust_env=False,
@@ -110,7 +111,7 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[Any]:
         started.append(running)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()
+            assert process.returncode is None, log.read_text()
             try:
                 if (await admin.get("/readyz")).status_code == 200:
                     return running
@@ -121,12 +122,12 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[Any]:
 
     yield start
     for running in started:
-        running.process.terminate()
+        running.process.send_signal(signal.SIGINT)  # a graceful stop without a drain delay
         try:
-            running.process.wait(15)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(running.process.wait(), 15)
+        except TimeoutError:
             running.process.kill()
-            running.process.wait()
+            await running.process.wait()
         await running.admin.aclose()
 
 
