@@ -282,14 +282,22 @@ class HealthMachine:
         was = domain.state
         if domain.down_until and now >= domain.down_until:
             domain.down_until = 0.0  # the hold-down is over
-        if domain.forced_down or domain.down_until:
-            state = "down"
-        elif all_regions_down:
-            state = "down"
-            domain.reason = f"provider {domain.name} down: all its regions are down"
+        if all_regions_down:
+            unhealthy = f"provider {domain.name} down: all its regions are down"
         elif not usable or usable / total < policy.min_healthy_fraction:
+            unhealthy = f"{kind} {domain.name} down: {usable} of {total} backends usable"
+        else:
+            unhealthy = ""
+        if domain.forced_down:
             state = "down"
-            domain.reason = f"{kind} {domain.name} down: {usable} of {total} backends usable"
+        elif domain.down_until:
+            state = "down"  # held down: by a correlated failure, or after one of health
+            if unhealthy and domain.down_cause == "health":
+                domain.reason = unhealthy  # say how it is now
+        elif unhealthy:
+            state = "down"
+            domain.reason = unhealthy
+            domain.down_cause = "health"
         else:
             state = "up" if usable == total else "degraded"
             domain.reason = "" if state == "up" else (
@@ -298,14 +306,9 @@ class HealthMachine:
         cause = ""
         if state == "down" and was != "down":
             domain.down_since = now
-            if domain.forced_down:
-                cause = "forced_down"
-            elif domain.down_until:
-                cause = "correlated_failure"
-            else:
-                cause = "health"
-                if event not in _OPERATOR_EVENTS:
-                    domain.down_until = now + policy.hold_down  # no flapping back at once
+            cause = "forced_down" if domain.forced_down else domain.down_cause
+            if cause == "health" and event not in _OPERATOR_EVENTS:
+                domain.down_until = now + policy.hold_down  # no flapping back at once
         elif state != "down" and was == "down":
             domain.up_since = now
         domain.state = state
@@ -404,6 +407,7 @@ class HealthMachine:
         domain.downs = 1 if stable else domain.downs + 1
         hold = min(hold_down * 2 ** (domain.downs - 1), config.outlier.max_ejection)
         domain.down_until = now + max(hold, hold_down)
+        domain.down_cause = "correlated_failure"
         domain.reason = reason
 
     def _may_eject(self) -> bool:
@@ -466,6 +470,7 @@ def _carry_domain(old: Domain, new: Domain) -> None:
     new.downs = old.downs
     new.ramp = old.ramp
     new.forced_down = old.forced_down
+    new.down_cause = old.down_cause
     new.recent_failures = old.recent_failures
 
 
@@ -510,6 +515,7 @@ def _export_domain(domain: Domain, now: float) -> DomainHealth:
         state=domain.state,
         reason=domain.reason,
         forced_down=domain.forced_down,
+        down_cause=domain.down_cause,
         downs=domain.downs,
         down_until=_offset(domain.down_until, now),
         down_since=_offset(domain.down_since, now),
@@ -521,6 +527,7 @@ def _adopt_domain(domain: Domain, state: DomainHealth, now: float) -> None:
     domain.state = state.state
     domain.reason = state.reason
     domain.forced_down = state.forced_down
+    domain.down_cause = state.down_cause
     domain.downs = state.downs
     domain.down_until = _moment(state.down_until, now)
     domain.down_since = _moment(state.down_since, now)

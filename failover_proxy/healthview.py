@@ -37,6 +37,7 @@ class DomainHealth:
     state: str
     reason: str
     forced_down: bool
+    down_cause: str
     downs: int
     down_until: float | None
     down_since: float | None

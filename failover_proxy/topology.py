@@ -124,6 +124,8 @@ class Domain:
         """While in the future the domain stays down (hold-down, correlated failure)."""
         self.down_since = 0.0
         self.up_since = 0.0
+        self.down_cause = "health"
+        """Why it was last taken down: health or correlated_failure (forced: forced_down)."""
         self.downs = 0
         """Times taken down in a row without a healthy stretch; each doubles the hold-down."""
         self.ramp = 1.0
@@ -321,7 +323,7 @@ class Upstream:
         if local is None or isinstance(tier, Region) or spread:
             return weights
         members = [b for b in tier.backends if b.region == local]
-        if not members or len(members) == len(candidates):
+        if not members or all(b.region == local for b in candidates):
             return weights
         usable = sum(b.weight for b in members if b in candidates)
         share = min(1.0, policy.overprovisioning * usable / sum(b.weight for b in members))

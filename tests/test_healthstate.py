@@ -1,9 +1,18 @@
-"""Outlier ejection arithmetic on the real topology objects (no network: pure bookkeeping)."""
+"""The health state machine on the real topology objects, event by event (no network: pure
+bookkeeping; test_failover_process.py drives it through the real process)."""
 
 from __future__ import annotations
 
+import logging
+import pickle
+from typing import Any
+
+import pytest
+
 from failover_proxy.config import parse_config
-from failover_proxy.topology import build_topology
+from failover_proxy.healthview import apply_snapshot, take_snapshot
+from failover_proxy.schema import HealthCheckConfig
+from failover_proxy.topology import Backend, Topology, Upstream, build_topology
 
 CONFIG = """
 upstreams:
@@ -47,3 +56,226 @@ def test_max_ejection_percent_keeps_half_the_pool() -> None:
         for n in range(3):
             upstream.health.request_failed(backend, 10.0 + index + n * 0.1, "reset")
     assert sum(1 for b in upstream.backends if b.usable) == 2
+
+
+# -- the state machine, event by event ----------------------------------------------------------
+
+CHECK = HealthCheckConfig(healthy_threshold=2, unhealthy_threshold=2)
+
+REGIONS = """
+upstreams:
+  web:
+    backends:
+      - {name: e1, url: "http://127.0.0.1:1", provider: aws, region: us-east-1}
+      - {name: e2, url: "http://127.0.0.1:2", provider: aws, region: us-east-1}
+      - {name: w1, url: "http://127.0.0.1:3", provider: aws, region: us-west-2}
+      - {name: w2, url: "http://127.0.0.1:4", provider: aws, region: us-west-2}
+      - {name: g1, url: "http://127.0.0.1:5", provider: gcp, region: us-central1}
+      - {name: g2, url: "http://127.0.0.1:6", provider: gcp, region: us-central1}
+    outlier: {consecutive_failures: 5, max_ejection_percent: 100}
+    policy: {POLICY, correlated_failures: {backends: 2, window: 1s}, hold_down: 2s}
+routes:
+  - {path_prefix: /, upstream: web}
+"""
+
+
+def regions_upstream(policy: str = "strategy: weighted", extra: str = "") -> Upstream:
+    text = REGIONS.replace("POLICY", policy).replace("routes:", extra + "routes:")
+    return build_topology(parse_config(text), now=1.0).upstreams["web"]
+
+
+def backend(upstream: Upstream, name: str) -> Backend:
+    return next(b for b in upstream.backends if b.name == name)
+
+
+def picks(upstream: Upstream, count: int = 60) -> dict[str, int]:
+    seen: dict[str, int] = {}
+    for _ in range(count):
+        chosen = upstream.pick()
+        assert chosen is not None
+        seen[chosen.name] = seen.get(chosen.name, 0) + 1
+    return seen
+
+
+def region(upstream: Upstream, name: str) -> Any:
+    return next(r for r in upstream.regions if r.name == name)
+
+
+def test_passing_check_ends_an_ejection_at_once() -> None:
+    upstream = build_topology(parse_config(CONFIG)).upstreams["web"]
+    a1 = upstream.backends[0]
+    for n in range(3):
+        upstream.health.request_failed(a1, 100.0 + n * 0.1, "reset")
+    assert a1.state == "ejected" and a1.ejected_until == 110.2
+    upstream.health.probe_result(a1, True, "status 200", CHECK, 101.0, 0.0)
+    assert a1.usable and a1.state == "healthy" and a1.on_probation
+    upstream.health.request_failed(a1, 101.5, "reset")  # on probation: out again, for longer
+    assert a1.ejected_until == 101.5 + 20.0
+
+
+def test_passing_check_keeps_the_ejection_when_told_to() -> None:
+    text = CONFIG.replace("max_ejection_percent: 50}", "max_ejection_percent: 50, "
+                          "uneject_on_passing_check: false}")
+    upstream = build_topology(parse_config(text)).upstreams["web"]
+    a1 = upstream.backends[0]
+    for n in range(3):
+        upstream.health.request_failed(a1, 100.0 + n * 0.1, "reset")
+    upstream.health.probe_result(a1, True, "status 200", CHECK, 101.0, 0.0)
+    assert a1.state == "ejected" and not a1.usable
+
+
+def test_probes_mark_unhealthy_and_healthy_by_thresholds() -> None:
+    upstream = build_topology(parse_config(CONFIG)).upstreams["web"]
+    a1 = upstream.backends[0]
+    upstream.health.probe_result(a1, False, "status 503", CHECK, 1.0, 0.0)
+    assert a1.healthy
+    upstream.health.probe_result(a1, False, "status 503", CHECK, 2.0, 0.0)
+    assert not a1.healthy and a1.reason == "health check failed 2 times: status 503"
+    upstream.health.probe_result(a1, True, "status 200", CHECK, 3.0, 0.0)
+    assert not a1.usable
+    upstream.health.probe_result(a1, True, "status 200", CHECK, 4.0, 0.0)
+    assert a1.usable and a1.usable_since == 4.0 and a1.last_check == "ok: status 200"
+
+
+def test_a_failing_region_goes_out_alone_and_a_provider_wide_failure_takes_aws() -> None:
+    upstream = regions_upstream()
+    health = upstream.health
+    health.request_failed(backend(upstream, "e1"), 10.0, "connect-failure")
+    assert region(upstream, "aws/us-east-1").state == "up"
+    health.request_failed(backend(upstream, "e2"), 10.2, "connect-failure")
+    east = region(upstream, "aws/us-east-1")
+    assert east.state == "down" and "2 backends failed within 1s" in east.reason
+    aws = upstream.providers["aws"]
+    assert aws.state == "degraded", aws.reason  # us-west-2 carries on
+    assert set(picks(upstream)) == {"w1", "w2", "g1", "g2"}
+    # aws keeps its weight (four backends to gcp's two) on the two it has left.
+    assert upstream.provider_shares() == pytest.approx({"aws": 2 / 3, "gcp": 1 / 3})
+    # A failure in a second region within the window: the provider itself is failing.
+    health.request_failed(backend(upstream, "w1"), 10.4, "connect-failure")
+    assert aws.state == "down" and "provider aws down: 3 backends failed within 1s" in aws.reason
+    assert set(picks(upstream)) == {"g1", "g2"}
+    # Hold-downs end; the backends were never ejected, so all comes back.
+    health.tick(20.0)
+    assert aws.state == "up" and east.state == "up"
+
+
+def test_a_provider_is_down_when_all_its_regions_are() -> None:
+    upstream = regions_upstream()
+    for name in ("e1", "e2", "w1", "w2"):
+        for moment in (1.0, 2.0):
+            upstream.health.probe_result(backend(upstream, name), False, "refused", CHECK,
+                                         moment, 0.0)
+    aws = upstream.providers["aws"]
+    assert aws.state == "down" and aws.reason == "provider aws down: all its regions are down"
+    assert all(r.state == "down" for r in aws.regions)
+
+
+def test_region_by_region_priority_before_leaving_the_provider() -> None:
+    upstream = regions_upstream("strategy: priority, providers: [aws/us-east-1, "
+                                "aws/us-west-2, gcp]")
+    assert [t.name for t in upstream.tiers] == ["aws/us-east-1", "aws/us-west-2", "gcp"]
+    assert set(picks(upstream)) == {"e1", "e2"}
+    # A retry leaves the tier that failed: the next region of the same provider.
+    chosen, reason = upstream.choose([backend(upstream, "e1")], ["aws/us-east-1"])
+    assert chosen is not None and chosen.region == "us-west-2"
+    assert reason == "retry on region aws/us-west-2 after aws/us-east-1"
+    upstream.health.force(region(upstream, "aws/us-east-1"), True, 5.0)
+    assert set(picks(upstream)) == {"w1", "w2"}
+    assert upstream.policy.why_not_preferred() == (
+        "region aws/us-east-1 forced down by an operator")
+    upstream.health.force(region(upstream, "aws/us-west-2"), True, 5.0)
+    assert set(picks(upstream)) == {"g1", "g2"}
+    upstream.health.force(region(upstream, "aws/us-east-1"), False, 6.0)
+    assert set(picks(upstream)) == {"e1", "e2"}
+
+
+def test_unnamed_regions_follow_the_last_named_region_of_their_provider() -> None:
+    upstream = regions_upstream("strategy: priority, providers: [aws/us-west-2, gcp]")
+    assert [t.name for t in upstream.tiers] == ["aws/us-west-2", "aws/us-east-1", "gcp"]
+
+
+LOCAL = """
+      - {name: e3, url: "http://127.0.0.1:7", provider: aws, region: us-east-1}
+      - {name: e4, url: "http://127.0.0.1:8", provider: aws, region: us-east-1}
+"""
+
+
+def test_local_region_keeps_traffic_and_spills_in_proportion() -> None:
+    text = (REGIONS.replace("POLICY", "strategy: priority, providers: [aws, gcp], "
+                            "local_region: us-east-1")
+            .replace("    outlier:", LOCAL + "    outlier:"))
+    upstream = build_topology(parse_config(text), now=1.0).upstreams["web"]
+
+    def local_share() -> float:
+        shares = upstream.backend_shares()
+        return sum(shares[n] for n in ("e1", "e2", "e3", "e4"))
+
+    assert local_share() == pytest.approx(1.0)
+    # One of four local backends out: 1.4 x 3/4 > 1, the local region still takes everything.
+    upstream.health.drain(backend(upstream, "e1"), True, 2.0)
+    assert local_share() == pytest.approx(1.0)
+    # Two of four out: 1.4 x 2/4 = 0.7 stays local, 0.3 spills to us-west-2.
+    upstream.health.drain(backend(upstream, "e2"), True, 3.0)
+    assert local_share() == pytest.approx(0.7, abs=0.01)
+    shares = upstream.backend_shares()
+    assert shares["w1"] + shares["w2"] == pytest.approx(0.3, abs=0.01)
+    assert shares["g1"] == 0.0
+
+
+def test_transitions_are_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    upstream = regions_upstream()
+    caplog.set_level(logging.INFO, "failover_proxy.health")
+    upstream.health.force(upstream.providers["gcp"], True, 3.0)
+    upstream.health.force(upstream.providers["gcp"], False, 4.0)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("WARNING", "web provider gcp: up -> down (provider gcp forced down by an operator; "
+            "forced_down)") in lines
+    assert ("WARNING", "web provider gcp: down -> up (back in rotation; restored)") in lines
+    counts = upstream.store.counters["health_transitions"]
+    assert counts[("web", "provider", "gcp", "down", "forced_down")] == 1
+    assert counts[("web", "provider", "gcp", "up", "restored")] == 1
+    assert upstream.store.counters["failovers"] == {("web", "gcp", "aws", "forced_down"): 1}
+
+
+def two_copies(text: str) -> tuple[Topology, Topology]:
+    config = parse_config(text)
+    return build_topology(config, now=1.0), build_topology(config, now=500.0)
+
+
+def test_a_worker_adopts_the_supervisors_snapshot() -> None:
+    supervisor, worker = two_copies(REGIONS.replace("POLICY", "strategy: weighted"))
+    up = supervisor.upstreams["web"]
+    up.health.request_failed(backend(up, "e1"), 10.0, "reset")
+    up.health.request_failed(backend(up, "e2"), 10.1, "reset")
+    up.health.drain(backend(up, "g1"), True, 10.2)
+    snapshot = pickle.loads(pickle.dumps(take_snapshot(supervisor, 10.5, 7)))
+    assert snapshot.version == 7
+    apply_snapshot(worker, snapshot, 500.5)  # the worker's clock is elsewhere
+    copy = worker.upstreams["web"]
+    east = region(copy, "aws/us-east-1")
+    assert east.state == "down" and east.down_until == pytest.approx(500.5 - 10.5 + 12.1)
+    assert backend(copy, "g1").state == "draining"
+    assert set(picks(copy)) == {"w1", "w2", "g2"}
+    copy.health.tick(500.5 + 2.0)  # the hold-down ends on the worker's clock as well
+    assert east.state == "up"
+
+
+def test_peeking_moves_no_balancer() -> None:
+    upstream = regions_upstream()
+    first = [upstream.choose([], [], peek=True)[0] for _ in range(5)]
+    assert len({id(b) for b in first}) == 1
+    assert upstream.pick() is first[0]  # the real pick is still the one peeked at
+
+
+def test_correlated_means_another_domain_can_take_over() -> None:
+    upstream = regions_upstream()
+    health = upstream.health
+    health.request_failed(backend(upstream, "g1"), 10.0, "status 503")
+    assert not health.correlated(backend(upstream, "g1"))
+    health.request_failed(backend(upstream, "g2"), 10.1, "status 503")
+    assert health.correlated(backend(upstream, "g2"))  # gcp fails, aws can take it
+    for name in ("e1", "e2", "w1", "w2"):
+        for moment in (11.0, 12.0):
+            health.probe_result(backend(upstream, name), False, "refused", CHECK, moment, 0.0)
+    # Nothing else is left: retries are no longer the failover, the budget applies again.
+    assert not health.correlated(backend(upstream, "g2"))
