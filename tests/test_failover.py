@@ -8,6 +8,9 @@ provider must stop within a stated bound, and it must come back after recovery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -387,3 +390,144 @@ async def test_hedged_request_takes_the_first_answer(proxy: StartProxy) -> None:
     finally:
         for backend in (slow, fast):
             await backend.stop()
+
+
+def budget_config(backends: list[FaultBackend], retry: str) -> str:
+    """Priority in the backends' order, a retry budget of `retry`, no health checks (retries
+    alone)."""
+    order = ", ".join(dict.fromkeys(b.provider for b in backends))
+    return f"""
+listen: {{port: 0}}
+access_log: {{enabled: false}}
+upstreams:
+  web:
+    backends:
+{backend_lines(backends)}
+    timeouts: {{connect: 250ms, read: 5s}}
+    outlier: {{consecutive_failures: 1000}}
+    policy: {{strategy: priority, providers: [{order}],
+             correlated_failures: {{backends: 2, window: 1s}}, hold_down: 5s}}
+    retry: {{attempts: 3, {retry}}}
+routes:
+  - {{path_prefix: /, upstream: web}}
+"""
+
+
+async def concurrent_gets(port: int, count: int) -> list[int]:
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=10) as http:
+        responses = await asyncio.gather(
+            *(http.get(f"http://127.0.0.1:{port}/x") for _ in range(count))
+        )
+    return [r.status_code for r in responses]
+
+
+async def test_connect_failures_are_retried_outside_the_budget(
+    proxy: StartProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
+) -> None:
+    """A budget of nothing: refused connections reached no backend, so they are retried on
+    another provider all the same (bounded by attempts)."""
+    backends = await fault_backends("aws-a", "aws-b", "gcp-a", "gcp-b")
+    server = await proxy(budget_config(backends, "budget_percent: 0, min_retry_concurrency: 0"))
+    for backend in backends[:2]:
+        await backend.set_mode("refusing")
+    assert await concurrent_gets(server.port, 16) == [200] * 16
+    upstream = server.plane.topology.upstreams["web"]  # type: ignore[union-attr]
+    assert upstream.store.counters["retry_budget_exhausted"] == {}
+    assert upstream.active_retries == 0
+
+
+async def test_a_correlated_failure_is_retried_whatever_the_budget(
+    proxy: StartProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
+) -> None:
+    """aws answers 503 from both backends to 16 requests at once. The budget allows one retry
+    in flight; from the second aws backend's failure on, aws is failing as a whole, and those
+    retries are the failover itself: none is refused."""
+    backends = await fault_backends("aws-a", "aws-b", "gcp-a", "gcp-b")
+    server = await proxy(budget_config(backends, "budget_percent: 0, min_retry_concurrency: 1"))
+    for backend in backends[:2]:
+        backend.mode = "5xx"
+        backend.delay = 0.0
+    assert await concurrent_gets(server.port, 16) == [200] * 16
+    assert sum(len(b.received) for b in backends[2:]) >= 15
+
+
+async def test_when_everything_fails_the_budget_and_attempts_bound_the_load(
+    proxy: StartProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
+) -> None:
+    """Every provider answers 503: no provider can take over, so retries are not exempt. Each
+    request makes at most `attempts` tries, and the budget refuses retries beyond its share."""
+    backends = await fault_backends("aws-a", "aws-b", "azure-a", "azure-b", "gcp-a", "gcp-b")
+    server = await proxy(budget_config(backends, "budget_percent: 20, min_retry_concurrency: 2"))
+    for backend in backends:
+        backend.mode = "5xx"
+    statuses = await concurrent_gets(server.port, 40)
+    assert statuses == [503] * 40
+    reached = sum(len(b.received) for b in backends)
+    assert 40 <= reached <= 3 * 40
+    upstream = server.plane.topology.upstreams["web"]  # type: ignore[union-attr]
+    assert upstream.store.counters["retry_budget_exhausted"][("web",)] > 0
+    assert reached < 3 * 40  # the budget refused some retries
+    assert upstream.active_retries == 0 and upstream.active_requests == 0
+
+
+async def test_hedges_are_charged_to_the_retry_budget(
+    proxy: StartProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
+) -> None:
+    backends = await fault_backends("aws-a", "gcp-a")
+    backends[0].mode, backends[0].delay = "slow", 0.3
+    server = await proxy(budget_config(
+        backends, "budget_percent: 0, min_retry_concurrency: 0, hedge_after: 50ms"))
+    assert await concurrent_gets(server.port, 4) == [200] * 4
+    upstream = server.plane.topology.upstreams["web"]  # type: ignore[union-attr]
+    assert upstream.store.counters["hedges"] == {}  # the budget had no room for one
+    assert upstream.store.counters["retry_budget_exhausted"][("web",)] == 4
+    assert not backends[1].received
+
+
+async def test_an_abandoned_exchange_cancels_its_hedges_connect(
+    proxy: StartProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
+) -> None:
+    """The hedge's backend accepts nothing (a full backlog): its connect is still pending
+    when the client leaves, and must not outlive the exchange."""
+    slow = (await fault_backends("aws-a"))[0]
+    slow.mode, slow.delay = "slow", 5.0
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):  # fill the accept queue: further connects hang in SYN-SENT
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(silent.getsockname())
+            fillers.append(filler)
+        port = silent.getsockname()[1]
+        server = await proxy(
+            "listen: {port: 0}\nupstreams:\n  web:\n    backends:\n"
+            f'      - {{name: aws-a, url: "http://127.0.0.1:{slow.port}", provider: aws}}\n'
+            f'      - {{name: gcp-a, url: "http://127.0.0.1:{port}", provider: gcp}}\n'
+            "    timeouts: {connect: 10s}\n"
+            "    policy: {strategy: priority, providers: [aws, gcp]}\n"
+            "    retry: {hedge_after: 50ms}\n"
+            "routes:\n  - {path_prefix: /, upstream: web}\n"
+        )
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the hedge is connecting
+        # The client leaves with a reset (a FIN alone is a half-close: it would still be owed
+        # its answer).
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+        await asyncio.sleep(0.3)
+        pending = [t for t in asyncio.all_tasks() if "_connect_hedge" in repr(t.get_coro())]
+        assert pending == []
+        upstream = server.plane.topology.upstreams["web"]  # type: ignore[union-attr]
+        assert upstream.active_retries == 0 and upstream.active_requests == 0
+    finally:
+        for filler in fillers:
+            filler.close()
+        silent.close()
