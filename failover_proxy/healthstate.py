@@ -313,7 +313,8 @@ class HealthMachine:
             domain.up_since = now
         domain.state = state
         if state != was:
-            reason = domain.reason or ("back in rotation" if was == "down" else state)
+            reason = domain.reason or (
+                "back in rotation" if was == "down" else "all its backends usable")
             transitions.append(_Transition(kind, domain.name, was, state, reason, cause, domain))
 
     def _announce(self, transitions: list[_Transition], event: str) -> None:

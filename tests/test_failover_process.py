@@ -196,3 +196,59 @@ async def test_every_fault_mode_is_invisible_to_clients(
         + "\n".join(report) + "\n" + proxy.log.read_text()[-5000:]
     )
     assert load.ok > 300
+
+
+async def test_a_provider_that_returns_is_back_at_full_share_within_the_bound(
+    run_proxy: Any,
+) -> None:
+    """The stale-ejection case: aws refuses for 3 s under load (its backends are ejected by
+    passive detection for the default 30 s), then returns. A passing active check ends the
+    ejection, so aws is back at its full share within healthy_threshold x interval + hold_down
+    + slow_start + 1 s of its return, not 30 s later. The process log says so at WARNING."""
+    backends = [FaultBackend(f"{p}-{s}", p) for p in ("aws", "gcp") for s in "ab"]
+    for backend in backends:
+        await backend.start()
+    interval, healthy_threshold, hold_down, slow_start = 0.5, 2, 2.0, 2.0
+    bound = healthy_threshold * interval + hold_down + slow_start + 1.0
+    port, admin = free_port(), free_port()
+    text = f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+admin: {{host: 127.0.0.1, port: {admin}}}
+access_log: {{enabled: false}}
+upstreams:
+  web:
+    backends:
+{backend_lines(backends)}
+    health_check: {{interval: {interval}s, unhealthy_interval: {interval}s,
+                   healthy_threshold: {healthy_threshold}}}
+    policy: {{strategy: priority, providers: [aws, gcp], hold_down: {hold_down}s,
+             slow_start: {slow_start}s}}
+routes:
+  - {{path_prefix: /, upstream: web}}
+"""
+    proxy = await run_proxy(text, port, admin)
+    load = KeepAliveLoad(port, 16)
+    running = asyncio.create_task(load.run())
+    aws = [b for b in backends if b.provider == "aws"]
+    try:
+        await asyncio.sleep(0.5)
+        for backend in aws:
+            await backend.set_mode("refusing")
+        await asyncio.sleep(3.0)
+        status = await proxy.status()
+        ejected = [b for b in status["upstreams"]["web"]["providers"]["aws"]["backends"].values()
+                   if b["state"] == "ejected" or b["ejected_until_in_s"]]
+        for backend in aws:
+            await backend.set_mode("healthy")
+        back = await wait_for_full_share(proxy, 1.0, bound)
+    finally:
+        load.stop()
+        await running
+        for backend in backends:
+            await backend.stop()
+    print(f"\naws back at its full share {back:.2f}s after its return (bound {bound:g}s); "
+          f"{len(ejected)} of its backends had been ejected")
+    assert not load.errors, [e.detail for e in load.errors[:5]]
+    log = proxy.log.read_text()
+    assert "WARNING failover_proxy.health: web provider aws: up -> down" in log, log[-3000:]
+    assert "WARNING failover_proxy.health: web provider aws: down -> " in log, log[-3000:]
