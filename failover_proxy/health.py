@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import random
+import socket
 import time
 
 import aiohttp
@@ -98,8 +100,7 @@ class HealthChecker:
         try:
             async with asyncio.timeout(config.timeout):
                 if config.type == "tcp":
-                    _, writer = await asyncio.open_connection(backend.host, backend.port)
-                    writer.close()
+                    await _connect(backend.host, backend.port)
                     return True, "connected"
                 return await self._http_probe(upstream, backend, config)
         except TimeoutError:
@@ -124,3 +125,19 @@ class HealthChecker:
         if config.expect_body is not None and config.expect_body.encode() not in body:
             return False, f"status {status}, body lacks {config.expect_body!r}"
         return True, f"status {status}"
+
+
+async def _connect(host: str, port: int) -> None:
+    """Open a TCP connection and close it. For an address, a bare non-blocking socket: no
+    transport, protocol, reader and writer to build for a connection closed at once, which
+    counts with thousands of backends."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        _, writer = await asyncio.open_connection(host, port)  # a name: resolved first
+        writer.close()
+        return
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))

@@ -57,10 +57,14 @@ class HealthSnapshot:
     upstreams: dict[str, UpstreamHealth]
 
 
-def take_snapshot(topology: Topology, now: float, version: int) -> HealthSnapshot:
-    return HealthSnapshot(
-        version, {u.name: u.health.export(now) for u in topology.upstreams.values()}
-    )
+def take_snapshot(
+    topology: Topology, now: float, version: int, only: set[str] | None = None
+) -> HealthSnapshot:
+    """The health of every upstream, or of those named in `only` (the others unchanged)."""
+    return HealthSnapshot(version, {
+        u.name: u.health.export(now) for u in topology.upstreams.values()
+        if only is None or u.name in only
+    })
 
 
 def apply_snapshot(topology: Topology, snapshot: HealthSnapshot, now: float) -> None:

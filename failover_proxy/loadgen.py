@@ -30,6 +30,8 @@ class KeepAliveLoad:
     clients: int
     path: str = "/work"
     host: str = "127.0.0.1"
+    authority: str = ""
+    """The Host header (default: host:port)."""
     timeout: float = 10.0
     """Longest wait for one response: past it the request counts as an error."""
     samples: list[Sample] = field(default_factory=list)
@@ -55,7 +57,7 @@ class KeepAliveLoad:
 
     async def _client(self) -> None:
         request = (
-            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"GET {self.path} HTTP/1.1\r\nHost: {self.authority or f'{self.host}:{self.port}'}\r\n"
             "User-Agent: failover-proxy-loadgen\r\n\r\n"
         ).encode()
         while not self._stopping:

@@ -90,6 +90,8 @@ class Supervisor:
         /metrics never step back: Prometheus would read a smaller sum as a counter reset."""
         self._view_version = 0
         self._view_pending = False
+        self._changed: set[str] | None = set()
+        """Upstreams whose health changed since the last broadcast (None: all of them)."""
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._request_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -196,7 +198,7 @@ class Supervisor:
                                                message["why"])
             else:
                 upstream.health.request_succeeded(backend)
-            self._state_changed()
+            self._state_changed(upstream)
         elif kind == "counts":
             worker.counts = message["store"]
         elif kind == "stats":
@@ -223,23 +225,30 @@ class Supervisor:
 
     # -- the shared health view ------------------------------------------------------------------
 
-    def _state_changed(self, _: Upstream | None = None) -> None:
-        """Send every worker the new view, once per turn of the event loop however many
-        changes it had."""
+    def _state_changed(self, upstream: Upstream | None = None) -> None:
+        """Send every worker the health of the upstreams that changed (all of them without
+        `upstream`), once per turn of the event loop however many changes it had: with a
+        thousand upstreams, one backend's probe must not make every worker re-adopt them all."""
+        if upstream is None:
+            self._changed = None
+        elif self._changed is not None:
+            self._changed.add(upstream.name)
         if not self._view_pending:
             self._view_pending = True
             asyncio.get_running_loop().call_soon(self._broadcast)
 
     def _broadcast(self) -> None:
         self._view_pending = False
-        view = self._view()
+        changed, self._changed = self._changed, set()
+        view = self._view(changed)
         for worker in self.workers.values():
             ipc.send(worker.writer, view)
 
-    def _view(self) -> dict[str, Any]:
+    def _view(self, only: set[str] | None = None) -> dict[str, Any]:
+        """The health of every upstream (or of those in `only`) for the workers."""
         self._view_version += 1
         snapshot = take_snapshot(self.topology, asyncio.get_running_loop().time(),
-                                 self._view_version)
+                                 self._view_version, only)
         return {"t": "health", "snapshot": snapshot}
 
     async def _sweep_forever(self) -> None:

@@ -37,7 +37,9 @@ REMOVAL_BOUND = {  # seconds from the fault until aws is out of rotation
     "blackhole": 1.2, "slow": 1.2,  # the first failures wait out the 400 ms per-try timeout
 }
 FAULT_SECONDS = 1.0
-LAG = 0.3
+ADOPTION = 0.2
+"""Seconds the worker may take to adopt its supervisor's decision (one message) on a busy
+machine; requests it forwards meanwhile still go to aws."""
 INTERVAL, HEALTHY_THRESHOLD, HOLD_DOWN, SLOW_START = 0.2, 2, 0.5, 0.0
 MAX_HOLD = 2.0
 """outlier.max_ejection: a provider that fails again soon after it came back is held down
@@ -65,6 +67,26 @@ upstreams:
 routes:
   - {{path_prefix: /, upstream: web}}
 """
+
+
+class LoopLag:
+    """How late this process's event loop runs a callback, over time: the backends here read
+    what the proxy sent them only when the loop gets round to it."""
+
+    TICK = 0.01
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+
+    async def run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.TICK)
+            after = time.monotonic()
+            self.samples.append((after, after - before - self.TICK))
+
+    def worst_since(self, moment: float) -> float:
+        return max((lag for at, lag in self.samples if at >= moment), default=0.0)
 
 
 @dataclass
@@ -158,6 +180,8 @@ async def test_every_fault_mode_is_invisible_to_clients(
     proxy = await run_proxy(config(backends, policy, port, admin), port, admin)
     load = KeepAliveLoad(port, clients)
     running = asyncio.create_task(load.run())
+    lag_watch = LoopLag()
+    watching = asyncio.create_task(lag_watch.run())
     report: list[str] = []
     try:
         await asyncio.sleep(0.5)
@@ -170,22 +194,26 @@ async def test_every_fault_mode_is_invisible_to_clients(
             removed = await proxy.removed_at(fault_wall)
             assert removed is not None, f"{mode}: aws never left rotation"
             took = removed - fault_wall
-            # Requests the proxy had sent before the view changed may be read by a backend
-            # (in this busy process) a little later: one per client at most, within LAG.
+            # Requests the worker forwarded before it adopted the decision reach aws after it:
+            # one per client at most, within ADOPTION, plus however late this busy process
+            # (clients and backends together) got round to reading them.
             settled = fault_at + took
             late = sorted(r.at - settled for b in aws for r in b.requests_since(settled))
+            lag = lag_watch.worst_since(fault_at)
             for backend in aws:
                 await backend.set_mode("healthy")
             recovered = await wait_for_full_share(proxy, full, RECOVERY_BOUND)
             errors = [e for e in load.since(fault_at) if not e.ok]
             report.append(f"{mode}: out in {took:.3f}s, back at full share {recovered:.2f}s "
                           f"after the mend, {len(late)} requests reached aws later (the last "
-                          f"{late[-1] if late else 0:.3f}s later), {len(errors)} errors")
+                          f"{late[-1] if late else 0:.3f}s later; this process lagged up to "
+                          f"{lag:.3f}s), {len(errors)} errors")
             assert took <= REMOVAL_BOUND[mode], report[-1]
-            assert len(late) <= clients and (not late or late[-1] <= LAG), report[-1]
+            assert len(late) <= clients and (not late or late[-1] <= ADOPTION + lag), report[-1]
     finally:
         load.stop()
         await running
+        watching.cancel()
         for backend in backends:
             await backend.stop()
     print(f"\n{strategy}, {clients} clients:\n  " + "\n  ".join(report))
