@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import ipaddress
+import os
 import random
 import socket
 import time
@@ -98,10 +101,10 @@ class HealthChecker:
     ) -> tuple[bool, str]:
         """One probe: (passed, what was seen)."""
         try:
+            if config.type == "tcp":
+                await _connect(backend.host, backend.port, config.timeout)
+                return True, "connected"
             async with asyncio.timeout(config.timeout):
-                if config.type == "tcp":
-                    await _connect(backend.host, backend.port)
-                    return True, "connected"
                 return await self._http_probe(upstream, backend, config)
         except TimeoutError:
             return False, f"no answer within {config.timeout:g}s"
@@ -127,17 +130,52 @@ class HealthChecker:
         return True, f"status {status}"
 
 
-async def _connect(host: str, port: int) -> None:
-    """Open a TCP connection and close it. For an address, a bare non-blocking socket: no
-    transport, protocol, reader and writer to build for a connection closed at once, which
-    counts with thousands of backends."""
+async def _connect(host: str, port: int, timeout: float) -> None:  # noqa: ASYNC109 (cost)
+    """Open a TCP connection and close it. For an address, a bare non-blocking socket watched
+    for writability: none of a stream's transport, protocol, reader and writer, built and torn
+    down for a connection closed at once, which counts with thousands of backends."""
+    family = _family(host)
+    if family is None:
+        async with asyncio.timeout(timeout):  # a name: resolved first
+            _, writer = await asyncio.open_connection(host, port)
+        writer.close()
+        return
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    fd = sock.fileno()
+    done: asyncio.Future[int] = loop.create_future()
+    timer = None
+    try:
+        error = sock.connect_ex((host, port))
+        if error == errno.EINPROGRESS:
+            loop.add_writer(fd, _connected, sock, done)
+            # A timer of its own rather than asyncio.timeout: it only has to end one future.
+            timer = loop.call_later(timeout, _too_late, done)
+            error = await done
+        if error:
+            raise OSError(error, os.strerror(error))
+    finally:
+        if timer is not None:
+            timer.cancel()
+            loop.remove_writer(fd)
+        sock.close()
+
+
+def _connected(sock: socket.socket, done: asyncio.Future[int]) -> None:
+    if not done.done():
+        done.set_result(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+
+def _too_late(done: asyncio.Future[int]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError())
+
+
+@functools.lru_cache(maxsize=65536)
+def _family(host: str) -> socket.AddressFamily | None:
+    """The address family of an IP address, None for a name."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        _, writer = await asyncio.open_connection(host, port)  # a name: resolved first
-        writer.close()
-        return
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        return None
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET

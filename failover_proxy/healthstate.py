@@ -88,6 +88,9 @@ class HealthMachine:
         worker (its decisions come back as snapshots)."""
         self.quiet = False
         """In a worker: transitions are logged and counted once, by the supervisor."""
+        self.next_deadline = 0.0
+        """The earliest moment an ejection or a hold-down ends (0: none pending): until then,
+        time passing changes nothing unless something ramps."""
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -160,15 +163,11 @@ class HealthMachine:
     def tick(self, now: float) -> None:
         """Time passed: ejections and hold-downs that ended, slow starts that ramp."""
         upstream = self.upstream
-        expired = any(b.ejected_until and now >= b.ejected_until for b in upstream.backends)
-        held = any(
-            d.state == "down" and d.down_until and now >= d.down_until
-            for d in self._domains()
-        )
         if upstream.config.policy.strategy == "latency":
             spread = upstream.panic and upstream.config.policy.panic == "spread"
             upstream.policy.rebuild(everyone=spread)  # follow the latencies as they move
-        if expired or held or upstream.ramping:
+        due = self.next_deadline and now >= self.next_deadline
+        if due or upstream.ramping:
             self._settle(now, TIME_PASSED)
 
     def drain(self, backend: Backend, draining: bool, now: float) -> None:
@@ -268,6 +267,9 @@ class HealthMachine:
             self._derive(provider, usable, now, len(provider.regions) > 1 and not live, event,
                          transitions)
         upstream.rebuild(now)
+        deadlines = [b.ejected_until for b in upstream.backends if b.ejected_until]
+        deadlines += [d.down_until for d in self._domains() if d.down_until]
+        self.next_deadline = min(deadlines, default=0.0)
         if transitions and not self.quiet:
             self._announce(transitions, event)
         upstream.generation += 1

@@ -162,30 +162,57 @@ class MetricStore:
     def record_event(self, event: ProviderEvent) -> None:
         self.events.append(event)
 
-    def to_wire(self) -> dict[str, Any]:
-        """The counts as JSON-ready data (a worker's answer to its supervisor)."""
-        return {
-            "requests": [[list(k), v] for k, v in self.requests.items()],
-            "attempts": [[list(k), v] for k, v in self.attempts.items()],
-            "durations": [[list(k), v] for k, v in self.durations.items()],
-            "counters": {
-                name: [[list(k), v] for k, v in series.items()]
-                for name, series in self.counters.items()
-                if series
-            },
+    def to_wire(self, sent: dict[tuple[str, Any], Any] | None = None) -> dict[str, Any]:
+        """The counts as plain data (a worker's report to its supervisor). With `sent` (what
+        earlier reports said, updated here), only what changed since: with thousands of
+        backends, a report a second of every count would cost both processes more than the
+        traffic does. Values are totals, never increments: a report applies by replacing."""
+        wire: dict[str, Any] = {}
+        for section, series in (("requests", self.requests), ("attempts", self.attempts),
+                                ("durations", self.durations)):
+            wire[section] = _changed(section, series, sent)
+        wire["counters"] = {
+            name: changed for name, values in self.counters.items()
+            if (changed := _changed(name, values, sent))
         }
+        return wire
 
     def add(self, wire: dict[str, Any]) -> None:
         """Add another process's counts (from `to_wire`) to these."""
-        for key, counts in wire["requests"]:
+        for key, counts in wire["requests"].items():
             _add_into(self.request_counts(*key), counts)
-        for key, counts in wire["attempts"]:
+        for key, counts in wire["attempts"].items():
             _add_into(self.attempt_counts(*key), counts)
-        for key, slots in wire["durations"]:
+        for key, slots in wire["durations"].items():
             _add_into(self.duration_slots(*key), slots)
         for name, series in wire["counters"].items():
-            for key, value in series:
-                self.inc(name, tuple(key), value)
+            for key, value in series.items():
+                self.inc(name, key, value)
+
+
+def merge_wire(base: dict[str, Any], report: dict[str, Any]) -> None:
+    """Bring `base` (a process's counts as `to_wire` gave them) up to a later report of what
+    changed."""
+    for section in ("requests", "attempts", "durations"):
+        base[section].update(report[section])
+    for name, series in report["counters"].items():
+        base["counters"].setdefault(name, {}).update(series)
+
+
+def _changed(
+    section: str, series: dict[Any, Any], sent: dict[tuple[str, Any], Any] | None
+) -> dict[Any, Any]:
+    if sent is None:
+        return {key: _copy(value) for key, value in series.items()}
+    changed = {}
+    for key, value in series.items():
+        if sent.get((section, key)) != value:
+            changed[key] = sent[(section, key)] = _copy(value)
+    return changed
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
 
 
 def _add_into(target: list[Any], values: list[Any]) -> None:

@@ -594,6 +594,17 @@ class ProxyConfig:
         the config in force says what is really in force."""
         return dataclasses.replace(self, **_restart_only(running))
 
+    def keeping_unchanged_upstreams(self, running: ProxyConfig) -> ProxyConfig:
+        """This config with each upstream equal to one of `running` replaced by that very
+        object: what a reload left unchanged is then known by identity (carried on as it is,
+        and sent to workers by name)."""
+        upstreams = {
+            name: running.upstreams[name]
+            if name in running.upstreams and running.upstreams[name] == upstream else upstream
+            for name, upstream in self.upstreams.items()
+        }
+        return dataclasses.replace(self, upstreams=upstreams)
+
     def restart_only_changes(self, running: ProxyConfig) -> list[str]:
         """A warning for each setting that differs from `running` and needs a restart."""
         return [

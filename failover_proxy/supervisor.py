@@ -40,7 +40,7 @@ from .config import ConfigSource
 from .dataplane.state import SWEEP_INTERVAL
 from .health import HealthChecker
 from .healthview import take_snapshot
-from .metrics import MetricStore, ProcessGauges
+from .metrics import MetricStore, ProcessGauges, merge_wire
 from .schema import ConfigError, ProxyConfig
 from .server import (
     ReloadResult,
@@ -48,6 +48,7 @@ from .server import (
     reload_failed,
     reload_succeeded,
     run_until_stopped,
+    settle_garbage_collector,
 )
 from .topology import Topology, Upstream, build_topology
 
@@ -127,6 +128,7 @@ class Supervisor:
             await self.admin.start(self.config.admin.host, self.config.admin.port)
         if self.config.watch_config:
             self._keep(self.config_source.watch(self.reload))
+        settle_garbage_collector()
         count = len(self.workers)
         log.info("proxy listening on %s:%d with %d worker%s", listen.host, self.port, count,
                  "" if count == 1 else "s")
@@ -137,12 +139,15 @@ class Supervisor:
         return port
 
     def _adopt(self, topology: Topology) -> None:
-        """Make `topology` the health picture: probed here, sent to workers on every change."""
-        for upstream in topology.upstreams.values():
-            upstream.listeners.append(self._state_changed)
+        """Make `topology` the health picture: probed here, sent to workers on every change.
+        Upstreams a reload left unchanged carry on as they were, in the workers too: only the
+        new ones' health goes out now."""
         self._topology = topology
+        for upstream in topology.upstreams.values():
+            if self._state_changed not in upstream.listeners:
+                upstream.listeners.append(self._state_changed)
+                self._state_changed(upstream)
         self.health.update(list(topology.upstreams.values()))
-        self._state_changed()
 
     def _keep(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -200,7 +205,10 @@ class Supervisor:
                 upstream.health.request_succeeded(backend)
             self._state_changed(upstream)
         elif kind == "counts":
-            worker.counts = message["store"]
+            if worker.counts is None:
+                worker.counts = message["store"]
+            else:
+                merge_wire(worker.counts, message["store"])
         elif kind == "stats":
             worker.counts = message["store"]
             reply = self._replies.pop(message["id"], None)
@@ -336,12 +344,17 @@ class Supervisor:
         except ConfigError as exc:
             return reload_failed(self.store, source, exc)
         loop = asyncio.get_running_loop()
-        self.config = new = new.keeping_restart_only(self.config)
+        old = self.config
+        self.config = new = new.keeping_restart_only(old).keeping_unchanged_upstreams(old)
         result = reload_succeeded(self.store, source, warnings)
         topology = build_topology(new, self.store, previous=self.topology, now=loop.time())
         message = {"t": "config", "config": new, "generation": result.generation}
+        # An upstream the reload left as it was goes to the workers by name alone: they hold
+        # it already (a reload of thousands of upstreams that changes one sends one).
+        unchanged = {id(cfg): name for name, cfg in old.upstreams.items()
+                     if new.upstreams.get(name) is cfg}
         for worker in self.workers.values():
-            ipc.send(worker.writer, message)
+            ipc.send(worker.writer, message, lambda item: unchanged.get(id(item)))
         self._adopt(topology)
         return result
 

@@ -578,14 +578,19 @@ def build_topology(
     previous: Topology | None = None,
     now: float = 0.0,
 ) -> Topology:
-    """A new generation; with `previous` (a reload), unchanged backends keep their pools and
-    health, providers keep their state, and backends left out are closed once idle."""
+    """A new generation; with `previous` (a reload), an upstream whose config is unchanged
+    carries on as it is (a reload of thousands of upstreams that changes one rebuilds one),
+    unchanged backends keep their pools and health, providers keep their state, and backends
+    left out are closed once idle."""
     store = store if store is not None else MetricStore()
     old = previous.upstreams if previous is not None else {}
-    upstreams = {
-        name: build_upstream(name, cfg, store, old.get(name), now)
-        for name, cfg in config.upstreams.items()
-    }
+    upstreams = {}
+    for name, cfg in config.upstreams.items():
+        before = old.get(name)
+        if before is not None and before.config == cfg:
+            upstreams[name] = before
+        else:
+            upstreams[name] = build_upstream(name, cfg, store, before, now)
     kept = {id(b) for u in upstreams.values() for b in u.backends}
     for upstream in old.values():
         for backend in upstream.backends:

@@ -12,9 +12,11 @@ the supervisor goes away, the worker drains and exits.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 from . import ipc
@@ -24,6 +26,8 @@ from .server import ProxyServer
 from .topology import Backend
 
 COUNTS_INTERVAL = 1.0
+
+log = logging.getLogger("failover_proxy.worker")
 
 
 async def run_worker(listen_fd: int, ipc_fd: int) -> None:
@@ -48,12 +52,13 @@ async def run_worker(listen_fd: int, ipc_fd: int) -> None:
     loop.add_signal_handler(signal.SIGTERM, order.given.set)
     ipc.send(writer, {"t": "ready", "pid": os.getpid()})
     following = loop.create_task(_follow(server, reader, writer, order))
-    reporting = loop.create_task(_report_counts(server, writer))
+    sent: dict[tuple[str, Any], Any] = {}
+    reporting = loop.create_task(_report_counts(server, writer, sent))
     await order.given.wait()
     await server.drain(order.delay, order.grace)
     following.cancel()
     reporting.cancel()
-    ipc.send(writer, {"t": "counts", "store": server.store.to_wire()})  # the final ones
+    ipc.send(writer, {"t": "counts", "store": server.store.to_wire(sent)})  # the final ones
     writer.close()
 
 
@@ -72,25 +77,36 @@ async def _follow(
 ) -> None:
     """Carry out the supervisor's messages (also while draining: it still asks for counts)."""
     loop = asyncio.get_running_loop()
-    while (message := await ipc.receive(reader)) is not None:
+
+    def held(name: object) -> object:
+        """A config names the upstreams a reload left unchanged: this worker holds them."""
+        return server.config.upstreams[str(name)]
+
+    while (message := await ipc.receive(reader, held)) is not None:
         kind = message["t"]
         if kind == "health":
             apply_snapshot(server.topology, message["snapshot"], loop.time())
         elif kind == "stats":
             ipc.send(writer, {"t": "stats", "id": message["id"], **_stats(server)})
         elif kind == "config":
+            started = time.perf_counter()
             await server.apply_config(message["config"])
             server.store.config_generation = message["generation"]
+            log.info("worker %d: config generation %d in service (%.1f ms)", os.getpid(),
+                     message["generation"], (time.perf_counter() - started) * 1000)
         elif kind == "drain":
             order.delay, order.grace = message["delay"], message["grace"]
             order.given.set()
     order.given.set()  # the supervisor is gone: nobody is left to give orders
 
 
-async def _report_counts(server: ProxyServer, writer: asyncio.StreamWriter) -> None:
+async def _report_counts(
+    server: ProxyServer, writer: asyncio.StreamWriter, sent: dict[tuple[str, Any], Any]
+) -> None:
+    """What changed in this worker's counts, every COUNTS_INTERVAL."""
     while True:
         await asyncio.sleep(COUNTS_INTERVAL)
-        ipc.send(writer, {"t": "counts", "store": server.store.to_wire()})
+        ipc.send(writer, {"t": "counts", "store": server.store.to_wire(sent)})
 
 
 def _stats(server: ProxyServer) -> dict[str, Any]:
