@@ -113,3 +113,45 @@ async def test_status_page_shows_a_forced_down_provider(
         "return performance.getEntriesByType('resource').map(e => e.name)"
     )
     assert sources and all(src.startswith(proxy.admin) for src in sources), sources
+
+
+async def test_status_page_shows_a_region_forced_down(
+    browser: WebDriver,
+    file_proxy: Callable[[str], Awaitable[FileProxy]],
+) -> None:
+    backends = [FaultBackend("aws-e", "aws", "us-east-1"), FaultBackend("aws-w", "aws", "us-west-2"),
+                FaultBackend("gcp-a", "gcp", "us-central1")]
+    for backend in backends:
+        await backend.start()
+    try:
+        entries = "".join(
+            f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}, '
+            f"region: {b.region}}}\n" for b in backends
+        )
+        proxy = await file_proxy(
+            "listen: {port: 0}\nadmin: {port: 0}\naccess_log: {enabled: false}\n"
+            f"upstreams:\n  web:\n    backends:\n{entries}"
+            "routes:\n  - {path_prefix: /, upstream: web}\n"
+        )
+        await asyncio.to_thread(browser.get, proxy.admin + "/")
+        async with httpx.AsyncClient(base_url=proxy.admin, trust_env=False) as admin:
+            forced = await admin.post("/providers/web/aws/regions/us-east-1/force-down")
+        assert forced.status_code == 200 and forced.json()["state"] == "down"
+
+        def regions(driver: WebDriver) -> dict[str, str]:
+            found: dict[str, str] = driver.execute_script(
+                "const r = {}; for (const li of document.querySelectorAll("
+                "\".provider[data-provider='aws'] .region\")) r[li.dataset.region] = li.innerText;"
+                " return r;")
+            return found
+
+        await asyncio.to_thread(
+            wait_for, browser, lambda d: "down" in regions(d).get("us-east-1", ""))
+        shown = regions(browser)
+        assert shown["us-east-1"] == "us-east-1 down · 0%"
+        assert shown["us-west-2"].startswith("us-west-2 up")
+        assert card_states(browser)["aws"] == "degraded"
+        assert "aws/us-east-1 left rotation" in snapshot(browser)["events"]
+    finally:
+        for backend in backends:
+            await backend.stop()

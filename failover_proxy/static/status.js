@@ -36,6 +36,16 @@ function backendItem(name, backend) {
   );
 }
 
+function regionList(provider) {
+  // A region of a provider is a failure domain of its own: show each named one's state.
+  const named = Object.entries(provider.regions || {}).filter(([region]) => region);
+  if (!named.length) return "";
+  return element("ul", { class: "regions" }, ...named.map(([region, state]) => element("li", {
+    class: `region state-${state.state}`, "data-region": region, "data-state": state.state,
+    title: state.reason || `${state.backends.length} backends`,
+  }, `${region} ${state.state} · ${percent(state.traffic_share)}`)));
+}
+
 function providerCard(upstreamName, name, provider) {
   const bar = element("div", { class: "share" }, element("div", { style: `width: ${percent(provider.traffic_share)}` }));
   const list = element("ul", { class: "backends" });
@@ -50,6 +60,7 @@ function providerCard(upstreamName, name, provider) {
     bar,
     element("div", { class: "muted" }, `${percent(provider.traffic_share)} of new requests`),
     element("div", { class: "reason" }, provider.reason || ""),
+    regionList(provider),
     list,
   );
 }
