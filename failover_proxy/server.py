@@ -312,23 +312,39 @@ class Stoppable(Protocol):
     async def stop(self, grace: float = 10.0) -> None: ...
 
 
-async def run_until_stopped(proxy: Stoppable, ready: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM (graceful drain) or SIGINT (drain without the delay); SIGHUP
-    reloads the config file. A second stop signal skips what is left of the drain."""
+_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def catch_signals() -> asyncio.Queue[int]:
+    """Take SIGINT, SIGTERM and SIGHUP from now on, before the proxy starts: a signal that
+    arrives while it starts (workers spawning, probes starting) is kept, and acted on once it
+    has started, instead of killing the process with nothing drained."""
     loop = asyncio.get_running_loop()
-    stop_requested: asyncio.Queue[int] = asyncio.Queue()
-    for stopper in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(stopper, stop_requested.put_nowait, stopper)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(proxy.reload("SIGHUP")))
+    received: asyncio.Queue[int] = asyncio.Queue()
+    for signum in _HANDLED:
+        loop.add_signal_handler(signum, received.put_nowait, signum)
+    return received
+
+
+async def run_until_stopped(
+    proxy: Stoppable, ready: asyncio.Event | None = None,
+    received: asyncio.Queue[int] | None = None,
+) -> None:
+    """Serve until SIGTERM (graceful drain) or SIGINT (drain without the delay); SIGHUP
+    reloads the config file. A second stop signal skips what is left of the drain.
+    `received`: the signals caught since before the start (catch_signals)."""
+    loop = asyncio.get_running_loop()
+    stop_requested = received if received is not None else catch_signals()
     if ready is not None:
         ready.set()
     try:
-        signum = await stop_requested.get()
+        while (signum := await stop_requested.get()) == signal.SIGHUP:
+            await proxy.reload("SIGHUP")  # one at a time; a stop signal waits for it
         drain = proxy.config.drain
         delay = drain.delay if signum == signal.SIGTERM else 0.0
         log.info("%s: stopping gracefully", signal.Signals(signum).name)
         draining = loop.create_task(proxy.drain(delay, drain.timeout))
-        again = loop.create_task(stop_requested.get())
+        again = loop.create_task(_next_stop(stop_requested))
         await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
         if not draining.done():
             log.warning("second stop signal: closing connections now")
@@ -338,9 +354,16 @@ async def run_until_stopped(proxy: Stoppable, ready: asyncio.Event | None = None
             await proxy.stop(grace=0)
         again.cancel()
     finally:
-        for handled in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for handled in _HANDLED:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(handled)
+
+
+async def _next_stop(received: asyncio.Queue[int]) -> int:
+    """The next stop signal (a reload asked for while stopping is ignored)."""
+    while (signum := await received.get()) == signal.SIGHUP:
+        pass
+    return signum
 
 
 async def serve(
@@ -349,8 +372,9 @@ async def serve(
 ) -> None:
     """Run a single-process proxy until it is stopped (see run_until_stopped)."""
     server = ProxyServer(config, config_source)
+    received = catch_signals()
     await server.start()
-    await run_until_stopped(server, ready)
+    await run_until_stopped(server, ready, received)
 
 
 def address_text(host: str, port: int) -> str:

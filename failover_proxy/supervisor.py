@@ -45,6 +45,7 @@ from .schema import ConfigError, ProxyConfig
 from .server import (
     ReloadResult,
     address_text,
+    catch_signals,
     reload_failed,
     reload_succeeded,
     run_until_stopped,
@@ -439,5 +440,6 @@ def _bind_listening_sockets(host: str, port: int, backlog: int, count: int) -> l
 async def supervise(config: ProxyConfig, config_source: ConfigSource) -> None:
     """Run a multi-process proxy until it is stopped (see server.run_until_stopped)."""
     supervisor = Supervisor(config, config_source)
+    received = catch_signals()
     await supervisor.start()
-    await run_until_stopped(supervisor)
+    await run_until_stopped(supervisor, received=received)

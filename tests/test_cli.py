@@ -92,6 +92,30 @@ def test_run_serves_a_config_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
     assert process.returncode == 0, out.decode()
 
 
+def test_a_stop_signal_while_starting_still_stops_gracefully(tmp_path: Path) -> None:
+    """SIGTERM as soon as the port answers: the supervisor has bound it but its worker is
+    still starting. The signal is kept until the start is over, then the proxy drains and
+    exits 0 (it used to die of the signal, its worker left to notice alone)."""
+    port = free_port()
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"listen: {{port: {port}}}\n"
+        "upstreams:\n  web:\n    backends:\n"
+        f"      - {{name: a, url: 'http://127.0.0.1:{free_port()}', provider: aws}}\n"
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+        "drain: {delay: 0s}\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "failover_proxy", "run", "-c", str(config)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, process=process)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, out.decode()
+    assert b"SIGTERM: stopping gracefully" in out
+
+
 def test_run_refuses_a_bad_config_with_its_location(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("listen: {port: 70000}\n")
