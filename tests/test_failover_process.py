@@ -47,7 +47,22 @@ twice as long each time (flap damping), up to this; modes follow each other with
 RECOVERY_BOUND = HEALTHY_THRESHOLD * INTERVAL + MAX_HOLD + SLOW_START + 1.0
 
 
-def config(backends: list[FaultBackend], policy: str, port: int, admin: int) -> str:
+MATRIX_SETTINGS = f"""
+    timeouts: {{connect: 250ms, read: 5s}}
+    health_check: {{path: /healthz, interval: {INTERVAL}s, unhealthy_interval: 100ms,
+                   timeout: 250ms, healthy_threshold: {HEALTHY_THRESHOLD},
+                   unhealthy_threshold: 2, jitter: 0%}}
+    outlier: {{consecutive_failures: 3, base_ejection: 1s, max_ejection: {MAX_HOLD}s}}
+    retry: {{attempts: 3, per_try_timeout: 400ms}}
+"""
+MATRIX_POLICY = (f"correlated_failures: {{backends: 2, window: 1s}}, hold_down: {HOLD_DOWN}s, "
+                 f"slow_start: {SLOW_START}s")
+
+
+def config(backends: list[FaultBackend], policy: str, port: int, admin: int,
+           settings: str = MATRIX_SETTINGS) -> str:
+    """The proxy before `backends` with its admin listener; `policy` and `settings` (more
+    keys of the upstream, as YAML lines) say the rest."""
     return f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin}}}
@@ -56,14 +71,8 @@ upstreams:
   web:
     backends:
 {backend_lines(backends)}
-    timeouts: {{connect: 250ms, read: 5s}}
-    health_check: {{path: /healthz, interval: {INTERVAL}s, unhealthy_interval: 100ms,
-                   timeout: 250ms, healthy_threshold: {HEALTHY_THRESHOLD},
-                   unhealthy_threshold: 2, jitter: 0%}}
-    outlier: {{consecutive_failures: 3, base_ejection: 1s, max_ejection: {MAX_HOLD}s}}
-    policy: {{{policy}, correlated_failures: {{backends: 2, window: 1s}},
-             hold_down: {HOLD_DOWN}s, slow_start: {SLOW_START}s}}
-    retry: {{attempts: 3, per_try_timeout: 400ms}}
+    policy: {{{policy}}}
+{settings}
 routes:
   - {{path_prefix: /, upstream: web}}
 """
@@ -174,7 +183,7 @@ async def test_every_fault_mode_is_invisible_to_clients(
         await backend.start()
     aws = [b for b in backends if b.provider == "aws"]
     policy = ("strategy: priority, providers: [aws, azure, gcp]" if strategy == "priority"
-              else "strategy: weighted")
+              else "strategy: weighted") + ", " + MATRIX_POLICY
     full = 1.0 if strategy == "priority" else 1 / 3
     port, admin = free_port(), free_port()
     proxy = await run_proxy(config(backends, policy, port, admin), port, admin)
@@ -239,21 +248,14 @@ async def test_a_provider_that_returns_is_back_at_full_share_within_the_bound(
     interval, healthy_threshold, hold_down, slow_start = 0.5, 2, 2.0, 2.0
     bound = healthy_threshold * interval + hold_down + slow_start + 1.0
     port, admin = free_port(), free_port()
-    text = f"""
-listen: {{host: 127.0.0.1, port: {port}}}
-admin: {{host: 127.0.0.1, port: {admin}}}
-access_log: {{enabled: false}}
-upstreams:
-  web:
-    backends:
-{backend_lines(backends)}
-    health_check: {{interval: {interval}s, unhealthy_interval: {interval}s,
-                   healthy_threshold: {healthy_threshold}}}
-    policy: {{strategy: priority, providers: [aws, gcp], hold_down: {hold_down}s,
-             slow_start: {slow_start}s}}
-routes:
-  - {{path_prefix: /, upstream: web}}
-"""
+    text = config(
+        backends,
+        f"strategy: priority, providers: [aws, gcp], hold_down: {hold_down}s, "
+        f"slow_start: {slow_start}s",
+        port, admin,
+        f"    health_check: {{interval: {interval}s, unhealthy_interval: {interval}s, "
+        f"healthy_threshold: {healthy_threshold}}}\n",
+    )
     proxy = await run_proxy(text, port, admin)
     load = KeepAliveLoad(port, 16)
     running = asyncio.create_task(load.run())
