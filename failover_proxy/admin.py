@@ -158,7 +158,10 @@ class AdminServer:
             "host": host, "path": path, "method": method, "route": route.target.label,
             "upstream": upstream.name, "panic": upstream.panic,
             "traffic_shares": upstream.policy.shares(),
-            "regions": {r.name: r.state for r in upstream.regions},
+            "regions": {
+                name: {r.region: r.state for r in provider.regions}
+                for name, provider in upstream.providers.items()
+            },
         }
         if backend is None:
             answer |= {"decision": "503: nothing usable", "reason": reason}

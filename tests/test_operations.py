@@ -329,3 +329,25 @@ def test_access_log_writes_whole_lines_a_pipe_keeps_together() -> None:
     assert all(len(p) <= 4096 and p.endswith(b"\n") for p in pieces)
     long_line = b"y" * 5000 + b"\n"
     assert whole_line_pieces(long_line + b"z\n") == [long_line, b"z\n"]
+
+
+async def test_debug_route_only_looks(
+    file_proxy: StartFileProxy, fault_backends: StartFaultBackends
+) -> None:
+    """Asking where a request would go moves no balancer: the answer stays the same however
+    often it is asked, and the next real request goes where it said."""
+    first, second = await fault_backends("aws-a", "aws-b")
+    proxy = await file_proxy(
+        "listen: {port: 0}\nadmin: {port: 0}\naccess_log: {enabled: false}\n"
+        "upstreams:\n  web:\n    backends:\n" + backend_lines([first, second]) +
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+    )
+    async with httpx.AsyncClient(base_url=proxy.admin, trust_env=False) as admin:
+        answers = {(await admin.get("/debug/route")).json()["backend"] for _ in range(5)}
+        assert len(answers) == 1
+        async with httpx.AsyncClient(trust_env=False) as http:
+            served = (await http.get(f"http://127.0.0.1:{proxy.port}/")).json()["backend"]
+        assert served == answers.pop()
+        after = (await admin.get("/debug/route")).json()
+        assert after["backend"] != served  # the round robin moved on for the real request
+        assert after["regions"] == {"aws": {"": "up"}}  # backends that name no region
