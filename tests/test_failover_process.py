@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -280,5 +281,6 @@ async def test_a_provider_that_returns_is_back_at_full_share_within_the_bound(
           f"{len(ejected)} of its backends had been ejected")
     assert not load.errors, [e.detail for e in load.errors[:5]]
     log = proxy.log.read_text()
-    assert "WARNING failover_proxy.health: web provider aws: up -> down" in log, log[-3000:]
+    # aws may pass through degraded on its way out (one backend ejected a moment earlier).
+    assert re.search(r"WARNING failover_proxy.health: web provider aws: \w+ -> down", log), log
     assert "WARNING failover_proxy.health: web provider aws: down -> " in log, log[-3000:]
