@@ -204,9 +204,10 @@ async def test_every_fault_mode_is_invisible_to_clients(
             removed = await proxy.removed_at(fault_wall)
             assert removed is not None, f"{mode}: aws never left rotation"
             took = removed - fault_wall
-            # Requests the worker forwarded before it adopted the decision reach aws after it:
-            # one per client at most, within ADOPTION, plus however late this busy process
-            # (clients and backends together) got round to reading them.
+            # Requests the worker forwarded before it adopted the decision reach aws after it,
+            # within ADOPTION, plus however late this busy process (clients and backends
+            # together) got round to reading them. (Not one per client: meanwhile a client
+            # whose request aws failed is answered by a retry and sends its next one.)
             settled = fault_at + took
             late = sorted(r.at - settled for b in aws for r in b.requests_since(settled))
             lag = lag_watch.worst_since(fault_at)
@@ -219,7 +220,7 @@ async def test_every_fault_mode_is_invisible_to_clients(
                           f"{late[-1] if late else 0:.3f}s later; this process lagged up to "
                           f"{lag:.3f}s), {len(errors)} errors")
             assert took <= REMOVAL_BOUND[mode], report[-1]
-            assert len(late) <= clients and (not late or late[-1] <= ADOPTION + lag), report[-1]
+            assert not late or late[-1] <= ADOPTION + lag, report[-1]
     finally:
         load.stop()
         await running
