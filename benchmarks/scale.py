@@ -110,10 +110,13 @@ async def measure(size: int, seconds: float) -> dict[str, object]:
         probes = await metric_sum(admin, "failover_proxy_health_checks_total") - probes_before
         rss_supervisor, rss_worker = rss_mib(supervisor), rss_mib(worker)
 
+        # Made before the clients start: building 1,000 upstreams' text would hold this
+        # process's loop (the clients' and backends') and pass for a slow reload.
+        changed = scale_config(size, ports, port, admin_port, weight=2)
         load = KeepAliveLoad(port, 8, path="/", authority="u0.example")
         running = asyncio.create_task(load.run())
         await asyncio.sleep(2.5)
-        path.write_text(scale_config(size, ports, port, admin_port, weight=2))
+        path.write_text(changed)
         reload_at = time.monotonic()
         answer = await admin.post("/reload")
         reload_seconds = time.monotonic() - reload_at

@@ -9,10 +9,14 @@ a single-process proxy, a supervisor, the CLI; never a worker.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import hashlib
 import logging
 import os
 import re
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -139,6 +143,8 @@ def _substitute(
     return None
 
 
+VALIDATION_NICENESS = 10
+
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """libyaml's parser where PyYAML was built with it (about ten times faster: a config of
 thousands of backends reloads in well under a second), else PyYAML's own."""
@@ -230,7 +236,8 @@ class ConfigSource:
         when the file is bad (then the same content is not reported again by `watch`)."""
         text = await asyncio.to_thread(read_config_text, self.path)
         self.digest = _digest(text.encode())
-        new = parse_config(text, self.path)
+        loop = asyncio.get_running_loop()
+        new = await loop.run_in_executor(_parser(), parse_config, text, self.path)
         self.text = text
         warnings = new.restart_only_changes(running)
         for warning in warnings:
@@ -247,6 +254,22 @@ class ConfigSource:
                 continue  # being replaced, or gone: the next poll looks again
             if _digest(current) != self.digest:
                 await reload("file changed")
+
+
+@functools.cache
+def _parser() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread that validates reloads, at a lower CPU priority than everything else (Linux
+    sets nice per thread): thousands of upstreams take a few hundred ms of CPU to validate, and
+    on a machine the data plane keeps busy, that time should come from idle moments, not from
+    requests. Meanwhile the event loop that called it goes on (probes, admin API)."""
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="config-validation", initializer=_lower_priority
+    )
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # elsewhere than Linux: as it is
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), VALIDATION_NICENESS)
 
 
 def _digest(content: bytes) -> bytes:
