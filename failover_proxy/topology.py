@@ -587,12 +587,15 @@ def build_topology(
     upstreams = {}
     for name, cfg in config.upstreams.items():
         before = old.get(name)
-        if before is not None and before.config == cfg:
+        if before is not None and (before.config is cfg or before.config == cfg):
             upstreams[name] = before
         else:
             upstreams[name] = build_upstream(name, cfg, store, before, now)
-    kept = {id(b) for u in upstreams.values() for b in u.backends}
-    for upstream in old.values():
+    rebuilt = [u for name, u in upstreams.items() if u is not old.get(name)]
+    kept = {id(b) for u in rebuilt for b in u.backends}
+    for name, upstream in old.items():
+        if upstreams.get(name) is upstream:
+            continue  # carried on whole, every backend with it
         for backend in upstream.backends:
             if id(backend) not in kept:
                 backend.pool.close()  # removed: idle connections close, busy ones on release
