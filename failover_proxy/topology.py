@@ -583,14 +583,40 @@ def build_topology(
     unchanged backends keep their pools and health, providers keep their state, and backends
     left out are closed once idle."""
     store = store if store is not None else MetricStore()
+    upstreams = build_upstreams(config, list(config.upstreams), store, previous, now)
+    return assemble_topology(config, upstreams, store, previous)
+
+
+def build_upstreams(
+    config: ProxyConfig,
+    names: list[str],
+    store: MetricStore,
+    previous: Topology | None = None,
+    now: float = 0.0,
+) -> dict[str, Upstream]:
+    """The upstreams `names` of a new generation (build_topology, a part at a time: a worker
+    builds a large one between turns of its event loop)."""
     old = previous.upstreams if previous is not None else {}
     upstreams = {}
-    for name, cfg in config.upstreams.items():
+    for name in names:
+        cfg = config.upstreams[name]
         before = old.get(name)
         if before is not None and (before.config is cfg or before.config == cfg):
             upstreams[name] = before
         else:
             upstreams[name] = build_upstream(name, cfg, store, before, now)
+    return upstreams
+
+
+def assemble_topology(
+    config: ProxyConfig,
+    upstreams: dict[str, Upstream],
+    store: MetricStore,
+    previous: Topology | None = None,
+) -> Topology:
+    """The generation of `upstreams` (all of them, from build_upstreams): its routes; the
+    backends the previous one had and this one has not are closed once idle."""
+    old = previous.upstreams if previous is not None else {}
     rebuilt = [u for name, u in upstreams.items() if u is not old.get(name)]
     kept = {id(b) for u in rebuilt for b in u.backends}
     for name, upstream in old.items():
