@@ -189,8 +189,8 @@ class HealthMachine:
         """A new generation of the upstream: domains carry on in the state they were in
         (backends that carry on are carried by the topology builder)."""
         if previous is not None:
-            old = {d.name: d for d in previous.health._domains()}
-            for domain in self._domains():
+            old = {d.name: d for d in previous.domains}
+            for domain in self.upstream.domains:
                 before = old.get(domain.name)
                 if before is not None and type(before) is type(domain):
                     _carry_domain(before, domain)
@@ -203,7 +203,7 @@ class HealthMachine:
             state = health.backends.get(backend.name)
             if state is not None:
                 _adopt_backend(backend, state, now)
-        for domain in self._domains():
+        for domain in self.upstream.domains:
             found = health.domains.get(domain.name)
             if found is not None:
                 _adopt_domain(domain, found, now)
@@ -213,7 +213,7 @@ class HealthMachine:
         """This upstream's health, for the workers."""
         return UpstreamHealth(
             backends={b.name: _export_backend(b, now) for b in self.upstream.backends},
-            domains={d.name: _export_domain(d, now) for d in self._domains()},
+            domains={d.name: _export_domain(d, now) for d in self.upstream.domains},
         )
 
     # -- questions -------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ class HealthMachine:
                          transitions)
         upstream.rebuild(now)
         deadlines = [b.ejected_until for b in upstream.backends if b.ejected_until]
-        deadlines += [d.down_until for d in self._domains() if d.down_until]
+        deadlines += [d.down_until for d in upstream.domains if d.down_until]
         self.next_deadline = min(deadlines, default=0.0)
         if transitions and not self.quiet:
             self._announce(transitions, event)
@@ -354,19 +354,9 @@ class HealthMachine:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _domains(self) -> list[Domain]:
-        out: list[Domain] = []
-        for provider in self.upstream.providers.values():
-            out.extend(provider.regions)
-            out.append(provider)
-        return out
-
     def _domains_of(self, backend: Backend) -> tuple[Region, Provider]:
-        provider = self.upstream.providers[backend.provider]
-        for region in provider.regions:
-            if region.region == backend.region:
-                return region, provider
-        raise KeyError(backend.region)
+        upstream = self.upstream
+        return upstream.region_of(backend), upstream.providers[backend.provider]
 
     def _region_wide(self, region: Region) -> bool:
         """K distinct backends of a region failed within the window (regions of a provider

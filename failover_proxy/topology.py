@@ -242,6 +242,9 @@ class Upstream:
             for provider, members in by_provider.items()
         }
         self.regions = [r for p in self.providers.values() for r in p.regions]
+        self._region_of = {(r.provider, r.region): r for r in self.regions}
+        self.domains: list[Domain] = [*self.regions, *self.providers.values()]
+        """Every region and provider: what the health machine derives states for."""
         self.tiers = tiers = _policy_tiers(config, self.providers)
         for tier in tiers:
             tier.weight = weights.get(tier.name, tier.weight)
@@ -273,6 +276,10 @@ class Upstream:
         self.health = HealthMachine(self)
         self.health.config_changed(previous, now)  # carries state over, builds the balancers
 
+    def region_of(self, backend: Backend) -> Region:
+        """The region (of this generation) a backend belongs to."""
+        return self._region_of[(backend.provider, backend.region)]
+
     def rebuild(self, now: float) -> None:
         """The balancers and the policy's table from the health machine's states: called by
         the machine after every change it makes, and by nothing else."""
@@ -283,7 +290,6 @@ class Upstream:
         spread = self.panic and policy.panic == "spread"
         refuse = self.panic and policy.panic == "fail"
         ramping = False
-        down_regions = {r.name for r in self.regions if r.state == "down"}
         for tier in self.tiers:
             if spread:
                 candidates = [b for b in tier.backends if not b.draining]
@@ -292,8 +298,7 @@ class Upstream:
                 # A provider's backends in its down regions take no traffic through it (unless
                 # every region is down: the provider is then down too, its balancer only the
                 # last resort when nothing else is left).
-                live = [b for b in candidates
-                        if f"{b.provider}/{b.region}" not in down_regions]
+                live = [b for b in candidates if self.region_of(b).state != "down"]
                 candidates = live or candidates
             weights = self._weights(tier, candidates, now, spread)
             for b in candidates:
