@@ -92,8 +92,8 @@ class Supervisor:
         /metrics never step back: Prometheus would read a smaller sum as a counter reset."""
         self._view_version = 0
         self._view_pending = False
-        self._changed: set[str] | None = set()
-        """Upstreams whose health changed since the last broadcast (None: all of them)."""
+        self._changed: set[str] = set()
+        """Upstreams whose health changed since the last broadcast."""
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._request_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -234,14 +234,11 @@ class Supervisor:
 
     # -- the shared health view ------------------------------------------------------------------
 
-    def _state_changed(self, upstream: Upstream | None = None) -> None:
-        """Send every worker the health of the upstreams that changed (all of them without
-        `upstream`), once per turn of the event loop however many changes it had: with a
-        thousand upstreams, one backend's probe must not make every worker re-adopt them all."""
-        if upstream is None:
-            self._changed = None
-        elif self._changed is not None:
-            self._changed.add(upstream.name)
+    def _state_changed(self, upstream: Upstream) -> None:
+        """Send every worker the health of the upstreams that changed, once per turn of the
+        event loop however many changes it had: with a thousand upstreams, one backend's probe
+        must not make every worker re-adopt them all."""
+        self._changed.add(upstream.name)
         if not self._view_pending:
             self._view_pending = True
             asyncio.get_running_loop().call_soon(self._broadcast)
