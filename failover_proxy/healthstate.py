@@ -140,13 +140,14 @@ class HealthMachine:
         backend.consecutive_failures += 1
         changed = False
         window = f"{self.upstream.config.policy.correlated_failures.window:g}s"
-        if region.state != "down" and self._region_wide(region) and self._others_usable(region):
+        if (region.state != "down" and self._region_wide(region)
+                and self._others_usable(region.backends)):
             failed = len(region.recent_failures)
             self._take_down(region, now, f"region {region.name} down: {failed} backends "
                             f"failed within {window} ({why})")
             changed = True
         if (provider.state != "down" and self._provider_wide(provider)
-                and self._others_usable(provider)):
+                and self._others_usable(provider.backends)):
             # Never the last usable domain: taking it out would only turn errors into 503s.
             self._take_down(provider, now, f"provider {provider.name} down: "
                             f"{len(provider.recent_failures)} backends failed within {window} "
@@ -218,15 +219,18 @@ class HealthMachine:
 
     # -- questions -------------------------------------------------------------------------------
 
-    def correlated(self, backend: Backend) -> bool:
-        """Whether a failure of `backend` is part of a failure of its whole region or provider
-        (down, or failing across its backends right now) that another domain can take over:
-        its retry is not a storm to protect against but the failover itself."""
+    def failure_confined(self, backend: Backend, now: float) -> bool:
+        """Whether a failure of `backend` is confined to one failure domain (that backend
+        alone, or its whole region or provider, down or failing across its backends right now)
+        that another domain can take over: its retry is not a storm to protect against but
+        the failover itself, and adds load only in proportion to the failing domain's share."""
         region, provider = self._domains_of(backend)
         if provider.state == "down" or self._provider_wide(provider):
-            failing: Domain = provider
+            failing = provider.backends
         elif region.state == "down" or self._region_wide(region):
-            failing = region
+            failing = region.backends
+        elif self._failing_alone(backend, now):
+            failing = [backend]
         else:
             return False
         # Only while something else can take the traffic: when everything fails, the retry
@@ -379,11 +383,21 @@ class HealthMachine:
         failing = {r.name for r in provider.regions if any(b.name in recent for b in r.backends)}
         return len(failing) > 1
 
-    def _others_usable(self, domain: Domain) -> bool:
-        """Whether anything outside `domain` could take its traffic."""
+    def _failing_alone(self, backend: Backend, now: float) -> bool:
+        """No other backend of the upstream failed a request within the window."""
+        window = self.upstream.config.policy.correlated_failures.window
+        for provider in self.upstream.providers.values():
+            for name, when in provider.recent_failures.items():
+                if name != backend.name and now - when <= window:
+                    return False
+        return True
+
+    def _others_usable(self, members: list[Backend]) -> bool:
+        """Whether anything outside `members` (a failing domain's backends) could take their
+        traffic."""
         upstream = self.upstream
         for backend in upstream.backends:
-            if backend.usable and backend not in domain.backends:
+            if backend.usable and backend not in members:
                 region, provider = self._domains_of(backend)
                 if region.state != "down" and provider.state != "down":
                     return True

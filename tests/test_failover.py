@@ -437,7 +437,7 @@ async def test_connect_failures_are_retried_outside_the_budget(
     assert upstream.active_retries == 0
 
 
-async def test_a_correlated_failure_is_retried_whatever_the_budget(
+async def test_a_provider_wide_failure_is_retried_whatever_the_budget(
     proxy: StartProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
 ) -> None:
     """aws answers 503 from both backends to 16 requests at once. The budget allows one retry
@@ -450,6 +450,22 @@ async def test_a_correlated_failure_is_retried_whatever_the_budget(
         backend.delay = 0.0
     assert await concurrent_gets(server.port, 16) == [200] * 16
     assert sum(len(b.received) for b in backends[2:]) >= 15
+
+
+async def test_one_failing_backend_is_retried_whatever_the_budget(
+    proxy: StartProxy, fault_backends: Callable[..., Awaitable[list[FaultBackend]]],
+) -> None:
+    """A budget of nothing, and aws-a alone answers 503 to 16 requests at once: a failure
+    confined to one backend while the others answer is the outlier case retries are for, and
+    its retries add load only in proportion to that backend's share. None is refused."""
+    backends = await fault_backends("aws-a", "aws-b", "gcp-a", "gcp-b")
+    server = await proxy(budget_config(backends, "budget_percent: 0, min_retry_concurrency: 0"))
+    backends[0].mode = "5xx"
+    backends[0].delay = 0.0
+    assert await concurrent_gets(server.port, 16) == [200] * 16
+    assert len(backends[0].received) > 0
+    upstream = server.plane.topology.upstreams["web"]  # type: ignore[union-attr]
+    assert upstream.store.counters["retry_budget_exhausted"] == {}
 
 
 async def test_when_everything_fails_the_budget_and_attempts_bound_the_load(

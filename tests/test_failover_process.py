@@ -67,7 +67,7 @@ def config(backends: list[FaultBackend], policy: str, port: int, admin: int,
     return f"""
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin}}}
-access_log: {{enabled: false}}
+access_log: {{path: ACCESS_LOG}}
 upstreams:
   web:
     backends:
@@ -105,6 +105,15 @@ class RunningProxy:
     port: int
     admin: httpx.AsyncClient
     log: Path
+    access_log: Path
+
+    def failed_requests(self) -> str:
+        """The access log's lines of requests that did not end in 200: their reason and
+        attempts name the cause of a client error."""
+        if not self.access_log.exists():
+            return ""
+        lines = self.access_log.read_text().splitlines()
+        return "\n".join(line for line in lines if '"status":200,' not in line)[-5000:]
 
     async def status(self) -> dict[str, Any]:
         response = await self.admin.get("/status")
@@ -130,7 +139,8 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[Any]:
 
     async def start(text: str, port: int, admin_port: int) -> RunningProxy:
         path = tmp_path / "proxy.yaml"
-        path.write_text(text)
+        access_log = tmp_path / "access.log"
+        path.write_text(text.replace("ACCESS_LOG", str(access_log)))
         log = tmp_path / "proxy.log"
         with log.open("wb") as out:
             process = await asyncio.create_subprocess_exec(
@@ -139,7 +149,7 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[Any]:
             )
         admin = httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", trust_env=False,
                                   timeout=10)
-        running = RunningProxy(process, port, admin, log)
+        running = RunningProxy(process, port, admin, log, access_log)
         started.append(running)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -233,6 +243,7 @@ async def test_every_fault_mode_is_invisible_to_clients(
         f"{len(errors)} client errors of {len(load.samples)}: "
         f"{[(round(e.started - load.samples[0].started, 3), e.detail) for e in errors[:10]]}\n"
         + "\n".join(report) + "\n" + proxy.log.read_text()[-5000:]
+        + "\nrequests that failed:\n" + proxy.failed_requests()
     )
     assert load.ok > 300
 

@@ -267,15 +267,20 @@ def test_peeking_moves_no_balancer() -> None:
     assert upstream.pick() is first[0]  # the real pick is still the one peeked at
 
 
-def test_correlated_means_another_domain_can_take_over() -> None:
+def test_a_failure_is_confined_while_another_domain_can_take_over() -> None:
     upstream = regions_upstream()
     health = upstream.health
     health.request_failed(backend(upstream, "g1"), 10.0, "status 503")
-    assert not health.correlated(backend(upstream, "g1"))
-    health.request_failed(backend(upstream, "g2"), 10.1, "status 503")
-    assert health.correlated(backend(upstream, "g2"))  # gcp fails, aws can take it
+    assert health.failure_confined(backend(upstream, "g1"), 10.0)  # g1 alone fails
+    health.request_failed(backend(upstream, "e1"), 10.05, "status 503")
+    # Two providers fail at once: not one domain's failure, the budget applies.
+    assert not health.failure_confined(backend(upstream, "e1"), 10.05)
+    assert not health.failure_confined(backend(upstream, "g1"), 10.05)
+    health.request_failed(backend(upstream, "g2"), 11.1, "status 503")  # e1's is older now
+    health.request_failed(backend(upstream, "g1"), 11.1, "status 503")
+    assert health.failure_confined(backend(upstream, "g2"), 11.1)  # gcp fails, aws can take it
     for name in ("e1", "e2", "w1", "w2"):
-        for moment in (11.0, 12.0):
+        for moment in (11.2, 12.0):
             health.probe_result(backend(upstream, name), False, "refused", CHECK, moment, 0.0)
     # Nothing else is left: retries are no longer the failover, the budget applies again.
-    assert not health.correlated(backend(upstream, "g2"))
+    assert not health.failure_confined(backend(upstream, "g2"), 12.0)

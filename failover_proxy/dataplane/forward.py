@@ -843,20 +843,23 @@ class Exchange:
         backend = self.backend
         assert backend is not None
         health = self.upstream.health
-        health.request_failed(backend, self.downstream.plane.clock, f"status {status}")
-        return self._may_retry(str(status), nothing_sent=False, exempt=health.correlated(backend))
+        now = self.downstream.plane.clock
+        health.request_failed(backend, now, f"status {status}")
+        confined = health.failure_confined(backend, now)
+        return self._may_retry(str(status), nothing_sent=False, exempt=confined)
 
     def _failed(self, condition: str, detail: str, status: int) -> None:
         """An attempt failed before any response byte reached the client."""
         backend = self.backend
         assert backend is not None
         health = self.upstream.health
-        health.request_failed(backend, self.downstream.plane.clock, condition)
+        now = self.downstream.plane.clock
+        health.request_failed(backend, now, condition)
         nothing_sent = condition == "connect-failure"
         # A connect failure reached nothing: retrying it costs the failed backend nothing. And
-        # a failure of a whole region or provider is what retries are for: all its requests
-        # fail at once, and the budget must not turn part of them into errors.
-        exempt = nothing_sent or health.correlated(backend)
+        # a failure confined to one backend, region or provider is what retries are for: all
+        # its requests fail at once, and the budget must not turn part of them into errors.
+        exempt = nothing_sent or health.failure_confined(backend, now)
         if self._may_retry(condition, nothing_sent, exempt):
             self._retry_elsewhere(condition)
         else:
