@@ -277,6 +277,7 @@ def status_document(proxy: AdminTarget) -> dict[str, Any]:
                 name: provider_status(upstream.providers[name], upstream, shares, backend_shares)
                 for name in order
             },
+            "dns": {origin: dns_status(upstream, origin) for origin in upstream.discovered},
         }
     return {
         "generation": proxy.store.config_generation,
@@ -321,8 +322,26 @@ def region_status(region: Region, backend_shares: dict[str, float]) -> dict[str,
     }
 
 
+def dns_status(upstream: Upstream, origin: str) -> dict[str, Any]:
+    """What DNS last said of a backend's hostname, and the endpoints it has from it."""
+    status = upstream.dns_status.get(origin)
+    addresses = upstream.discovered.get(origin)
+    return {
+        "url": upstream.backend_configs[origin].url,
+        "discovery": upstream.backend_configs[origin].discovery,
+        "endpoints": [a.label for a in addresses] if addresses else [],
+        "result": status.result if status else "pending",
+        "detail": status.detail if status else "",
+        "ttl_s": status.ttl if status else None,
+        "failures_in_a_row": status.failures if status else 0,
+        "answered_at": status.at if status else None,
+    }
+
+
 def backend_status(backend: Backend, upstream: Upstream) -> dict[str, Any]:
     return {
+        "backend": backend.origin,
+        "endpoint": backend.endpoint or None,
         "state": backend.state,
         "usable": backend.usable,
         "reason": backend.reason,

@@ -56,7 +56,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_CONFIG_ERROR
     print(f"{args.config}: OK: {summarize(loaded[0])}")
-    return 0
+    if not args.resolve:
+        return 0  # a check resolves nothing: a config stays checkable offline
+    import asyncio
+
+    from .discovery import resolve_config
+
+    lines, good = asyncio.run(resolve_config(loaded[0]))
+    print("\n".join(lines) or "no backend is named by a hostname")
+    return 0 if good else EXIT_CONFIG_ERROR
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -149,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config and exit")
     check.add_argument("-c", "--config", required=True, help="path to the YAML config")
+    check.add_argument("--resolve", action="store_true",
+                       help="also resolve every backend hostname and print its endpoints")
     check.set_defaults(handler=cmd_check)
 
     demo = commands.add_parser("demo", help="run the proxy before simulated aws/azure/gcp")

@@ -59,17 +59,22 @@ class FaultBackend:
     region: str = ""
     port: int = 0
     mode: str = "healthy"
+    host: str = "127.0.0.1"
+    """The loopback address it listens on (several backends may share a port on 127.0.0.2,
+    127.0.0.3…: the addresses one hostname resolves to)."""
     health_mode: str | None = None
     """The mode /healthz answers in, when it should differ from real requests."""
     delay: float = 0.5
     received: list[Received] = field(default_factory=list)
+    probed: list[float] = field(default_factory=list)
+    """When each /healthz request arrived (they are not in `received`)."""
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _flip: bool = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._serve, "127.0.0.1", self.port, reuse_address=True
+            self._serve, self.host, self.port, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -89,6 +94,11 @@ class FaultBackend:
             await self.start()
         self.mode = mode
 
+    @property
+    def open_connections(self) -> int:
+        """Connections to this backend open now (the proxy's pooled ones among them)."""
+        return len(self._writers)
+
     def requests_since(self, moment: float, path_prefix: str = "/") -> list[Received]:
         return [r for r in self.received if r.at >= moment and r.path.startswith(path_prefix)]
 
@@ -102,6 +112,7 @@ class FaultBackend:
                 body = await read_request_body(reader, head)
                 lower = head.lower()
                 if path == "/healthz":
+                    self.probed.append(time.monotonic())
                     health_mode = self.health_mode or self.mode
                     if health_mode in ("healthy", "slow"):
                         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")

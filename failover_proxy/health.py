@@ -58,6 +58,8 @@ class HealthChecker:
             if config is None:
                 continue
             for backend in upstream.backends:
+                if not backend.endpoint:
+                    continue  # a hostname DNS has given no address: nothing to probe
                 key = (upstream.name, backend.name)
                 wanted.add(key)
                 running = self._loops.get(key)
@@ -119,7 +121,8 @@ class HealthChecker:
         ssl_context = upstream.ssl_context if backend.scheme == "https" else None
         headers = {"Host": backend.host_header.decode(), **config.headers}
         async with self._session.request(
-            config.method, url, headers=headers, ssl=ssl_context or True, allow_redirects=False
+            config.method, url, headers=headers, ssl=ssl_context or True, allow_redirects=False,
+            server_hostname=backend.pool.server_hostname,  # an address dialled, a name checked
         ) as response:
             body = await response.read() if config.expect_body is not None else b""
             status = response.status

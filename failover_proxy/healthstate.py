@@ -31,10 +31,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from .discovery import DnsStatus
 from .healthview import BackendHealth, DomainHealth, UpstreamHealth
 from .metrics import ProviderEvent
 
 if TYPE_CHECKING:
+    from .discovery import Answer
     from .schema import HealthCheckConfig
     from .topology import Backend, Domain, Provider, Region, Upstream
 
@@ -50,10 +52,13 @@ UNDRAINED: Final = "undrained"
 FORCED_DOWN: Final = "forced_down"
 RESTORED: Final = "restored"
 CONFIG_CHANGED: Final = "config_changed"
+DNS_CHANGED: Final = "dns_changed"
 SNAPSHOT: Final = "snapshot"
 
 _OPERATOR_EVENTS: Final = frozenset({DRAINED, UNDRAINED, FORCED_DOWN, RESTORED})
 """An operator's own moves are not failures: they take no hold-down."""
+_NO_HOLD_DOWN: Final = _OPERATOR_EVENTS | {CONFIG_CHANGED}
+"""Nor is a new config generation (a start included, with hostnames not resolved yet)."""
 
 Reporter = Callable[[str, "Backend", str], None]
 """(kind: failure | success, backend, why): a worker hands request outcomes to its supervisor."""
@@ -103,8 +108,11 @@ class HealthMachine:
         if passed:
             backend.probe_passes += 1
             backend.probe_failures = 0
-            if not backend.healthy and backend.probe_passes >= check.healthy_threshold:
+            if not backend.healthy and (backend.probe_passes >= check.healthy_threshold
+                                        or backend.awaiting_probe):
                 backend.healthy = True
+                backend.awaiting_probe = False
+                backend.usable_since = now  # a new address ramps up from its first pass
                 backend.reason = ""
                 changed = True
             uneject = self.upstream.config.outlier.uneject_on_passing_check
@@ -132,8 +140,10 @@ class HealthMachine:
     def request_failed(self, backend: Backend, now: float, why: str) -> None:
         """A real request to `backend` failed (connect failure, reset, timeout, failure status)."""
         region, provider = self._domains_of(backend)
-        _note(region, backend, now, self.upstream.config.policy.correlated_failures.window)
-        _note(provider, backend, now, self.upstream.config.policy.correlated_failures.window)
+        if _all_endpoints_failing(backend, region):
+            span = self.upstream.config.policy.correlated_failures.window
+            _note(region, backend, now, span)
+            _note(provider, backend, now, span)
         if self.report is not None:
             self.report("failure", backend, why)
             return
@@ -197,9 +207,61 @@ class HealthMachine:
                     _carry_domain(before, domain)
         self._settle(now, CONFIG_CHANGED)
 
+    def dns_answered(self, origin: str, answer: Answer, now: float, wall: float) -> bool:
+        """A lookup of backend `origin`'s hostname ended. New addresses become endpoints
+        (waiting for a passing probe when the backend had endpoints before and probes are
+        configured); addresses no longer in the answer drain; a failed lookup keeps the last
+        good answer; a name that no longer exists (NXDOMAIN) leaves the backend unusable, a
+        failure of its region and provider like any other. True when the endpoints changed."""
+        upstream = self.upstream
+        status = upstream.dns_status.setdefault(origin, DnsStatus())
+        status.at, status.ttl = wall, answer.ttl
+        status.result = answer.result
+        current = upstream.discovered.get(origin)
+        name = f"{upstream.name} backend {origin}"
+        changed = False
+        if answer.addresses is not None:
+            status.failures = 0
+            status.detail = ""
+            wanted = answer.addresses
+            if upstream.backend_configs[origin].discovery == "logical":
+                wanted = wanted[:1]
+            if wanted != current:
+                awaiting = current is not None and upstream.config.health_check is not None
+                before = {a.label for a in current or ()}
+                after = {a.label for a in wanted}
+                upstream.set_endpoints(origin, wanted, awaiting)
+                log.info("%s: DNS answer changed: endpoints %s (added %s, removed %s)", name,
+                         ", ".join(sorted(after)), ", ".join(sorted(after - before)) or "none",
+                         ", ".join(sorted(before - after)) or "none")
+                changed = True
+        else:
+            status.failures += 1
+            if answer.detail != status.detail:  # logged once per change, not per lookup
+                kept = f"keeping {len(current)} endpoints" if current else "no endpoints"
+                log.warning("%s: DNS lookup failed (%s): %s; %s", name, answer.result,
+                            answer.detail, "none left" if answer.result == "nxdomain" else kept)
+                status.detail = answer.detail
+            if answer.result == "nxdomain" and current is not None:
+                upstream.set_endpoints(origin, None, awaiting_probe=False)
+                changed = True
+        placeholder = next((b for b in upstream.backends if b.name == origin and not b.endpoint),
+                           None)
+        if placeholder is not None:
+            placeholder.reason = f"DNS: {answer.detail or 'not resolved yet'}"
+            if answer.result == "nxdomain":
+                self.request_failed(placeholder, now, "dns_nxdomain")
+        if changed or placeholder is not None:
+            self._settle(now, DNS_CHANGED)
+        return changed
+
     def adopt(self, health: UpstreamHealth, now: float) -> None:
         """A worker takes the supervisor's decisions (moments travel as offsets from the
         sender's now, so the two processes need not share a clock)."""
+        upstream = self.upstream
+        for origin, addresses in health.endpoints.items():
+            if origin in upstream.discovered and upstream.discovered[origin] != addresses:
+                upstream.set_endpoints(origin, addresses, awaiting_probe=False)
         for backend in self.upstream.backends:
             state = health.backends.get(backend.name)
             if state is not None:
@@ -215,6 +277,7 @@ class HealthMachine:
         return UpstreamHealth(
             backends={b.name: _export_backend(b, now) for b in self.upstream.backends},
             domains={d.name: _export_domain(d, now) for d in self.upstream.domains},
+            endpoints=dict(self.upstream.discovered),
         )
 
     # -- questions -------------------------------------------------------------------------------
@@ -313,7 +376,7 @@ class HealthMachine:
         if state == "down" and was != "down":
             domain.down_since = now
             cause = "forced_down" if domain.forced_down else domain.down_cause
-            if cause == "health" and event not in _OPERATOR_EVENTS:
+            if cause == "health" and event not in _NO_HOLD_DOWN:
                 domain.down_until = now + policy.hold_down  # no flapping back at once
         elif state != "down" and was == "down":
             domain.up_since = now
@@ -369,18 +432,19 @@ class HealthMachine:
         if len(provider.regions) < 2:
             return False
         threshold = self.upstream.config.policy.correlated_failures.backends
-        return len(region.recent_failures) >= min(threshold, len(region.backends))
+        return len(region.recent_failures) >= min(threshold, _origins(region))
 
     def _provider_wide(self, provider: Provider) -> bool:
         """K distinct backends of the provider failed within the window, in more than one of
         its regions when it has several (one region failing is that region's failure)."""
         threshold = self.upstream.config.policy.correlated_failures.backends
         recent = provider.recent_failures
-        if len(recent) < min(threshold, len(provider.backends)):
+        if len(recent) < min(threshold, _origins(provider)):
             return False
         if len(provider.regions) < 2:
             return True
-        failing = {r.name for r in provider.regions if any(b.name in recent for b in r.backends)}
+        failing = {r.name for r in provider.regions
+                   if any(b.origin in recent for b in r.backends)}
         return len(failing) > 1
 
     def _failing_alone(self, backend: Backend, now: float) -> bool:
@@ -388,7 +452,7 @@ class HealthMachine:
         window = self.upstream.config.policy.correlated_failures.window
         for provider in self.upstream.providers.values():
             for name, when in provider.recent_failures.items():
-                if name != backend.name and now - when <= window:
+                if name != backend.origin and now - when <= window:
                     return False
         return True
 
@@ -442,10 +506,25 @@ class HealthMachine:
 def _note(domain: Domain, backend: Backend, now: float, window: float) -> None:
     """Remember a failure of `backend` in the domain's window of recent failures."""
     recent = domain.recent_failures
-    recent[backend.name] = now
+    recent[backend.origin] = now
     for name, when in list(recent.items()):
         if now - when > window:
             del recent[name]
+
+
+def _origins(domain: Domain) -> int:
+    """How many configured backends a domain has (a hostname's endpoints count once)."""
+    return len({b.origin for b in domain.backends})
+
+
+def _all_endpoints_failing(backend: Backend, region: Region) -> bool:
+    """A configured backend fails (for correlated failure) when every endpoint of it does."""
+    if backend.name == backend.origin:
+        return True  # an IP address, or a hostname without addresses: its only endpoint
+    return all(
+        b is backend or b.consecutive_failures > 0 or not b.usable
+        for b in region.backends if b.origin == backend.origin
+    )
 
 
 def carry_backend_health(old: Backend, new: Backend) -> None:

@@ -9,10 +9,11 @@ need not share a clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .discovery import Address
     from .topology import Topology
 
 
@@ -49,6 +50,9 @@ class UpstreamHealth:
     backends: dict[str, BackendHealth]
     domains: dict[str, DomainHealth]
     """Regions (`aws/us-east-1`) and providers (`aws`) by name."""
+    endpoints: dict[str, tuple[Address, ...] | None] = field(default_factory=dict)
+    """The addresses of each backend named by a hostname (the worker builds the same
+    endpoints before it adopts their health)."""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("upstream", "provider", "backend", "reason"),
     ),
     "health_checks": ("Active health probes, by result.", ("upstream", "backend", "result")),
+    "dns_lookups": (
+        "Lookups of backend hostnames, by result (ok, nxdomain, nodata, timeout, error).",
+        ("upstream", "backend", "result"),
+    ),
     "health_transitions": (
         "Changes of state of a backend, region or provider (level), by the state entered and "
         "the event that caused it.",

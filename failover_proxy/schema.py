@@ -166,8 +166,13 @@ def _absolute_path(path: str) -> str:
 
 def _backend_url(url: str) -> str:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"backend URL must start with http:// or https://, got {url!r}")
+    if parts.scheme not in ("http", "https", "srv+http", "srv+https"):
+        raise ValueError(
+            f"backend URL must start with http://, https://, srv+http:// or srv+https://, "
+            f"got {url!r}"
+        )
+    if parts.scheme.startswith("srv+") and parts.port is not None:
+        raise ValueError(f"an SRV backend URL takes its ports from DNS, not the URL: {url!r}")
     if not parts.hostname:
         raise ValueError(f"backend URL has no host: {url!r}")
     try:
@@ -179,6 +184,53 @@ def _backend_url(url: str) -> str:
     if parts.username or parts.password:
         raise ValueError("backend URL may not carry credentials")
     return url
+
+
+def parse_nameserver(value: object) -> str:
+    """`127.0.0.1`, `127.0.0.1:5353`, `::1` or `[::1]:5353`, normalised to `address:port`
+    (`[address]:port` for IPv6)."""
+    text = str(value).strip()
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError(f"expected [address]:port, got {value!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, digits = text.partition(":")
+        if not digits.isdigit():
+            raise ValueError(f"expected address:port, got {value!r}")
+        port = int(digits)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ValueError(f"a nameserver is an IP address (with an optional port), "
+                         f"got {value!r}") from exc
+    if not 0 < port < 65536:
+        raise ValueError(f"nameserver port out of range: {value!r}")
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def parse_refresh(value: object) -> float | str:
+    """`ttl` (the answer's TTL, within min_ttl..max_ttl) or a fixed duration."""
+    if value == "ttl":
+        return "ttl"
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("refresh must be ttl or a duration above zero")
+    return seconds
+
+
+def is_hostname(url: str) -> bool:
+    """Whether a backend URL names its host by a DNS name (resolved by discovery) rather than
+    by an IP address (an endpoint as it is)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
 
 
 def _route_host(host: str) -> str:
@@ -244,12 +296,42 @@ class PoolConfig:
 
 
 @config_class
+class DnsConfig:
+    """How backend hostnames are resolved: by the proxy's own asynchronous resolver, ahead of
+    time and honouring TTLs, never on a request's path."""
+
+    refresh: Annotated[float | str, Before(parse_refresh)] = "ttl"
+    """`ttl`: again when the answer's TTL runs out (kept within min_ttl..max_ttl); or a fixed
+    duration."""
+    min_ttl: Duration = 1.0
+    max_ttl: Duration = 300.0
+    failure_refresh: Duration = 2.0
+    """After a failed lookup (the last good answer stays in use), try again this soon."""
+    timeout: Duration = 2.0
+    """One lookup's deadline (all nameservers together)."""
+    nameservers: list[Annotated[str, Before(parse_nameserver)]] = field(default_factory=list)
+    """`address` or `address:port` (`[v6]:port`); empty: those of /etc/resolv.conf."""
+    family: Literal["auto", "ipv4", "ipv6"] = "auto"
+    """auto: A records, and AAAA when there are none."""
+
+    def __post_init__(self) -> None:
+        if self.min_ttl > self.max_ttl:
+            raise LocatedError(("min_ttl",), "min_ttl is longer than max_ttl")
+
+
+@config_class
 class BackendConfig:
     name: Annotated[str, Constraints(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")]
     url: Annotated[str, After(_backend_url)]
     provider: Annotated[str, Constraints(min_length=1)]
     region: str = ""
     weight: Annotated[int, Constraints(gt=0, le=10_000)] = 1
+    discovery: Literal["strict", "logical"] = "strict"
+    """For a hostname: strict makes every address of the answer an endpoint with its own
+    health, ejection and pool; logical uses the first address alone (a name that already
+    balances behind it). IP addresses are one endpoint either way."""
+    dns: DnsConfig | None = None
+    """This backend's resolver settings, in place of the upstream's."""
 
 
 @config_class
@@ -400,6 +482,8 @@ class UpstreamConfig:
     tls: TlsConfig = TlsConfig()
     pool: PoolConfig = PoolConfig()
     health_check: HealthCheckConfig | None = None
+    dns: DnsConfig = DnsConfig()
+    """How the backends' hostnames are resolved (a backend's own `dns` replaces it)."""
     outlier: OutlierConfig = OutlierConfig()
     policy: PolicyConfig = PolicyConfig()
     retry: RetryConfig = RetryConfig()

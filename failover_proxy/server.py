@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -35,6 +36,7 @@ from .topology import (
 if TYPE_CHECKING:
     from .admin import AdminServer
     from .config import ConfigSource
+    from .discovery import Answer, Discovery
     from .health import HealthChecker
 
 BUILD_STEP = 100
@@ -79,6 +81,7 @@ class ProxyServer:
         self.store = MetricStore()
         self.plane: DataPlane | None = None
         self.health: HealthChecker | None = None
+        self.discovery: Discovery | None = None
         """Active probes (aiohttp, imported only here: workers leave probing to the
         supervisor and do without it)."""
         self.admin: AdminServer | None = None
@@ -117,6 +120,7 @@ class ProxyServer:
         if self.report_outcome is not None:
             settle_garbage_collector()
             return  # a worker: the supervisor probes, decides and answers the admin API
+        await self._resolve_first(topology)
         self._probe(topology)  # probes start at once
         if config.admin is not None:
             from .admin import AdminServer
@@ -191,6 +195,36 @@ class ProxyServer:
             self.health = HealthChecker()
         self.health.update(upstreams)
 
+    async def _resolve_first(self, topology: Topology) -> None:
+        """Resolve the backends' hostnames once, then on their own schedules."""
+        from .discovery import Discovery, first_lookup_limit
+
+        upstreams = list(topology.upstreams.values())
+        if not Discovery.targets(upstreams):
+            return
+        self.discovery = Discovery(self._dns_answer)
+        await self.discovery.resolve_now(upstreams, first_lookup_limit(upstreams))
+        self.discovery.update(upstreams)
+
+    def _discover(self, topology: Topology) -> None:
+        """Follow a reload's hostnames (the resolver starts with the first one to have any)."""
+        from .discovery import Discovery
+
+        upstreams = list(topology.upstreams.values())
+        if self.discovery is None and Discovery.targets(upstreams):
+            self.discovery = Discovery(self._dns_answer)
+        if self.discovery is not None:
+            self.discovery.update(upstreams)
+
+    def _dns_answer(self, upstream: str, backend: str, answer: Answer) -> None:
+        from .discovery import apply_answer
+
+        loop = asyncio.get_running_loop()
+        changed = apply_answer(self.topology, self.store, upstream, backend, answer,
+                               loop.time(), time.time())
+        if changed:
+            self._probe(self.topology)
+
     def _adopt(self, topology: Topology) -> None:
         """A worker's upstreams hand outcomes to the supervisor and leave counting provider
         moves to it."""
@@ -224,6 +258,7 @@ class ProxyServer:
         plane.limits = ClientLimits(new.limits)
         if self.report_outcome is None:
             self._probe(topology)
+            self._discover(topology)
         old_log = self._apply_logging(new)
         self.config = new
         if old_log is not None:
@@ -277,6 +312,8 @@ class ProxyServer:
                 connection.abort()
         if self.health is not None:
             await self.health.stop()
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.admin is not None:
             await self.admin.stop()
         if plane is None:

@@ -31,6 +31,7 @@ import itertools
 import logging
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from . import ipc
 from .admin import AdminServer
 from .config import ConfigSource
 from .dataplane.state import SWEEP_INTERVAL
+from .discovery import Answer, Discovery, apply_answer, first_lookup_limit
 from .health import HealthChecker
 from .healthview import take_snapshot
 from .metrics import MetricStore, ProcessGauges, merge_wire
@@ -79,6 +81,7 @@ class Supervisor:
         self.config_source = config_source
         self.store = MetricStore()
         self.health = HealthChecker()
+        self.discovery = Discovery(self._dns_answer)
         self.admin: AdminServer | None = None
         self.draining = False
         self.workers: dict[int, WorkerHandle] = {}
@@ -114,7 +117,11 @@ class Supervisor:
             listen.host, listen.port, listen.backlog, self.config.worker_count
         )
         self.store.config_generation = 1
-        self._adopt(build_topology(self.config, self.store, now=loop.time()))
+        topology = self._topology = build_topology(self.config, self.store, now=loop.time())
+        upstreams = list(topology.upstreams.values())
+        # Hostnames are resolved before the workers start, so that they start with endpoints.
+        await self.discovery.resolve_now(upstreams, first_lookup_limit(upstreams))
+        self._adopt(topology)
         for slot in range(self.config.worker_count):
             await self._spawn(slot)
         try:
@@ -149,6 +156,13 @@ class Supervisor:
                 upstream.listeners.append(self._state_changed)
                 self._state_changed(upstream)
         self.health.update(list(topology.upstreams.values()))
+        self.discovery.update(list(topology.upstreams.values()))
+
+    def _dns_answer(self, upstream: str, backend: str, answer: Answer) -> None:
+        """A lookup ended: the machine decides; probes follow the endpoints it leaves."""
+        now = asyncio.get_running_loop().time()
+        if apply_answer(self.topology, self.store, upstream, backend, answer, now, time.time()):
+            self.health.update(list(self.topology.upstreams.values()))
 
     def _keep(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -391,6 +405,7 @@ class Supervisor:
         for task in list(self._tasks):
             task.cancel()
         await self.health.stop()
+        await self.discovery.stop()
         if self.admin is not None:
             await self.admin.stop()
         self._close_sockets()

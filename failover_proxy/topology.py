@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from .balance import Balancer, ConsistentHash, LeastRequest, SmoothWeightedRoundRobin
 from .dataplane.headers import host_line
 from .dataplane.upstream import UpstreamPool
+from .discovery import Address, DnsStatus, target_of
 from .healthstate import HealthMachine, carry_backend_health
 from .metrics import MetricStore
 from .policy import ProviderPolicy
@@ -45,8 +46,23 @@ class Backend:
         pool: UpstreamPool,
         attempt_counts: list[int],
         durations: list[float],
+        origin: str = "",
+        endpoint: str = "",
+        share: float = 1.0,
     ) -> None:
         self.name = name
+        """Unique in its upstream: the configured name, or `name@address:port` for one of the
+        endpoints DNS gave a hostname (discovery.py)."""
+        self.origin = origin or name
+        """The configured backend this is (an endpoint of)."""
+        self.endpoint = endpoint
+        """The address traffic is dialled at (`127.0.0.2:8443`); empty while a hostname has
+        no address (not resolved yet, or NXDOMAIN): such a backend is never usable."""
+        self.share = share
+        """Its part of the configured backend's weight (1/n of n endpoints, or by SRV
+        weight)."""
+        self.awaiting_probe = False
+        """A new address of a known name: one passing probe brings it in (slow start)."""
         self.provider = provider
         self.region = region
         self.tier = provider
@@ -159,7 +175,8 @@ class Region(Domain):
 
     def __init__(self, provider: Domain, region: str, backends: list[Backend]) -> None:
         super().__init__(
-            f"{provider.name}/{region}", provider.name, backends, sum(b.weight for b in backends)
+            f"{provider.name}/{region}", provider.name, backends,
+            round(sum(b.weight * b.share for b in backends)),
         )
         self.region = region
         self.parent = provider
@@ -237,7 +254,8 @@ class Upstream:
         weights = config.policy.provider_weights or {}
         self.providers = {
             provider: Provider(
-                provider, members, weights.get(provider, sum(b.weight for b in members))
+                provider, members,
+                weights.get(provider, round(sum(b.weight * b.share for b in members))),
             )
             for provider, members in by_provider.items()
         }
@@ -273,8 +291,55 @@ class Upstream:
         self.ssl_context: ssl.SSLContext | None = None
         self.listeners: list[Callable[[Upstream], None]] = []
         """Called after every change of state (metrics, status page)."""
+        self.backend_configs = {b.name: b for b in config.backends}
+        self.discovered: dict[str, tuple[Address, ...] | None] = {}
+        """The addresses each backend named by a hostname has as endpoints now (None: none,
+        its name not resolved yet or gone); set by build_upstream and set_endpoints alone."""
+        self.dns_status: dict[str, DnsStatus] = {}
+        """What the last lookups of each hostname said (the supervisor's, for /status)."""
         self.health = HealthMachine(self)
         self.health.config_changed(previous, now)  # carries state over, builds the balancers
+
+    def set_endpoints(
+        self, origin: str, addresses: tuple[Address, ...] | None, awaiting_probe: bool
+    ) -> list[Backend]:
+        """Make `addresses` the endpoints of the backend `origin` (None: it has none). Those
+        that stay keep their object, pool and health; new ones are built (waiting for a
+        passing probe when `awaiting_probe`); the removed ones are returned, their pools closed
+        (idle connections now, busy ones when their request ends). Called by the health
+        machine (a DNS answer) and a worker adopting its snapshot, and by nothing else."""
+        config = self.backend_configs[origin]
+        old = [b for b in self.backends if b.origin == origin]
+        by_name = {b.name: b for b in old}
+        new = []
+        if not addresses:
+            placeholder = by_name.get(origin)
+            if placeholder is None:
+                placeholder = build_backend(config, self.name, self.config, self.ssl_context,
+                                            self.store)
+            new.append(placeholder)
+        else:
+            total = sum(a.weight for a in addresses)
+            for address in addresses:
+                found = by_name.get(endpoint_name(origin, address))
+                if found is None:
+                    found = build_backend(config, self.name, self.config, self.ssl_context,
+                                          self.store, address, address.weight / total)
+                    if awaiting_probe:
+                        found.healthy = False
+                        found.awaiting_probe = True
+                        found.reason = "new address: waiting for a passing probe"
+                found.share = address.weight / total
+                new.append(found)
+        removed = [b for b in old if b not in new]
+        for backend in removed:
+            backend.pool.close()
+        provider = self.providers[config.provider]
+        region = self._region_of[(config.provider, config.region)]
+        for members in (self.backends, provider.backends, region.backends):
+            members[:] = _spliced(members, old, new)
+        self.discovered[origin] = addresses
+        return removed
 
     def region_of(self, backend: Backend) -> Region:
         """The region (of this generation) a backend belongs to."""
@@ -291,8 +356,8 @@ class Upstream:
         refuse = self.panic and policy.panic == "fail"
         ramping = False
         for tier in self.tiers:
-            if spread:
-                candidates = [b for b in tier.backends if not b.draining]
+            if spread:  # (a hostname without addresses has nowhere to send anything)
+                candidates = [b for b in tier.backends if not b.draining and b.endpoint]
             else:
                 candidates = [b for b in tier.backends if b.usable]
                 # A provider's backends in its down regions take no traffic through it (unless
@@ -321,7 +386,7 @@ class Upstream:
         region's share when the tier is a provider with backends in `policy.local_region`."""
         policy = self.config.policy
         weights = [
-            round(b.weight * _SCALE * ramp(now, b.usable_since, policy.slow_start))
+            round(b.weight * b.share * _SCALE * ramp(now, b.usable_since, policy.slow_start))
             for b in candidates
         ]
         local = policy.local_region
@@ -330,8 +395,9 @@ class Upstream:
         members = [b for b in tier.backends if b.region == local]
         if not members or all(b.region == local for b in candidates):
             return weights
-        usable = sum(b.weight for b in members if b in candidates)
-        share = min(1.0, policy.overprovisioning * usable / sum(b.weight for b in members))
+        usable = sum(b.weight * b.share for b in members if b in candidates)
+        share = min(1.0, policy.overprovisioning * usable
+                    / sum(b.weight * b.share for b in members))
         local_total = sum(w for b, w in zip(candidates, weights, strict=True) if b.region == local)
         other_total = sum(weights) - local_total
         if other_total == 0:
@@ -441,45 +507,68 @@ def connection_settings(upstream: UpstreamConfig) -> tuple[object, ...]:
     return (upstream.tls, upstream.pool, upstream.timeouts.connect)
 
 
+def endpoint_name(origin: str, address: Address) -> str:
+    return f"{origin}@{address.label}"
+
+
 def build_backend(
     backend: BackendConfig,
     upstream_name: str,
     upstream: UpstreamConfig,
     ssl_context: ssl.SSLContext | None,
     store: MetricStore,
+    address: Address | None = None,
+    share: float = 1.0,
 ) -> Backend:
+    """The runtime backend of a configured one: the backend itself for an IP address; for a
+    hostname, one of its endpoints (`address`), or without an address a stand-in that is
+    never usable until DNS answers."""
     parts = urlsplit(backend.url)
-    scheme = parts.scheme
+    scheme = parts.scheme.removeprefix("srv+")
     host = parts.hostname or ""
     default_port = 443 if scheme == "https" else 80
     port = parts.port or default_port
-    host_for_header = f"[{host}]" if ":" in host else host
-    if port != default_port:
-        host_for_header = f"{host_for_header}:{port}"
+    name_host, dial_host, dial_port = host, host, port
+    if address is not None:
+        name_host = address.name or host  # an SRV target is the name its server answers to
+        dial_host, dial_port = address.host, address.port
+    host_for_header = f"[{name_host}]" if ":" in name_host else name_host
+    if dial_port != default_port:
+        host_for_header = f"{host_for_header}:{dial_port}"
     tls = ssl_context if scheme == "https" else None
     pool = UpstreamPool(
-        host=host,
-        port=port,
+        host=dial_host,
+        port=dial_port,
         ssl_context=tls,
-        server_hostname=(upstream.tls.server_name or host) if tls else None,
+        # Whatever address is dialled, TLS names the host the URL (or SRV) gave.
+        server_hostname=(upstream.tls.server_name or name_host) if tls else None,
         connect_timeout=upstream.timeouts.connect,
         max_idle=upstream.pool.max_idle_per_backend,
         idle_timeout=upstream.pool.idle_timeout,
     )
+    name = backend.name if address is None else endpoint_name(backend.name, address)
+    resolved = address is not None or target_of(backend, upstream.dns) is None
     built = Backend(
-        name=backend.name,
+        name=name,
         provider=backend.provider,
         region=backend.region,
         weight=backend.weight,
         scheme=scheme,
-        host=host,
-        port=port,
+        host=dial_host,
+        port=dial_port,
         base_path=parts.path.rstrip("/").encode(),
         host_header=host_for_header.encode("idna"),
         pool=pool,
-        attempt_counts=store.attempt_counts(upstream_name, backend.provider, backend.name),
+        attempt_counts=store.attempt_counts(upstream_name, backend.provider, name),
         durations=store.duration_slots(upstream_name, backend.provider),
+        origin=backend.name,
+        endpoint=f"{dial_host}:{dial_port}" if address is None else address.label,
+        share=share,
     )
+    if not resolved:
+        built.endpoint = ""
+        built.healthy = False
+        built.reason = f"DNS: {host} not resolved yet"
     built.connection_settings = connection_settings(upstream)
     return built
 
@@ -496,6 +585,7 @@ def _carry_backend(
         new.pool.close()
         old.weight = config.weight
         old.region = config.region
+        old.share = new.share
         return old
     carry_backend_health(old, new)
     old.pool.close()
@@ -509,23 +599,54 @@ def build_upstream(
     previous: Upstream | None = None,
     now: float = 0.0,
 ) -> Upstream:
-    """An upstream from its config; with `previous` (a reload), what is unchanged carries on."""
+    """An upstream from its config; with `previous` (a reload), what is unchanged carries on,
+    hostnames with the endpoints DNS last gave them."""
     store = store if store is not None else MetricStore()
-    needs_tls = any(b.url.startswith("https://") for b in config.backends)
+    needs_tls = any(b.url.startswith(("https://", "srv+https://")) for b in config.backends)
     ssl_context = tls_context(config) if needs_tls else None
     old_backends = {b.name: b for b in previous.backends} if previous is not None else {}
-    backends = [
-        _carry_backend(
-            backend,
-            config,
-            old_backends.get(backend.name),
-            build_backend(backend, name, config, ssl_context, store),
-        )
-        for backend in config.backends
-    ]
+    backends: list[Backend] = []
+    discovered: dict[str, tuple[Address, ...] | None] = {}
+    for backend in config.backends:
+        if target_of(backend, config.dns) is None:
+            built = [build_backend(backend, name, config, ssl_context, store)]
+        else:
+            addresses = _still_valid(previous, backend)
+            discovered[backend.name] = addresses
+            built = (
+                [build_backend(backend, name, config, ssl_context, store, a,
+                               a.weight / sum(b.weight for b in addresses)) for a in addresses]
+                if addresses else [build_backend(backend, name, config, ssl_context, store)]
+            )
+        backends.extend(_carry_backend(backend, config, old_backends.get(b.name), b)
+                        for b in built)
     upstream = Upstream(name, config, backends, store, previous, now)
     upstream.ssl_context = ssl_context
+    upstream.discovered = discovered
+    if previous is not None:
+        upstream.dns_status = {k: v for k, v in previous.dns_status.items() if k in discovered}
     return upstream
+
+
+def _still_valid(previous: Upstream | None, backend: BackendConfig) -> tuple[Address, ...] | None:
+    """The addresses a reloaded backend's name had, when it is still the same name."""
+    if previous is None:
+        return None
+    before = previous.backend_configs.get(backend.name)
+    if before is None or before.url != backend.url or before.discovery != backend.discovery:
+        return None
+    return previous.discovered.get(backend.name)
+
+
+def _spliced(members: list[Backend], old: list[Backend], new: list[Backend]) -> list[Backend]:
+    """`members` with the backends `old` replaced by `new`, where the first of them stood."""
+    if not old:
+        return [*members, *new]
+    at = members.index(old[0])
+    kept = [b for b in members if b not in old]
+    return [*kept[:at], *new, *kept[at:]]
+
+
 
 
 @dataclass(eq=False)

@@ -82,7 +82,7 @@ def test_unset_env_var_is_named_with_its_line() -> None:
         ("weight: 2}", "weight: 0}", "5: upstreams.web.backends.0.weight: Input should be greater than 0"),
         ("weight: 2}", "weight: 2, colour: red}", "5: upstreams.web.backends.0.colour: unknown field"),
         ("port: 8080", "port: eighty", "1: listen.port: Input should be a valid integer"),
-        ('"http://127.0.0.1:9101"', '"ftp://127.0.0.1"', "5: upstreams.web.backends.0.url: backend URL must start with http:// or https://"),
+        ('"http://127.0.0.1:9101"', '"ftp://127.0.0.1"', "5: upstreams.web.backends.0.url: backend URL must start with http://, https://, srv+http:// or srv+https://"),
         ('"http://127.0.0.1:9101"', '"http://:80"', "5: upstreams.web.backends.0.url: backend URL has no host"),
         ("name: gcp-usc1-a", "name: aws-use1-a", "6: upstreams.web.backends.1.name: duplicate backend name 'aws-use1-a'"),
         ("upstream: web}\n  - {path", "upstream: api}\n  - {path", "11: routes.0.upstream: unknown upstream 'api' (known: web)"),

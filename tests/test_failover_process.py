@@ -13,22 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from failover_proxy.faults import FaultBackend
 from failover_proxy.loadgen import KeepAliveLoad
 
-from .conftest import ROOT, backend_lines, free_port
+from .conftest import RunningProxy, backend_lines, free_port
 
 MODES = ("refusing", "blackhole", "slow", "5xx", "reset_after_headers", "reset_mid_body",
          "flapping")
@@ -97,80 +90,6 @@ class LoopLag:
 
     def worst_since(self, moment: float) -> float:
         return max((lag for at, lag in self.samples if at >= moment), default=0.0)
-
-
-@dataclass
-class RunningProxy:
-    process: asyncio.subprocess.Process
-    port: int
-    admin: httpx.AsyncClient
-    log: Path
-    access_log: Path
-
-    def failed_requests(self) -> str:
-        """The access log's lines of requests that did not end in 200: their reason and
-        attempts name the cause of a client error."""
-        if not self.access_log.exists():
-            return ""
-        lines = self.access_log.read_text().splitlines()
-        return "\n".join(line for line in lines if '"status":200,' not in line)[-5000:]
-
-    async def status(self) -> dict[str, Any]:
-        response = await self.admin.get("/status")
-        document: dict[str, Any] = response.json()
-        return document
-
-    async def aws_share(self) -> float:
-        aws = (await self.status())["upstreams"]["web"]["providers"]["aws"]
-        return float(aws["traffic_share"]) if aws["state"] == "up" else 0.0
-
-    async def removed_at(self, after_wall: float) -> float | None:
-        """Wall-clock time aws left rotation after `after_wall` (the supervisor's record)."""
-        for event in (await self.status())["recent_failovers"]:
-            if (event["provider"] == "aws" and event["kind"] == "failover"
-                    and event["at"] >= after_wall):
-                return float(event["at"])
-        return None
-
-
-@pytest.fixture
-async def run_proxy(tmp_path: Path) -> AsyncIterator[Any]:
-    started: list[RunningProxy] = []
-
-    async def start(text: str, port: int, admin_port: int) -> RunningProxy:
-        path = tmp_path / "proxy.yaml"
-        access_log = tmp_path / "access.log"
-        path.write_text(text.replace("ACCESS_LOG", str(access_log)))
-        log = tmp_path / "proxy.log"
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "failover_proxy", "run", "-c", str(path),
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            )
-        admin = httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}", trust_env=False,
-                                  timeout=10)
-        running = RunningProxy(process, port, admin, log, access_log)
-        started.append(running)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert process.returncode is None, log.read_text()
-            try:
-                if (await admin.get("/readyz")).status_code == 200:
-                    return running
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)
-        raise TimeoutError(log.read_text())
-
-    yield start
-    for running in started:
-        running.process.send_signal(signal.SIGINT)  # a graceful stop without a drain delay
-        try:
-            await asyncio.wait_for(running.process.wait(), 15)
-        except TimeoutError:
-            running.process.kill()
-            await running.process.wait()
-        await running.admin.aclose()
 
 
 async def wait_for_full_share(proxy: RunningProxy, full: float, limit: float) -> float:
