@@ -204,13 +204,17 @@ class AdminServer:
     async def _drain(self, request: web.Request) -> web.Response:
         upstream = self._upstream(request)
         name = request.match_info["backend"]
-        backend = self.proxy.topology.backend(upstream.name, name)
-        if backend is None:
+        # A configured backend's name drains all its endpoints; `name@address:port` one.
+        chosen = [b for b in upstream.backends if b.name == name or b.origin == name]
+        if not chosen:
             raise _not_found(f"upstream {upstream.name} has no backend {name!r}",
                              [b.name for b in upstream.backends])
         draining = request.match_info["action"] == "drain"
-        upstream.health.drain(backend, draining, asyncio.get_running_loop().time())
-        return web.json_response(backend_status(backend, upstream))
+        for backend in chosen:
+            upstream.health.drain(backend, draining, asyncio.get_running_loop().time())
+        if len(chosen) == 1:
+            return web.json_response(backend_status(chosen[0], upstream))
+        return web.json_response({b.name: backend_status(b, upstream) for b in chosen})
 
     async def _force(self, request: web.Request) -> web.Response:
         upstream = self._upstream(request)

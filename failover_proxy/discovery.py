@@ -19,12 +19,13 @@ import contextlib
 import logging
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .schema import BackendConfig, DnsConfig, ProxyConfig, is_hostname
+from .loops import TaskLoops
+from .schema import BackendConfig, DnsConfig, ProxyConfig, UpstreamConfig, is_hostname
 
 if TYPE_CHECKING:
     import aiodns
@@ -207,61 +208,55 @@ class Discovery:
     def __init__(self, on_answer: OnAnswer) -> None:
         self.on_answer = on_answer
         self.resolver = Resolver()
-        self._loops: dict[tuple[str, str], tuple[Target, asyncio.Task[None]]] = {}
+        self._loops: TaskLoops[tuple[str, str], Target] = TaskLoops()
         self._due: dict[tuple[str, str], float] = {}
         """When each name is next to be resolved (the loop's clock), after resolve_now."""
 
     @staticmethod
-    def targets(upstreams: list[Upstream]) -> dict[tuple[str, str], Target]:
+    def targets(upstreams: Mapping[str, UpstreamConfig]) -> dict[tuple[str, str], Target]:
+        """The names to resolve, by (upstream, backend)."""
         found = {}
-        for upstream in upstreams:
-            for backend in upstream.config.backends:
-                target = target_of(backend, upstream.config.dns)
+        for name, upstream in upstreams.items():
+            for backend in upstream.backends:
+                target = target_of(backend, upstream.dns)
                 if target is not None:
-                    found[(upstream.name, backend.name)] = target
+                    found[(name, backend.name)] = target
         return found
 
-    async def resolve_now(self, upstreams: list[Upstream], limit: float) -> None:
-        """Resolve every name once, together, within `limit` seconds (at start, so the first
-        workers start with endpoints); what does not answer in time is left to its loop."""
+    async def resolve_now(
+        self, upstreams: Mapping[str, UpstreamConfig]
+    ) -> dict[tuple[str, str], Answer]:
+        """Resolve every name once, together, before the first topology is built (so that it,
+        and the first workers, start with endpoints); a name that does not answer within the
+        slowest lookup's deadline is left to its loop."""
         targets = self.targets(upstreams)
-        if not targets:
-            return
         loop = asyncio.get_running_loop()
+        answers: dict[tuple[str, str], Answer] = {}
 
         async def one(key: tuple[str, str], target: Target) -> None:
             answer = await self.resolver.resolve(target)
             self._due[key] = loop.time() + next_refresh(answer, target.settings)
-            self.on_answer(key[0], key[1], answer)
+            answers[key] = answer
 
+        limit = min(5.0, max((t.settings.timeout for t in targets.values()), default=0.0) + 0.5)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
                 await asyncio.gather(*(one(k, t) for k, t in targets.items()))
+        return answers
 
     def update(self, upstreams: list[Upstream]) -> None:
         """Resolve exactly the names of `upstreams` (the current config generation)."""
         loop = asyncio.get_running_loop()
-        wanted = self.targets(upstreams)
+        wanted = self.targets({u.name: u.config for u in upstreams})
         for key, target in wanted.items():
-            running = self._loops.get(key)
-            if running is not None:
-                if running[0] == target:
-                    continue
-                running[1].cancel()
+            if self._loops.target(key) == target:
+                continue
             delay = max(0.0, self._due.pop(key, 0.0) - loop.time())
-            task = loop.create_task(self._resolve_forever(key, target, delay))
-            self._loops[key] = (target, task)
-        for key in [key for key in self._loops if key not in wanted]:
-            self._loops.pop(key)[1].cancel()
+            self._loops.start(key, target, self._resolve_forever(key, target, delay))
+        self._loops.keep_only(wanted)
 
     async def stop(self) -> None:
-        tasks = [task for _, task in self._loops.values()]
-        self._loops.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loops.stop()
 
     async def _resolve_forever(self, key: tuple[str, str], target: Target, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -292,9 +287,7 @@ async def resolve_config(config: ProxyConfig) -> tuple[list[str], bool]:
                 good = False
                 lines.append(f"{where}: {answer.result}: {answer.detail}")
                 continue
-            endpoints = answer.addresses
-            if backend.discovery == "logical":
-                endpoints = endpoints[:1]
+            endpoints = endpoints_in(backend, answer.addresses)
             shown = ", ".join(
                 a.label + (f" (weight {a.weight}, {a.name})" if a.name else "") for a in endpoints
             )
@@ -302,12 +295,22 @@ async def resolve_config(config: ProxyConfig) -> tuple[list[str], bool]:
     return lines, good
 
 
-def first_lookup_limit(upstreams: list[Upstream]) -> float:
-    """How long a start waits for the first answers: the slowest lookup's deadline."""
-    settings = [upstream.config.dns.timeout for upstream in upstreams] + [
-        b.dns.timeout for u in upstreams for b in u.config.backends if b.dns is not None
-    ]
-    return min(5.0, max(settings, default=0.0) + 0.5)
+def endpoints_in(backend: BackendConfig, addresses: tuple[Address, ...]) -> tuple[Address, ...]:
+    """The addresses of an answer a backend makes endpoints: all (strict), or the first."""
+    return addresses[:1] if backend.discovery == "logical" else addresses
+
+
+Resolved = dict[str, dict[str, tuple[Address, ...]]]
+"""The first answers, by upstream and backend: what a start builds its topology with."""
+
+
+def resolved(answers: dict[tuple[str, str], Answer], config: ProxyConfig) -> Resolved:
+    found: Resolved = {}
+    for (upstream, backend), answer in answers.items():
+        if answer.addresses:
+            settings = next(b for b in config.upstreams[upstream].backends if b.name == backend)
+            found.setdefault(upstream, {})[backend] = endpoints_in(settings, answer.addresses)
+    return found
 
 
 def apply_answer(

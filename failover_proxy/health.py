@@ -10,7 +10,6 @@ lockstep. `unhealthy_threshold` failures in a row mark a backend unhealthy,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import functools
 import ipaddress
@@ -21,6 +20,7 @@ import time
 
 import aiohttp
 
+from .loops import TaskLoops
 from .schema import HealthCheckConfig
 from .topology import Backend, Upstream
 
@@ -43,7 +43,7 @@ class HealthChecker:
     """
 
     def __init__(self) -> None:
-        self._loops: dict[tuple[str, str], tuple[_ProbeTarget, asyncio.Task[None]]] = {}
+        self._loops: TaskLoops[tuple[str, str], _ProbeTarget] = TaskLoops()
         self._session: aiohttp.ClientSession | None = None
 
     def update(self, upstreams: list[Upstream]) -> None:
@@ -51,7 +51,6 @@ class HealthChecker:
         if self._session is None:
             connector = aiohttp.TCPConnector(force_close=True, limit=0)
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        loop = asyncio.get_running_loop()
         wanted: set[tuple[str, str]] = set()
         for upstream in upstreams:
             config = upstream.config.health_check
@@ -62,26 +61,16 @@ class HealthChecker:
                     continue  # a hostname DNS has given no address: nothing to probe
                 key = (upstream.name, backend.name)
                 wanted.add(key)
-                running = self._loops.get(key)
-                if running is not None:
-                    target, task = running
-                    if target.backend is backend and target.config == config:
-                        target.upstream = upstream
-                        continue
-                    task.cancel()
+                running = self._loops.target(key)
+                if running is not None and running.backend is backend and running.config == config:
+                    running.upstream = upstream
+                    continue
                 target = _ProbeTarget(upstream, backend, config)
-                self._loops[key] = (target, loop.create_task(self._probe_forever(target)))
-        for key in [key for key in self._loops if key not in wanted]:
-            self._loops.pop(key)[1].cancel()
+                self._loops.start(key, target, self._probe_forever(target))
+        self._loops.keep_only(wanted)
 
     async def stop(self) -> None:
-        tasks = [task for _, task in self._loops.values()]
-        self._loops.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loops.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from .discovery import DnsStatus
+from .discovery import DnsStatus, endpoints_in
 from .healthview import BackendHealth, DomainHealth, UpstreamHealth
 from .metrics import ProviderEvent
 
@@ -223,9 +223,7 @@ class HealthMachine:
         if answer.addresses is not None:
             status.failures = 0
             status.detail = ""
-            wanted = answer.addresses
-            if upstream.backend_configs[origin].discovery == "logical":
-                wanted = wanted[:1]
+            wanted = endpoints_in(upstream.backend_configs[origin], answer.addresses)
             if wanted != current:
                 awaiting = current is not None and upstream.config.health_check is not None
                 before = {a.label for a in current or ()}

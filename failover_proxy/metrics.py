@@ -127,7 +127,7 @@ class MetricStore:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str, str], list[int]] = {}
         """(route, upstream, provider, backend) -> counts per code class."""
-        self.attempts: dict[tuple[str, str, str], list[int]] = {}
+        self.attempts: dict[tuple[str, str, str, str], list[int]] = {}
         """(upstream, provider, backend) -> counts per attempt outcome."""
         self.durations: dict[tuple[str, str], list[float]] = {}
         """(upstream, provider) -> bucket counts, +Inf count, sum of seconds."""
@@ -142,8 +142,10 @@ class MetricStore:
             counts = self.requests[key] = [0] * len(CODE_CLASSES)
         return counts
 
-    def attempt_counts(self, upstream: str, provider: str, backend: str) -> list[int]:
-        key = (upstream, provider, backend)
+    def attempt_counts(
+        self, upstream: str, provider: str, backend: str, endpoint: str
+    ) -> list[int]:
+        key = (upstream, provider, backend, endpoint)
         counts = self.attempts.get(key)
         if counts is None:
             counts = self.attempts[key] = [0] * len(ATTEMPT_OUTCOMES)
@@ -277,13 +279,14 @@ def _request_families(store: MetricStore) -> Iterator[Metric]:
                 requests.add_metric([route, upstream, provider, backend, code_class], count)
     attempts = CounterMetricFamily(
         PREFIX + "upstream_attempts",
-        "Tries on a backend, by outcome (a request retried elsewhere makes several).",
-        labels=("upstream", "provider", "backend", "outcome"),
+        "Tries on a backend's endpoint (the address dialled), by outcome (a request retried "
+        "elsewhere makes several).",
+        labels=("upstream", "provider", "backend", "endpoint", "outcome"),
     )
-    for (upstream, provider, backend), counts in store.attempts.items():
+    for (upstream, provider, backend, endpoint), counts in store.attempts.items():
         for outcome, count in zip(ATTEMPT_OUTCOMES, counts, strict=True):
             if count:
-                attempts.add_metric([upstream, provider, backend, outcome], count)
+                attempts.add_metric([upstream, provider, backend, endpoint, outcome], count)
     durations = HistogramMetricFamily(
         PREFIX + "request_duration_seconds",
         "Whole requests, from the end of the request head to the end of the response.",
@@ -317,12 +320,14 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
     from prometheus_client.core import GaugeMetricFamily
 
     backend_up = GaugeMetricFamily(
-        PREFIX + "backend_up", "1 when the policy may send the backend traffic, else 0.",
-        labels=("upstream", "provider", "backend"),
+        PREFIX + "backend_up",
+        "1 when the policy may send the backend's endpoint traffic, else 0 (a backend named "
+        "by a hostname has one endpoint per address; endpoint is empty while it has none).",
+        labels=("upstream", "provider", "backend", "endpoint"),
     )
     backend_state = GaugeMetricFamily(
-        PREFIX + "backend_state", "1 for the backend's current state.",
-        labels=("upstream", "provider", "backend", "state"),
+        PREFIX + "backend_state", "1 for the current state of the backend's endpoint.",
+        labels=("upstream", "provider", "backend", "endpoint", "state"),
     )
     provider_up = GaugeMetricFamily(
         PREFIX + "provider_up", "1 when the provider is in rotation (up or degraded), else 0.",
@@ -343,8 +348,8 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
         labels=("upstream", "provider"),
     )
     in_flight = GaugeMetricFamily(
-        PREFIX + "backend_requests_in_flight", "Requests in progress on the backend.",
-        labels=("upstream", "provider", "backend"),
+        PREFIX + "backend_requests_in_flight", "Requests in progress on the backend's endpoint.",
+        labels=("upstream", "provider", "backend", "endpoint"),
     )
     for upstream in topology.upstreams.values():
         shares = upstream.provider_shares()
@@ -357,7 +362,7 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
                 provider_state.add_metric([*labels, state], 1 if provider.state == state else 0)
             share.add_metric(labels, shares.get(provider.name, 0.0))
             for backend in provider.backends:
-                backend_labels = [*labels, backend.name]
+                backend_labels = [*labels, backend.origin, backend.endpoint]
                 backend_up.add_metric(backend_labels, 1 if backend.usable else 0)
                 in_flight.add_metric(backend_labels, backend.in_flight)
                 current = backend.state

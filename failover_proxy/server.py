@@ -36,7 +36,7 @@ from .topology import (
 if TYPE_CHECKING:
     from .admin import AdminServer
     from .config import ConfigSource
-    from .discovery import Answer, Discovery
+    from .discovery import Address, Answer, Discovery
     from .health import HealthChecker
 
 BUILD_STEP = 100
@@ -99,7 +99,9 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         config = self.config
         self.store.config_generation = 1
-        topology = build_topology(config, self.store, now=loop.time())
+        answers = await self._resolve_first()
+        topology = build_topology(config, self.store, now=loop.time(),
+                                  resolved=_resolved(answers, config))
         self._adopt(topology)
         self.plane = plane = DataPlane(loop, topology, config.limits, store=self.store)
         self._apply_logging(config)
@@ -120,7 +122,9 @@ class ProxyServer:
         if self.report_outcome is not None:
             settle_garbage_collector()
             return  # a worker: the supervisor probes, decides and answers the admin API
-        await self._resolve_first(topology)
+        for (upstream, backend), answer in answers.items():
+            self._dns_answer(upstream, backend, answer)  # counted, shown; nothing changes
+        self._discover(topology)
         self._probe(topology)  # probes start at once
         if config.admin is not None:
             from .admin import AdminServer
@@ -195,23 +199,22 @@ class ProxyServer:
             self.health = HealthChecker()
         self.health.update(upstreams)
 
-    async def _resolve_first(self, topology: Topology) -> None:
-        """Resolve the backends' hostnames once, then on their own schedules."""
-        from .discovery import Discovery, first_lookup_limit
+    async def _resolve_first(self) -> dict[tuple[str, str], Answer]:
+        """Resolve the backends' hostnames once before the first topology is built (not in a
+        worker: its supervisor resolves)."""
+        from .discovery import Discovery
 
-        upstreams = list(topology.upstreams.values())
-        if not Discovery.targets(upstreams):
-            return
+        if self.report_outcome is not None or not Discovery.targets(self.config.upstreams):
+            return {}
         self.discovery = Discovery(self._dns_answer)
-        await self.discovery.resolve_now(upstreams, first_lookup_limit(upstreams))
-        self.discovery.update(upstreams)
+        return await self.discovery.resolve_now(self.config.upstreams)
 
     def _discover(self, topology: Topology) -> None:
         """Follow a reload's hostnames (the resolver starts with the first one to have any)."""
         from .discovery import Discovery
 
         upstreams = list(topology.upstreams.values())
-        if self.discovery is None and Discovery.targets(upstreams):
+        if self.discovery is None and Discovery.targets({u.name: u.config for u in upstreams}):
             self.discovery = Discovery(self._dns_answer)
         if self.discovery is not None:
             self.discovery.update(upstreams)
@@ -436,3 +439,12 @@ def address_text(host: str, port: int) -> str:
     """host:port as logs and errors show it, an IPv6 address in brackets (so its colons do not
     run into the port's)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _resolved(answers: dict[tuple[str, str], Answer], config: ProxyConfig) -> dict[
+        str, dict[str, tuple[Address, ...]]] | None:
+    if not answers:
+        return None  # (discovery, and c-ares with it, is loaded only when a name needs it)
+    from .discovery import resolved
+
+    return resolved(answers, config)

@@ -39,7 +39,7 @@ from . import ipc
 from .admin import AdminServer
 from .config import ConfigSource
 from .dataplane.state import SWEEP_INTERVAL
-from .discovery import Answer, Discovery, apply_answer, first_lookup_limit
+from .discovery import Answer, Discovery, apply_answer, resolved
 from .health import HealthChecker
 from .healthview import take_snapshot
 from .metrics import MetricStore, ProcessGauges, merge_wire
@@ -117,10 +117,12 @@ class Supervisor:
             listen.host, listen.port, listen.backlog, self.config.worker_count
         )
         self.store.config_generation = 1
-        topology = self._topology = build_topology(self.config, self.store, now=loop.time())
-        upstreams = list(topology.upstreams.values())
-        # Hostnames are resolved before the workers start, so that they start with endpoints.
-        await self.discovery.resolve_now(upstreams, first_lookup_limit(upstreams))
+        # Hostnames are resolved first: the topology, and the workers, start with endpoints.
+        answers = await self.discovery.resolve_now(self.config.upstreams)
+        self._topology = topology = build_topology(
+            self.config, self.store, now=loop.time(), resolved=resolved(answers, self.config))
+        for (upstream, backend), answer in answers.items():
+            self._dns_answer(upstream, backend, answer)  # counted, shown; nothing changes
         self._adopt(topology)
         for slot in range(self.config.worker_count):
             await self._spawn(slot)

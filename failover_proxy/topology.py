@@ -311,12 +311,16 @@ class Upstream:
         config = self.backend_configs[origin]
         old = [b for b in self.backends if b.origin == origin]
         by_name = {b.name: b for b in old}
+        tier = old[0].tier if old else config.provider
+        drained = bool(old) and all(b.draining for b in old)  # an operator's drain holds
         new = []
         if not addresses:
             placeholder = by_name.get(origin)
             if placeholder is None:
                 placeholder = build_backend(config, self.name, self.config, self.ssl_context,
                                             self.store)
+                placeholder.tier = tier
+                placeholder.draining = drained
             new.append(placeholder)
         else:
             total = sum(a.weight for a in addresses)
@@ -325,6 +329,8 @@ class Upstream:
                 if found is None:
                     found = build_backend(config, self.name, self.config, self.ssl_context,
                                           self.store, address, address.weight / total)
+                    found.tier = tier
+                    found.draining = drained
                     if awaiting_probe:
                         found.healthy = False
                         found.awaiting_probe = True
@@ -548,6 +554,7 @@ def build_backend(
     )
     name = backend.name if address is None else endpoint_name(backend.name, address)
     resolved = address is not None or target_of(backend, upstream.dns) is None
+    endpoint = Address(dial_host, dial_port).label if resolved else ""
     built = Backend(
         name=name,
         provider=backend.provider,
@@ -559,14 +566,14 @@ def build_backend(
         base_path=parts.path.rstrip("/").encode(),
         host_header=host_for_header.encode("idna"),
         pool=pool,
-        attempt_counts=store.attempt_counts(upstream_name, backend.provider, name),
+        attempt_counts=store.attempt_counts(upstream_name, backend.provider, backend.name,
+                                            endpoint),
         durations=store.duration_slots(upstream_name, backend.provider),
         origin=backend.name,
-        endpoint=f"{dial_host}:{dial_port}" if address is None else address.label,
+        endpoint=endpoint,
         share=share,
     )
     if not resolved:
-        built.endpoint = ""
         built.healthy = False
         built.reason = f"DNS: {host} not resolved yet"
     built.connection_settings = connection_settings(upstream)
@@ -598,9 +605,11 @@ def build_upstream(
     store: MetricStore | None = None,
     previous: Upstream | None = None,
     now: float = 0.0,
+    resolved: dict[str, tuple[Address, ...]] | None = None,
 ) -> Upstream:
     """An upstream from its config; with `previous` (a reload), what is unchanged carries on,
-    hostnames with the endpoints DNS last gave them."""
+    hostnames with the endpoints DNS last gave them; `resolved`: the endpoints of hostnames
+    resolved before a start."""
     store = store if store is not None else MetricStore()
     needs_tls = any(b.url.startswith(("https://", "srv+https://")) for b in config.backends)
     ssl_context = tls_context(config) if needs_tls else None
@@ -611,7 +620,7 @@ def build_upstream(
         if target_of(backend, config.dns) is None:
             built = [build_backend(backend, name, config, ssl_context, store)]
         else:
-            addresses = _still_valid(previous, backend)
+            addresses = _still_valid(previous, backend) or (resolved or {}).get(backend.name)
             discovered[backend.name] = addresses
             built = (
                 [build_backend(backend, name, config, ssl_context, store, a,
@@ -663,7 +672,7 @@ class RouteTarget:
         """The counts list of one backend (found once, then kept in `counts`)."""
         counts = self.counts.get(backend)
         if counts is None:
-            provider, name = (backend.provider, backend.name) if backend is not None else ("", "")
+            provider, name = (backend.provider, backend.origin) if backend is not None else ("", "")
             counts = self.store.request_counts(self.label, self.upstream.name, provider, name)
             self.counts[backend] = counts
         return counts
@@ -703,13 +712,14 @@ def build_topology(
     store: MetricStore | None = None,
     previous: Topology | None = None,
     now: float = 0.0,
+    resolved: dict[str, dict[str, tuple[Address, ...]]] | None = None,
 ) -> Topology:
     """A new generation; with `previous` (a reload), an upstream whose config is unchanged
     carries on as it is (a reload of thousands of upstreams that changes one rebuilds one),
     unchanged backends keep their pools and health, providers keep their state, and backends
     left out are closed once idle."""
     store = store if store is not None else MetricStore()
-    upstreams = build_upstreams(config, list(config.upstreams), store, previous, now)
+    upstreams = build_upstreams(config, list(config.upstreams), store, previous, now, resolved)
     return assemble_topology(config, upstreams, store, previous)
 
 
@@ -719,6 +729,7 @@ def build_upstreams(
     store: MetricStore,
     previous: Topology | None = None,
     now: float = 0.0,
+    resolved: dict[str, dict[str, tuple[Address, ...]]] | None = None,
 ) -> dict[str, Upstream]:
     """The upstreams `names` of a new generation (build_topology, a part at a time: a worker
     builds a large one between turns of its event loop)."""
@@ -730,7 +741,8 @@ def build_upstreams(
         if before is not None and (before.config is cfg or before.config == cfg):
             upstreams[name] = before
         else:
-            upstreams[name] = build_upstream(name, cfg, store, before, now)
+            upstreams[name] = build_upstream(name, cfg, store, before, now,
+                                             (resolved or {}).get(name))
     return upstreams
 
 

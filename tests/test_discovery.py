@@ -8,6 +8,8 @@ answer's TTL, and makes every address an endpoint of the backend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import subprocess
 import sys
 import time
@@ -17,10 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
+import trustme
 
 from failover_proxy.config import parse_config
 from failover_proxy.faults import FaultBackend
 from failover_proxy.loadgen import KeepAliveLoad
+from failover_proxy.metrics import ATTEMPT_OUTCOMES
 from failover_proxy.schema import ConfigError
 from failover_proxy.server import ProxyServer
 from failover_proxy.topology import Upstream
@@ -110,6 +114,8 @@ async def test_every_address_is_an_endpoint_and_a_failed_lookup_keeps_them(
     assert [r.status_code for r in responses] == [200] * 20
     assert len(a2.received) == len(a3.received) == 10  # balanced inside the backend
     assert not gcp.received
+    # Metrics name the configured backend and the endpoint dialled.
+    assert server.store.attempts[("web", "aws", "aws-lb", f"127.0.0.2:{a2.port}")][0] == 10
 
     dns.stop_answering()  # lookups time out: the last good answer stays in use
     await eventually(lambda: upstream.dns_status["aws-lb"].failures >= 2)
@@ -274,3 +280,120 @@ def test_check_resolves_only_when_asked(dns: LoopbackDNS, tmp_path: Path) -> Non
     missing = check("--resolve")
     assert missing.returncode != 0
     assert "nxdomain: name does not exist (NXDOMAIN)" in missing.stdout
+
+
+async def test_tls_names_the_host_whatever_address_is_dialled(
+    proxy: Any, dns: LoopbackDNS, fault_backends: Any, tmp_path: Path,
+) -> None:
+    """A certificate for lb.aws.test only, served on 127.0.0.2: the proxy dials the address
+    DNS gave and verifies the name (SNI and the certificate), and the probe does the same."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(NAME).configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    names: list[str | None] = []
+
+    def note_sni(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        names.append(name)
+
+    server_context.sni_callback = note_sni  # type: ignore[assignment]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.2", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    [gcp] = await fault_backends("gcp-a")
+    dns.set_addresses(NAME, ["127.0.0.2"])
+    extra = (f"    tls: {{ca_file: {ca_file}}}\n"
+             "    health_check: {path: /healthz, interval: 100ms, jitter: 0%}\n")
+    started = await proxy(dns_config(dns, port, gcp.port, url=f"https://{NAME}:{port}",
+                                     upstream_extra=extra))
+    try:
+        await asyncio.sleep(0.3)  # a few probes
+        responses = await gets(started.port, 3)
+        assert [r.text for r in responses] == ["secure"] * 3
+        [endpoint] = [b for b in web(started).backends if b.origin == "aws-lb"]
+        assert endpoint.usable and endpoint.last_check.startswith("ok")
+        assert names and set(names) == {NAME}
+        assert not gcp.received
+    finally:
+        server.close()
+
+
+async def test_a_reload_keeps_the_endpoints_and_a_drain_holds_them_all(
+    file_proxy: Any, dns: LoopbackDNS, addresses: Any, fault_backends: Any,
+) -> None:
+    a2, _ = await addresses("127.0.0.2", "127.0.0.3")
+    [gcp] = await fault_backends("gcp-a")
+    dns.set_addresses(NAME, ["127.0.0.2", "127.0.0.3"], ttl=1)
+    text = dns_config(dns, a2.port, gcp.port).replace(
+        "listen: {host: 127.0.0.1, port: 0}", "listen: {host: 127.0.0.1, port: 0}\n"
+        "admin: {host: 127.0.0.1, port: 0}")
+    running = await file_proxy(text)
+    before = {b.name: b for b in web(running.server).backends}
+    running.path.write_text(text.replace("retry: {attempts: 3}", "retry: {attempts: 2}"))
+    reloaded = await running.server.reload()
+    assert reloaded.ok, reloaded.errors
+    after = {b.name: b for b in web(running.server).backends}
+    assert set(after) == set(before) and all(after[n] is before[n] for n in after)
+    async with httpx.AsyncClient(base_url=running.admin, trust_env=False) as admin:
+        drained = (await admin.post("/backends/web/aws-lb/drain")).json()
+    assert sorted(drained) == [f"aws-lb@127.0.0.2:{a2.port}", f"aws-lb@127.0.0.3:{a2.port}"]
+    dns.set_addresses(NAME, ["127.0.0.3", "127.0.0.4"], ttl=1)
+    upstream = web(running.server)
+    await eventually(lambda: any(b.endpoint.startswith("127.0.0.4") for b in upstream.backends))
+    assert all(b.draining for b in upstream.backends if b.origin == "aws-lb")
+    assert [r.status_code for r in await gets(running.port, 4)] == [200] * 4
+    assert len(gcp.received) == 4
+
+
+async def test_a_failed_endpoint_is_retried_on_another_endpoint(
+    proxy: Any, dns: LoopbackDNS, addresses: Any,
+) -> None:
+    """One provider only: a refused connection on 127.0.0.2 is retried on 127.0.0.3, the other
+    endpoint of the same backend, never on the endpoint that just failed."""
+    a2, a3 = await addresses("127.0.0.2", "127.0.0.3")
+    await a2.set_mode("refusing")
+    dns.set_addresses(NAME, ["127.0.0.2", "127.0.0.3"])
+    server = await proxy(f"""
+listen: {{host: 127.0.0.1, port: 0}}
+access_log: {{enabled: false}}
+upstreams:
+  web:
+    backends:
+      - {{name: aws-lb, url: "http://{NAME}:{a2.port}", provider: aws}}
+    dns: {{nameservers: ["{dns.nameserver}"], timeout: 300ms}}
+    retry: {{attempts: 2}}
+    outlier: {{consecutive_failures: 100}}
+routes:
+  - {{path_prefix: /, upstream: web}}
+""")
+    assert [r.status_code for r in await gets(server.port, 10)] == [200] * 10
+    assert len(a3.received) == 10
+    refused = server.store.attempts[("web", "aws", "aws-lb", f"127.0.0.2:{a2.port}")]
+    # The balancer's turns fell on .2 for every first attempt: each was retried on .3.
+    assert refused[ATTEMPT_OUTCOMES.index("connect_failure")] == sum(refused) >= 5
+
+
+async def test_ipv6_addresses_are_endpoints_too(
+    proxy: Any, dns: LoopbackDNS, addresses: Any, fault_backends: Any,
+) -> None:
+    try:
+        [v6] = await addresses("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    [gcp] = await fault_backends("gcp-a")
+    dns.set_addresses(NAME, ["::1"])
+    server = await proxy(dns_config(dns, v6.port, gcp.port, backend_extra=", dns: {family: ipv6, "
+                                    f'nameservers: ["{dns.nameserver}"]}}'))
+    assert [r.status_code for r in await gets(server.port, 3)] == [200] * 3
+    assert len(v6.received) == 3
+    [endpoint] = [b for b in web(server).backends if b.origin == "aws-lb"]
+    assert endpoint.endpoint == f"[::1]:{v6.port}"
+    assert endpoint.name == f"aws-lb@[::1]:{v6.port}"

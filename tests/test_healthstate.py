@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from failover_proxy.config import parse_config
+from failover_proxy.discovery import Address, Answer
 from failover_proxy.healthview import apply_snapshot, take_snapshot
 from failover_proxy.schema import HealthCheckConfig
 from failover_proxy.topology import Backend, Topology, Upstream, build_topology
@@ -284,3 +285,34 @@ def test_a_failure_is_confined_while_another_domain_can_take_over() -> None:
             health.probe_result(backend(upstream, name), False, "refused", CHECK, moment, 0.0)
     # Nothing else is left: retries are no longer the failover, the budget applies again.
     assert not health.failure_confined(backend(upstream, "g2"), 12.0)
+
+
+def test_a_hostname_fails_when_all_its_endpoints_fail() -> None:
+    """aws-lb resolves to two addresses: one endpoint failing is that endpoint's failure; both
+    failing is aws-lb's, and with aws-b also failing, aws is down (correlated failure counts
+    configured backends, not addresses)."""
+    text = """
+upstreams:
+  web:
+    backends:
+      - {name: aws-lb, url: "http://lb.aws.test:80", provider: aws}
+      - {name: aws-b, url: "http://127.0.0.1:2", provider: aws}
+      - {name: gcp-a, url: "http://127.0.0.1:3", provider: gcp}
+    outlier: {consecutive_failures: 5}
+    policy: {correlated_failures: {backends: 2, window: 1s}}
+routes:
+  - {path_prefix: /, upstream: web}
+"""
+    upstream = build_topology(parse_config(text), now=1.0).upstreams["web"]
+    health = upstream.health
+    assert not backend(upstream, "aws-lb").usable  # not resolved yet
+    addresses = (Address("127.0.0.2", 80), Address("127.0.0.3", 80))
+    assert health.dns_answered("aws-lb", Answer(addresses, 5.0, "ok"), 2.0, 0.0)
+    first, second = backend(upstream, "aws-lb@127.0.0.2:80"), backend(upstream, "aws-lb@127.0.0.3:80")
+    assert first.usable and second.usable and first.share == 0.5
+    health.request_failed(first, 10.0, "reset")
+    health.request_failed(backend(upstream, "aws-b"), 10.1, "reset")
+    assert upstream.providers["aws"].state != "down"  # aws-lb still answers on .3
+    health.request_failed(second, 10.2, "reset")
+    assert upstream.providers["aws"].state == "down"
+    assert set(upstream.providers["aws"].recent_failures) == {"aws-lb", "aws-b"}

@@ -75,12 +75,13 @@ async def test_metrics_count_requests_attempts_retries_failovers_and_health(
     assert sample(m, requests, route="solo", upstream="solo", provider="onprem",
                   backend="solo-a", code_class="5xx") == 1
     attempts = "failover_proxy_upstream_attempts_total"
+    at_aws, at_gcp = f"127.0.0.1:{aws.port}", f"127.0.0.1:{gcp.port}"
     assert sample(m, attempts, upstream="web", provider="aws", backend="aws-a",
-                  outcome="connect_failure") == 1
+                  endpoint=at_aws, outcome="connect_failure") == 1
     assert sample(m, attempts, upstream="web", provider="gcp", backend="gcp-a",
-                  outcome="ok") == 5
+                  endpoint=at_gcp, outcome="ok") == 5
     assert sample(m, attempts, upstream="solo", provider="onprem", backend="solo-a",
-                  outcome="http_5xx") == 1
+                  endpoint=f"127.0.0.1:{solo_port}", outcome="http_5xx") == 1
     assert sample(m, "failover_proxy_retries_total", upstream="web", reason="connect-failure") == 1
     failovers = "failover_proxy_failovers_total"
     # The one refused connection moved that request to gcp, and took aws out at once (its only
@@ -95,12 +96,14 @@ async def test_metrics_count_requests_attempts_retries_failovers_and_health(
     assert sample(m, share, upstream="web", provider="gcp") == 1.0
     assert sample(m, share, upstream="web", provider="aws") == 0.0
     state = "failover_proxy_backend_state"
-    assert sample(m, state, upstream="web", provider="aws", backend="aws-a", state="unhealthy") == 1
-    assert sample(m, state, upstream="web", provider="aws", backend="aws-a", state="healthy") == 0
+    assert sample(m, state, upstream="web", provider="aws", backend="aws-a", endpoint=at_aws,
+                  state="unhealthy") == 1
+    assert sample(m, state, upstream="web", provider="aws", backend="aws-a", endpoint=at_aws,
+                  state="healthy") == 0
     assert sample(m, "failover_proxy_backend_up", upstream="web", provider="aws",
-                  backend="aws-a") == 0
+                  backend="aws-a", endpoint=at_aws) == 0
     assert sample(m, "failover_proxy_backend_up", upstream="web", provider="gcp",
-                  backend="gcp-a") == 1
+                  backend="gcp-a", endpoint=at_gcp) == 1
     checks = "failover_proxy_health_checks_total"
     assert sample(m, checks, upstream="web", backend="aws-a", result="fail") >= 2
     assert sample(m, checks, upstream="web", backend="gcp-a", result="ok") >= 2
@@ -133,7 +136,7 @@ async def test_metrics_see_requests_in_progress(
     assert sample(m, "failover_proxy_active_requests") == 3
     assert sample(m, "failover_proxy_downstream_connections") == 3
     assert sample(m, "failover_proxy_backend_requests_in_flight", upstream="web",
-                  provider="aws", backend="aws-a") == 3
+                  provider="aws", backend="aws-a", endpoint=f"127.0.0.1:{slow.port}") == 3
 
 
 async def test_admin_levers_need_the_token_and_move_traffic(
@@ -183,7 +186,8 @@ async def test_admin_levers_need_the_token_and_move_traffic(
         assert "azure" not in await providers_seen()
         m = await scrape(proxy)
         assert sample(m, "failover_proxy_backend_state", upstream="web", provider="azure",
-                      backend="azure-a", state="draining") == 1
+                      backend="azure-a", endpoint=f"127.0.0.1:{backends[2].port}",
+                      state="draining") == 1
         # Nothing left anywhere: not ready, with the reason.
         for name in ("aws-a", "aws-b", "gcp-a"):
             await admin.post(f"/backends/web/{name}/drain", headers=auth)
