@@ -44,8 +44,10 @@ def whole_line_pieces(batch: bytes, limit: int = _ATOMIC_WRITE) -> list[bytes]:
 class AccessLog:
     """Formats request records as JSON lines and writes them off the event loop."""
 
-    def __init__(self, path: str | None, store: MetricStore) -> None:
+    def __init__(self, path: str | None, store: MetricStore, redact_query: bool = False) -> None:
         self.path = path
+        self.redact_query = redact_query
+        """Log a target's query as `?REDACTED`: queries can carry tokens and personal data."""
         self._store = store
         self._stream: IO[bytes] = open(path, "ab") if path else sys.stdout.buffer  # noqa: SIM115
         self._lines: list[str] = []
@@ -79,7 +81,8 @@ class AccessLog:
             "request_id": request_id.decode("latin-1"),
             "client": client.decode("latin-1"),
             "method": method.decode("latin-1"),
-            "path": path.decode("latin-1"),
+            "path": _without_query(path).decode("latin-1") if self.redact_query
+            else path.decode("latin-1"),
             "status": status,
             "bytes_in": bytes_in,
             "bytes_out": bytes_out,
@@ -138,3 +141,8 @@ class AccessLog:
                     stream.flush()
             except (OSError, ValueError):
                 pass  # the log's reader went away: requests keep being served
+
+
+def _without_query(target: bytes) -> bytes:
+    mark = target.find(b"?")
+    return target if mark < 0 else target[:mark] + b"?REDACTED"

@@ -11,7 +11,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .schema import ConfigError, ProxyConfig
+from . import __version__
+from .schema import ConfigError, ProxyConfig, parse_duration
 
 if TYPE_CHECKING:
     from .config import ConfigSource
@@ -58,13 +59,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK: {summarize(loaded[0])}")
     if not args.resolve:
         return 0  # a check resolves nothing: a config stays checkable offline
-    import asyncio
-
     from .discovery import resolve_config
 
     lines, good = asyncio.run(resolve_config(loaded[0]))
     print("\n".join(lines) or "no backend is named by a hostname")
     return 0 if good else EXIT_CONFIG_ERROR
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import as_json, as_text, audit
+    from .config import line_finder
+
+    loaded = _load_or_report(args.config)
+    if loaded is None:
+        return EXIT_CONFIG_ERROR
+    config, source = loaded
+    findings = audit(config, line_finder(source.text), args.client_deadline)
+    print(as_json(findings, source.path) if args.format == "json"
+          else as_text(findings, source.path))
+    return 1 if any(f.severity == "high" for f in findings) else 0
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    from .drill import as_json, run_drill
+
+    report = asyncio.run(run_drill(args))
+    print(as_json(report) if args.format == "json" else report.text())
+    return 0 if report.passed else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -106,7 +127,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         await simulated.start()
         ready = asyncio.Event()
         proxy = asyncio.create_task(serve(config, ready, source))
-        await ready.wait()
+        started = asyncio.create_task(ready.wait())
+        await asyncio.wait({proxy, started}, return_when=asyncio.FIRST_COMPLETED)
+        if proxy.done():  # it could not start (a port taken): say so, never wait forever
+            started.cancel()
+            await simulated.stop()
+            try:
+                proxy.result()
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror or exc} (the demo listens on "
+                              f"{config.listen.port}, its admin API on "
+                              f"{config.admin.port if config.admin else '-'}: set PROXY_PORT and "
+                              "ADMIN_PORT to move them)") from exc
+            return
         url = f"http://{config.listen.host}:{config.listen.port}/"
         control = f"http://127.0.0.1:{CONTROL_PORT}/providers"
         admin = config.admin
@@ -144,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="failover-proxy", description="Multi-cloud failover reverse proxy."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # The metavar lists the commands people run: `worker` is started by `run` alone.
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{run,check,audit,drill,demo}"
+    )
 
     run = commands.add_parser("run", help="run the proxy from a YAML config")
     run.add_argument("-c", "--config", required=True, help="path to the YAML config")
@@ -161,6 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also resolve every backend hostname and print its endpoints")
     check.set_defaults(handler=cmd_check)
 
+    audit = commands.add_parser(
+        "audit", help="list a config's single points of failure and risky settings")
+    audit.add_argument("-c", "--config", required=True, help="path to the YAML config")
+    audit.add_argument("--format", choices=("text", "json"), default="text")
+    audit.add_argument("--client-deadline", type=float, default=60.0, metavar="SECONDS",
+                       help="how long clients wait for a response (default 60)")
+    audit.set_defaults(handler=cmd_audit)
+
+    drill = commands.add_parser(
+        "drill", help="force a provider (or region) down on a running proxy and report")
+    drill.add_argument("--admin", required=True, help="the proxy's admin URL")
+    drill.add_argument("--token", default=None, help="the admin token, when it has one")
+    drill.add_argument("--upstream", required=True)
+    drill.add_argument("--provider", required=True)
+    drill.add_argument("--region", default=None, help="drill one region of the provider")
+    drill.add_argument("--duration", type=parse_duration, default=30.0,
+                       help="how long the outage lasts (default 30s)")
+    drill.add_argument("--probe-url", required=True, help="a URL served through the proxy")
+    drill.add_argument("--rate", type=float, default=50.0, help="probes per second (50)")
+    drill.add_argument("--format", choices=("text", "json"), default="text")
+    drill.set_defaults(handler=cmd_drill)
+
     demo = commands.add_parser("demo", help="run the proxy before simulated aws/azure/gcp")
     demo.add_argument(
         "-c", "--config", type=Path, default=None, help="config instead of config/demo.yaml"
@@ -168,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     # Started by the supervisor that `run` starts, never by hand.
-    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    worker = commands.add_parser("worker")
     worker.add_argument("--listen-fd", type=int, required=True)
     worker.add_argument("--ipc-fd", type=int, required=True)
     worker.set_defaults(handler=cmd_worker)

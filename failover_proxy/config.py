@@ -203,6 +203,12 @@ def _issues_from_validation(
     return issues
 
 
+def line_finder(text: str) -> Callable[[tuple[str | int, ...]], int]:
+    """For text that parse_config accepted: the line of a field, by its path (what `audit`
+    reports its findings at)."""
+    return _Located(yaml.compose(text, Loader=_LOADER)).line_of
+
+
 def read_config_text(path: str | Path) -> str:
     """A config file's text; a file that cannot be read is a ConfigError naming it."""
     try:

@@ -332,6 +332,9 @@ class BackendConfig:
     balances behind it). IP addresses are one endpoint either way."""
     dns: DnsConfig | None = None
     """This backend's resolver settings, in place of the upstream's."""
+    capacity: Annotated[float, Constraints(gt=0)] | None = None
+    """Requests per second it can serve: with every backend's, `audit` checks that the others
+    can absorb any one provider's share."""
 
 
 @config_class
@@ -587,6 +590,13 @@ class LimitsConfig:
     """Longest a client may leave what the proxy has for it untaken: the proxy's buffer for it
     full (the backend meanwhile held back, and not blamed), or what is left when the connection
     closes. Then the connection is dropped (nginx's send_timeout)."""
+    max_requests_per_connection: Annotated[int, Constraints(ge=1)] | None = None
+    """Requests one client connection may carry; the response to the last says
+    `Connection: close` (nginx's keepalive_requests). None: no limit."""
+    underscores_in_headers: bool = False
+    """Forward request header fields whose name has an underscore. Off by default, as in nginx:
+    some backends read `_` as `-`, so `Transfer_Encoding` or `Content_Length` would frame the
+    request differently there than here."""
 
 
 def is_loopback(host: str) -> bool:
@@ -624,6 +634,8 @@ class AccessLogConfig:
     enabled: bool = True
     path: str | None = None
     """A file to append to; default: standard output."""
+    redact_query: bool = False
+    """Log each target's query string as `?REDACTED` (query strings can carry secrets)."""
 
 
 @config_class

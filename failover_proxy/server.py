@@ -275,8 +275,11 @@ class ProxyServer:
         current = plane.access_log
         wanted: AccessLogConfig = config.access_log
         if current is not None and wanted.enabled and current.path == wanted.path:
+            current.redact_query = wanted.redact_query
             return None
-        plane.access_log = AccessLog(wanted.path, self.store) if wanted.enabled else None
+        plane.access_log = (
+            AccessLog(wanted.path, self.store, wanted.redact_query) if wanted.enabled else None
+        )
         return current
 
     # -- stopping --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import httpx
 from aiohttp import web
+
+from failover_proxy import __version__
 
 from .conftest import (
     ROOT,
@@ -137,9 +140,32 @@ def test_console_script_is_installed() -> None:
     assert result.stdout.count("\n") == 1
 
 
-def test_a_busy_port_is_one_clear_line(tmp_path: Path) -> None:
-    import socket
+def test_the_demo_on_a_taken_port_says_so_and_exits() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**env_without_proxy_vars(), "PROXY_PORT": str(port), "ADMIN_PORT": str(free_port())}
+        result = subprocess.run(
+            [sys.executable, "-m", "failover_proxy", "demo"], capture_output=True, text=True,
+            timeout=30, cwd=ROOT, env=env,
+        )
+    assert result.returncode != 0
+    assert "cannot start" in result.stderr and "PROXY_PORT" in result.stderr, result.stderr
 
+
+def test_version_and_help_show_what_people_run() -> None:
+    script = Path(sys.executable).parent / "failover-proxy"
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                             timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"failover-proxy {__version__}"
+    shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0
+    assert "{run,check,audit,drill,demo}" in shown.stdout
+    assert "worker" not in shown.stdout and "SUPPRESS" not in shown.stdout
+
+
+def test_a_busy_port_is_one_clear_line(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

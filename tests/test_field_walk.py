@@ -17,6 +17,7 @@ from failover_proxy.dataplane.headers import (
     PASS,
     REQUEST_TAKEN,
     RESPONSE_TAKEN,
+    UNDERSCORED,
     X_REQUEST_ID,
     WalkFields,
     head_end_in_python,
@@ -51,9 +52,9 @@ NAMES = [
     b"TE", b"Trailer", b"X-Forwarded-Proto", b"x-forwarded-host", b"cOnTeNt-LeNgTh",
     b"User-Agent", b"Accept", b"Cookie", b"Hosts", b"Vias", b"X-Requested-With", b"Te2",
     b"Upgrade-Insecure-Requests", b"1x", b"-", b"\xe9tag", b"Cookie-Jar", b"Content-Lengths",
-    b"Hos", b"H\xcfst", b"Content_Length", b"X-Forwarded-For-Real",
+    b"Hos", b"H\xcfst", b"Content_Length", b"X-Forwarded-For-Real", b"X_A_Name_Longer_Than_Any_Special",
 ]
-ALL_KINDS = (1 << (DROPPED + 1)) - 2  # every kind but PASS
+ALL_KINDS = (1 << (UNDERSCORED + 1)) - 2  # every kind but PASS
 
 
 @pytest.mark.parametrize("walker", WALKERS, ids=WALKER_IDS)
@@ -113,7 +114,8 @@ _PIECES = [
     b"GET / HTTP/1.1\r\n", b"HTTP/1.1 200 OK\r\n", b"\r\n", b"\r", b"\n", b":", b" ", b"\t",
     b"Host: a\r\n", b"content-length:  12 \r\n", b"X-Request-Id:x\r\n", b"Via:\r\n",
     b"Connection: close\r\n", b"Te: x\r\n", b"User-Agent: curl\r\n", b"nocolon\r\n",
-    b"Accept: a:b\r\n", b"\r\n\r\n", b"x", b"HOST", b"\xff", b"\x00",
+    b"Accept: a:b\r\n", b"\r\n\r\n", b"x", b"HOST", b"\xff", b"\x00", b"X_Under: u\r\n",
+    b"_", b"Transfer_Encoding: chunked\r\n",
 ]
 
 
@@ -131,8 +133,8 @@ def test_the_c_walk_and_the_python_walk_agree_on_any_bytes() -> None:
         if rng.random() < 0.5:
             buf = buf[: rng.randrange(0, len(buf) + 1)]
         start = rng.randrange(0, len(buf) + 1)
-        taken = rng.choice([REQUEST_TAKEN, RESPONSE_TAKEN, ALL_KINDS, 0, rng.randrange(1 << 12)])
-        noted = rng.choice([NOTED, 0, rng.randrange(1 << 12)])
+        taken = rng.choice([REQUEST_TAKEN, RESPONSE_TAKEN, ALL_KINDS, 0, rng.randrange(1 << 13)])
+        noted = rng.choice([NOTED, 0, rng.randrange(1 << 13)])
         runs_c: list[bytes] = []
         runs_py: list[bytes] = []
         found_c = _fields.walk_fields(buf, start, taken, noted, runs_c)

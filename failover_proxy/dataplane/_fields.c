@@ -42,6 +42,7 @@ enum {
     X_REQUEST_ID = 9,
     PROXY_CONNECTION = 10,
     DROPPED = 11,
+    UNDERSCORED = 12, /* any other name with an underscore */
 };
 
 typedef struct {
@@ -91,13 +92,13 @@ static int names_indexed;
 static int
 name_kind(const char *name, Py_ssize_t length)
 {
-    if (length > LONGEST_SPECIAL)
-        return PASS;
-    for (const SpecialName *const *special = names_by_length[length]; *special; special++) {
-        if (same_name(name, (*special)->name, length))
-            return (*special)->kind;
+    if (length <= LONGEST_SPECIAL) {
+        for (const SpecialName *const *special = names_by_length[length]; *special; special++) {
+            if (same_name(name, (*special)->name, length))
+                return (*special)->kind;
+        }
     }
-    return PASS;
+    return memchr(name, '_', (size_t)length) != NULL ? UNDERSCORED : PASS;
 }
 
 static int

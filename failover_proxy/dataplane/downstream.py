@@ -35,6 +35,7 @@ from .headers import (
     PROXY_CONNECTION,
     REQUEST_TAKEN,
     TRANSFER_ENCODING,
+    UNDERSCORED_TAKEN,
     UPGRADE,
     VIA,
     X_FORWARDED_FOR,
@@ -70,6 +71,11 @@ _NO_PARSER: Final = httptools.HttpRequestParser(object())
 _SLASH: Final = ord("/")
 _QUERY_MARK: Final = ord("?")
 _CR: Final = ord("\r")
+_HOST_BYTES: Final = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%:[]"
+)
+"""What a Host field may hold: a reg-name, an IPv4 address or a bracketed IP literal, and a
+port (RFC 3986 §3.2.2; RFC 9110 §7.2)."""
 _H: Final = ord("H")
 _LF: Final = ord("\n")
 
@@ -110,6 +116,10 @@ def _read_special_field(request: Request, kind: int, value: bytes) -> None:
     if kind == HOST:
         request.host_fields += 1
         if request.raw_host is None:
+            # RFC 9112 §3.2: a Host that is no host[:port] (empty, whitespace, `/`, `@`…) is a
+            # 400, whatever the target's form; one pass in C over the value's bytes.
+            if not value or value.translate(None, _HOST_BYTES):
+                raise RejectRequest(400, "Bad Request", "invalid Host header")
             request.raw_host = value
     elif kind == CONTENT_LENGTH:
         request.content_length = decimal_value(value)
@@ -171,6 +181,12 @@ class ClientLimits:
         self.max_header_bytes: int = config.max_header_bytes
         self.max_headers: int = config.max_headers
         self.max_body_bytes: int | None = config.max_body_bytes
+        self.max_requests: int = config.max_requests_per_connection or 0
+        """0: no limit."""
+        self.request_taken: int = REQUEST_TAKEN | (
+            0 if config.underscores_in_headers else UNDERSCORED_TAKEN
+        )
+        """The request fields the walk takes out of what is forwarded."""
 
 
 class RejectRequest(Exception):
@@ -226,6 +242,8 @@ class DownstreamProtocol:
         self.deadline_status = 0
         """408 when a request head is overdue, 0 when an idle keep-alive connection expires."""
         self._pause_reasons = 0
+        self.requests_begun = 0
+        """Requests read on this connection (limits.max_requests_per_connection)."""
         self._current: Request | None = None
         self._in_head = False
         """A request has begun and its head is not complete."""
@@ -536,7 +554,7 @@ class DownstreamProtocol:
                 return -1
             if end - start > limit:
                 self._refuse_large_head(data, start)
-        found = walk_fields(data, start, REQUEST_TAKEN, NOTED, request.fields)
+        found = walk_fields(data, start, self.limits.request_taken, NOTED, request.fields)
         end = cast(int, found[0])
         if end < 0:
             request.fields.clear()  # walked again once the head is complete
@@ -618,6 +636,9 @@ class DownstreamProtocol:
         read_request_fields(request, found, line_end - start + 2, end - start, self.limits)
         head_bytes = end - start
         target = self._read_request_line(request, line)
+        self.requests_begun += 1
+        if self.requests_begun == self.limits.max_requests:
+            request.keep_alive = False  # its response says Connection: close
         self._read_framing(request, target)
         self._in_head = False
         if request.chunked:
@@ -666,6 +687,9 @@ class DownstreamProtocol:
 
     def _read_framing(self, request: Request, target: bytes) -> None:
         """Checks a proxy must make before trusting a request head (RFC 9112 §3.2, §6)."""
+        if request.chunked and request.http10:
+            # RFC 9112 §6.1: framing an HTTP/1.0 peer cannot have meant is faulty framing.
+            raise RejectRequest(400, "Bad Request", "Transfer-Encoding in an HTTP/1.0 request")
         if request.expect is not None:
             if request.expect.strip().lower() != b"100-continue":
                 raise RejectRequest(417, "Expectation Failed", "unsupported expectation")

@@ -30,6 +30,10 @@ PROXY_CONNECTION: Final = 10
 DROPPED: Final = 11
 """Hop-by-hop fields (RFC 9110 §7.6.1, plus Trailer and the legacy Proxy-Connection) and the
 X-Forwarded-Proto / X-Forwarded-Host the proxy sets itself."""
+UNDERSCORED: Final = 12
+"""A name with an underscore: some backends (CGI-style, several frameworks) read `_` as `-`, so
+`Transfer_Encoding` would frame a request for them. Dropped from requests unless
+`limits.underscores_in_headers` (nginx's rule)."""
 
 _KIND_BY_LOWER_NAME: Final = {
     b"host": HOST,
@@ -56,12 +60,16 @@ VIA_TOKEN: Final = b"1.1 failover-proxy"
 
 def header_kind(name: bytes) -> int:
     """How the proxy treats a header field, by its name in any case."""
-    return _KIND_BY_LOWER_NAME.get(name.lower(), PASS)
+    kind = _KIND_BY_LOWER_NAME.get(name.lower(), PASS)
+    return UNDERSCORED if kind == PASS and b"_" in name else kind
 
 
 REQUEST_TAKEN: Final = sum(1 << kind for kind in range(HOST, DROPPED + 1) if kind != X_REQUEST_ID)
 """The kinds of request field the proxy reads and writes itself (walk_fields' `taken`): all
-but X-Request-Id, which is forwarded as it came."""
+but X-Request-Id, which is forwarded as it came (and names with an underscore: see
+UNDERSCORED_TAKEN)."""
+UNDERSCORED_TAKEN: Final = 1 << UNDERSCORED
+"""Added to REQUEST_TAKEN unless `limits.underscores_in_headers`: such fields are dropped."""
 RESPONSE_TAKEN: Final = sum(
     1 << kind
     for kind in (CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, UPGRADE, VIA, PROXY_CONNECTION,
