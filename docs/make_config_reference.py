@@ -1,11 +1,11 @@
-"""Writes docs/config.md, the config reference, from failover_proxy/schema.py itself.
+"""Writes docs/configuration.md, the config reference, from failover_proxy/schema.py itself.
 
 Every setting, its type, its default and what it means come from the config classes and the
 docstrings under their fields, so the reference cannot drift from the code: the test suite
 regenerates it and fails when the committed file differs.
 
-    python docs/make_config_reference.py          # rewrite docs/config.md
-    python docs/make_config_reference.py --check  # exit 1 when docs/config.md is stale
+    python docs/make_config_reference.py          # rewrite docs/configuration.md
+    python docs/make_config_reference.py --check  # exit 1 when docs/configuration.md is stale
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "failover_proxy" / "schema.py"
-OUTPUT = ROOT / "docs" / "config.md"
+OUTPUT = ROOT / "docs" / "configuration.md"
 
 SECTIONS = {
     "ProxyConfig": "(top level)",

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -112,11 +113,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _run_loop(lambda: run_worker(args.listen_fd, args.ipc_fd))
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import json_schema
+
+    print(json.dumps(json_schema(), indent=1))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import CONTROL_PORT, Demo, demo_config_path
     from .server import serve
 
     args.config = args.config or demo_config_path()
+    # config/demo.yaml reads its ports from these (`${PROXY_PORT:-8080}`).
+    if args.port is not None:
+        os.environ["PROXY_PORT"] = str(args.port)
+    if args.admin_port is not None:
+        os.environ["ADMIN_PORT"] = str(args.admin_port)
     loaded = _load_or_report(str(args.config))
     if loaded is None:
         return EXIT_CONFIG_ERROR
@@ -137,8 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise OSError(exc.errno, f"{exc.strerror or exc} (the demo listens on "
                               f"{config.listen.port}, its admin API on "
-                              f"{config.admin.port if config.admin else '-'}: set PROXY_PORT and "
-                              "ADMIN_PORT to move them)") from exc
+                              f"{config.admin.port if config.admin else '-'}: --port and "
+                              "--admin-port move them)") from exc
             return
         url = f"http://{config.listen.host}:{config.listen.port}/"
         control = f"http://127.0.0.1:{CONTROL_PORT}/providers"
@@ -180,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # The metavar lists the commands people run: `worker` is started by `run` alone.
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{run,check,audit,drill,demo}"
+        dest="command", required=True, metavar="{run,check,audit,drill,demo,schema}"
     )
 
     run = commands.add_parser("run", help="run the proxy from a YAML config")
@@ -224,7 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-c", "--config", type=Path, default=None, help="config instead of config/demo.yaml"
     )
+    demo.add_argument("--port", type=int, default=None, help="the proxy's port (8080)")
+    demo.add_argument("--admin-port", type=int, default=None,
+                      help="the admin API's port (9901)")
     demo.set_defaults(handler=cmd_demo)
+
+    schema = commands.add_parser(
+        "schema", help="print the config's JSON Schema (for editors' completion and checks)")
+    schema.set_defaults(handler=cmd_schema)
 
     # Started by the supervisor that `run` starts, never by hand.
     worker = commands.add_parser("worker")

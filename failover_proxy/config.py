@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
 import os
 import re
 import threading
+import types
+import typing
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
@@ -196,11 +200,71 @@ def _issues_from_validation(
         else:
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-                message = "unknown field"
+                message = "unknown field" + _did_you_mean(loc)
             elif error["type"] in ("missing", "missing_keyword_only_argument"):
                 message = "field required"
+            message = _CLASS_NAME.sub("a mapping of settings", message)
         issues.append(ConfigIssue(file, located.line_of(loc), _dotted(loc), message))
     return issues
+
+
+def json_schema() -> dict[str, Any]:
+    """The config's JSON Schema: what editors complete and check a config file against."""
+    schema: dict[str, Any] = _VALIDATOR.json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "failover-proxy config"
+    return schema
+
+
+_CLASS_NAME = re.compile(
+    r"a (?:valid )?dictionary or (?:an )?instance of \w+|instance of \w+Config"
+)
+"""How pydantic names our classes in a message: an operator wrote YAML, not Python."""
+
+
+def _did_you_mean(loc: tuple[str | int, ...]) -> str:
+    """`; did you mean `health_check`?` for an unknown key close to a known one there."""
+    import difflib
+
+    known = _fields_at(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6) if loc else []
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The settings a config class at `loc` knows (none when `loc` is not a class)."""
+    current: Any = ProxyConfig
+    for part in loc:
+        current = _member_type(current, part)
+        if current is None:
+            return []
+    return [f.name for f in dataclasses.fields(current)] if dataclasses.is_dataclass(
+        current) else []
+
+
+def _member_type(container: Any, part: str | int) -> Any:
+    """The type found at `part` of `container` (a config class, a list or a mapping of one)."""
+    for candidate in (container, *typing.get_args(container)):
+        if dataclasses.is_dataclass(candidate) and isinstance(part, str):
+            hints = typing.get_type_hints(candidate)
+            if part in hints:
+                return _plain(hints[part])
+        origin = typing.get_origin(candidate)
+        if origin is list and isinstance(part, int):
+            return _plain(typing.get_args(candidate)[0])
+        if origin is dict and isinstance(part, str):
+            return _plain(typing.get_args(candidate)[1])
+    return None
+
+
+def _plain(kind: Any) -> Any:
+    """A type without its Annotated rules and without None (Optional)."""
+    if typing.get_origin(kind) is typing.Annotated:
+        kind = typing.get_args(kind)[0]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _plain(args[0])
+    return kind
 
 
 def line_finder(text: str) -> Callable[[tuple[str | int, ...]], int]:

@@ -46,7 +46,12 @@ class Before:
     def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
         from pydantic_core import core_schema
 
-        return core_schema.no_info_before_validator_function(self.parse, handler(source))
+        inner = handler(source)
+        # What an operator may write: the type itself or text (`250ms`, `64KiB`, `10%`).
+        written = core_schema.union_schema([inner, core_schema.str_schema()])
+        return core_schema.no_info_before_validator_function(
+            self.parse, inner, json_schema_input_schema=written
+        )
 
 
 class After:

@@ -145,13 +145,14 @@ def test_the_demo_on_a_taken_port_says_so_and_exits() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {**env_without_proxy_vars(), "PROXY_PORT": str(port), "ADMIN_PORT": str(free_port())}
         result = subprocess.run(
-            [sys.executable, "-m", "failover_proxy", "demo"], capture_output=True, text=True,
-            timeout=30, cwd=ROOT, env=env,
+            [sys.executable, "-m", "failover_proxy", "demo", "--port", str(port),
+             "--admin-port", str(free_port())],
+            capture_output=True, text=True, timeout=30, cwd=ROOT, env=env_without_proxy_vars(),
         )
     assert result.returncode != 0
-    assert "cannot start" in result.stderr and "PROXY_PORT" in result.stderr, result.stderr
+    assert "cannot start" in result.stderr and "--port" in result.stderr, result.stderr
+    assert str(port) in result.stderr
 
 
 def test_version_and_help_show_what_people_run() -> None:
@@ -161,7 +162,7 @@ def test_version_and_help_show_what_people_run() -> None:
     assert version.returncode == 0 and version.stdout.strip() == f"failover-proxy {__version__}"
     shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0
-    assert "{run,check,audit,drill,demo}" in shown.stdout
+    assert "{run,check,audit,drill,demo,schema}" in shown.stdout
     assert "worker" not in shown.stdout and "SUPPRESS" not in shown.stdout
 
 

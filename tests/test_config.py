@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,10 @@ def test_unset_env_var_is_named_with_its_line() -> None:
     ("old", "new", "expected"),
     [
         ("weight: 2}", "weight: 0}", "5: upstreams.web.backends.0.weight: Input should be greater than 0"),
-        ("weight: 2}", "weight: 2, colour: red}", "5: upstreams.web.backends.0.colour: unknown field"),
+        ("weight: 2}", "weight: 2, colour: red}", "5: upstreams.web.backends.0.colour: unknown field\n"),
+        ("timeouts:", "helth_check: {path: /}\n    timeouts:", "7: upstreams.web.helth_check: unknown field; did you mean `health_check`?"),
+        ("weight: 2}", "wieght: 2}", "5: upstreams.web.backends.0.wieght: unknown field; did you mean `weight`?"),
+        ("timeouts:", "timeouts: 5\n    pool:", "7: upstreams.web.timeouts: Input should be a mapping of settings"),
         ("port: 8080", "port: eighty", "1: listen.port: Input should be a valid integer"),
         ('"http://127.0.0.1:9101"', '"ftp://127.0.0.1"', "5: upstreams.web.backends.0.url: backend URL must start with http://, https://, srv+http:// or srv+https://"),
         ('"http://127.0.0.1:9101"', '"http://:80"', "5: upstreams.web.backends.0.url: backend URL has no host"),
@@ -99,6 +103,18 @@ def test_errors_name_file_line_and_field(tmp_path: Path, old: str, new: str, exp
     result = check(path)
     assert result.returncode == 2, result.stdout
     assert f"{path}:{expected}" in result.stderr, result.stderr
+
+
+def test_the_json_schema_takes_what_operators_write() -> None:
+    result = subprocess.run([sys.executable, "-m", "failover_proxy", "schema"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "failover-proxy config"
+    upstream = schema["$defs"]["UpstreamConfig"]["properties"]
+    assert "health_check" in upstream and "dns" in upstream
+    connect = schema["$defs"]["TimeoutsConfig"]["properties"]["connect"]
+    assert {"type": "string"} in connect["anyOf"]  # `250ms` is valid, not only a number
 
 
 def test_bad_yaml_names_its_line(tmp_path: Path) -> None:

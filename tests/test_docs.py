@@ -21,5 +21,5 @@ def test_the_readme_is_short_and_points_only_inside_the_repository() -> None:
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 200
     assert "../" not in text and "DESIGN.md" not in text
-    for document in ("docs/config.md", "docs/architecture.md", "docs/operations.md"):
+    for document in ("docs/configuration.md", "docs/architecture.md", "docs/operations.md"):
         assert document in text and (ROOT / document).exists()

@@ -43,7 +43,33 @@ enum {
     PROXY_CONNECTION = 10,
     DROPPED = 11,
     UNDERSCORED = 12, /* any other name with an underscore */
+    BAD_HOST = 13,    /* a Host field whose value is no host[:port] */
 };
+
+/* The bytes a Host value may hold (RFC 3986 3.2.2 and RFC 9110 7.2): a reg-name, an IPv4
+ * address or a bracketed IP literal, and a port. Filled when the module is loaded. */
+static char host_bytes[256];
+
+static void
+index_host_bytes(void)
+{
+    const char *allowed = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                          "-._~!$&'()*+,;=%:[]";
+    for (const char *c = allowed; *c; c++)
+        host_bytes[(unsigned char)*c] = 1;
+}
+
+static int
+valid_host(const char *value, Py_ssize_t length)
+{
+    if (length == 0)
+        return 0;
+    for (Py_ssize_t i = 0; i < length; i++) {
+        if (!host_bytes[(unsigned char)value[i]])
+            return 0;
+    }
+    return 1;
+}
 
 typedef struct {
     const char *name; /* lower case */
@@ -197,6 +223,8 @@ append_field(PyObject *found, int kind, const char *data, Py_ssize_t colon, Py_s
         from++;
     while (to > from && (data[to - 1] == ' ' || data[to - 1] == '\t'))
         to--;
+    if (kind == HOST && !valid_host(data + from, to - from))
+        kind = BAD_HOST;
     if (append_new(found, PyLong_FromLong(kind)) < 0)
         return -1;
     return append_new(found, PyBytes_FromStringAndSize(data + from, to - from));
@@ -303,5 +331,6 @@ PyInit__fields(void)
 {
     if (!names_indexed && index_names() < 0)
         return NULL;
+    index_host_bytes();
     return PyModule_Create(&fields_module);
 }

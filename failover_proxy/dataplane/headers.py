@@ -30,6 +30,9 @@ PROXY_CONNECTION: Final = 10
 DROPPED: Final = 11
 """Hop-by-hop fields (RFC 9110 §7.6.1, plus Trailer and the legacy Proxy-Connection) and the
 X-Forwarded-Proto / X-Forwarded-Host the proxy sets itself."""
+BAD_HOST: Final = 13
+"""A Host field whose value is no `host[:port]` (empty, a space, `/`, `@`…): the walk reports
+it so, and the request is refused (RFC 9112 §3.2)."""
 UNDERSCORED: Final = 12
 """A name with an underscore: some backends (CGI-style, several frameworks) read `_` as `-`, so
 `Transfer_Encoding` would frame a request for them. Dropped from requests unless
@@ -58,13 +61,22 @@ MAX_RESPONSE_HEAD: Final = 64 * 1024
 VIA_TOKEN: Final = b"1.1 failover-proxy"
 
 
+HOST_BYTES: Final = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%:[]"
+)
+"""What a Host value may hold: a reg-name, an IPv4 address or a bracketed IP literal, and a
+port (RFC 3986 §3.2.2; RFC 9110 §7.2). _fields.c checks the same bytes."""
+
+
 def header_kind(name: bytes) -> int:
     """How the proxy treats a header field, by its name in any case."""
     kind = _KIND_BY_LOWER_NAME.get(name.lower(), PASS)
     return UNDERSCORED if kind == PASS and b"_" in name else kind
 
 
-REQUEST_TAKEN: Final = sum(1 << kind for kind in range(HOST, DROPPED + 1) if kind != X_REQUEST_ID)
+REQUEST_TAKEN: Final = sum(
+    1 << kind for kind in range(HOST, DROPPED + 1) if kind != X_REQUEST_ID
+) | 1 << BAD_HOST
 """The kinds of request field the proxy reads and writes itself (walk_fields' `taken`): all
 but X-Request-Id, which is forwarded as it came (and names with an underscore: see
 UNDERSCORED_TAKEN)."""
@@ -111,7 +123,10 @@ def walk_fields_in_python(
                 runs.append(buf[run:pos])
             run = stop + 2
         if kind != PASS and (taken | noted) >> kind & 1:
-            found += [kind, field_value_at(buf[pos:stop], colon - pos)]
+            value = field_value_at(buf[pos:stop], colon - pos)
+            if kind == HOST and (not value or value.translate(None, HOST_BYTES)):
+                kind = BAD_HOST
+            found += [kind, value]
         pos = stop + 2
     else:
         end = pos + 2
