@@ -10,10 +10,13 @@ prometheus_client is imported only to render (worker processes never load it: ab
 
 from __future__ import annotations
 
+import platform
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
+
+from . import __version__
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -260,7 +263,12 @@ class ProxyCollector:
             PREFIX + "config_generation", "Config generations loaded since start (1 = first)."
         )
         generation.add_metric([], store.config_generation)
-        yield from (active, connections, generation)
+        build = GaugeMetricFamily(
+            PREFIX + "build_info", "Always 1: the version running, as labels.",
+            labels=("version", "python"),
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield from (active, connections, generation, build)
         yield from _topology_families(self._topology)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from failover_proxy import __version__
 from failover_proxy.accesslog import whole_line_pieces
 from failover_proxy.config import ConfigError, parse_config
 
@@ -82,12 +84,12 @@ async def test_metrics_count_requests_attempts_retries_failovers_and_health(
                   endpoint=at_gcp, outcome="ok") == 5
     assert sample(m, attempts, upstream="solo", provider="onprem", backend="solo-a",
                   endpoint=f"127.0.0.1:{solo_port}", outcome="http_5xx") == 1
-    assert sample(m, "failover_proxy_retries_total", upstream="web", reason="connect-failure") == 1
+    assert sample(m, "failover_proxy_retries_total", upstream="web", reason="connect_failure") == 1
     failovers = "failover_proxy_failovers_total"
     # The one refused connection moved that request to gcp, and took aws out at once (its only
     # backend failed: a provider-wide failure).
     assert sample(m, failovers, upstream="web", from_provider="aws", to_provider="gcp",
-                  reason="retry_connect-failure") == 1
+                  reason="retry_connect_failure") == 1
     assert sample(m, failovers, upstream="web", from_provider="aws", to_provider="gcp",
                   reason="correlated_failure") == 1
     assert sample(m, "failover_proxy_provider_up", upstream="web", provider="aws") == 0
@@ -115,6 +117,8 @@ async def test_metrics_count_requests_attempts_retries_failovers_and_health(
                       provider="gcp") < 5
     assert sample(m, "failover_proxy_active_requests") == 0
     assert sample(m, "failover_proxy_config_generation") == 1
+    assert sample(m, "failover_proxy_build_info", version=__version__,
+                  python=platform.python_version()) == 1
     assert ("failover_proxy_downstream_connections", frozenset()) in m
 
 

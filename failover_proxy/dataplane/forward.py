@@ -924,9 +924,10 @@ class Exchange:
         if condition != "connect-failure":
             self._charge_budget()
         store = upstream.store
-        store.inc("retries", (upstream.name, condition))
+        label = condition.replace("-", "_")  # metric labels spell words with `_` throughout
+        store.inc("retries", (upstream.name, label))
         if backend.provider != previous.provider:
-            moved = (upstream.name, previous.provider, backend.provider, "retry_" + condition)
+            moved = (upstream.name, previous.provider, backend.provider, "retry_" + label)
             store.inc("failovers", moved)
         previous.in_flight -= 1
         backend.in_flight += 1
