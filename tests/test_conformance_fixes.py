@@ -97,3 +97,27 @@ async def test_underscores_in_headers_can_be_allowed(
     assert raw.startswith(b"HTTP/1.1 200 ")
     (head,) = backend.heads
     assert b"\r\nTransfer_Encoding: chunked\r\nContent_Length: 5\r\nX_Custom: 1\r\n" in head
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A : b\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: x\n\n",
+], ids=["bare-cr", "obs-fold", "nul", "control-byte", "duplicate-length", "length-and-chunked",
+        "two-hosts", "space-before-colon", "bare-lf"])
+async def test_the_vectors_security_md_lists_are_refused(
+    proxy: StartProxy, recording: tuple[RecordingBackend, int], request_head: bytes,
+) -> None:
+    """SECURITY.md promises these are refused: each gets a 400 and nothing reaches the
+    backend."""
+    backend, port = recording
+    server = await start(proxy, port)
+    raw = await raw_request(server.port, request_head)
+    assert raw.startswith(b"HTTP/1.1 400 "), raw
+    assert not backend.heads
