@@ -84,6 +84,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "the event that caused it.",
         ("upstream", "level", "name", "state", "event"),
     ),
+    "connections_refused": (
+        "Client connections refused at once, by reason (per_ip_limit).", ("reason",)
+    ),
     "config_reloads": ("Config reloads, by result (success, failure).", ("result",)),
     "hedges": ("Hedged second attempts sent.", ("upstream",)),
     "circuit_breaker_overflows": ("Requests refused by a circuit breaker.", ("upstream",)),

@@ -47,3 +47,36 @@ async def test_query_strings_can_be_kept_out_of_the_access_log(
     assert "s3cret" not in text
     assert [json.loads(line)["path"] for line in text.splitlines()] == [
         "/login?REDACTED", "/plain"]
+
+
+async def test_one_address_holds_at_most_its_connections(
+    proxy: StartProxy, raw_backend: StartRaw,
+) -> None:
+    """limits.max_connections_per_ip: 2. A third connection from 127.0.0.1 is answered 429 and
+    closed at once; once one of the two ends, a new one is served. Another address is not
+    limited by this one's count."""
+    backend = RecordingBackend()
+    server = await proxy(single_upstream_config(
+        [await raw_backend(backend)], top_extra="limits: {max_connections_per_ip: 2}\n"))
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+    for reader, writer in held:
+        writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(read_one_response(reader), 5)).startswith(b"HTTP/1.1 200")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    refused = await asyncio.wait_for(reader.read(), 5)  # answered and closed, unasked
+    writer.close()
+    assert refused.startswith(b"HTTP/1.1 429 ") and b"Connection: close" in refused
+    other_reader, other_writer = await asyncio.open_connection(
+        "127.0.0.1", server.port, local_addr=("127.0.0.2", 0))  # another client address
+    other_writer.write(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(read_one_response(other_reader), 5)).startswith(
+        b"HTTP/1.1 200")
+    other_writer.close()
+    held[0][1].close()
+    await asyncio.sleep(0.2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(read_one_response(reader), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    held[1][1].close()
+    assert server.store.counters["connections_refused"] == {("per_ip_limit",): 1}

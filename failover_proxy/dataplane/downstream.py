@@ -175,6 +175,8 @@ class ClientLimits:
         self.max_header_bytes: int = config.max_header_bytes
         self.max_headers: int = config.max_headers
         self.max_body_bytes: int | None = config.max_body_bytes
+        self.max_per_ip: int = config.max_connections_per_ip or 0
+        """0: no limit (and no counting)."""
         self.max_requests: int = config.max_requests_per_connection or 0
         """0: no limit."""
         self.request_taken: int = REQUEST_TAKEN | (
@@ -236,6 +238,8 @@ class DownstreamProtocol:
         self.deadline_status = 0
         """408 when a request head is overdue, 0 when an idle keep-alive connection expires."""
         self._pause_reasons = 0
+        self.counted_ip = False
+        """Counted in DataPlane.connections_per_ip (limits.max_connections_per_ip)."""
         self.requests_begun = 0
         """Requests read on this connection (limits.max_requests_per_connection)."""
         self._current: Request | None = None
@@ -282,7 +286,26 @@ class DownstreamProtocol:
             self.client_ip = str(peer[0]).encode()
         self.forwarded_prefix = forwarded_prefix(None, self.client_ip, self.scheme)
         self.plane.connections.add(self)
+        if self.limits.max_per_ip and not self._count_client():
+            return
         self._set_deadline(self.limits.header_timeout, 408)
+
+    def _count_client(self) -> bool:
+        """One more connection of this client's address; False (answered 429 and closing)
+        when it already holds its limit."""
+        plane = self.plane
+        held = plane.connections_per_ip.get(self.client_ip, 0)
+        if held >= self.limits.max_per_ip:
+            plane.store.inc("connections_refused", ("per_ip_limit",))
+            self.stopped_parsing = True
+            self.write(error_response(429, "Too Many Requests",
+                                     "too many connections from this address", b"-",
+                                     close=True, head_only=False))
+            self.close()
+            return False
+        plane.connections_per_ip[self.client_ip] = held + 1
+        self.counted_ip = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -293,6 +316,14 @@ class DownstreamProtocol:
         self._feed = _NO_PARSER.feed_data
         self._current = None
         self.plane.connections.discard(self)
+        if self.counted_ip:
+            self.counted_ip = False
+            per_ip = self.plane.connections_per_ip
+            held = per_ip.get(self.client_ip, 1) - 1
+            if held > 0:
+                per_ip[self.client_ip] = held
+            else:
+                per_ip.pop(self.client_ip, None)
         if self.tunnel is not None:
             self.tunnel.close()
         if self.exchange is not None:

@@ -45,6 +45,8 @@ class DataPlane:
         self.access_log: AccessLog | None = None
         self.debug_headers = False
         self.connections: set[DownstreamProtocol] = set()
+        self.connections_per_ip: dict[bytes, int] = {}
+        """Open client connections by address, while limits.max_connections_per_ip is set."""
         self.draining = False
         self.clock = loop.time()
         """The loop's time as of the last sweep: timeouts here are only as fine as the sweep, so
