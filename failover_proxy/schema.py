@@ -595,6 +595,9 @@ class LimitsConfig:
     """Longest a client may leave what the proxy has for it untaken: the proxy's buffer for it
     full (the backend meanwhile held back, and not blamed), or what is left when the connection
     closes. Then the connection is dropped (nginx's send_timeout)."""
+    tunnel_idle_timeout: Duration | None = 3600.0
+    """An upgraded connection (WebSocket) that no byte crosses, either way, for this long is
+    closed on both sides; none: never. Its precision is the sweep's (0.2 s)."""
     max_connections_per_ip: Annotated[int, Constraints(ge=1)] | None = None
     """Client connections one address may hold open at once, per worker process; one more is
     answered 429 and closed. None: no limit."""

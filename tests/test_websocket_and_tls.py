@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -149,3 +151,25 @@ async def test_https_backend_verification_can_be_turned_off(
     async with httpx.AsyncClient(trust_env=False) as http:
         response = await http.get(f"http://127.0.0.1:{server.port}/")
     assert response.status_code == 200
+
+
+async def test_an_idle_tunnel_is_closed_and_a_busy_one_is_not(
+    aiohttp_backend: StartApp, proxy: StartProxy
+) -> None:
+    """limits.tunnel_idle_timeout: 600ms. A WebSocket that talks every 200 ms for 1.5 s stays
+    open; once it falls silent it is closed within the timeout and a sweep."""
+    port = await aiohttp_backend(ws_echo_app())
+    server = await proxy(config_for(f"http://127.0.0.1:{port}")
+                         + "limits: {tunnel_idle_timeout: 600ms}\n")
+    url = f"http://127.0.0.1:{server.port}/ws"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as socket:
+        for i in range(8):
+            await socket.send_str(f"tick {i}")
+            assert (await socket.receive_str(timeout=5)) == f"echo:tick {i}"
+            await asyncio.sleep(0.2)
+        silent_at = time.monotonic()
+        message = await socket.receive(timeout=5)
+        closed_after = time.monotonic() - silent_at
+    assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                            aiohttp.WSMsgType.ERROR), message
+    assert 0.6 <= closed_after <= 0.6 + 0.2 + 1.0, closed_after

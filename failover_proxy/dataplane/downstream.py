@@ -175,6 +175,8 @@ class ClientLimits:
         self.max_header_bytes: int = config.max_header_bytes
         self.max_headers: int = config.max_headers
         self.max_body_bytes: int | None = config.max_body_bytes
+        self.tunnel_idle_timeout: float = config.tunnel_idle_timeout or 0.0
+        """0: tunnels may stay idle for ever."""
         self.max_per_ip: int = config.max_connections_per_ip or 0
         """0: no limit (and no counting)."""
         self.max_requests: int = config.max_requests_per_connection or 0

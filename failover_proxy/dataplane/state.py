@@ -112,6 +112,8 @@ class DataPlane:
                 connection.on_deadline()
             elif connection.exchange is not None:
                 connection.exchange.check_timeout(now)
+            elif connection.tunnel is not None:
+                connection.tunnel.check_idle(now, self.limits.tunnel_idle_timeout)
         for upstream in self.topology.upstreams.values():
             upstream.health.tick(now)
             for backend in upstream.backends:

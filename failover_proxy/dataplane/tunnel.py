@@ -19,11 +19,13 @@ class Tunnel:
     and reading is paused through each connection's own reading (readpath.read_path)."""
 
     __slots__ = (
+        "active",
         "backend",
         "backend_reading",
         "client",
         "client_reading",
         "closed",
+        "idle_since",
         "to_backend",
         "to_client",
     )
@@ -44,14 +46,27 @@ class Tunnel:
         self.client_reading = client_reading
         self.backend_reading = backend_reading
         self.closed = False
+        self.active = True
+        """Bytes passed since the last sweep (a flag: cheaper than a clock per chunk)."""
+        self.idle_since = 0.0
 
     def from_client(self, data: bytes) -> None:
         if not self.closed:
+            self.active = True
             self.to_backend(data)
 
     def from_backend(self, data: bytes) -> None:
         if not self.closed:
+            self.active = True
             self.to_client(data)
+
+    def check_idle(self, now: float, limit: float) -> None:
+        """The sweep: close a tunnel no byte has crossed for `limit` seconds (0: no limit)."""
+        if self.active:
+            self.active = False
+            self.idle_since = now
+        elif limit and now - self.idle_since >= limit:
+            self.close()
 
     def client_write_paused(self, paused: bool) -> None:
         """The client reads slowly: stop reading from the backend until it catches up."""
