@@ -156,20 +156,23 @@ async def test_https_backend_verification_can_be_turned_off(
 async def test_an_idle_tunnel_is_closed_and_a_busy_one_is_not(
     aiohttp_backend: StartApp, proxy: StartProxy
 ) -> None:
-    """limits.tunnel_idle_timeout: 600ms. A WebSocket that talks every 200 ms for 1.5 s stays
-    open; once it falls silent it is closed within the timeout and a sweep."""
+    """limits.tunnel_idle_timeout: 600ms. A WebSocket that talks every 200 ms for 1.4 s stays
+    open; once it falls silent it is closed no sooner than the timeout after its last byte
+    (less the echo's way from the proxy to this client, under 100 ms even on a busy machine),
+    and within the timeout, a sweep and a busy machine's lag."""
     port = await aiohttp_backend(ws_echo_app())
     server = await proxy(config_for(f"http://127.0.0.1:{port}")
                          + "limits: {tunnel_idle_timeout: 600ms}\n")
     url = f"http://127.0.0.1:{server.port}/ws"
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as socket:
         for i in range(8):
+            if i:
+                await asyncio.sleep(0.2)
             await socket.send_str(f"tick {i}")
             assert (await socket.receive_str(timeout=5)) == f"echo:tick {i}"
-            await asyncio.sleep(0.2)
-        silent_at = time.monotonic()
+        silent_at = time.monotonic()  # the last byte crossed the tunnel just before
         message = await socket.receive(timeout=5)
         closed_after = time.monotonic() - silent_at
     assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
                             aiohttp.WSMsgType.ERROR), message
-    assert 0.6 <= closed_after <= 0.6 + 0.2 + 1.0, closed_after
+    assert 0.6 - 0.1 <= closed_after <= 0.6 + 0.2 + 1.0, closed_after
