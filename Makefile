@@ -5,10 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-stress bench bench-instructions clean system-deps
+.PHONY: demo test test-stress test-container bench bench-instructions clean system-deps
 
-# Debian packages the tests drive (command:package): a headless browser for the status page.
-SYSTEM_TOOLS := chromium:chromium chromedriver:chromium-driver
+# Debian packages the tests drive (command:package): a headless browser for the status page,
+# Prometheus and promtool for the metrics, alert rules and dashboard.
+SYSTEM_TOOLS := chromium:chromium chromedriver:chromium-driver prometheus:prometheus \
+	promtool:prometheus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The hot modules are compiled with mypyc at install: editing them reinstalls (see setup.py).
@@ -41,6 +43,17 @@ test-stress: $(VENV)/.installed system-deps
 	@stress-ng --cpu 2 --timeout 2h --quiet & hog=$$!; trap "kill $$hog" EXIT; \
 	for run in 1 2 3; do echo "== make test, run $$run of 3, beside stress-ng --cpu 2"; \
 	  $(MAKE) --no-print-directory test || exit 1; done; echo "== 3 of 3 runs passed"
+
+# The Dockerfile built by buildah (no Docker engine needed) on a Debian base that debootstrap
+# makes, then the image run: non-root, /healthz, HEALTHCHECK, a proxied request, SIGTERM drain.
+# Needs root; installs buildah and debootstrap with apt-get when missing (about 3 minutes).
+test-container: $(VENV)/.installed
+	@missing=""; for tool in buildah debootstrap; do \
+	  command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing with apt-get"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q $$missing || echo "could not install$$missing: skipping"; fi
+	FAILOVER_PROXY_CONTAINER_TEST=1 $(BIN)/pytest -q -rs -s tests/test_container.py
 
 # Installs nginx, haproxy, wrk and hey with apt-get when missing; failover-proxy against nginx
 # and HAProxy (1 worker and all cores, small and 64 KiB bodies, 64 and 256 connections, latency

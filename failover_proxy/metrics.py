@@ -253,8 +253,9 @@ class ProxyCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         store = self._store
-        yield from _request_families(store)
-        yield from _counter_families(store)
+        known = KnownSeries.of(self._topology)
+        yield from _request_families(store, known)
+        yield from _counter_families(store, known)
         gauges = self._gauges
         active = GaugeMetricFamily(PREFIX + "active_requests", "Requests in progress.")
         active.add_metric([], gauges.active_requests)
@@ -275,7 +276,81 @@ class ProxyCollector:
         yield from _topology_families(self._topology)
 
 
-def _request_families(store: MetricStore) -> Iterator[Metric]:
+DOMAIN_CAUSES = ("health", "correlated_failure", "forced_down")
+"""Why a provider left rotation (the `reason` of a failover that is not a retry)."""
+DNS_RESULTS = ("ok", "nxdomain", "nodata", "timeout", "error")
+RELOAD_RESULTS = ("success", "failure")
+REFUSAL_REASONS = ("per_ip_limit",)
+
+
+@dataclass
+class KnownSeries:
+    """The label sets the config makes known before anything happens to them.
+
+    They are rendered at 0 from the start: Prometheus's `increase()` and `rate()` see nothing
+    of the first event of a series that did not exist before it, so an alert on "a failover
+    happened" would miss the first failover of a process. Labels whose values come from what
+    happened (an ejection's reason, a transition's state and event) are not guessed.
+    """
+
+    requests: list[tuple[str, str, str, str]]
+    attempts: list[tuple[str, str, str, str]]
+    durations: list[tuple[str, str]]
+    counters: dict[str, list[tuple[str, ...]]]
+
+    @classmethod
+    def of(cls, topology: Topology) -> KnownSeries:
+        from .schema import RETRY_CONDITIONS, is_hostname
+
+        requests: list[tuple[str, str, str, str]] = [("", "", "", "")]
+        for route in topology.router.routes:
+            upstream = route.target.upstream
+            requests.append((route.target.label, upstream.name, "", ""))
+            requests.extend((route.target.label, upstream.name, backend.provider, backend.origin)
+                            for backend in upstream.backends)
+        counters: dict[str, list[tuple[str, ...]]] = {name: [] for name in COUNTERS}
+        counters["config_reloads"] = [(result,) for result in RELOAD_RESULTS]
+        counters["connections_refused"] = [(reason,) for reason in REFUSAL_REASONS]
+        counters["access_log_dropped"] = [()]
+        counters["worker_restarts"] = [()]
+        attempts: list[tuple[str, str, str, str]] = []
+        durations: list[tuple[str, str]] = []
+        for upstream in topology.upstreams.values():
+            name = upstream.name
+            durations.append((name, ""))
+            providers = list(upstream.providers)
+            durations.extend((name, provider) for provider in providers)
+            attempts.extend((name, b.provider, b.origin, b.endpoint) for b in upstream.backends)
+            for counter in ("retry_budget_exhausted", "hedges", "circuit_breaker_overflows",
+                            "replay_buffer_overflows"):
+                counters[counter].append((name,))
+            counters["retries"].extend(
+                (name, condition.replace("-", "_")) for condition in sorted(RETRY_CONDITIONS))
+            counters["failovers"].extend(
+                (name, source, taker, cause)
+                for source in providers for taker in (*providers, "none") if taker != source
+                for cause in DOMAIN_CAUSES)
+            if upstream.config.health_check is not None:
+                counters["health_checks"].extend(
+                    (name, backend.name, result)
+                    for backend in upstream.backends if backend.endpoint
+                    for result in ("ok", "fail"))
+            counters["dns_lookups"].extend(
+                (name, backend.name, result)
+                for backend in upstream.config.backends if is_hostname(backend.url)
+                for result in DNS_RESULTS)
+        return cls(requests, attempts, durations, counters)
+
+
+def _with_known(series: dict[Any, Any], known: list[Any], empty: Any) -> Iterator[tuple[Any, Any]]:
+    """The series the store has, then the known ones it has not seen yet (at `empty`)."""
+    yield from series.items()
+    for key in known:
+        if key not in series:
+            yield key, empty
+
+
+def _request_families(store: MetricStore, known: KnownSeries) -> Iterator[Metric]:
     from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
     requests = CounterMetricFamily(
@@ -284,26 +359,29 @@ def _request_families(store: MetricStore) -> Iterator[Metric]:
         "answered itself) and status class.",
         labels=("route", "upstream", "provider", "backend", "code_class"),
     )
-    for (route, upstream, provider, backend), counts in store.requests.items():
+    no_requests = [0] * len(CODE_CLASSES)
+    for (route, upstream, provider, backend), counts in _with_known(
+            store.requests, known.requests, no_requests):
         for code_class, count in zip(CODE_CLASSES, counts, strict=True):
-            if count:
-                requests.add_metric([route, upstream, provider, backend, code_class], count)
+            requests.add_metric([route, upstream, provider, backend, code_class], count)
     attempts = CounterMetricFamily(
         PREFIX + "upstream_attempts",
         "Tries on a backend's endpoint (the address dialled), by outcome (a request retried "
         "elsewhere makes several).",
         labels=("upstream", "provider", "backend", "endpoint", "outcome"),
     )
-    for (upstream, provider, backend, endpoint), counts in store.attempts.items():
+    no_attempts = [0] * len(ATTEMPT_OUTCOMES)
+    for (upstream, provider, backend, endpoint), counts in _with_known(
+            store.attempts, known.attempts, no_attempts):
         for outcome, count in zip(ATTEMPT_OUTCOMES, counts, strict=True):
-            if count:
-                attempts.add_metric([upstream, provider, backend, endpoint, outcome], count)
+            attempts.add_metric([upstream, provider, backend, endpoint, outcome], count)
     durations = HistogramMetricFamily(
         PREFIX + "request_duration_seconds",
         "Whole requests, from the end of the request head to the end of the response.",
         labels=("upstream", "provider"),
     )
-    for (upstream, provider), slots in store.durations.items():
+    for (upstream, provider), slots in _with_known(
+            store.durations, known.durations, [0.0] * DURATION_SLOTS):
         cumulative = 0.0
         buckets = []
         for bound, in_bucket in zip((*DURATION_BUCKETS, float("inf")), slots[:-1], strict=True):
@@ -317,12 +395,12 @@ def _bound_label(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def _counter_families(store: MetricStore) -> Iterator[Metric]:
+def _counter_families(store: MetricStore, known: KnownSeries) -> Iterator[Metric]:
     from prometheus_client.core import CounterMetricFamily
 
     for name, (help_text, labels) in COUNTERS.items():
         family = CounterMetricFamily(PREFIX + name, help_text, labels=labels)
-        for values, count in store.counters[name].items():
+        for values, count in _with_known(store.counters[name], known.counters[name], 0.0):
             family.add_metric(list(values), count)
         yield family
 
@@ -362,7 +440,16 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
         PREFIX + "backend_requests_in_flight", "Requests in progress on the backend's endpoint.",
         labels=("upstream", "provider", "backend", "endpoint"),
     )
+    info = GaugeMetricFamily(
+        PREFIX + "backend_info",
+        "Always 1: where a configured backend runs, to join on (the request counts carry no "
+        "region): `* on (upstream, provider, backend) group_left (region)`.",
+        labels=("upstream", "provider", "region", "backend"),
+    )
     for upstream in topology.upstreams.values():
+        for configured in upstream.config.backends:
+            info.add_metric(
+                [upstream.name, configured.provider, configured.region, configured.name], 1)
         shares = upstream.provider_shares()
         for provider in upstream.providers.values():
             labels = [upstream.name, provider.name]
@@ -382,7 +469,7 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
                         [*backend_labels, state], 1 if current == state else 0
                     )
     yield from (backend_up, backend_state, provider_up, provider_state, region_up, share,
-                in_flight)
+                in_flight, info)
 
 
 def exposition(store: MetricStore, topology: Topology, gauges: ProcessGauges) -> bytes:

@@ -28,6 +28,7 @@ class Router(Generic[T]):
     """Matches (host, path) to a route's target without allocating on the hot path."""
 
     def __init__(self, routes: Sequence[Route[T]]) -> None:
+        self.routes: Final = tuple(routes)
         self._exact: dict[str, list[tuple[bytes, Route[T]]]] = {}
         self._wildcard: list[tuple[str, list[tuple[bytes, Route[T]]]]] = []
         self._any: list[tuple[bytes, Route[T]]] = []
