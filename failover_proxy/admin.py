@@ -9,14 +9,17 @@ The config refuses an admin listener off loopback without a token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 from .dataplane.forward import IDEMPOTENT_METHODS
+from .history import TrafficHistory
 from .metrics import MetricStore, ProcessGauges, exposition
 
 if TYPE_CHECKING:
@@ -62,6 +65,9 @@ class AdminServer:
         self.proxy = proxy
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        admin = proxy.config.admin
+        self.history = TrafficHistory(admin.history_interval if admin is not None else 10.0)
+        self._sampler: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> None:
         app = web.Application(middlewares=[self._authorize])
@@ -71,6 +77,7 @@ class AdminServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/status/history", self._history)
         app.router.add_get("/debug/route", self._debug_route)
         app.router.add_post("/backends/{upstream}/{backend}/{action:drain|undrain}", self._drain)
         app.router.add_post(
@@ -85,6 +92,7 @@ class AdminServer:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await self._site.start()
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_history())
         log.info("admin listening on %s:%d", host, self.port)
 
     @property
@@ -94,6 +102,11 @@ class AdminServer:
         return port
 
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -139,6 +152,19 @@ class AdminServer:
     async def _status(self, _: web.Request) -> web.Response:
         await self.proxy.live_stats()
         return web.json_response(status_document(self.proxy))
+
+    async def _history(self, _: web.Request) -> web.Response:
+        return web.json_response(self.history.as_dict(list(self.proxy.topology.upstreams)))
+
+    async def _sample_history(self) -> None:
+        """A point of the status page's charts every interval (the counts of every worker)."""
+        while True:
+            try:
+                store, _ = await self.proxy.live_stats()
+                self.history.sample(store, time.time())
+            except Exception:  # a sample missed is a gap in a chart, never a stopped admin
+                log.exception("status history: sample failed")
+            await asyncio.sleep(self.history.interval)
 
     async def _debug_route(self, request: web.Request) -> web.Response:
         """What the policy would do now for a request. It only looks: no balancer moves on,
@@ -283,8 +309,10 @@ def status_document(proxy: AdminTarget) -> dict[str, Any]:
             },
             "dns": {origin: dns_status(upstream, origin) for origin in upstream.discovered},
         }
+    admin = proxy.config.admin
     return {
         "generation": proxy.store.config_generation,
+        "token_required": bool(admin is not None and admin.token),
         "ready": ready,
         "ready_reason": reason,
         "draining": proxy.draining,

@@ -628,6 +628,9 @@ class AdminConfig:
     port: Port = 9901
     token: str = ""
     """Bearer token the mutating endpoints require (empty: none, allowed on loopback only)."""
+    history_interval: Annotated[Duration, Constraints(ge=0.1, le=60)] = 10.0
+    """How often the status page's 15-minute charts (request rate, errors, p99 per provider)
+    take a point; kept in memory by the admin listener."""
 
     def __post_init__(self) -> None:
         if not self.token and not is_loopback(self.host):

@@ -329,3 +329,16 @@ def test_kubernetes_deployment_is_built_for_failover_and_drain() -> None:
     assert service_ports == ["http"]
     assert resources["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
     assert resources["HorizontalPodAutoscaler"]["spec"]["minReplicas"] >= 2
+
+
+def test_history_p99_interpolates_inside_its_bucket_as_prometheus_does() -> None:
+    from failover_proxy.history import quantile
+    from failover_proxy.metrics import DURATION_BUCKETS
+
+    buckets = [0.0] * (len(DURATION_BUCKETS) + 1)
+    buckets[DURATION_BUCKETS.index(0.01)] = 100  # all 100 in (5 ms, 10 ms]
+    assert quantile(0.99, buckets) == pytest.approx(0.005 + 0.005 * 0.99)
+    buckets[-1] = 10  # 10 more beyond the last bound: p99 lands in +Inf
+    assert quantile(0.99, buckets) == DURATION_BUCKETS[-1]
+    assert quantile(0.5, buckets) == pytest.approx(0.005 + 0.005 * 0.55)
+    assert quantile(0.99, [0.0] * len(buckets)) is None

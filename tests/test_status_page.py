@@ -18,6 +18,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 from failover_proxy.faults import FaultBackend
 
@@ -155,3 +157,124 @@ async def test_status_page_shows_a_region_forced_down(
     finally:
         for backend in backends:
             await backend.stop()
+
+
+_CHARTS = """
+const found = {};
+for (const card of document.querySelectorAll(".provider[data-upstream='web']")) {
+  const charts = card.querySelector(".charts");
+  found[card.dataset.provider] = {
+    points: Number(charts.dataset.points),
+    lines: charts.querySelectorAll("polyline").length,
+    captions: [...charts.querySelectorAll("figcaption")].map((c) => c.textContent),
+    lever: card.querySelector(":scope > .lever").textContent,
+  };
+}
+return found;
+"""
+
+
+def charts(driver: WebDriver) -> dict[str, Any]:
+    found: dict[str, Any] = driver.execute_script(_CHARTS)
+    return found
+
+
+def click(driver: WebDriver, selector: str) -> None:
+    """Find and click in one script turn: the page redraws every second."""
+    driver.execute_script(f"document.querySelector({selector!r}).click()")
+
+
+def answer_dialog(driver: WebDriver, text: str | None) -> str:
+    """Wait for the page's prompt or confirm; type `text` (None: only accept). Its message."""
+    alert = WebDriverWait(driver, 10).until(expected_conditions.alert_is_present())
+    assert alert
+    message = alert.text
+    if text is not None:
+        alert.send_keys(text)
+    alert.accept()
+    return message
+
+
+def notice(driver: WebDriver) -> str:
+    shown: str = driver.execute_script("return document.getElementById('notice').textContent")
+    return shown
+
+
+async def test_status_page_charts_traffic_and_pulls_levers_with_the_token(
+    browser: WebDriver,
+    providers: list[FaultBackend],
+    file_proxy: Callable[[str], Awaitable[FileProxy]],
+) -> None:
+    proxy = await file_proxy(
+        "listen: {port: 0}\nadmin: {port: 0, token: drill, history_interval: 200ms}\n"
+        "access_log: {enabled: false}\n"
+        f"upstreams:\n  web:\n    backends:\n{backend_lines(providers)}"
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+    )
+    sending = True
+
+    async def traffic() -> None:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            while sending:
+                await http.get(f"http://127.0.0.1:{proxy.port}/")
+                await asyncio.sleep(0.005)
+
+    sender = asyncio.create_task(traffic())
+    try:
+        await asyncio.to_thread(browser.get, proxy.admin + "/")
+
+        def charted(driver: WebDriver) -> bool:
+            shown = charts(driver)
+            return len(shown) == 3 and all(
+                c["points"] >= 3 and c["lines"] >= 3 and not c["captions"][0].endswith("\u2013")
+                for c in shown.values())
+
+        await asyncio.to_thread(wait_for, browser, charted, 15)
+        shown = await asyncio.to_thread(charts, browser)
+        for provider, card in shown.items():
+            rps = float(card["captions"][0].split()[1])
+            assert rps > 0, (provider, card)
+            assert card["captions"][1] == "5xx 0.0%", card
+            assert card["captions"][2].startswith("p99 ") and card["captions"][2].endswith(" ms")
+        async with httpx.AsyncClient(base_url=proxy.admin, trust_env=False) as admin:
+            history = (await admin.get("/status/history")).json()
+        points = history["upstreams"]["web"]["aws"]
+        assert history["window_s"] == 900 and history["interval_s"] == 0.2
+        assert sum(p["rps"] for p in points[-3:]) > 0 and points[-1]["error_ratio"] == 0
+
+        # A wrong token: refused, nothing changes, the token is asked for again next time.
+        lever = ".provider[data-provider='azure'] > .lever"
+        await asyncio.to_thread(click, browser, lever)
+        asked = await asyncio.to_thread(answer_dialog, browser, "wrong")
+        assert asked == "Admin token to force down azure for web:"
+        await asyncio.to_thread(
+            wait_for, browser, lambda d: "refused, wrong token" in notice(d))
+        assert card_states(browser)["azure"] == "up"
+        # The right token forces azure down; the button turns into "restore".
+        await asyncio.to_thread(click, browser, lever)
+        await asyncio.to_thread(answer_dialog, browser, "drill")
+        await asyncio.to_thread(
+            wait_for, browser, lambda d: card_states(d)["azure"] == "down"
+            and charts(d)["azure"]["lever"] == "restore")
+        assert "forced down by an operator" in snapshot(browser)["cards"]["azure"]["text"]
+        # The token is kept for this tab: restore asks nothing more.
+        await asyncio.to_thread(click, browser, lever)
+        await asyncio.to_thread(
+            wait_for, browser, lambda d: charts(d)["azure"]["lever"] == "force down")
+        # Drain one backend from its button.
+        await asyncio.to_thread(click, browser, ".backend[data-backend='gcp-a'] .lever")
+
+        def gcp_draining(driver: WebDriver) -> bool:
+            state: str = driver.execute_script(
+                "return document.querySelector(\".backend[data-backend='gcp-a']\").dataset.state")
+            return state == "draining"
+
+        await asyncio.to_thread(wait_for, browser, gcp_draining)
+        async with httpx.AsyncClient(base_url=proxy.admin, trust_env=False) as admin:
+            status = (await admin.get("/status")).json()
+        gcp = status["upstreams"]["web"]["providers"]["gcp"]["backends"]["gcp-a"]
+        assert gcp["state"] == "draining"
+        assert "gcp-a: done" in await asyncio.to_thread(notice, browser)
+    finally:
+        sending = False
+        await sender

@@ -1,7 +1,12 @@
-// Live status: fetch /status every second and redraw. No framework, no CDN.
+// Live status: fetch /status every second and redraw; charts from /status/history; buttons
+// for the operator's levers. No framework, no CDN.
 "use strict";
 
 const REFRESH_MS = 1000;
+const SVG = "http://www.w3.org/2000/svg";
+let history = { upstreams: {} };
+let historyFetchedAt = 0;
+let tokenRequired = false;
 
 function element(tag, attributes, ...children) {
   const node = document.createElement(tag);
@@ -31,6 +36,9 @@ function backendItem(name, backend) {
   },
     element("span", { class: "name" }, name), " ",
     element("span", { class: "state-label" }, backend.state), " ",
+    leverButton(backend.state === "draining" ? "undrain" : "drain",
+      `/backends/${enc(backend.upstream)}/${enc(name)}/${backend.state === "draining" ? "undrain" : "drain"}`,
+      `${backend.state === "draining" ? "undrain" : "drain"} ${name}`),
     element("div", { class: "facts" }, facts.filter(Boolean).join(" · ")),
     backend.reason ? element("div", { class: "reason" }, backend.reason) : "",
   );
@@ -50,14 +58,20 @@ function providerCard(upstreamName, name, provider) {
   const bar = element("div", { class: "share" }, element("div", { style: `width: ${percent(provider.traffic_share)}` }));
   const list = element("ul", { class: "backends" });
   for (const [backendName, backend] of Object.entries(provider.backends)) {
-    list.append(backendItem(backendName, backend));
+    list.append(backendItem(backendName, { ...backend, upstream: upstreamName }));
   }
+  const action = provider.forced_down ? "restore" : "force-down";
+  const lever = leverButton(provider.forced_down ? "restore" : "force down",
+    `/providers/${enc(upstreamName)}/${enc(name)}/${action}`,
+    `${provider.forced_down ? "restore" : "force down"} ${name} for ${upstreamName}`);
   return element("div", {
     class: `provider state-${provider.state}`, "data-upstream": upstreamName,
     "data-provider": name, "data-state": provider.state,
   },
     element("h3", {}, element("span", {}, name), element("span", { class: "state-label" }, provider.state)),
     bar,
+    charts((history.upstreams[upstreamName] || {})[name] || []),
+    lever,
     element("div", { class: "muted" }, `${percent(provider.traffic_share)} of new requests`),
     element("div", { class: "reason" }, provider.reason || ""),
     regionList(provider),
@@ -78,6 +92,96 @@ function upstreamCard(name, upstream) {
   );
 }
 
+// -- charts: request rate, 5xx share and p99 over the last 15 minutes ------------------------------
+
+function sparkline(points, value) {
+  const width = 120, height = 28;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  const values = points.map(value);
+  const max = Math.max(...values.filter((v) => v !== null), 0) || 1;
+  const now = Date.now() / 1000;
+  const span = history.window_s || 900;
+  let segment = [];
+  const segments = [segment];
+  points.forEach((point, index) => {
+    if (values[index] === null) { segment = []; segments.push(segment); return; }
+    const x = width - ((now - point.at) / span) * width;
+    const y = height - 2 - (values[index] / max) * (height - 4);
+    segment.push(`${Math.max(0, x).toFixed(1)},${y.toFixed(1)}`);
+  });
+  for (const line of segments.filter((s) => s.length)) {
+    const polyline = document.createElementNS(SVG, "polyline");
+    polyline.setAttribute("points", (line.length === 1 ? [line[0], line[0]] : line).join(" "));
+    svg.append(polyline);
+  }
+  return svg;
+}
+
+function lastValue(points, value) {
+  for (let i = points.length - 1; i >= 0; i--) if (value(points[i]) !== null) return value(points[i]);
+  return null;
+}
+
+function charts(points) {
+  const series = [
+    ["rps", "req/s", (p) => p.rps, (v) => v.toFixed(v < 10 ? 1 : 0)],
+    ["errors", "5xx", (p) => p.error_ratio, (v) => `${(v * 100).toFixed(1)}%`],
+    ["p99", "p99", (p) => p.p99_ms, (v) => `${v.toFixed(v < 10 ? 1 : 0)} ms`],
+  ];
+  return element("div", { class: "charts", "data-points": points.length },
+    ...series.map(([key, label, value, format]) => {
+      const last = lastValue(points, value);
+      return element("figure", { class: `chart chart-${key}` },
+        sparkline(points, value),
+        element("figcaption", {}, `${label} ${last === null ? "–" : format(last)}`));
+    }));
+}
+
+// -- levers: force down / restore a provider, drain / undrain a backend ------------------------------
+
+function enc(name) { return encodeURIComponent(name); }
+
+function leverButton(label, path, what) {
+  const button = element("button", { class: "lever", type: "button", "data-path": path }, label);
+  // The dialog opens after the click returns, so a redraw never swallows it.
+  button.addEventListener("click", () => setTimeout(() => pull(path, what), 0));
+  return button;
+}
+
+function notice(text, failed) {
+  const shown = document.getElementById("notice");
+  shown.textContent = text;
+  shown.className = failed ? "failed" : "done";
+}
+
+async function pull(path, what) {
+  // Ask for the token (kept for this tab once it worked); without one, ask to confirm.
+  let token = sessionStorage.getItem("adminToken") || "";
+  if (tokenRequired && !token) {
+    token = window.prompt(`Admin token to ${what}:`);
+    if (token === null) return;
+  } else if (!tokenRequired && !window.confirm(`${what}?`)) {
+    return;
+  }
+  const response = await fetch(path, {
+    method: "POST", headers: token ? { Authorization: `Bearer ${token}` } : {},
+  });
+  if (response.status === 401 || response.status === 403) {
+    sessionStorage.removeItem("adminToken");
+    notice(`${what}: refused, wrong token`, true);
+    return;
+  }
+  if (!response.ok) {
+    notice(`${what}: ${response.status} ${await response.text()}`, true);
+    return;
+  }
+  if (token) sessionStorage.setItem("adminToken", token);
+  notice(`${what}: done`, false);
+}
+
 function eventItem(event) {
   const when = new Date(event.at * 1000).toLocaleTimeString();
   const where = event.to.length ? event.to.join(", ") : "nobody";
@@ -88,6 +192,7 @@ function eventItem(event) {
 }
 
 function render(status) {
+  tokenRequired = status.token_required;
   const readiness = document.getElementById("readiness");
   readiness.textContent = status.ready ? "ready" : `not ready: ${status.ready_reason}`;
   readiness.className = `badge ${status.ready ? "ready" : "not-ready"}`;
@@ -103,6 +208,12 @@ function render(status) {
 
 async function refresh() {
   try {
+    const every = Math.min(5000, (history.interval_s || 1) * 1000);
+    if (Date.now() - historyFetchedAt >= every) {
+      const answer = await fetch("/status/history", { cache: "no-store" });
+      history = await answer.json();
+      historyFetchedAt = Date.now();
+    }
     const response = await fetch("/status", { cache: "no-store" });
     render(await response.json());
   } catch (error) {
