@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-stress test-container bench bench-instructions clean system-deps
+.PHONY: demo test test-pure test-stress test-container bench bench-instructions clean system-deps
 
 # Debian packages the tests drive (command:package): a headless browser for the status page,
 # Prometheus and promtool for the metrics, alert rules and dashboard.
@@ -33,6 +33,15 @@ test: $(VENV)/.installed system-deps
 	$(BIN)/ruff check failover_proxy tests benchmarks
 	$(BIN)/mypy --strict failover_proxy
 	$(BIN)/pytest -q
+
+# The whole suite again as plain Python (FAILOVER_PROXY_PURE=1: no mypyc, no C extensions,
+# reads and writes through the transports), in a copy of the checkout under build/pure so its
+# install cannot disturb this one's compiled modules. Proves the fallback end to end.
+test-pure:
+	rm -rf build/pure && mkdir -p build/pure
+	git ls-files -z --cached --others --exclude-standard | \
+	  xargs -0 cp --parents --no-dereference -t build/pure
+	cd build/pure && FAILOVER_PROXY_PURE=1 $(MAKE) --no-print-directory test PYTHON=$(PYTHON)
 
 # The whole suite three times in a row while stress-ng keeps both cores busy (installs
 # stress-ng with apt-get when missing): a failover test that only passes on an idle machine has

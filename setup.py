@@ -4,13 +4,16 @@ Also builds three small C extensions: dataplane/_direct.c, direct socket writes 
 dataplane/writepath.py); dataplane/_reads.c, batched socket reads (dataplane/readpath.py); and
 dataplane/_fields.c, where a head ends and which of its fields the proxy reads (headers.py).
 
-The same modules run unchanged as plain Python: set FAILOVER_PROXY_PURE=1 to skip compiling
+The C extensions use Linux system calls and are built on Linux only; elsewhere reads and
+writes go through the transports. The same modules run unchanged as plain Python: set
+FAILOVER_PROXY_PURE=1 to skip compiling
 (for example where no C compiler is available; reads and writes then go through the
 transports); that also removes compiled copies left in a source checkout, so they cannot shadow
 edited sources. Everything else is in pyproject.toml.
 """
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -40,6 +43,7 @@ else:
     from mypyc.build import mypycify
 
     extensions = mypycify(["--strict", *COMPILED], opt_level="3")
+if os.environ.get("FAILOVER_PROXY_PURE") != "1" and sys.platform.startswith("linux"):
     extensions += [
         Extension("failover_proxy.dataplane._direct", ["failover_proxy/dataplane/_direct.c"]),
         Extension("failover_proxy.dataplane._reads", ["failover_proxy/dataplane/_reads.c"]),

@@ -87,6 +87,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "connections_refused": (
         "Client connections refused at once, by reason (per_ip_limit).", ("reason",)
     ),
+    "accept_pauses": (
+        "Times a process stopped accepting because it held limits.max_connections client "
+        "connections (new ones wait in the backlog or go to another worker).", ()
+    ),
     "config_reloads": ("Config reloads, by result (success, failure).", ("result",)),
     "hedges": ("Hedged second attempts sent.", ("upstream",)),
     "circuit_breaker_overflows": ("Requests refused by a circuit breaker.", ("upstream",)),
@@ -313,6 +317,7 @@ class KnownSeries:
         counters["connections_refused"] = [(reason,) for reason in REFUSAL_REASONS]
         counters["access_log_dropped"] = [()]
         counters["worker_restarts"] = [()]
+        counters["accept_pauses"] = [()]
         attempts: list[tuple[str, str, str, str]] = []
         durations: list[tuple[str, str]] = []
         for upstream in topology.upstreams.values():

@@ -598,6 +598,11 @@ class LimitsConfig:
     tunnel_idle_timeout: Duration | None = 3600.0
     """An upgraded connection (WebSocket) that no byte crosses, either way, for this long is
     closed on both sides; none: never. Its precision is the sweep's (0.2 s)."""
+    max_connections: Annotated[int, Constraints(ge=1)] | None = None
+    """Client connections one worker process holds at once (nginx's worker_connections). At
+    the limit the worker stops accepting: new connections wait in the listening socket's
+    backlog (or go to another worker) until it holds fewer. The admin listener stays
+    reachable. None: no limit."""
     max_connections_per_ip: Annotated[int, Constraints(ge=1)] | None = None
     """Client connections one address may hold open at once, per worker process; one more is
     answered 429 and closed. None: no limit."""

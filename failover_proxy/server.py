@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 from .accesslog import AccessLog
 from .dataplane.downstream import ClientLimits
 from .dataplane.state import DataPlane
+from .listener import ClientListener
 from .metrics import MetricStore, ProcessGauges
 from .schema import AccessLogConfig, ConfigError, ProxyConfig
 from .topology import (
@@ -87,7 +88,7 @@ class ProxyServer:
         self.admin: AdminServer | None = None
         self.draining = False
         """Set by a graceful stop: /readyz answers 503 from then on."""
-        self._server: asyncio.Server | None = None
+        self.listener: ClientListener | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     @property
@@ -106,18 +107,9 @@ class ProxyServer:
         self.plane = plane = DataPlane(loop, topology, config.limits, store=self.store)
         self._apply_logging(config)
         listen = config.listen
-        if self.listen_socket is not None:
-            self._server = await loop.create_server(
-                plane.protocol_factory, sock=self.listen_socket, backlog=listen.backlog
-            )
-        else:
-            self._server = await loop.create_server(
-                plane.protocol_factory,
-                listen.host,
-                listen.port,
-                backlog=listen.backlog,
-                reuse_address=True,
-            )
+        self.listener = plane.listener = ClientListener(loop, plane.protocol_factory,
+                                                        listen.backlog)
+        await self.listener.open(listen.host, listen.port, self.listen_socket)
         plane.start()
         if self.report_outcome is not None:
             settle_garbage_collector()
@@ -138,15 +130,15 @@ class ProxyServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self.listener is not None
+        port: int = self.listener.sockets[0].getsockname()[1]
         return port
 
     @property
     def addresses(self) -> list[str]:
-        assert self._server is not None
+        assert self.listener is not None
         out = []
-        for sock in self._server.sockets:
+        for sock in self.listener.sockets:
             host, port = sock.getsockname()[:2]
             out.append(address_text(host, port))
         return out
@@ -259,6 +251,8 @@ class ProxyServer:
         self._adopt(topology)
         plane.topology = topology  # the switch: new requests route by the new generation
         plane.limits = ClientLimits(new.limits)
+        if not plane.accepting:
+            plane.accept_below_limit()  # a higher (or no) connection limit now
         if self.report_outcome is None:
             self._probe(topology)
             self._discover(topology)
@@ -300,8 +294,8 @@ class ProxyServer:
         """Stop accepting, let requests in flight finish within `grace`, then close the rest."""
         self.draining = True
         plane = self.plane
-        if self._server is not None:
-            self._server.close()
+        if self.listener is not None:
+            self.listener.close()
         if self._watcher is not None:
             self._watcher.cancel()
         if plane is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from failover_proxy.faults import read_request_body
+from failover_proxy.metrics import ATTEMPT_OUTCOMES
 from failover_proxy.server import ProxyServer
 
 from .conftest import (
@@ -668,3 +669,36 @@ async def test_a_closing_connection_the_client_does_not_read_is_dropped_after_se
     finally:
         client.close()
     assert 1.0 <= held <= 3.0, held
+
+
+async def test_malformed_backend_response_is_a_backend_failure_retried_elsewhere(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A response llhttp refuses counts against the backend (toward its ejection) as a reset
+    would, and an idempotent request is retried on a sibling instead of answered 502."""
+
+    async def smuggler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            # Two framings at once: refused, never forwarded.
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
+            await writer.drain()
+
+    async def good(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    ports = [await raw_backend(smuggler), await raw_backend(good)]
+    server = await proxy(single_upstream_config(
+        ports, "    outlier: {consecutive_failures: 2, base_ejection: 30s}\n"
+               "    retry: {attempts: 2}\n"))
+    for _ in range(6):
+        raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                                until_close=False)
+        assert status_of(raw) == 200 and raw.endswith(b"ok"), raw
+    bad = server.topology.backend("web", "b0")
+    assert bad is not None and bad.state == "ejected", bad.reason
+    attempts = server.store.attempts[("web", "aws", "b0", f"127.0.0.1:{ports[0]}")]
+    assert attempts[ATTEMPT_OUTCOMES.index("bad_response")] == 2

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from .conftest import read_one_response, single_upstream_config
+import httpx
+
+from .conftest import FileProxy, read_one_response, single_upstream_config
 from .test_request_framing import RecordingBackend, StartProxy, StartRaw
+
+StartFileProxy = Callable[[str], Awaitable[FileProxy]]
 
 
 async def test_the_last_request_a_connection_may_carry_is_answered_with_close(
@@ -80,3 +86,46 @@ async def test_one_address_holds_at_most_its_connections(
     writer.close()
     held[1][1].close()
     assert server.store.counters["connections_refused"] == {("per_ip_limit",): 1}
+
+
+async def test_a_worker_at_its_connection_limit_stops_accepting_until_below_it(
+    file_proxy: StartFileProxy, raw_backend: StartRaw,
+) -> None:
+    """limits.max_connections: 3. With three client connections open, a fourth completes its
+    TCP handshake (the kernel's backlog) but is not accepted: its request waits, unanswered,
+    and the admin listener still answers. Once one of the three closes, the fourth is accepted
+    and answered. Nothing is accepted only to be closed."""
+    backend = RecordingBackend()
+    proxy = await file_proxy(single_upstream_config(
+        [await raw_backend(backend)],
+        top_extra="admin: {port: 0}\nlimits: {max_connections: 3}\n"))
+    server = proxy.server
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+    for reader, writer in held:
+        writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(read_one_response(reader), 5)).startswith(b"HTTP/1.1 200")
+    assert server.plane is not None and not server.plane.accepting
+    waiting_reader, waiting_writer = await asyncio.open_connection("127.0.0.1", server.port)
+    waiting_writer.write(b"GET /waiting HTTP/1.1\r\nHost: x\r\n\r\n")
+    with contextlib.suppress(asyncio.TimeoutError):
+        early = await asyncio.wait_for(waiting_reader.read(1), 0.5)
+        raise AssertionError(f"answered above the limit: {early!r}")
+    assert len(server.plane.connections) == 3
+    async with httpx.AsyncClient(trust_env=False) as http:
+        assert (await http.get(f"{proxy.admin}/healthz")).status_code == 200
+    held[0][1].close()
+    answer = await asyncio.wait_for(read_one_response(waiting_reader), 5)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert [head.split(b" ")[1] for head in backend.heads] == [b"/held"] * 3 + [b"/waiting"]
+    # A reload that lifts the limit lets everyone in at once.
+    assert not server.plane.accepting  # three open again: held[1], held[2], waiting
+    proxy.path.write_text(proxy.path.read_text().replace("max_connections: 3",
+                                                         "max_connections: 100"))
+    assert (await server.reload()).ok
+    more = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(5)]
+    for reader, writer in more:
+        writer.write(b"GET /more HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(read_one_response(reader), 5)).startswith(b"HTTP/1.1 200")
+    for _, writer in [*held[1:], *more, (waiting_reader, waiting_writer)]:
+        writer.close()
+    assert server.store.counters["accept_pauses"][()] == 2

@@ -11,6 +11,7 @@ Kubernetes API schemas (offline, by kubernetes-validate) and checked for what a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -230,6 +231,26 @@ class Prometheus:
             self.process.wait()
 
 
+async def start_prometheus(http: httpx.AsyncClient, work: Path, target: str) -> Prometheus:
+    """Prometheus on a free port; another one when a busy machine took that port between
+    finding it free and Prometheus binding it."""
+    for attempt in range(3):
+        folder = work / f"prometheus-{attempt}"
+        folder.mkdir()
+        prometheus = Prometheus(folder, target)
+        for _ in range(100):
+            if prometheus.process.poll() is not None:
+                break
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(f"http://127.0.0.1:{prometheus.port}/-/ready")).is_success:
+                    return prometheus
+            await asyncio.sleep(0.1)
+        prometheus.stop()
+        if "address already in use" not in prometheus.log.read_text():
+            raise AssertionError(prometheus.log.read_text())
+    raise AssertionError("no free port for Prometheus in 3 tries")
+
+
 @needs_prometheus
 async def test_every_dashboard_query_finds_what_the_proxy_exports(
     monitored: FileProxy, tmp_path: Path
@@ -240,9 +261,9 @@ async def test_every_dashboard_query_finds_what_the_proxy_exports(
     for where, expr in queries:
         for name in re.findall(r"failover_proxy_\w+", expr):
             assert name in exported, f"{where}: {name} is not a metric the proxy exports"
-    prometheus = Prometheus(tmp_path, monitored.admin.removeprefix("http://"))
-    try:
-        async with httpx.AsyncClient(timeout=5) as http:
+    async with httpx.AsyncClient(timeout=5) as http:
+        prometheus = await start_prometheus(http, tmp_path, monitored.admin.removeprefix("http://"))
+        try:
             await prometheus.wait_for_scrapes(http, 2)
             await send_traffic(monitored, 30)
             await prometheus.wait_for_scrapes(http, 5)
@@ -258,8 +279,8 @@ async def test_every_dashboard_query_finds_what_the_proxy_exports(
             loaded = [rule for group in rules for rule in group["rules"]]
             assert len(loaded) == len(yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"])
             assert all(rule["health"] in ("ok", "unknown") for rule in loaded), loaded
-    finally:
-        prometheus.stop()
+        finally:
+            prometheus.stop()
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------

@@ -179,6 +179,8 @@ class ClientLimits:
         """0: tunnels may stay idle for ever."""
         self.max_per_ip: int = config.max_connections_per_ip or 0
         """0: no limit (and no counting)."""
+        self.max_connections: int = config.max_connections or 0
+        """0: no limit."""
         self.max_requests: int = config.max_requests_per_connection or 0
         """0: no limit."""
         self.request_taken: int = REQUEST_TAKEN | (
@@ -287,7 +289,10 @@ class DownstreamProtocol:
         if peer:
             self.client_ip = str(peer[0]).encode()
         self.forwarded_prefix = forwarded_prefix(None, self.client_ip, self.scheme)
-        self.plane.connections.add(self)
+        plane = self.plane
+        plane.connections.add(self)
+        if self.limits.max_connections and len(plane.connections) >= self.limits.max_connections:
+            plane.stop_accepting()
         if self.limits.max_per_ip and not self._count_client():
             return
         self._set_deadline(self.limits.header_timeout, 408)
@@ -317,7 +322,10 @@ class DownstreamProtocol:
         self.parser = _NO_PARSER
         self._feed = _NO_PARSER.feed_data
         self._current = None
-        self.plane.connections.discard(self)
+        plane = self.plane
+        plane.connections.discard(self)
+        if not plane.accepting:
+            plane.accept_below_limit()
         if self.counted_ip:
             self.counted_ip = False
             per_ip = self.plane.connections_per_ip

@@ -17,6 +17,7 @@ from .request import Request
 
 if TYPE_CHECKING:
     from ..accesslog import AccessLog
+    from ..listener import ClientListener
     from ..topology import Topology
 
 SWEEP_INTERVAL = 0.2
@@ -47,6 +48,11 @@ class DataPlane:
         self.connections: set[DownstreamProtocol] = set()
         self.connections_per_ip: dict[bytes, int] = {}
         """Open client connections by address, while limits.max_connections_per_ip is set."""
+        self.listener: ClientListener | None = None
+        """Whoever accepts this process's client connections (limits.max_connections pauses
+        it); None in tests that feed the plane connections themselves."""
+        self.accepting = True
+        """False while limits.max_connections holds accepting back."""
         self.draining = False
         self.clock = loop.time()
         """The loop's time as of the last sweep: timeouts here are only as fine as the sweep, so
@@ -56,6 +62,25 @@ class DataPlane:
     def protocol_factory(self) -> asyncio.Protocol:
         """What the listener calls per accepted connection (a duck-typed asyncio protocol)."""
         return cast(asyncio.Protocol, DownstreamProtocol(self))
+
+    def stop_accepting(self) -> None:
+        """The connection limit is reached: accept nothing more until below it."""
+        listener = self.listener
+        if listener is None or not self.accepting:
+            return
+        self.accepting = False
+        listener.pause()
+        self.store.inc("accept_pauses")
+
+    def accept_below_limit(self) -> None:
+        """A connection closed while accepting was held back: resume when under the limit
+        (never while draining: the listener is closed then)."""
+        listener = self.listener
+        limit = self.limits.max_connections
+        if listener is not None and not self.draining and (
+                not limit or len(self.connections) < limit):
+            self.accepting = True
+            listener.resume()
 
     def start(self) -> None:
         self._sweeper = self.loop.create_task(self._sweep_forever())
