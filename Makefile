@@ -70,6 +70,7 @@ test-container: $(VENV)/.installed
 # in every fault mode under load. Tables go to benchmarks/results/ (about 20 minutes).
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python benchmarks/tls.py
 	$(BIN)/python benchmarks/failover.py
 
 # Instructions per proxied request under callgrind (installs valgrind): steady enough to show a

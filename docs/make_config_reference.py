@@ -21,6 +21,8 @@ OUTPUT = ROOT / "docs" / "configuration.md"
 SECTIONS = {
     "ProxyConfig": "(top level)",
     "ListenConfig": "listen",
+    "ListenTlsConfig": "listen.tls",
+    "CertificateConfig": "listen.tls.certificates[]",
     "AdminConfig": "admin",
     "AccessLogConfig": "access_log",
     "DrainConfig": "drain",

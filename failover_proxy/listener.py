@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable
 
 log = logging.getLogger("failover_proxy")
@@ -23,10 +24,14 @@ class ClientListener:
     """Listening sockets kept open for the life of the process, served while accepting."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 factory: Callable[[], asyncio.Protocol], backlog: int) -> None:
+                 factory: Callable[[], asyncio.Protocol], backlog: int,
+                 tls: ssl.SSLContext | None = None, handshake_timeout: float | None = None
+                 ) -> None:
         self._loop = loop
         self._factory = factory
         self._backlog = backlog
+        self._tls = tls
+        self._handshake_timeout = handshake_timeout if tls is not None else None
         self._kept: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
         self._wanted = False
@@ -41,7 +46,8 @@ class ClientListener:
         self._wanted = True
         if sock is None:
             server = await self._loop.create_server(
-                self._factory, host, port, backlog=self._backlog, reuse_address=True)
+                self._factory, host, port, backlog=self._backlog, reuse_address=True,
+                ssl=self._tls, ssl_handshake_timeout=self._handshake_timeout)
             self._kept = [_duplicate(s.fileno()) for s in server.sockets]
             self._servers = [server]
         else:
@@ -77,7 +83,8 @@ class ClientListener:
         servers = []
         for kept in self._kept:
             servers.append(await self._loop.create_server(
-                self._factory, sock=_duplicate(kept.fileno()), backlog=self._backlog))
+                self._factory, sock=_duplicate(kept.fileno()), backlog=self._backlog,
+                ssl=self._tls, ssl_handshake_timeout=self._handshake_timeout))
         if not self._wanted or self._closed:  # paused (or closed) again meanwhile
             for server in servers:
                 server.close()

@@ -92,6 +92,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "connections (new ones wait in the backlog or go to another worker).", ()
     ),
     "config_reloads": ("Config reloads, by result (success, failure).", ("result",)),
+    "tls_certificate_reloads": (
+        "Times the listener's certificates were read again (reload or changed files), by "
+        "result (success, failure: the running ones kept serving).", ("result",)
+    ),
     "hedges": ("Hedged second attempts sent.", ("upstream",)),
     "circuit_breaker_overflows": ("Requests refused by a circuit breaker.", ("upstream",)),
     "replay_buffer_overflows": (
@@ -314,6 +318,7 @@ class KnownSeries:
                             for backend in upstream.backends)
         counters: dict[str, list[tuple[str, ...]]] = {name: [] for name in COUNTERS}
         counters["config_reloads"] = [(result,) for result in RELOAD_RESULTS]
+        counters["tls_certificate_reloads"] = [(result,) for result in RELOAD_RESULTS]
         counters["connections_refused"] = [(reason,) for reason in REFUSAL_REASONS]
         counters["access_log_dropped"] = [()]
         counters["worker_restarts"] = [()]

@@ -268,11 +268,67 @@ def config_class(cls: type[_T]) -> type[_T]:
 
 
 @config_class
+class CertificateConfig:
+    """A certificate (PEM, with its chain after it) and its private key (PEM)."""
+
+    cert_file: str
+    key_file: str
+
+    def __post_init__(self) -> None:
+        _check_key_pair(self.cert_file, self.key_file)
+
+
+def _check_key_pair(cert_file: str, key_file: str) -> None:
+    """Both files readable, the key the certificate's: checked when the config is read, so a
+    bad certificate is refused with its field and never replaces a serving one."""
+    from .tls import CertificateError, check_key_pair
+
+    try:
+        check_key_pair(cert_file, key_file)
+    except CertificateError as error:
+        raise LocatedError((error.field,), str(error)) from None
+
+
+@config_class
+class ListenTlsConfig:
+    """TLS on the client listener (HTTP/1.1 over TLS; X-Forwarded-Proto is then https)."""
+
+    certificates: Annotated[list[CertificateConfig], Constraints(min_length=1)]
+    """Chosen per connection by the name the client asks for (SNI): an exact name of a
+    certificate's subjectAltName, then a wildcard, then the first certificate. Read again on
+    reload and when the files change; one that fails to load leaves the running ones serving."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    ciphers: str | None = None
+    """OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); none: Python's
+    defaults (forward-secret AEAD ciphers only)."""
+    alpn: list[Literal["http/1.1"]] = field(default_factory=lambda: ["http/1.1"])
+    client_auth: Literal["none", "optional", "required"] = "none"
+    """Client certificates (mutual TLS): `required` refuses a handshake without a certificate
+    signed by `client_ca_file`; `optional` asks for one and checks it when sent."""
+    client_ca_file: str | None = None
+    handshake_timeout: Duration = 10.0
+    """A client that has not finished its handshake by then is dropped (slow handshakes hold a
+    connection like a slow request head does)."""
+    watch: bool = True
+    """Reload the certificates when their files change (checked every second)."""
+
+    def __post_init__(self) -> None:
+        if self.client_auth != "none" and not self.client_ca_file:
+            raise LocatedError(("client_ca_file",), f"client_auth {self.client_auth} needs "
+                               "client_ca_file: the CA that signs the clients' certificates")
+        if self.client_ca_file is not None and not os.access(self.client_ca_file, os.R_OK):
+            raise LocatedError(("client_ca_file",), f"cannot read {self.client_ca_file}")
+
+
+@config_class
 class ListenConfig:
     host: str = "127.0.0.1"
     """An address (0.0.0.0 or :: for all); a name listens on the first address it resolves to."""
     port: Port = 8080
     backlog: AtLeastOne = 1024
+    tls: ListenTlsConfig | None = None
+    """None: plain HTTP. Certificates reload without a restart; turning TLS on or off and
+    its other settings take a restart."""
 
 
 @config_class
@@ -284,10 +340,23 @@ class TimeoutsConfig:
 
 @config_class
 class TlsConfig:
+    """TLS to HTTPS backends."""
+
     verify: bool = True
     ca_file: str | None = None
     server_name: str | None = None
     """SNI and certificate name; defaults to the backend URL's host."""
+    cert_file: str | None = None
+    """A client certificate (PEM) for backends that require one (mutual TLS), with key_file."""
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            raise LocatedError((missing,), "a client certificate needs both cert_file and "
+                               "key_file")
+        if self.cert_file is not None and self.key_file is not None:
+            _check_key_pair(self.cert_file, self.key_file)
 
 
 @config_class
@@ -707,7 +776,7 @@ class ProxyConfig:
     def keeping_restart_only(self, running: ProxyConfig) -> ProxyConfig:
         """This config with the settings only a restart can change taken from `running`, so
         the config in force says what is really in force."""
-        return dataclasses.replace(self, **_restart_only(running))
+        return dataclasses.replace(self, **_restart_only(running, certificates_from=self))
 
     def keeping_unchanged_upstreams(self, running: ProxyConfig) -> ProxyConfig:
         """This config with each upstream equal to one of `running` replaced by that very
@@ -724,11 +793,18 @@ class ProxyConfig:
         """A warning for each setting that differs from `running` and needs a restart."""
         return [
             f"{name} changed: it takes effect at the next restart"
-            for name, value in _restart_only(running).items()
+            for name, value in _restart_only(running, certificates_from=self).items()
             if getattr(self, name) != value
         ]
 
 
-def _restart_only(config: ProxyConfig) -> dict[str, Any]:
-    """The settings a reload cannot change (sockets are bound, processes started)."""
-    return {"listen": config.listen, "admin": config.admin, "workers": config.workers}
+def _restart_only(config: ProxyConfig, certificates_from: ProxyConfig | None = None
+                  ) -> dict[str, Any]:
+    """The settings a reload cannot change (sockets are bound, processes started); with
+    `certificates_from`, the listener's certificates are taken from there (they reload)."""
+    listen = config.listen
+    new_tls = certificates_from.listen.tls if certificates_from is not None else None
+    if listen.tls is not None and new_tls is not None:
+        listen = dataclasses.replace(listen, tls=dataclasses.replace(
+            listen.tls, certificates=new_tls.certificates))
+    return {"listen": listen, "admin": config.admin, "workers": config.workers}

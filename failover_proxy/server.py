@@ -26,6 +26,7 @@ from .dataplane.state import DataPlane
 from .listener import ClientListener
 from .metrics import MetricStore, ProcessGauges
 from .schema import AccessLogConfig, ConfigError, ProxyConfig
+from .tls import ServerTls
 from .topology import (
     Backend,
     Topology,
@@ -89,6 +90,8 @@ class ProxyServer:
         self.draining = False
         """Set by a graceful stop: /readyz answers 503 from then on."""
         self.listener: ClientListener | None = None
+        self.server_tls: ServerTls | None = None
+        """The listener's certificates (None: plain HTTP)."""
         self._watcher: asyncio.Task[None] | None = None
 
     @property
@@ -104,12 +107,23 @@ class ProxyServer:
         topology = build_topology(config, self.store, now=loop.time(),
                                   resolved=_resolved(answers, config))
         self._adopt(topology)
-        self.plane = plane = DataPlane(loop, topology, config.limits, store=self.store)
-        self._apply_logging(config)
         listen = config.listen
-        self.listener = plane.listener = ClientListener(loop, plane.protocol_factory,
-                                                        listen.backlog)
+        if listen.tls is not None:
+            self.server_tls = ServerTls(listen.tls)
+            self.server_tls.on_reload = lambda result: self.store.inc(
+                "tls_certificate_reloads", (result,))
+        self.plane = plane = DataPlane(loop, topology, config.limits, store=self.store,
+                                       scheme=b"https" if listen.tls is not None else b"http")
+        self._apply_logging(config)
+        self.listener = plane.listener = ClientListener(
+            loop, plane.protocol_factory, listen.backlog,
+            self.server_tls.front if self.server_tls is not None else None,
+            listen.tls.handshake_timeout if listen.tls is not None else None)
         await self.listener.open(listen.host, listen.port, self.listen_socket)
+        if self.server_tls is not None:
+            log.info("TLS: serving %s", self.server_tls.summary())
+            if listen.tls is not None and listen.tls.watch:
+                self.server_tls.watch(loop)
         plane.start()
         if self.report_outcome is not None:
             settle_garbage_collector()
@@ -239,6 +253,12 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         # Keep what only a restart can change, so the running config says what is in force.
         new = new.keeping_restart_only(self.config)
+        if self.server_tls is not None and new.listen.tls is not None:
+            # Read again even when unchanged in the config: a reload is how operators say
+            # "new certificate files are in place".
+            if self.server_tls.config.certificates != new.listen.tls.certificates:
+                self.server_tls.config = new.listen.tls
+            self.server_tls.reload_files("reload")
         # A large config is built a part at a time, with requests served between the parts
         # (on the generation in service: the switch below happens in one step).
         names = list(new.upstreams)
@@ -296,6 +316,8 @@ class ProxyServer:
         plane = self.plane
         if self.listener is not None:
             self.listener.close()
+        if self.server_tls is not None:
+            self.server_tls.stop()
         if self._watcher is not None:
             self._watcher.cancel()
         if plane is not None:

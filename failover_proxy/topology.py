@@ -501,6 +501,8 @@ def _tier_text(tier: Domain) -> str:
 def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
     """Client TLS context for HTTPS backends: verification on unless the operator turns it off."""
     context = ssl.create_default_context(cafile=config.tls.ca_file)
+    if config.tls.cert_file is not None and config.tls.key_file is not None:
+        context.load_cert_chain(config.tls.cert_file, config.tls.key_file)
     if not config.tls.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
