@@ -39,6 +39,7 @@ SECTIONS = {
     "PolicyConfig": "upstreams.NAME.policy",
     "CorrelatedFailuresConfig": "upstreams.NAME.policy.correlated_failures",
     "RetryConfig": "upstreams.NAME.retry",
+    "RequestBufferingConfig": "upstreams.NAME.request_buffering",
     "CircuitBreakerConfig": "upstreams.NAME.circuit_breaker",
     "HashOnConfig": "upstreams.NAME.hash_on",
 }

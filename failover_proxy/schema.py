@@ -506,6 +506,19 @@ RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "timeout", "502", "503
 
 
 @config_class
+class RequestBufferingConfig:
+    """Read a request body before taking a backend connection (nginx's proxy_request_buffering):
+    a slow upload then holds a client connection only, never a backend's, and a body read
+    whole can be sent again to another backend."""
+
+    enabled: bool = True
+    max_bytes: ByteSize = 64 * 1024
+    """Bodies up to this size (by Content-Length, or chunked until they pass it) are read
+    completely first; larger ones stream as they arrive. Buffered bodies are always
+    replayable (the replay buffer is at least this large)."""
+
+
+@config_class
 class RetryConfig:
     attempts: Annotated[int, Constraints(ge=1, le=10)] = 3
     on: list[str] = field(
@@ -564,6 +577,7 @@ class UpstreamConfig:
     outlier: OutlierConfig = OutlierConfig()
     policy: PolicyConfig = PolicyConfig()
     retry: RetryConfig = RetryConfig()
+    request_buffering: RequestBufferingConfig = RequestBufferingConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
 
     def __post_init__(self) -> None:

@@ -278,7 +278,11 @@ class Upstream:
         self.preserve_host = config.host_header == "preserve"
         self.hash_on = config.hash_on
         self.hedge_after: float | None = config.retry.hedge_after
-        self.replay_max_bytes: int = config.retry.replay_max_bytes
+        buffering = config.request_buffering
+        self.buffer_body_bytes: int = buffering.max_bytes if buffering.enabled else 0
+        """Request bodies up to this size are read whole before a backend is dialled (0: off)."""
+        # A body read whole can always be sent again.
+        self.replay_max_bytes: int = max(config.retry.replay_max_bytes, self.buffer_body_bytes)
         self.max_requests = config.circuit_breaker.max_requests
         self.max_requests_per_backend = config.circuit_breaker.max_requests_per_backend
         self.ramping = False

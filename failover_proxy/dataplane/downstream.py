@@ -825,11 +825,19 @@ class DownstreamProtocol:
         target = route.target
         upstream = target.upstream
         body = request.body
-        if body.replay_limit != upstream.replay_max_bytes and body is not EMPTY_BODY:
-            body.set_replay_limit(upstream.replay_max_bytes)
         exchange = Exchange(self, request, target)
         self.exchange = exchange
-        exchange.begin()
+        if body is EMPTY_BODY:
+            exchange.begin()
+            return
+        if body.replay_limit != upstream.replay_max_bytes:
+            body.set_replay_limit(upstream.replay_max_bytes)
+        limit = upstream.buffer_body_bytes
+        if (limit and not body.complete and request.upgrade is None
+                and (request.chunked or (request.content_length or 0) <= limit)):
+            exchange.wait_for_body(limit)
+        else:
+            exchange.begin()
 
     def _answer_no_route(self, request: Request) -> None:
         if not request.keep_alive or not request.body.complete or request.upgrade is not None:

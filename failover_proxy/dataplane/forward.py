@@ -502,6 +502,8 @@ class Exchange:
         "attempts",
         "backend",
         "began",
+        "body_progress",
+        "body_progress_at",
         "bytes_out",
         "connecting",
         "downstream",
@@ -524,6 +526,7 @@ class Exchange:
         "status",
         "tried",
         "upstream",
+        "waiting_body",
     )
 
     def __init__(
@@ -548,6 +551,7 @@ class Exchange:
         self.retried_stale = False
         self.retrying = False
         self.finished = False
+        self.waiting_body = False
         self.attempts = 0
         self.tried: list[Backend] | None = None
         self.read_timeout = upstream.read_timeout
@@ -617,6 +621,32 @@ class Exchange:
             chunked=request.chunked,
             upgrade=request.upgrade,
         )
+
+    def wait_for_body(self, limit: int) -> None:
+        """Read the body (up to `limit` bytes) before dialling a backend: a slow client then
+        holds no backend connection, and a body read whole can be sent again elsewhere. The
+        client's body_timeout is enforced here meanwhile (check_timeout)."""
+        self.waiting_body = True
+        request = self.request
+        body = request.body
+        self.body_progress = body.received
+        self.body_progress_at = self.downstream.plane.clock
+        if request.expect_continue and body.received == 0:
+            self.downstream.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # we want the body now
+            request.expect_continue = False
+        body.buffer_until(limit, self.body_ready)
+
+    def body_ready(self) -> None:
+        """The body is read (whole, or past the buffering limit), or the client broke it."""
+        self.waiting_body = False
+        if self.request.body.failed:
+            # Never began: take the places _end gives back, then end with the refusal.
+            self.upstream.active_requests += 1
+            if self.backend is not None:
+                self.backend.in_flight += 1
+            self._end_refused()
+            return
+        self.begin()
 
     def begin(self) -> None:
         upstream = self.upstream
@@ -1030,6 +1060,14 @@ class Exchange:
             self.backend.in_flight -= 1
 
     def check_timeout(self, now: float) -> None:
+        if self.waiting_body:
+            received = self.request.body.received
+            if received != self.body_progress:
+                self.body_progress = received
+                self.body_progress_at = now
+            elif now - self.body_progress_at >= self.downstream.limits.body_timeout:
+                self.downstream.body_stalled()
+            return
         attempt = self.attempt
         if attempt is not None:
             attempt.check_timeout(now)
@@ -1040,6 +1078,12 @@ class Exchange:
     def abandon(self) -> None:
         """The client is gone: stop whatever is in progress and free the backend connection."""
         if self.finished:
+            return
+        if self.waiting_body:  # it never began: nothing to release, nobody dialled
+            self.waiting_body = False
+            self.request.body.on_ready = None
+            self.finished = True
+            self._record(CLIENT_CLOSED_REQUEST)
             return
         self.finished = True
         self._release_counters()

@@ -31,9 +31,11 @@ class RequestBody:
         "_pause",
         "_paused",
         "_resume",
+        "buffer_limit",
         "complete",
         "delivered",
         "failed",
+        "on_ready",
         "pending",
         "pending_bytes",
         "received",
@@ -63,6 +65,23 @@ class RequestBody:
         self.sink: Attempt | None = None
         self.delivered = False
         self.failed = False
+        self.buffer_limit = 0
+        self.on_ready: Callable[[], None] | None = None
+        """Set while the body is read whole before a backend is dialled: called once, when it
+        is complete, passes buffer_limit, or fails."""
+
+    def buffer_until(self, limit: int, ready: Callable[[], None]) -> None:
+        """Hold the body until it is complete or larger than `limit`, then call `ready`."""
+        self.buffer_limit = limit
+        self.on_ready = ready
+
+    def _ready(self) -> bool:
+        ready = self.on_ready
+        if ready is None:
+            return False
+        self.on_ready = None
+        ready()
+        return True
 
     @property
     def replayable(self) -> bool:
@@ -85,12 +104,19 @@ class RequestBody:
             return
         self.pending.append(chunk)
         self.pending_bytes += len(chunk)
+        if self.on_ready is not None:
+            # Buffering (bounded by buffer_limit, so no pause): dial once past the limit.
+            if self.pending_bytes > self.buffer_limit:
+                self._ready()
+            return
         if self.pending_bytes > PENDING_HIGH_WATER and not self._paused:
             self._paused = True
             self._pause()
 
     def finish(self) -> None:
         self.complete = True
+        if self._ready():
+            return  # the attempt it starts ends the body when it attaches
         if self.sink is not None:
             self.sink.end_body()
 
@@ -104,6 +130,8 @@ class RequestBody:
         self.failed = True
         self.pending = []
         self.replay = None
+        if self._ready():
+            return  # the exchange that was waiting ends, refused
         if self.sink is not None:
             self.sink.abort_body()
 
