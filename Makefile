@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-pure test-stress test-container bench bench-instructions clean system-deps
+.PHONY: demo test test-pure test-soak test-stress test-container bench bench-instructions clean system-deps
 
 # Debian packages the tests drive (command:package): a headless browser for the status page,
 # Prometheus and promtool for the metrics, alert rules and dashboard.
@@ -42,6 +42,12 @@ test-pure:
 	git ls-files -z --cached --others --exclude-standard | \
 	  xargs -0 cp --parents --no-dereference -t build/pure
 	cd build/pure && FAILOVER_PROXY_PURE=1 $(MAKE) --no-print-directory test PYTHON=$(PYTHON)
+
+# One minute of benchmarks/soak.py (mixed load, a provider broken every few seconds, reloads):
+# fails on an error seen by an idempotent request, RSS growth over 5 % or leaking descriptors.
+# `python benchmarks/soak.py` alone runs 10 minutes.
+test-soak: $(VENV)/.installed
+	$(BIN)/python benchmarks/soak.py --minutes 1 --check
 
 # The whole suite three times in a row while stress-ng keeps both cores busy (installs
 # stress-ng with apt-get when missing): a failover test that only passes on an idle machine has
