@@ -54,12 +54,17 @@ class Tally:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     """Client-visible failures of idempotent requests, by kind."""
+    details: dict[str, list[str]] = field(default_factory=dict)
+    """The first few answers of each kind (the proxy's own answers name their reason)."""
     websocket_drops: int = 0
     """WebSocket sessions cut (their backend was stopped): reconnected, not an error."""
     left: int = 0
 
-    def error(self, kind: str) -> None:
+    def error(self, kind: str, detail: str = "") -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+        seen = self.details.setdefault(kind, [])
+        if detail and len(seen) < 5:
+            seen.append(f"{time.strftime('%H:%M:%S')} {detail.strip()[:200]}")
 
 
 def free_port() -> int:
@@ -158,10 +163,10 @@ async def keep_alive_client(base: str, tally: Tally, until: float) -> None:
         while time.monotonic() < until:
             try:
                 async with session.get(f"{base}/item") as response:
-                    await response.read()
+                    body = await response.read()
                     tally.ok += 1 if response.status == 200 else 0
                     if response.status != 200:
-                        tally.error(f"keep-alive {response.status}")
+                        tally.error(f"keep-alive {response.status}", body.decode(errors="replace"))
             except aiohttp.ClientError as error:
                 tally.error(f"keep-alive {type(error).__name__}")
 
@@ -172,11 +177,12 @@ async def new_connection_client(base: str, tally: Tally, until: float) -> None:
         while time.monotonic() < until:
             try:
                 async with session.get(f"{base}/fresh") as response:
-                    await response.read()
+                    body = await response.read()
                     if response.status == 200:
                         tally.ok += 1
                     else:
-                        tally.error(f"new-connection {response.status}")
+                        tally.error(f"new-connection {response.status}",
+                                    body.decode(errors="replace"))
             except aiohttp.ClientError as error:
                 tally.error(f"new-connection {type(error).__name__}")
 
@@ -217,15 +223,16 @@ async def bulk_client(base: str, tally: Tally, until: float) -> None:
         while time.monotonic() < until:
             try:
                 async with session.put(f"{base}/bulk/upload", data=UPLOAD) as response:
-                    await response.read()
+                    answer = await response.read()
                     if response.status != 200:
-                        tally.error(f"upload {response.status}")
+                        tally.error(f"upload {response.status}", answer.decode(errors="replace"))
                     else:
                         tally.ok += 1
                 async with session.get(f"{base}/bulk/large") as response:
                     body = await response.read()
                     if response.status != 200 or body != LARGE:
-                        tally.error(f"download {response.status}")
+                        tally.error(f"download {response.status}",
+                                    body[:200].decode(errors="replace"))
                     else:
                         tally.ok += 1
             except aiohttp.ClientError as error:
@@ -349,6 +356,7 @@ def verdict(samples: list[dict[str, object]], tally: Tally, faults: list[str], m
         "errors": not tally.errors,
     }
     return {"minutes": minutes, "samples": samples, "ok": tally.ok, "errors": tally.errors,
+            "error_details": tally.details,
             "websocket_drops": tally.websocket_drops, "clients_left": tally.left,
             "faults": faults, "reloads": generation - 1, "rss_growth": rss_growth,
             "fd_change": fd_change, "checks": checks}
@@ -386,6 +394,9 @@ def write(result: dict[str, object]) -> None:
     (RESULTS / "soak.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "soak.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     print("\n".join(lines[:9]))
+    for kind, details in result.get("error_details", {}).items():  # type: ignore[union-attr]
+        print(f"  {kind}:", *details, sep="\n    ")
+    print("  faults:", *result["faults"], sep="\n    ")  # type: ignore[misc]
 
 
 def main() -> int:

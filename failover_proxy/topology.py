@@ -475,6 +475,10 @@ class Upstream:
         if tier is None or tier.balancer is None:
             if self.panic and self.config.policy.panic == "fail":
                 return None, "panic: too few usable backends, refusing (panic: fail)"
+            fallback = self.last_resort(tried_backends)
+            if fallback is not None:
+                return fallback, (f"last resort: nothing in rotation, {fallback.name} passes "
+                                  "its checks")
             return None, "no usable backend: " + "; ".join(
                 p.reason or f"provider {p.name} down" for p in self.providers.values()
             )
@@ -487,11 +491,34 @@ class Upstream:
                 if backend not in tried_backends:
                     break
                 backend = balancer.pick()
+        if backend in tried_backends:
+            # Everything in rotation failed this request already: rather than the same
+            # backend again, one held out of rotation (hold-down) whose own checks pass.
+            fallback = self.last_resort(tried_backends)
+            if fallback is not None:
+                return fallback, (f"last resort after {', '.join(tried_tiers)}: "
+                                  f"{fallback.name} is out of rotation but passes its checks")
         if tried_tiers and not reason:
             reason = f"retry on {_tier_text(tier)} after {', '.join(tried_tiers)}"
         elif not tried_tiers and tier is not self.policy.preferred:
             reason = self.policy.why_not_preferred()
         return backend, reason
+
+    def last_resort(self, tried: list[Backend]) -> Backend | None:
+        """A backend out of rotation only because its provider or region is held down (or
+        taken down with others), while its own state is healthy: probes pass, not ejected, not
+        drained, not forced down by an operator. Used only when nothing in rotation is left to
+        try: an answer from a provider that has recovered but waits out its hold-down beats an
+        error. The least busy such backend; None when there is none."""
+        best: Backend | None = None
+        for backend in self.backends:
+            if backend in tried or backend.state != "healthy" or not backend.endpoint:
+                continue
+            if self.providers[backend.provider].forced_down or self.region_of(backend).forced_down:
+                continue
+            if best is None or backend.in_flight < best.in_flight:
+                best = backend
+        return best
 
     def close(self) -> None:
         for backend in self.backends:

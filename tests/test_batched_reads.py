@@ -23,7 +23,8 @@ import pytest
 from aiohttp import web
 
 from failover_proxy.dataplane import readpath
-from failover_proxy.dataplane.readpath import TransportReading, fail_connection, read_path
+from failover_proxy.dataplane.connio import ConnectionIO
+from failover_proxy.dataplane.readpath import TransportReading
 from failover_proxy.server import ProxyServer
 
 from .conftest import hello_exchanges, tls_contexts
@@ -36,7 +37,8 @@ StartProxy = Callable[[str], Awaitable[ProxyServer]]
 
 
 class _Server(asyncio.Protocol):
-    """A server-side connection reading through read_path, as the data plane's protocols do."""
+    """A server-side connection reading through its ConnectionIO, as the data plane's protocols
+    do."""
 
     def __init__(
         self,
@@ -56,9 +58,10 @@ class _Server(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.reading = read_path(
+        self.io = ConnectionIO(
             self.transport, self.data_received, self.eof_received, self.read_failed
         )
+        self.reading = self.io.reading
         if self.pause_at_once:
             self.reading.pause()
         # As soon as uvloop has started the transport reading (after this returns); the proxy
@@ -77,7 +80,7 @@ class _Server(asyncio.Protocol):
 
     def read_failed(self, exc: BaseException) -> None:
         self.failures.append(exc)
-        fail_connection(self.transport, self, exc, self.reading, self.transport.write)
+        self.io.fail(self, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.detach_when_lost:

@@ -547,3 +547,48 @@ async def test_an_abandoned_exchange_cancels_its_hedges_connect(
         for filler in fillers:
             filler.close()
         silent.close()
+
+
+async def test_a_recovered_provider_in_hold_down_is_the_last_resort(proxy: StartProxy) -> None:
+    """gcp fails its checks and is taken down for a 30 s hold-down; it recovers (its checks
+    pass again) but waits out the hold-down. Now aws, the only provider in rotation, refuses
+    connections: rather than 502 or 503, requests go to gcp as a last resort. Reproduces what
+    benchmarks/soak.py found when faults came faster than hold-downs ended."""
+    backends = [FaultBackend("aws-a", "aws"), FaultBackend("gcp-a", "gcp")]
+    for backend in backends:
+        await backend.start()
+    try:
+        server = await proxy(failover_config(backends).replace("hold_down: 1s", "hold_down: 30s"))
+        assert server.plane is not None
+        upstream = server.plane.topology.upstreams["web"]
+        aws, gcp = backends
+        await gcp.set_mode("5xx")
+        for _ in range(100):
+            if upstream.providers["gcp"].state == "down":
+                break
+            await asyncio.sleep(0.05)
+        assert upstream.providers["gcp"].state == "down"
+        await gcp.set_mode("healthy")
+        gcp_backend = next(b for b in upstream.backends if b.provider == "gcp")
+        for _ in range(100):
+            if gcp_backend.state == "healthy":
+                break
+            await asyncio.sleep(0.05)
+        assert gcp_backend.state == "healthy" and upstream.providers["gcp"].state == "down"
+        await aws.set_mode("refusing")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}",
+                                     trust_env=False) as http:
+            answers = [await http.get("/work") for _ in range(10)]
+        assert [a.status_code for a in answers] == [200] * 10, [a.text for a in answers]
+        assert all(a.json()["provider"] == "gcp" for a in answers)
+        reason = upstream.choose([], [], peek=True)[1]
+        assert upstream.providers["aws"].state == "down" or "last resort" in reason, reason
+        # An operator's force-down is never overridden.
+        upstream.health.force(upstream.providers["gcp"], True, asyncio.get_running_loop().time())
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}",
+                                     trust_env=False) as http:
+            refused = await http.get("/work")
+        assert refused.status_code in (502, 503)
+    finally:
+        for backend in backends:
+            await backend.stop()

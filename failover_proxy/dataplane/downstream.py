@@ -25,6 +25,7 @@ import httptools
 
 from ..schema import LimitsConfig
 from .chunked import ChunkedBodyEnd
+from .connio import ConnectionIO
 from .forward import Exchange
 from .headers import (
     BAD_HOST,
@@ -50,11 +51,11 @@ from .headers import (
     usable_request_id,
     walk_fields,
 )
-from .readpath import NOT_READING, Reading, detach_io, fail_connection, read_path
+from .readpath import NOT_READING, Reading
 from .request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
-from .writepath import Send, SendParts, not_connected, plain_socket_fd, write_path
+from .writepath import Send, SendParts, not_connected
 
 if TYPE_CHECKING:
     from .state import DataPlane
@@ -217,6 +218,9 @@ class DownstreamProtocol:
         self.limits = plane.limits
         self.scheme = plane.scheme
         self.transport: asyncio.Transport | None = None
+        """For what the transport says (is it closing, the peer); it is ended through `io`."""
+        self.io: ConnectionIO | None = None
+        """The only way this connection's transport is closed or aborted (connio)."""
         self.parser = httptools.HttpRequestParser(self)
         self._feed: Callable[[bytes | memoryview], None] = self.parser.feed_data
         self.send: Send = not_connected
@@ -280,11 +284,12 @@ class DownstreamProtocol:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        fd = plain_socket_fd(transport)
-        self.send, self.send_parts = write_path(transport, fd)
-        self.reading = read_path(
-            transport, self.data_received, self.eof_received, self.read_failed, fd
+        self.io = io = ConnectionIO(
+            transport, self.data_received, self.eof_received, self.read_failed
         )
+        self.send = io.send
+        self.send_parts = io.send_parts
+        self.reading = io.reading
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
@@ -316,7 +321,8 @@ class DownstreamProtocol:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        detach_io(self.reading, self.send)
+        if self.io is not None:
+            self.io.detach()
         # Let go of what holds our callbacks (reference cycles, see upstream._NO_PARSER): the
         # parser, and the last request, whose body can pause and resume our reading.
         self.parser = _NO_PARSER
@@ -366,7 +372,8 @@ class DownstreamProtocol:
         """A read failed, or a callback raised (readpath): end the connection as the transport
         does on a fatal error."""
         self.stopped_parsing = True
-        fail_connection(self.transport, self, exc, self.reading, self.send)
+        if self.io is not None:
+            self.io.fail(self, exc)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -396,9 +403,8 @@ class DownstreamProtocol:
 
     def abort(self) -> None:
         self.stopped_parsing = True
-        if self.transport is not None:
-            detach_io(self.reading, self.send)
-            self.transport.abort()
+        if self.io is not None:
+            self.io.abort()
 
     def close(self) -> None:
         """End the connection after what has been written, as the proxy's own decision.
@@ -412,15 +418,17 @@ class DownstreamProtocol:
         is quiet for `lingering_timeout`, or has gone on for `lingering_time`."""
         self.stopped_parsing = True
         transport = self.transport
-        if transport is None or self.closed or self.lingering_until or transport.is_closing():
+        io = self.io
+        if (transport is None or io is None or self.closed or self.lingering_until
+                or transport.is_closing()):
             return  # closed, aborted, or lingering already
         limits = self.limits
         if self._client_eof or limits.lingering_timeout <= 0 or not transport.can_write_eof():
-            self._close_transport(transport)
+            self._close_io(io)
             return
         self.lingering_until = self.plane.clock + limits.lingering_time
         self._linger_on()
-        transport.write_eof()
+        io.write_eof()
         if self._pause_reasons:
             self._pause_reasons = 0
             self.reading.resume()
@@ -433,14 +441,13 @@ class DownstreamProtocol:
     def close_now(self) -> None:
         """End the connection without a lingering close: the client is idle or overdue."""
         self.stopped_parsing = True
-        if self.transport is not None:
-            self._close_transport(self.transport)
+        if self.io is not None:
+            self._close_io(self.io)
 
-    def _close_transport(self, transport: asyncio.Transport) -> None:
+    def _close_io(self, io: ConnectionIO) -> None:
         """Close once what is written has gone out, and no later than `send_timeout` from now:
         a client that takes nothing would hold the socket for ever (on_deadline aborts it)."""
-        detach_io(self.reading, self.send)
-        transport.close()
+        io.close()
         self._set_deadline(self.limits.send_timeout, 0)
 
     def on_write_stalled(self) -> None:
@@ -876,10 +883,8 @@ class DownstreamProtocol:
 
     def start_tunnel(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """The backend switched protocols: from now on bytes flow untouched both ways."""
-        assert self.transport is not None and conn.transport is not None
-        tunnel = Tunnel(
-            self.transport, conn.transport, self.send, conn.send, self.reading, conn.reading
-        )
+        assert self.io is not None and conn.io is not None
+        tunnel = Tunnel(self.io, conn.io)
         self.tunnel = tunnel
         conn.tunnel = tunnel
         if leftover:
@@ -908,9 +913,9 @@ class DownstreamProtocol:
         """Called by the sweeper when the client took too long (or idled too long, or a
         lingering close has waited long enough)."""
         self.deadline = 0.0
-        transport = self.transport
-        if transport is not None and transport.is_closing():
-            transport.abort()  # closed, and the client took nothing more in send_timeout
+        transport, io = self.transport, self.io
+        if transport is not None and io is not None and transport.is_closing():
+            io.abort()  # closed, and the client took nothing more in send_timeout
             return
         if self.lingering_until:
             self.close_now()

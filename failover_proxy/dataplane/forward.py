@@ -564,11 +564,11 @@ class Exchange:
         backend = upstream.pick(
             0 if hash_on is None else hash_request(request, downstream.client_ip, hash_on)
         )
+        if backend is None:  # nothing in rotation: a last resort, or why there is none
+            backend, self.reason = upstream.choose([], [])
         self.backend = backend
         if backend is not None:
             self._prepare(backend)
-        else:
-            self.reason = upstream.choose([], [])[1]
 
     def _prepare(self, backend: Backend) -> None:
         self.backend = backend

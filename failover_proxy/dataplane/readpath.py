@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-from .writepath import Send, plain_socket_fd, stop_direct_writes
+from .writepath import plain_socket_fd
 
 try:
     from ._reads import Reader, ReadLoop
@@ -37,8 +37,8 @@ class Reading(Protocol):
     def resume(self) -> None: ...
     def is_reading(self) -> bool: ...
     def detach(self) -> None:
-        """Stop reading for good: called before the protocol closes or aborts its transport,
-        and in connection_lost (see _reads.c)."""
+        """Stop reading for good: called by the connection's ConnectionIO before it closes or
+        aborts the transport, and in connection_lost (see connio.py and _reads.c)."""
 
 
 class TransportReading:
@@ -106,37 +106,6 @@ def read_loop(loop: asyncio.AbstractEventLoop) -> ReadLoop:
     return reads
 
 
-def fail_connection(
-    transport: asyncio.Transport | None, protocol: object, exc: BaseException,
-    reading: Reading, send: Send,
-) -> None:
-    """End a connection whose read failed or whose callback raised, as uvloop does: a read
-    error (a reset) quietly, an exception from our own code logged, then its reads and direct
-    writes detached and the transport aborted (its connection_lost follows, with None: the
-    protocol keeps the error itself)."""
-    if not isinstance(exc, OSError):
-        asyncio.get_running_loop().call_exception_handler({
-            "message": "Fatal error: protocol.data_received() call failed.",
-            "exception": exc,
-            "transport": transport,
-            "protocol": protocol,
-        })
-    if transport is not None:
-        detach_io(reading, send)
-        transport.abort()
-
-
-def detach_io(reading: Reading, send: Send) -> None:
-    """Stop a connection's own reads and direct writes: before its protocol closes or aborts
-    the transport (uvloop stops a closing transport's reading too, and a write after the close
-    meets the transport's rules), and in connection_lost, after which uvloop may close the
-    socket and its number may become another connection's. Neither the Reader nor the
-    DirectWriter asks the transport whether it is closing on every read and write (a Python
-    call each): this call is what keeps them off a closed socket."""
-    reading.detach()
-    stop_direct_writes(send)
-
-
 def read_path(
     transport: asyncio.Transport,
     data_received: Callable[[bytes], None],
@@ -153,7 +122,7 @@ def read_path(
 
     Once a Reader took over, the end of the stream calls the protocol's `eof_received` (the
     transport is then closed unless it returned true, as uvloop does), and a failed read or an
-    exception from a callback calls `failed` with the exception (see fail_connection). `fd` is
+    exception from a callback calls `failed` with the exception (see ConnectionIO.fail). `fd` is
     the transport's writepath.plain_socket_fd when the caller has it already."""
     if fd is None:
         fd = plain_socket_fd(transport)

@@ -7,44 +7,30 @@ reads, and when either side closes, the other is closed after its pending bytes 
 
 from __future__ import annotations
 
-import asyncio
-
-from .readpath import Reading, detach_io
+from .connio import ConnectionIO
 from .writepath import Send
 
 
 class Tunnel:
-    """Joins a client transport and a backend transport until either closes. Bytes are written
-    with each connection's own send (writepath.write_path), as everything else it wrote was,
-    and reading is paused through each connection's own reading (readpath.read_path)."""
+    """Joins a client connection and a backend connection until either closes. Bytes are
+    written with each connection's own send, as everything else it wrote was, reading is paused
+    through each connection's own reading, and each is ended through its own ConnectionIO."""
 
     __slots__ = (
         "active",
         "backend",
-        "backend_reading",
         "client",
-        "client_reading",
         "closed",
         "idle_since",
         "to_backend",
         "to_client",
     )
 
-    def __init__(
-        self,
-        client: asyncio.Transport,
-        backend: asyncio.Transport,
-        to_client: Send,
-        to_backend: Send,
-        client_reading: Reading,
-        backend_reading: Reading,
-    ) -> None:
+    def __init__(self, client: ConnectionIO, backend: ConnectionIO) -> None:
         self.client = client
         self.backend = backend
-        self.to_client = to_client
-        self.to_backend = to_backend
-        self.client_reading = client_reading
-        self.backend_reading = backend_reading
+        self.to_client: Send = client.send
+        self.to_backend: Send = backend.send
         self.closed = False
         self.active = True
         """Bytes passed since the last sweep (a flag: cheaper than a clock per chunk)."""
@@ -70,24 +56,23 @@ class Tunnel:
 
     def client_write_paused(self, paused: bool) -> None:
         """The client reads slowly: stop reading from the backend until it catches up."""
-        _set_reading(self.backend, self.backend_reading, not paused)
+        _set_reading(self.backend, not paused)
 
     def backend_write_paused(self, paused: bool) -> None:
-        _set_reading(self.client, self.client_reading, not paused)
+        _set_reading(self.client, not paused)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        detach_io(self.client_reading, self.to_client)
-        detach_io(self.backend_reading, self.to_backend)
         self.client.close()
         self.backend.close()
 
 
-def _set_reading(transport: asyncio.Transport, reading: Reading, on: bool) -> None:
-    if transport.is_closing():
+def _set_reading(io: ConnectionIO, on: bool) -> None:
+    if io.transport.is_closing():
         return
+    reading = io.reading
     if on and not reading.is_reading():
         reading.resume()
     elif not on and reading.is_reading():

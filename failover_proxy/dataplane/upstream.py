@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from .connio import ConnectionIO
 from .headers import MAX_RESPONSE_HEAD, ResponseHead, read_response_head
-from .readpath import NOT_READING, Reading, detach_io, fail_connection, read_path
-from .writepath import Send, SendParts, not_connected, plain_socket_fd, write_path
+from .readpath import NOT_READING, Reading
+from .writepath import Send, SendParts, not_connected
 
 if TYPE_CHECKING:
     # The owner is typed as the one class that owns connections, not as a Protocol: mypyc then
@@ -40,6 +41,9 @@ class UpstreamConnection:
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        """For what the transport says (is it closing, TLS details); it is ended through `io`."""
+        self.io: ConnectionIO | None = None
+        """The only way this connection's transport is closed or aborted (connio)."""
         self.parser = _NO_PARSER  # until connected: a refused connect leaves no cycle
         self._feed: Callable[[bytes], None] = _NO_PARSER.feed_data
         self.send: Send = not_connected
@@ -80,16 +84,18 @@ class UpstreamConnection:
         self.transport = transport = cast(asyncio.Transport, transport)
         self.parser = httptools.HttpResponseParser(self)
         self._feed = self.parser.feed_data
-        fd = plain_socket_fd(transport)
-        self.send, self.send_parts = write_path(transport, fd)
-        self.reading = read_path(
-            transport, self.data_received, self.eof_received, self.read_failed, fd
+        self.io = io = ConnectionIO(
+            transport, self.data_received, self.eof_received, self.read_failed
         )
+        self.send = io.send
+        self.send_parts = io.send_parts
+        self.reading = io.reading
         self.pool.open_connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        detach_io(self.reading, self.send)
+        if self.io is not None:
+            self.io.detach()
         self.parser = _NO_PARSER  # it holds our callbacks: see _NO_PARSER
         self._feed = _NO_PARSER.feed_data
         if exc is None and isinstance(self.lost_to, Exception):
@@ -109,21 +115,20 @@ class UpstreamConnection:
         """A read failed, or a callback raised (readpath): end the connection as the transport
         does on a fatal error."""
         self.lost_to = exc
-        fail_connection(self.transport, self, exc, self.reading, self.send)
+        if self.io is not None:
+            self.io.fail(self, exc)
 
     def close(self) -> None:
         self.closed = True
         self.owner = None
-        if self.transport is not None:
-            detach_io(self.reading, self.send)
-            self.transport.close()
+        if self.io is not None:
+            self.io.close()
 
     def abort(self) -> None:
         self.closed = True
         self.owner = None
-        if self.transport is not None:
-            detach_io(self.reading, self.send)
-            self.transport.abort()
+        if self.io is not None:
+            self.io.abort()
 
     def pause_reading(self, paused: bool) -> None:
         if self.transport is None or paused == self.reading_paused or self.closed:

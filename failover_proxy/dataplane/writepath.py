@@ -47,7 +47,7 @@ def plain_socket_fd(transport: asyncio.Transport) -> int:
 
 
 def stop_direct_writes(send: Send) -> None:
-    """From now on the connection writes through its transport only (readpath.detach_io calls
+    """From now on the connection writes through its transport only (connio.ConnectionIO calls
     it before the transport is closed or aborted, and in connection_lost: uvloop may close the
     socket once that returns, and its number may then be another connection's)."""
     if DirectWriter is not None and isinstance(send, DirectWriter):
