@@ -4,7 +4,8 @@ listener turned to TLS).
 
 Two cells: keep-alive (wrk, 64 connections, many requests per connection: the cost of
 encrypting and decrypting), and new connections (wrk with `Connection: close`: a full TLS
-handshake per request, since wrk never resumes a session). Each proxy runs one worker pinned to
+handshake per request). wrk resumes sessions where the server lets it, so session caches and
+tickets are off on all three: every handshake is a full one. Each proxy runs one worker pinned to
 core 0, wrk pinned to core 1; targets alternate round by round (the order flips), and each
 figure is the median over rounds; ratios are the medians of the per-round ratios to nginx. CPU
 per request is what the proxy's processes were charged (user + system) over the run, divided
@@ -64,14 +65,17 @@ def start(tmp: Path, backend_port: int, cert: Path, key: Path, both: Path
     block = nginx_proxy_block(port, backend_port).replace(
         f"listen 127.0.0.1:{port} backlog=4096;",
         f"listen 127.0.0.1:{port} ssl backlog=4096; ssl_certificate {cert}; "
-        f"ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3;")
+        f"ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3; "
+        "ssl_session_cache off; ssl_session_tickets off;")
     started["nginx"] = (port, start_nginx("nginx-tls", "1", block, tmp, 0))
     port = free_port()
     conf = tmp / "haproxy.cfg"
     conf.write_text(haproxy_conf(port, backend_port, 1)
                     .replace(f"bind 127.0.0.1:{port}",
-                             f"bind 127.0.0.1:{port} ssl crt {both} alpn http/1.1")
-                    .replace("X-Forwarded-Proto http", "X-Forwarded-Proto https"))
+                             f"bind 127.0.0.1:{port} ssl crt {both} alpn http/1.1 no-tls-tickets")
+                    .replace("X-Forwarded-Proto http", "X-Forwarded-Proto https")
+                    .replace("    maxconn 9000\n", "    maxconn 9000\n    tune.ssl.cachesize 0\n",
+                             1))
     started["haproxy"] = (port, subprocess.Popen(
         pinned(0, ["haproxy", "-db", "-f", str(conf)]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -79,7 +83,8 @@ def start(tmp: Path, backend_port: int, cert: Path, key: Path, both: Path
     conf = tmp / "failover-proxy.yaml"
     conf.write_text(failover_config(port, backend_port, "1").replace(
         "backlog: 4096}",
-        f"backlog: 4096, tls: {{certificates: [{{cert_file: {cert}, key_file: {key}}}]}}}}"))
+        f"backlog: 4096, tls: {{certificates: [{{cert_file: {cert}, key_file: {key}}}], "
+        "session_tickets: false}}"))
     started["failover-proxy"] = (port, subprocess.Popen(
         pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]), cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -156,8 +161,8 @@ def write_results(samples: dict[tuple[str, str], list[tuple[float, float, float,
         f"wrk, {args.connections} connections, {args.rounds} rounds of {args.duration:g} s, "
         "alternating; one worker each pinned to core 0, wrk on core 1; ECDSA P-256 "
         "certificate; 100-byte responses from an nginx backend; no session resumption "
-        "(handshake: `Connection: close`, a full handshake per request; session tickets as each "
-        "server's default). Ratios: medians of the per-round ratios to nginx. `per core` is "
+        "(handshake: `Connection: close`, a full handshake per request: session caches and "
+        "tickets off). Ratios: medians of the per-round ratios to nginx. `per core` is "
         "requests per second of CPU (1 / CPU per request): what a saturated core would serve, "
         "which the req/s of a cell that does not saturate the proxy's core hides.", "",
         "| cell | target | req/s | p99 | CPU per request | core busy | req/s vs nginx | "

@@ -311,6 +311,11 @@ class ListenTlsConfig:
     connection like a slow request head does)."""
     watch: bool = True
     """Reload the certificates when their files change (checked every second)."""
+    session_tickets: bool = True
+    """Let clients resume sessions with tickets (a resumed handshake skips the certificate
+    signature). Off: no tickets, so TLS 1.3 handshakes are all full ones (TLS 1.2 clients can
+    still resume by session id); some turn tickets off so that a stolen ticket key cannot
+    decrypt past sessions."""
 
     def __post_init__(self) -> None:
         if self.client_auth != "none" and not self.client_ca_file:

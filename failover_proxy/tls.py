@@ -124,6 +124,9 @@ class ServerTls:
             context.set_ciphers(config.ciphers)
         context.set_alpn_protocols(list(config.alpn))
         context.options |= ssl.OP_NO_RENEGOTIATION  # a client cannot make us redo handshakes
+        if not config.session_tickets:
+            context.options |= ssl.OP_NO_TICKET
+            context.num_tickets = 0
         context.load_cert_chain(certificate.cert_file, certificate.key_file)
         if config.client_auth != "none":
             context.verify_mode = _CLIENT_AUTH[config.client_auth]

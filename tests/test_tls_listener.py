@@ -359,3 +359,30 @@ async def test_workers_terminate_tls_and_reload_certificates_on_sighup(
         output = await asyncio.to_thread(process.stop)
     assert "TLS: reload: serving" in output, output
     assert "Traceback" not in output
+
+
+async def test_sessions_resume_with_tickets_unless_turned_off(
+    ca: trustme.CA, tmp_path: Path, file_proxy: StartFileProxy, aiohttp_backend: StartApp,
+) -> None:
+    import socket
+
+    pair = write_pair(ca, tmp_path, "api", "api.test")
+    port = await echo_backend(aiohttp_backend)
+
+    def connect(proxy_port: int, context: ssl.SSLContext,
+                session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool]:
+        with (socket.create_connection(("127.0.0.1", proxy_port), timeout=5) as raw,
+              context.wrap_socket(raw, server_hostname="api.test", session=session) as tls):
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
+            while tls.recv(65536):  # TLS 1.3 tickets arrive after the handshake
+                pass
+            return tls.session, tls.session_reused
+
+    for tickets, resumed in (("true", True), ("false", False)):
+        proxy = await file_proxy(tls_config(port, [pair],
+                                            extra=f"    session_tickets: {tickets}\n"))
+        context = client_context(ca)
+        session, first_reused = await asyncio.to_thread(connect, proxy.port, context, None)
+        assert session is not None and not first_reused
+        _, reused = await asyncio.to_thread(connect, proxy.port, context, session)
+        assert reused is resumed, tickets
