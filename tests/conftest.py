@@ -144,14 +144,15 @@ def single_upstream_config(
 
 
 @pytest.fixture
-async def aiohttp_backend() -> AsyncIterator[Callable[[web.Application], Awaitable[int]]]:
-    """Start aiohttp apps on loopback; returns their ports; cleans up after the test."""
+async def aiohttp_backend() -> AsyncIterator[Callable[..., Awaitable[int]]]:
+    """Start aiohttp apps on loopback (HTTPS with an `ssl_context`); returns their ports; cleans
+    up after the test."""
     runners: list[web.AppRunner] = []
 
-    async def start(app: web.Application) -> int:
+    async def start(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> int:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         runners.append(runner)
         server = site._server

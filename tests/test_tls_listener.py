@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -246,10 +246,11 @@ async def test_client_certificates_are_required_when_configured(
 
 
 @pytest.fixture
-async def mutual_backend(ca: trustme.CA) -> AsyncIterator[Callable[[trustme.CA], Awaitable[int]]]:
+def mutual_backend(
+    ca: trustme.CA, aiohttp_backend: Callable[..., Awaitable[int]]
+) -> Callable[[trustme.CA], Awaitable[int]]:
     """An HTTPS backend (certificate for localhost from `ca`) that requires a client
     certificate signed by the CA it is given."""
-    runners: list[web.AppRunner] = []
 
     async def start(clients: trustme.CA) -> int:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -264,17 +265,9 @@ async def mutual_backend(ca: trustme.CA) -> AsyncIterator[Callable[[trustme.CA],
 
         app = web.Application()
         app.router.add_get("/", hello)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        port: int = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return port
+        return await aiohttp_backend(app, context)
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 async def test_upstream_client_certificate_and_a_refused_backend_certificate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -84,9 +84,10 @@ StartHttps = Callable[[list[str | None]], Awaitable[int]]
 
 
 @pytest.fixture
-async def https_backend(ca: trustme.CA) -> AsyncIterator[StartHttps]:
+async def https_backend(
+    ca: trustme.CA, aiohttp_backend: Callable[..., Awaitable[int]]
+) -> StartHttps:
     """HTTPS aiohttp backends with a certificate for `localhost` from the test CA."""
-    runners: list[web.AppRunner] = []
 
     async def start(seen_sni: list[str | None]) -> int:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -102,17 +103,9 @@ async def https_backend(ca: trustme.CA) -> AsyncIterator[StartHttps]:
 
         app = web.Application()
         app.router.add_get("/", hello)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-        await site.start()
-        port: int = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return port
+        return await aiohttp_backend(app, context)
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 async def test_https_backend_with_sni_and_verification(
