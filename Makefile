@@ -8,9 +8,10 @@ BIN    := $(VENV)/bin
 .PHONY: demo test test-pure test-soak test-stress test-container bench bench-instructions clean system-deps
 
 # Debian packages the tests drive (command:package): a headless browser for the status page,
-# Prometheus and promtool for the metrics, alert rules and dashboard.
+# Prometheus and promtool for the metrics, alert rules and dashboard, nginx as the oracle of
+# the differential conformance test.
 SYSTEM_TOOLS := chromium:chromium chromedriver:chromium-driver prometheus:prometheus \
-	promtool:prometheus
+	promtool:prometheus nginx:nginx
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The hot modules are compiled with mypyc at install: editing them reinstalls (see setup.py).
