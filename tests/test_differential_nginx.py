@@ -60,6 +60,12 @@ VECTORS: dict[str, bytes] = {
     "NUL in a field value": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
     "control byte in a name": b"GET / HTTP/1.1\r\nHost: x\r\nX\x01A: b\r\n\r\n",
     "absolute-form": b"GET http://x/abs?q=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "absolute-form without Host": b"PURGE http://h.example:8080 HTTP/1.1\r\n\r\n",
+    "OPTIONS in absolute-form": (b"OPTIONS http://h.example:8080 HTTP/1.1\r\n"
+                                 b"Host: h.example:8080\r\n\r\n"),
+    "percent-encoded NUL": b"GET /%00x HTTP/1.1\r\nHost: x\r\n\r\n",
+    "Host between tabs": b"GET / HTTP/1.1\r\nHost:\tx\t\r\n\r\n",
+    "space after the version": b"GET / HTTP/1.1 \r\nHost: x\r\n\r\n",
     "OPTIONS *": b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
     "GET *": b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
     "HTTP/0.9": b"GET /\r\n\r\n",
@@ -88,6 +94,13 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "HTTP/0.9": "refused (505): no header fields, no Host, no framing; nginx serves it",
     "HTTP/1.2": "refused (400, llhttp's version check); nginx serves it as HTTP/1.1 (RFC 9110 "
                 "2.5 says a server should)",
+    "OPTIONS in absolute-form": "forwarded as OPTIONS * (RFC 9112 3.2.4); nginx sends OPTIONS /",
+    "percent-encoded NUL": "forwarded untouched (targets are never decoded); nginx decodes the "
+                           "path and refuses it",
+    "Host between tabs": "accepted: tabs are whitespace around a field value (RFC 9110 5.5); "
+                         "nginx refuses them in Host",
+    "space after the version": "refused (400): the request line has exactly three parts; "
+                               "nginx tolerates it",
 }
 """Vector name -> why failover-proxy differs from nginx there (each also in SECURITY.md)."""
 

@@ -764,7 +764,9 @@ class DownstreamProtocol:
                     target = (url_path or b"/") + (b"?" + query if query else b"")
             else:
                 raise RejectRequest(400, "Bad Request", "invalid request target")
-        if request.raw_host is None and not request.http10:
+        if not request.host_fields and not request.http10:
+            # Even with an absolute-form target (RFC 9112 §3.2: an HTTP/1.1 request without a
+            # Host field is answered 400).
             raise RejectRequest(400, "Bad Request", "missing Host header")
         limit = self.limits.max_body_bytes
         length = request.content_length
