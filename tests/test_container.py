@@ -10,6 +10,7 @@ request to a backend on 127.0.0.1, and drains on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -151,24 +152,32 @@ class _Backend(BaseHTTPRequestHandler):
 
 def proxy_supervisor(launcher: int) -> int:
     """The proxy's main process: the first one under buildah's launcher processes that is not
-    buildah's own (what a real runtime runs as PID 1)."""
+    buildah's own (what a real runtime runs as PID 1). Found by parent ids: buildah is a Go
+    program, and a child forked by another of its threads is not in the main thread's
+    /proc/PID/task/PID/children."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, StopIteration):
+                    parents[int(entry.name)] = _parent_of(int(entry.name))
         generation = [launcher]
         while generation:
-            children = []
-            for pid in generation:
-                try:
+            children = [pid for pid, parent in parents.items() if parent in generation]
+            for pid in children:
+                with contextlib.suppress(OSError):
                     name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-                    listed = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-                except OSError:
-                    continue
-                if not Path(name.decode()).name.startswith("buildah"):
-                    return pid
-                children.extend(map(int, listed.split()))
+                    if name and not Path(name.decode()).name.startswith("buildah"):
+                        return pid
             generation = children
         time.sleep(0.2)
     raise TimeoutError("the proxy's process did not appear")
+
+
+def _parent_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
 
 
 def uid_of(pid: int) -> int:
