@@ -256,8 +256,7 @@ class ProxyServer:
         if self.server_tls is not None and new.listen.tls is not None:
             # Read again even when unchanged in the config: a reload is how operators say
             # "new certificate files are in place".
-            if self.server_tls.config.certificates != new.listen.tls.certificates:
-                self.server_tls.config = new.listen.tls
+            self.server_tls.config = new.listen.tls  # its certificates, the rest as running
             self.server_tls.reload_files("reload")
         # A large config is built a part at a time, with requests served between the parts
         # (on the generation in service: the switch below happens in one step).

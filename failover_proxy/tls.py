@@ -57,15 +57,16 @@ class Certificate:
                 "not_after": self.not_after.isoformat()}
 
 
-def check_key_pair(cert_file: str, key_file: str) -> None:
-    """Raise CertificateError naming the field at fault when the pair cannot serve."""
+def check_key_pair(cert_file: str, key_file: str) -> tuple[tuple[str, ...], datetime.datetime]:
+    """The certificate's names and expiry (certificate_facts); CertificateError naming the
+    field at fault when the pair cannot serve."""
     for field, path in (("cert_file", cert_file), ("key_file", key_file)):
         try:
             with open(path, "rb"):
                 pass
         except OSError as error:
             raise CertificateError(field, f"cannot read {path}: {error.strerror}") from None
-    certificate_facts(cert_file)
+    facts = certificate_facts(cert_file)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(cert_file, key_file)
@@ -75,6 +76,7 @@ def check_key_pair(cert_file: str, key_file: str) -> None:
                                    f"certificate in {cert_file}") from None
         raise CertificateError("key_file", f"{key_file} is not a usable private key in PEM "
                                f"format ({error.reason or error})") from None
+    return facts
 
 
 def certificate_facts(cert_file: str) -> tuple[tuple[str, ...], datetime.datetime]:
@@ -136,8 +138,7 @@ class ServerTls:
     def _load(self, configs: list[CertificateConfig]) -> list[Certificate]:
         loaded = []
         for certificate in configs:
-            check_key_pair(certificate.cert_file, certificate.key_file)
-            names, not_after = certificate_facts(certificate.cert_file)
+            names, not_after = check_key_pair(certificate.cert_file, certificate.key_file)
             loaded.append(Certificate(self._context(certificate), names, not_after,
                                       certificate.cert_file))
         return loaded

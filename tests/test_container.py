@@ -175,14 +175,19 @@ def proxy_supervisor(launcher: int) -> int:
     raise TimeoutError("the proxy's process did not appear")
 
 
-def _parent_of(pid: int) -> int:
+def _status_number(pid: int, field: str) -> int:
+    """The first number of a field of /proc/PID/status (`PPid`, `Uid`)."""
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith(field + ":")))
+
+
+def _parent_of(pid: int) -> int:
+    return _status_number(pid, "PPid")
 
 
 def uid_of(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:")))
+    return _status_number(pid, "Uid")
 
 
 def test_image_serves_proxies_to_loopback_and_drains_on_sigterm(
