@@ -307,6 +307,27 @@ async def test_upgrade_offer_without_a_route_is_answered_and_closed(
     assert b"Connection: close" in raw
 
 
+async def test_upgrade_offer_with_a_body_is_refused(
+    counted: tuple[CountingBackend, ProxyServer],
+) -> None:
+    """llhttp reads a body on a request to upgrade as bytes of the new protocol, other servers
+    as the body: the two would frame the connection differently, so it is refused (found by
+    the differential test against nginx, where the body was held back and never forwarded)."""
+    backend, server = counted
+    upgrade = b"Host: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+    for framing in (b"Content-Length: 5\r\n\r\nhello",
+                    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"):
+        raw = await raw_request(server.port, b"POST /chat HTTP/1.1\r\n" + upgrade + framing)
+        assert status_of(raw) == 400, raw
+        assert b"a body on a request to upgrade" in raw
+    assert backend.heads == []
+    # An empty body is no body: the handshake goes on to the backend.
+    raw = await raw_request(server.port, b"GET /chat HTTP/1.1\r\n" + upgrade
+                            + b"Content-Length: 0\r\n\r\n")
+    assert status_of(raw) == 200  # the backend refused to switch; the proxy then closes
+    assert len(backend.heads) == 1
+
+
 async def test_asterisk_form_is_for_options_alone(
     counted: tuple[CountingBackend, ProxyServer],
 ) -> None:

@@ -737,6 +737,11 @@ class DownstreamProtocol:
                 raise RejectRequest(417, "Expectation Failed", "unsupported expectation")
             request.expect_continue = not request.http10
         if request.upgrade_offered is not None and self.parser.should_upgrade():
+            if request.chunked or request.content_length:
+                # llhttp (so Node.js, and our own parser) takes such a body for bytes of the
+                # new protocol, other servers for the request's body: refused, as Envoy and
+                # Kestrel do. No protocol we pass on (WebSocket) sends one.
+                raise RejectRequest(400, "Bad Request", "a body on a request to upgrade")
             request.upgrade = request.upgrade_offered
         if request.method == b"CONNECT":
             raise RejectRequest(405, "Method Not Allowed", "CONNECT is not supported")
