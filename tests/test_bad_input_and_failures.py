@@ -328,6 +328,18 @@ async def test_upgrade_offer_with_a_body_is_refused(
     assert len(backend.heads) == 1
 
 
+async def test_absolute_form_with_an_invalid_port_is_refused(
+    counted: tuple[CountingBackend, ProxyServer],
+) -> None:
+    """An empty port or one over 65535 is no authority to route by (nginx forwards the path)."""
+    backend, server = counted
+    for target in (b"http://x:99999/", b"http://x:/a", b"https://h.exs://h.example/p"):
+        raw = await raw_request(server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(raw) == 400, raw
+        assert b"invalid request target" in raw
+    assert backend.heads == []
+
+
 async def test_asterisk_form_is_for_options_alone(
     counted: tuple[CountingBackend, ProxyServer],
 ) -> None:

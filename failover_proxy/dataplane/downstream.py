@@ -755,7 +755,10 @@ class DownstreamProtocol:
                 path = b"/"  # routed as the host's root; the backend gets `*` as it came
             elif target.startswith((b"http://", b"https://")):
                 # Any: the stub types port, path and query as never None, which mypyc checks
-                url: Any = httptools.parse_url(target)
+                try:
+                    url: Any = httptools.parse_url(target)
+                except httptools.HttpParserInvalidURLError:  # an empty port, or one over 65535
+                    raise RejectRequest(400, "Bad Request", "invalid request target") from None
                 port: int | None = url.port
                 url_path: bytes | None = url.path
                 query: bytes | None = url.query
