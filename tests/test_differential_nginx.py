@@ -105,7 +105,6 @@ VECTORS: dict[str, bytes] = {
 }
 
 
-
 def request_line(raw: bytes) -> bytes:
     return raw.split(b"\n", 1)[0].removesuffix(b"\r")
 
@@ -129,9 +128,19 @@ def has_token(raw: bytes, name: bytes, token: bytes) -> bool:
                for value in field_values(raw, name))
 
 
-def invalid_port(authority: bytes) -> bool:
-    port = authority.rpartition(b"]")[2].partition(b":")
-    return bool(port[1]) and not (port[2].isdigit() and int(port[2]) <= 65535)
+def has_invalid_port(raw: bytes) -> bool:
+    """Whether an absolute-form target has an empty port or one over 65535."""
+    target = re.match(rb"\S+ +https?://([^/?#\s]*)", request_line(raw), re.IGNORECASE)
+    if target is None:
+        return False
+    _, colon, port = target[1].rpartition(b"]")[2].partition(b":")
+    return bool(colon) and not (port.isdigit() and int(port) <= 65535)
+
+
+def upgrade_with_body(raw: bytes) -> bool:
+    return (has_token(raw, b"connection", b"upgrade") and bool(field_values(raw, b"upgrade"))
+            and bool(field_values(raw, b"content-length")
+                     + field_values(raw, b"transfer-encoding")))
 
 
 def read_further_with_bare_lf(raw: bytes) -> bool:
@@ -206,9 +215,7 @@ KNOWN_DIFFERENCES: dict[str, Known] = {
     "absolute-form with an invalid port": Known(
         "refused (400): an empty port or one over 65535 (llhttp's URL check); nginx forwards "
         "the path",
-        lambda raw: (authority := re.match(rb"\S+ +https?://([^/?#\s]*)", request_line(raw),
-                                          re.IGNORECASE)) is not None
-        and invalid_port(authority[1])),
+        has_invalid_port),
     "CR before the line end": Known(
         "refused (400): a CR not followed by LF is invalid (RFC 9112 2.2); nginx ignores a CR "
         "before CRLF",
@@ -222,9 +229,7 @@ KNOWN_DIFFERENCES: dict[str, Known] = {
         "refused (400): llhttp-based servers read such a body as bytes of the new protocol, "
         "others as the body (Envoy and Kestrel refuse it too); nginx, not set up here to pass "
         "upgrades on, drops Upgrade and forwards the body",
-        lambda raw: has_token(raw, b"connection", b"upgrade") and bool(field_values(
-            raw, b"upgrade")) and bool(field_values(raw, b"content-length")
-                                       + field_values(raw, b"transfer-encoding"))),
+        upgrade_with_body),
 }
 """Category -> why failover-proxy differs from nginx there (each also in SECURITY.md). The
 hand-written vector of the same name must be one."""
