@@ -227,8 +227,8 @@ KNOWN_DIFFERENCES: dict[str, Known] = {
         and re.match(rb"\S+ +https?://", request_line(raw), re.IGNORECASE) is None),
     "upgrade with a body": Known(
         "refused (400): llhttp-based servers read such a body as bytes of the new protocol, "
-        "others as the body (Envoy and Kestrel refuse it too); nginx, not set up here to pass "
-        "upgrades on, drops Upgrade and forwards the body",
+        "others as the body; nginx, not set up here to pass upgrades on, drops Upgrade and "
+        "forwards the body",
         upgrade_with_body),
 }
 """Category -> why failover-proxy differs from nginx there (each also in SECURITY.md). The

@@ -739,8 +739,8 @@ class DownstreamProtocol:
         if request.upgrade_offered is not None and self.parser.should_upgrade():
             if request.chunked or request.content_length:
                 # llhttp (so Node.js, and our own parser) takes such a body for bytes of the
-                # new protocol, other servers for the request's body: refused, as Envoy and
-                # Kestrel do. No protocol we pass on (WebSocket) sends one.
+                # new protocol, other servers for the request's body: the two would frame the
+                # connection differently. A WebSocket handshake has none.
                 raise RejectRequest(400, "Bad Request", "a body on a request to upgrade")
             request.upgrade = request.upgrade_offered
         if request.method == b"CONNECT":
