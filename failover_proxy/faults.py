@@ -2,8 +2,8 @@
 
 Each is a real HTTP/1.1 server on a loopback port (raw asyncio, so it can misbehave in ways an
 HTTP library would not allow) that answers JSON naming its provider, region and backend, and
-records every request it receives. The demo, the failover tests and the failover benchmark all
-break providers with it.
+records the requests it receives (the latest RECORDED of them). The demo, the failover tests,
+the soak and the failover benchmark all break providers with it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 _UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
@@ -44,6 +45,12 @@ async def read_request_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
     return body
 
 
+RECORDED = 20_000
+"""Requests (and probes) a backend remembers. A bound, because the demo runs for days and the
+soak sends millions: kept whole, they made the soak's own garbage collector pause for over a
+second after ten minutes, long enough for every simulated provider to miss its probes."""
+
+
 @dataclass
 class Received:
     at: float
@@ -65,8 +72,8 @@ class FaultBackend:
     health_mode: str | None = None
     """The mode /healthz answers in, when it should differ from real requests."""
     delay: float = 0.5
-    received: list[Received] = field(default_factory=list)
-    probed: list[float] = field(default_factory=list)
+    received: deque[Received] = field(default_factory=lambda: deque(maxlen=RECORDED))
+    probed: deque[float] = field(default_factory=lambda: deque(maxlen=RECORDED))
     """When each /healthz request arrived (they are not in `received`)."""
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
