@@ -318,10 +318,12 @@ async def exchange(port: int, raw: bytes, expected: int) -> bytes:
     return answer
 
 
+STATUS_LINE = re.compile(rb"^HTTP/1\.\d (\d{3})", re.MULTILINE)
+
+
 def final_statuses(answer: bytes) -> list[int]:
-    return [status for line in answer.split(b"\r\n")
-            if line.startswith(b"HTTP/1.") and len(line.split(b" ")) > 1
-            and line.split(b" ")[1].isdigit() and (status := int(line.split(b" ")[1])) >= 200]
+    """The statuses of the answers in `answer`, interim (1xx) ones left out."""
+    return [status for status in map(int, STATUS_LINE.findall(answer)) if status >= 200]
 
 
 def expected_answers(raw: bytes) -> int:
@@ -381,14 +383,14 @@ class Sides:
     async def one_side(port: int, recording: RecordingBackend, raw: bytes,
                        expected: int) -> tuple[list[int], Forwarded]:
         before = len(recording.requests)
-        answer = await exchange(port, raw, expected)
-        answered = final_statuses(answer).count(200)  # each recorded by the backend
+        statuses = final_statuses(await exchange(port, raw, expected))
+        answered = statuses.count(200)  # each recorded by the backend
         for _ in range(250):
             if len(recording.requests) - before >= answered:
                 break
             await asyncio.sleep(0.02)
         forwarded = [(r.method, r.target, r.body) for r in recording.requests[before:]]
-        return final_statuses(answer), forwarded
+        return statuses, forwarded
 
 
 @pytest.fixture
