@@ -21,6 +21,7 @@ from setuptools import Extension, setup
 HERE = Path(__file__).resolve().parent
 COMPILED = [
     "failover_proxy/balance.py",
+    "failover_proxy/capacity.py",
     "failover_proxy/policy.py",
     "failover_proxy/topology.py",
     "failover_proxy/routing.py",

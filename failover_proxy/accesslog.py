@@ -75,6 +75,7 @@ class AccessLog:
         backend: str,
         attempts: int,
         reason: str,
+        health_view: int = 0,
     ) -> None:
         entry = {
             "time": self._timestamp(),
@@ -95,6 +96,8 @@ class AccessLog:
         }
         if reason:
             entry["reason"] = reason
+        if health_view:
+            entry["health_view"] = health_view
         line = json.dumps(entry, separators=(",", ":"))
         self._lines.append(line)
         self._size += len(line) + 1

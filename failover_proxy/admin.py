@@ -150,8 +150,8 @@ class AdminServer:
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def _status(self, _: web.Request) -> web.Response:
-        await self.proxy.live_stats()
-        return web.json_response(status_document(self.proxy))
+        store, _gauges = await self.proxy.live_stats()
+        return web.json_response(status_document(self.proxy, store))
 
     async def _history(self, _: web.Request) -> web.Response:
         return web.json_response(self.history.as_dict(list(self.proxy.topology.upstreams)))
@@ -289,8 +289,9 @@ def _not_found(message: str, known: list[str]) -> web.HTTPNotFound:
 # -- the status document ---------------------------------------------------------------------------
 
 
-def status_document(proxy: AdminTarget) -> dict[str, Any]:
-    """Every upstream -> providers -> backends, with state, reason, shares and latency."""
+def status_document(proxy: AdminTarget, store: MetricStore) -> dict[str, Any]:
+    """Every upstream -> providers -> backends, with state, reason, shares and latency
+    (`store`: the counts of every process)."""
     ready, reason = proxy.readiness()
     upstreams = {}
     for upstream in proxy.topology.upstreams.values():
@@ -303,6 +304,7 @@ def status_document(proxy: AdminTarget) -> dict[str, Any]:
             "local_region": upstream.config.policy.local_region,
             "panic": upstream.panic,
             "active_requests": upstream.active_requests,
+            "requests_shed": int(store.counters["requests_shed"].get((upstream.name,), 0)),
             "providers": {
                 name: provider_status(upstream.providers[name], upstream, shares, backend_shares)
                 for name in order
@@ -380,6 +382,7 @@ def backend_status(backend: Backend, upstream: Upstream) -> dict[str, Any]:
         "url": f"{backend.address}{backend.base_path.decode()}",
         "region": backend.region,
         "weight": backend.weight,
+        "capacity_rps": upstream.backend_configs[backend.origin].capacity,
         "in_flight": backend.in_flight,
         "ewma_latency_ms": round(backend.ewma_latency * 1000, 3),
         "last_check": {"result": backend.last_check, "at": backend.last_check_at or None}

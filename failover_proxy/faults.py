@@ -57,6 +57,8 @@ class Received:
     method: str
     path: str
     body: bytes
+    request_id: str = ""
+    """The proxy's X-Request-Id: joins the request to the proxy's access log."""
 
 
 @dataclass
@@ -129,11 +131,11 @@ class FaultBackend:
                         writer.write(_UNAVAILABLE)
                     await writer.drain()
                     continue
-                self.received.append(Received(time.monotonic(), method, path, body))
                 request_id = ""
                 if b"x-request-id: " in lower:
                     start = lower.index(b"x-request-id: ") + 14
                     request_id = head[start : head.index(b"\r\n", start)].decode()
+                self.received.append(Received(time.monotonic(), method, path, body, request_id))
                 if not await self._answer(writer, method, path, request_id, len(body)):
                     return
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):

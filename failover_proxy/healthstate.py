@@ -60,6 +60,12 @@ _OPERATOR_EVENTS: Final = frozenset({DRAINED, UNDRAINED, FORCED_DOWN, RESTORED})
 _NO_HOLD_DOWN: Final = _OPERATOR_EVENTS | {CONFIG_CHANGED}
 """Nor is a new config generation (a start included, with hostnames not resolved yet)."""
 
+PROBE_TESTABLE: Final = frozenset({"connect-failure", "timeout"})
+"""Failures an active probe tests: it connects and is answered in time. A passing probe ends an
+ejection earned by these alone; failure statuses, resets and broken responses on real traffic
+are what a health endpoint that answers 200 does not show (a gray failure), so such an ejection
+runs its time."""
+
 Reporter = Callable[[str, "Backend", str], None]
 """(kind: failure | success, backend, why): a worker hands request outcomes to its supervisor."""
 
@@ -116,8 +122,10 @@ class HealthMachine:
                 backend.reason = ""
                 changed = True
             uneject = self.upstream.config.outlier.uneject_on_passing_check
-            if backend.healthy and backend.ejected_until and uneject:
+            if (backend.healthy and backend.ejected_until and uneject
+                    and backend.ejection_cause in PROBE_TESTABLE):
                 backend.ejected_until = 0.0  # still on probation: one failure ejects it again
+                backend.ejection_cause = ""
                 backend.reason = ""
                 changed = True
         else:
@@ -253,10 +261,13 @@ class HealthMachine:
             self._settle(now, DNS_CHANGED)
         return changed
 
-    def adopt(self, health: UpstreamHealth, now: float) -> None:
+    def adopt(self, health: UpstreamHealth, now: float) -> list[str]:
         """A worker takes the supervisor's decisions (moments travel as offsets from the
-        sender's now, so the two processes need not share a clock)."""
+        sender's now, so the two processes need not share a clock). Returns the regions and
+        providers that changed state by it (`provider aws: up -> down`), for the worker to say
+        when it acted on a failover."""
         upstream = self.upstream
+        before = {d.name: d.state for d in upstream.domains}
         for origin, addresses in health.endpoints.items():
             if origin in upstream.discovered and upstream.discovered[origin] != addresses:
                 upstream.set_endpoints(origin, addresses, awaiting_probe=False)
@@ -268,7 +279,9 @@ class HealthMachine:
             found = health.domains.get(domain.name)
             if found is not None:
                 _adopt_domain(domain, found, now)
-        self._settle(now, SNAPSHOT)
+        transitions = self._settle(now, SNAPSHOT, before)
+        return [f"{t.level} {t.name}: {t.before} -> {t.after}" for t in transitions
+                if t.domain is not None]
 
     def export(self, now: float) -> UpstreamHealth:
         """This upstream's health, for the workers."""
@@ -300,13 +313,17 @@ class HealthMachine:
 
     # -- the derivation --------------------------------------------------------------------------
 
-    def _settle(self, now: float, event: str) -> None:
-        """Derive every state from the inputs just changed, rebuild, log, count, tell."""
+    def _settle(self, now: float, event: str,
+                domains_before: dict[str, str] | None = None) -> list[_Transition]:
+        """Derive every state from the inputs just changed, rebuild, log, count, tell; the
+        transitions made are returned. (`domains_before`: the states regions and providers had
+        before a snapshot set them, for a worker, where the snapshot itself changes them.)"""
         upstream = self.upstream
         transitions: list[_Transition] = []
         for backend in upstream.backends:
             if backend.ejected_until and now >= backend.ejected_until:
                 backend.ejected_until = 0.0  # back on probation
+                backend.ejection_cause = ""
                 backend.reason = ""
             was_usable = backend.usable
             backend.usable = (
@@ -340,6 +357,14 @@ class HealthMachine:
         upstream.generation += 1
         for listener in upstream.listeners:
             listener(upstream)
+        if domains_before is not None:
+            transitions += [
+                _Transition(_kind(d), d.name, domains_before[d.name], d.state, d.reason, "", d)
+                for d in upstream.domains
+                if d.name in domains_before and domains_before[d.name] != d.state
+                and not any(t.domain is d for t in transitions)
+            ]
+        return transitions
 
     def _derive(self, domain: Domain, usable: int, now: float, all_regions_down: bool,
                 event: str, transitions: list[_Transition]) -> None:
@@ -487,18 +512,25 @@ class HealthMachine:
 
     def _eject(self, backend: Backend, now: float, why: str) -> None:
         config = self.upstream.config.outlier
+        failures = backend.consecutive_failures
         backend.ejections += 1
         duration = min(config.base_ejection * backend.ejections, config.max_ejection)
         backend.ejected_until = now + duration
+        backend.ejection_cause = why
         backend.consecutive_failures = 0
         backend.on_probation = True  # back after its time, one failure sends it out again
+        ends = "" if why in PROBE_TESTABLE else "; runs its time, probes cannot vouch for it"
         backend.reason = (
-            f"ejected for {duration:g}s after {config.consecutive_failures} failures ({why})"
+            f"ejected for {duration:g}s after {failures} failures ({why}{ends})"
         )
         upstream = self.upstream
         upstream.store.inc(
             "ejections", (upstream.name, backend.provider, backend.name, _reason_label(why))
         )
+
+
+def _kind(domain: Domain) -> str:
+    return "region" if domain.parent is not None else "provider"
 
 
 def _note(domain: Domain, backend: Backend, now: float, window: float) -> None:
@@ -534,6 +566,7 @@ def carry_backend_health(old: Backend, new: Backend) -> None:
     new.last_check = old.last_check
     new.last_check_at = old.last_check_at
     new.ejected_until = old.ejected_until
+    new.ejection_cause = old.ejection_cause
     new.ejections = old.ejections
     new.consecutive_failures = old.consecutive_failures
     new.on_probation = old.on_probation

@@ -9,6 +9,7 @@ need not share a clock.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -58,7 +59,13 @@ class UpstreamHealth:
 @dataclass(frozen=True)
 class HealthSnapshot:
     version: int
+    """The supervisor's count of pictures sent: a worker's access log names the one each
+    request was routed by, so what a request did can be set against when a failover reached
+    that worker."""
     upstreams: dict[str, UpstreamHealth]
+    sent_at: float = 0.0
+    """Wall-clock time the supervisor sent it: the worker says how long the decision took to
+    reach it."""
 
 
 def take_snapshot(
@@ -68,12 +75,15 @@ def take_snapshot(
     return HealthSnapshot(version, {
         u.name: u.health.export(now) for u in topology.upstreams.values()
         if only is None or u.name in only
-    })
+    }, time.time())
 
 
-def apply_snapshot(topology: Topology, snapshot: HealthSnapshot, now: float) -> None:
-    """Make this process's backends, regions and providers what the supervisor says."""
+def apply_snapshot(topology: Topology, snapshot: HealthSnapshot, now: float) -> list[str]:
+    """Make this process's backends, regions and providers what the supervisor says; returns
+    the regions and providers whose state that changed (`web provider aws: up -> down`)."""
+    changes = []
     for name, health in snapshot.upstreams.items():
         upstream = topology.upstreams.get(name)
         if upstream is not None:  # else a generation this worker has not loaded yet
-            upstream.health.adopt(health, now)
+            changes += [f"{name} {change}" for change in upstream.health.adopt(health, now)]
+    return changes

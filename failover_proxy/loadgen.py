@@ -2,9 +2,10 @@
 failover tests and benchmarks, light enough that hundreds of them fit beside the backends in one
 process.
 
-Each client holds one connection and sends GETs back to back (the next once the previous
-response is read whole); anything but a whole 200 response is an error, recorded with when it
-happened and what it was, and the client reconnects.
+Each client of `KeepAliveLoad` holds one connection and sends GETs back to back (the next once
+the previous response is read whole); anything but a whole 200 response is an error, recorded
+with when it happened and what it was, and the client reconnects. `PacedLoad` offers a fixed
+rate instead, whatever the answers, and keeps each answer's status, body and Retry-After.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class KeepAliveLoad:
                 while not self._stopping:
                     started = time.monotonic()
                     writer.write(request)
-                    status, keep = await asyncio.wait_for(_response(reader), self.timeout)
+                    reply = await asyncio.wait_for(_response(reader), self.timeout)
+                    status, keep = reply.status, reply.keep
                     seconds = time.monotonic() - started
                     self.samples.append(
                         Sample(started, seconds, status == 200,
@@ -89,13 +91,23 @@ class KeepAliveLoad:
                     await writer.wait_closed()
 
 
-async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one response whole: (status, whether the connection stays open)."""
+@dataclass
+class Reply:
+    status: int
+    keep: bool
+    """Whether the connection stays open."""
+    body: bytes
+    retry_after: str | None
+
+
+async def _response(reader: asyncio.StreamReader) -> Reply:
+    """Read one response whole."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
     length = 0
     keep = True
+    retry_after = None
     for line in lines[1:]:
         name, _, value = line.partition(":")
         name = name.strip().lower()
@@ -103,8 +115,82 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             length = int(value)
         elif name == "connection" and value.strip().lower() == "close":
             keep = False
+        elif name == "retry-after":
+            retry_after = value.strip()
         elif name == "transfer-encoding":
             raise ValueError("chunked responses are not expected here")
-    if length:
-        await reader.readexactly(length)
-    return status, keep
+    body = await reader.readexactly(length) if length else b""
+    return Reply(status, keep, body, retry_after)
+
+
+@dataclass
+class Answer:
+    started: float
+    """time.monotonic() when the request was sent."""
+    seconds: float
+    status: int
+    """0: no answer (the detail says why)."""
+    body: bytes = b""
+    retry_after: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class PacedLoad:
+    """`rate` requests a second, spread evenly over `clients` keep-alive connections, whatever
+    the answers: an offered load, as traffic from many users is (a client whose answer is late
+    sends its next request as soon as it has it, to catch up)."""
+
+    port: int
+    rate: float
+    clients: int = 32
+    path: str = "/work"
+    host: str = "127.0.0.1"
+    timeout: float = 10.0
+    answers: list[Answer] = field(default_factory=list)
+    _stopping: bool = False
+
+    def between(self, start: float, end: float) -> list[Answer]:
+        return [a for a in self.answers if start <= a.started < end]
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    async def run(self) -> None:
+        """Until `stop()`; every client finishes the request it has in flight."""
+        begin = time.monotonic()
+        await asyncio.gather(*(self._client(begin + n / self.rate) for n in range(self.clients)))
+
+    async def _client(self, first: float) -> None:
+        request = (
+            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            "User-Agent: failover-proxy-loadgen\r\n\r\n"
+        ).encode()
+        every = self.clients / self.rate
+        due = first
+        while not self._stopping:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port), self.timeout)
+            except (OSError, TimeoutError) as exc:
+                self.answers.append(Answer(time.monotonic(), 0.0, 0, detail=f"connect: {exc!r}"))
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                while not self._stopping:
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    due += every
+                    started = time.monotonic()
+                    writer.write(request)
+                    reply = await asyncio.wait_for(_response(reader), self.timeout)
+                    self.answers.append(Answer(started, time.monotonic() - started, reply.status,
+                                               reply.body, reply.retry_after))
+                    if not reply.keep:
+                        break
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+                self.answers.append(Answer(started, time.monotonic() - started, 0,
+                                           detail=repr(exc)))
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()

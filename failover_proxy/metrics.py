@@ -98,6 +98,14 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "hedges": ("Hedged second attempts sent.", ("upstream",)),
     "circuit_breaker_overflows": ("Requests refused by a circuit breaker.", ("upstream",)),
+    "requests_shed": (
+        "Requests answered 503 with Retry-After at once because the backend chosen and every "
+        "other usable one were at their declared capacity.", ("upstream",)
+    ),
+    "capacity_spills": (
+        "Requests sent to another provider because the backend chosen was at its declared "
+        "capacity.", ("upstream", "from_provider", "to_provider"),
+    ),
     "replay_buffer_overflows": (
         "Failed requests not retried because their body outgrew the replay buffer.",
         ("upstream",),
@@ -332,8 +340,12 @@ class KnownSeries:
             durations.extend((name, provider) for provider in providers)
             attempts.extend((name, b.provider, b.origin, b.endpoint) for b in upstream.backends)
             for counter in ("retry_budget_exhausted", "hedges", "circuit_breaker_overflows",
-                            "replay_buffer_overflows"):
+                            "replay_buffer_overflows", "requests_shed"):
                 counters[counter].append((name,))
+            if upstream.capped:
+                counters["capacity_spills"].extend(
+                    (name, source, taker)
+                    for source in providers for taker in providers if taker != source)
             counters["retries"].extend(
                 (name, condition.replace("-", "_")) for condition in sorted(RETRY_CONDITIONS))
             counters["failovers"].extend(

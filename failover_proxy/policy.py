@@ -23,6 +23,19 @@ def provider_latency(provider: Domain) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def spare_capacity(tier: Domain, now: float) -> float:
+    """Requests the tier's usable backends would admit right now (infinite when one of them
+    declares no capacity)."""
+    spare = 0.0
+    for backend in tier.backends:
+        if backend.usable:
+            limit = backend.limit
+            if limit is None:
+                return float("inf")
+            spare += limit.spare(now)
+    return spare
+
+
 class ProviderPolicy:
     """Orders the tiers (providers or regions) of one upstream for each request."""
 
@@ -32,6 +45,9 @@ class ProviderPolicy:
         """The tiers in the configured order."""
         self.preferred: Domain | None = tiers[0] if tiers else None
         self._split: SmoothWeightedRoundRobin[Domain] | None = None
+        self._split_of: tuple[object, ...] = ()
+        """The tiers and weights `_split` was built from: kept while they hold, so that a
+        rebuild after every event does not start its cycle over (always the same tier next)."""
         self._up: list[Domain] = []
 
     def rebuild(self, everyone: bool = False) -> None:
@@ -46,24 +62,29 @@ class ProviderPolicy:
             up = [p for p in self.providers if p.balancer is not None and not p.forced]
         if self.config.strategy == "priority":
             self.preferred = up[0] if up else None
-            self._split = None
             if len(up) > 1 and up[0].ramp < 1.0:
                 # The first provider is back but ramping up: the next one keeps the rest.
                 share = round(100 * up[0].ramp)
-                self._split = SmoothWeightedRoundRobin(up[:2], [share, 100 - share])
+                self._set_split(up[:2], [share, 100 - share])
+            else:
+                self._set_split([], [])
         else:
             weighted = [p for p in up if p.weight > 0] or up
             if self.config.strategy == "latency" and len(weighted) > 1:
                 weighted = self._fastest(weighted)
-            self._split = (
-                SmoothWeightedRoundRobin(
-                    weighted, [max(1, round(max(p.weight, 1) * 100 * p.ramp)) for p in weighted]
-                )
-                if weighted
-                else None
+            self._set_split(
+                weighted, [max(1, round(max(p.weight, 1) * 100 * p.ramp)) for p in weighted]
             )
             self.preferred = weighted[0] if weighted else None
         self._up = up
+
+    def _set_split(self, tiers: list[Domain], weights: list[int]) -> None:
+        """Split new requests over `tiers` by `weights` (none: no split)."""
+        wanted = (*tiers, *weights)
+        if wanted == self._split_of:
+            return
+        self._split_of = wanted
+        self._split = SmoothWeightedRoundRobin(tiers, weights) if tiers else None
 
     def _fastest(self, providers: list[Domain]) -> list[Domain]:
         """The providers within `latency_tolerance` of the fastest (unmeasured ones included,
@@ -86,6 +107,15 @@ class ProviderPolicy:
             if provider.name not in exclude:
                 return provider
         return None
+
+    def spill_order(self, first: Domain | None, tried: list[str], now: float) -> list[Domain]:
+        """Where what `first` (a tier whose backend is at capacity) cannot take goes: its own
+        other backends first, then the tiers in rotation not tried yet: by priority, the next
+        in order; weighted, the one with the most room left first."""
+        others = [t for t in self._up if t is not first and t.name not in tried]
+        if self.config.strategy != "priority":
+            others.sort(key=lambda tier: -spare_capacity(tier, now))
+        return [first, *others] if first is not None else others
 
     def shares(self) -> dict[str, float]:
         """The fraction of new requests each provider gets now."""

@@ -412,8 +412,10 @@ class BackendConfig:
     dns: DnsConfig | None = None
     """This backend's resolver settings, in place of the upstream's."""
     capacity: Annotated[float, Constraints(gt=0)] | None = None
-    """Requests per second it can serve: with every backend's, `audit` checks that the others
-    can absorb any one provider's share."""
+    """Requests per second it can serve, a live limit: it is never sent more (each worker
+    sends its share); the excess spills to other backends with room, by the policy's order,
+    and what none has room for is shed at once with 503 and Retry-After. With every backend's,
+    `audit` checks that the others can absorb any one provider's share."""
 
 
 @config_class

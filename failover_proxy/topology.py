@@ -14,6 +14,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from .balance import Balancer, ConsistentHash, LeastRequest, SmoothWeightedRoundRobin
+from .capacity import RateLimit, monotonic, process_rate
 from .dataplane.headers import host_line
 from .dataplane.upstream import UpstreamPool
 from .discovery import Address, DnsStatus, target_of
@@ -85,6 +86,9 @@ class Backend:
         """Duration histogram slots of its provider (metrics.observe_duration)."""
         self.in_flight = 0
         self.attempts_total = 0
+        self.limit: RateLimit | None = None
+        """Its declared capacity as this process's share of it (None: no capacity declared):
+        the policy sends it no more, and spills the rest (capacity.py)."""
         self.healthy = True
         """Active health checks' verdict (optimistic until they say otherwise)."""
         self.probe_passes = 0
@@ -94,6 +98,9 @@ class Backend:
         self.last_check_at = 0.0
         """Wall-clock time of the last probe's result (0: not probed yet)."""
         self.ejected_until = 0.0
+        self.ejection_cause = ""
+        """The failure that earned the ejection (`status 503`, `reset`, `connect-failure`…):
+        a passing probe ends it only when the probe tests that (healthstate.PROBE_TESTABLE)."""
         self.ejections = 0
         self.consecutive_failures = 0
         self.on_probation = False
@@ -151,6 +158,10 @@ class Domain:
         self.balancer: Balancer[Backend] | None = SmoothWeightedRoundRobin(
             backends, [b.weight for b in backends]
         )
+        self.balanced: tuple[object, ...] | None = ()
+        """What `balancer` was built from (its backends with their weights, and the kind; None
+        for no balancer; () before the first build): the upstream rebuilds it only when that
+        changes, so its position in the cycle holds."""
         self.recent_failures: dict[str, float] = {}
         """Backend name -> when it last failed, within the correlated-failure window."""
 
@@ -243,6 +254,7 @@ class Upstream:
         store: MetricStore | None = None,
         previous: Upstream | None = None,
         now: float = 0.0,
+        processes: int = 1,
     ) -> None:
         self.name = name
         self.config = config
@@ -264,6 +276,7 @@ class Upstream:
         self.domains: list[Domain] = [*self.regions, *self.providers.values()]
         """Every region and provider: what the health machine derives states for."""
         self.tiers = tiers = _policy_tiers(config, self.providers)
+        self._tier_named = {t.name: t for t in tiers}
         for tier in tiers:
             tier.weight = weights.get(tier.name, tier.weight)
             for backend in tier.backends:
@@ -296,6 +309,12 @@ class Upstream:
         self.listeners: list[Callable[[Upstream], None]] = []
         """Called after every change of state (metrics, status page)."""
         self.backend_configs = {b.name: b for b in config.backends}
+        self.processes = processes
+        """The processes that serve traffic, each sending a backend its share of its
+        capacity."""
+        self.capped = False
+        """Some backend has a declared capacity: picks check it (else they need not look)."""
+        self._limit(backends)
         self.discovered: dict[str, tuple[Address, ...] | None] = {}
         """The addresses each backend named by a hostname has as endpoints now (None: none,
         its name not resolved yet or gone); set by build_upstream and set_endpoints alone."""
@@ -348,8 +367,17 @@ class Upstream:
         region = self._region_of[(config.provider, config.region)]
         for members in (self.backends, provider.backends, region.backends):
             members[:] = _spliced(members, old, new)
+        self._limit(new)
         self.discovered[origin] = addresses
         return removed
+
+    def _limit(self, backends: list[Backend]) -> None:
+        """Give `backends` their part of their declared capacity, as this process's share."""
+        for backend in backends:
+            capacity = self.backend_configs[backend.origin].capacity
+            backend.limit = (None if capacity is None else
+                             RateLimit(process_rate(capacity, backend.share, self.processes)))
+        self.capped = any(b.limit is not None for b in self.backends)
 
     def region_of(self, backend: Backend) -> Region:
         """The region (of this generation) a backend belongs to."""
@@ -381,11 +409,17 @@ class Upstream:
             tier.ramp = ramp(now, tier.up_since, slow_start)
             ramping = ramping or tier.ramp < 1.0
             kept = [(b, w) for b, w in zip(candidates, weights, strict=True) if w > 0]
-            tier.balancer = (
-                self._balancer([b for b, _ in kept], [w for _, w in kept])
-                if kept and not refuse
-                else None
-            )
+            members = (tuple(kept), self.config.balancer) if kept and not refuse else None
+            if members != tier.balanced:
+                # Only when what it balances changed: a balancer rebuilt on every event (each
+                # failure a worker reports comes back as a snapshot) would start its cycle
+                # over each time, and send every next request to the same first backend.
+                tier.balanced = members
+                tier.balancer = (
+                    self._balancer([b for b, _ in kept], [w for _, w in kept])
+                    if members is not None
+                    else None
+                )
         self.ramping = ramping
         self.policy.rebuild(everyone=spread)
 
@@ -453,19 +487,62 @@ class Upstream:
         return shares
 
     def pick(self, key: int = 0) -> Backend | None:
-        """The first attempt's backend (the hot path; `choose` explains and handles retries)."""
+        """The first attempt's backend (the hot path; `choose` explains and handles retries,
+        and spills what a backend at its capacity cannot take)."""
         tier = self.policy.pick(_NONE)
         if tier is None or tier.balancer is None:
             return None
-        return tier.balancer.pick(key)
+        backend = tier.balancer.pick(key)
+        if self.capped:
+            limit = backend.limit
+            if limit is not None and not limit.admit(monotonic()):
+                return None
+        return backend
 
     def choose(
         self, tried_backends: list[Backend], tried_tiers: list[str], peek: bool = False
     ) -> tuple[Backend | None, str]:
-        """The backend for an attempt, and why it was chosen when it is not the plain choice.
+        """The backend for an attempt, and why it was chosen when it is not the plain choice:
+        within its declared capacity, else spilled to one with room, else none (shed).
 
         `peek` answers without moving any balancer on (the admin's /debug/route).
         """
+        backend, reason = self._choose(tried_backends, tried_tiers, peek)
+        if backend is None or not self.capped or peek:
+            return backend, reason
+        now = monotonic()
+        limit = backend.limit
+        if limit is None or limit.admit(now):
+            return backend, reason
+        return self._spill(backend, tried_backends, tried_tiers, now)
+
+    def _spill(self, full: Backend, tried_backends: list[Backend], tried_tiers: list[str],
+               now: float) -> tuple[Backend | None, str]:
+        """`full` is at its capacity: the next backend with room, in its own tier first, then
+        in the tiers the policy orders after it; none left: shed (counted)."""
+        at = (f"{full.name} at its capacity "
+              f"({self.backend_configs[full.origin].capacity:g} req/s)")
+        first = self._tier_named.get(full.tier)
+        for tier in self.policy.spill_order(first, tried_tiers, now):
+            balancer = tier.balancer
+            if balancer is None:
+                continue
+            for _ in range(len(balancer)):
+                candidate = balancer.pick()
+                if candidate is full or candidate in tried_backends:
+                    continue
+                limit = candidate.limit
+                if limit is None or limit.admit(now):
+                    if candidate.provider != full.provider:
+                        self.store.inc("capacity_spills",
+                                       (self.name, full.provider, candidate.provider))
+                    return candidate, f"spilled to {_tier_text(tier)}: {at}"
+        self.store.inc("requests_shed", (self.name,))
+        return None, f"shed: {at}, and no other usable backend has room"
+
+    def _choose(
+        self, tried_backends: list[Backend], tried_tiers: list[str], peek: bool
+    ) -> tuple[Backend | None, str]:
         different = self.config.retry.next_attempt == "different_provider"
         tier = self.policy.pick(tried_tiers if different else [], peek)
         reason = ""
@@ -639,10 +716,11 @@ def build_upstream(
     previous: Upstream | None = None,
     now: float = 0.0,
     resolved: dict[str, tuple[Address, ...]] | None = None,
+    processes: int = 1,
 ) -> Upstream:
     """An upstream from its config; with `previous` (a reload), what is unchanged carries on,
     hostnames with the endpoints DNS last gave them; `resolved`: the endpoints of hostnames
-    resolved before a start."""
+    resolved before a start; `processes`: how many serve traffic (capacity is shared)."""
     store = store if store is not None else MetricStore()
     needs_tls = any(b.url.startswith(("https://", "srv+https://")) for b in config.backends)
     ssl_context = tls_context(config) if needs_tls else None
@@ -662,7 +740,7 @@ def build_upstream(
             )
         backends.extend(_carry_backend(backend, config, old_backends.get(b.name), b)
                         for b in built)
-    upstream = Upstream(name, config, backends, store, previous, now)
+    upstream = Upstream(name, config, backends, store, previous, now, processes)
     upstream.ssl_context = ssl_context
     upstream.discovered = discovered
     if previous is not None:
@@ -775,7 +853,7 @@ def build_upstreams(
             upstreams[name] = before
         else:
             upstreams[name] = build_upstream(name, cfg, store, before, now,
-                                             (resolved or {}).get(name))
+                                             (resolved or {}).get(name), config.worker_count)
     return upstreams
 
 

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from . import ipc
-from .healthview import apply_snapshot
+from .healthview import HealthSnapshot, apply_snapshot
 from .schema import ProxyConfig
 from .server import ProxyServer
 from .topology import Backend
@@ -85,7 +85,7 @@ async def _follow(
     while (message := await ipc.receive(reader, held)) is not None:
         kind = message["t"]
         if kind == "health":
-            apply_snapshot(server.topology, message["snapshot"], loop.time())
+            _adopt(server, message["snapshot"], loop.time())
         elif kind == "stats":
             ipc.send(writer, {"t": "stats", "id": message["id"], **_stats(server)})
         elif kind == "config":
@@ -98,6 +98,20 @@ async def _follow(
             order.delay, order.grace = message["delay"], message["grace"]
             order.given.set()
     order.given.set()  # the supervisor is gone: nobody is left to give orders
+
+
+def _adopt(server: ProxyServer, snapshot: HealthSnapshot, now: float) -> None:
+    """Take the supervisor's health picture. New requests are routed by it from here on (the
+    access log names its version); a region or provider it moves is logged with how long the
+    decision took to get here, so a failover's reach into every worker can be read off."""
+    changes = apply_snapshot(server.topology, snapshot, now)
+    plane = server.plane
+    if plane is not None:
+        plane.health_view = snapshot.version
+    if changes:
+        log.info("worker %d: health view %d in service, %.1f ms after it was sent: %s",
+                 os.getpid(), snapshot.version, (time.time() - snapshot.sent_at) * 1000,
+                 "; ".join(changes))
 
 
 async def _report_counts(

@@ -127,30 +127,31 @@ class Load:
         self._stop = True
 
 
-def first_down(cluster: Cluster, provider: str) -> list[float]:
-    """Loop times at which `provider` went down, recorded as the proxy changes state."""
-    downs: list[float] = []
-    loop = asyncio.get_running_loop()
+def first_down(cluster: Cluster, provider: str) -> list[int]:
+    """How many requests `provider`'s backends had received when it went down, recorded as
+    the proxy changes state."""
+    downs: list[int] = []
 
     def watch(upstream: Upstream) -> None:
         if upstream.providers[provider].state == "down" and not downs:
-            downs.append(loop.time())
+            downs.append(sum(len(b.received) for b in cluster.of(provider)))
 
     cluster.upstream.listeners.append(watch)
     return downs
 
 
-async def run_fault(cluster: Cluster, provider: str, mode: str, seconds: float) -> tuple[Load, float]:
+async def run_fault(cluster: Cluster, provider: str, mode: str, seconds: float) -> tuple[Load, int]:
+    """Load, then `provider` broken for `seconds`; returns the load and how many requests the
+    provider had received when it broke."""
     load = Load(cluster.proxy.port)
     task = asyncio.create_task(load.run())
     await asyncio.sleep(0.6)
-    loop = asyncio.get_running_loop()
-    fault_at = loop.time()
+    received = sum(len(b.received) for b in cluster.of(provider))
     await cluster.break_provider(provider, mode)
     await asyncio.sleep(seconds)
     load.stop()
     await task
-    return load, fault_at
+    return load, received
 
 
 # Every fault mode at 16, 64 and 256 clients through the real process: test_failover_process.py.
@@ -163,8 +164,10 @@ async def test_reset_mid_body_of_small_responses_is_retried_unseen(
     the middle of one is retried elsewhere before any byte reaches the client."""
     c = await cluster()
     downs = first_down(c, "aws")
-    load, fault_at = await run_fault(c, "aws", "reset_mid_body", 1.5)
-    assert downs and downs[0] - fault_at <= 0.3
+    load, before = await run_fault(c, "aws", "reset_mid_body", 1.5)
+    # Out after a few broken answers (two backends failing within the window), whatever the
+    # clock says: at most one request per client on each of its backends.
+    assert downs and downs[0] - before <= 2 * load.clients, (before, downs)
     assert load.errors == []
     assert load.ok > 100
 
@@ -258,15 +261,18 @@ async def test_nothing_usable_is_an_immediate_503_with_retry_after(
     for provider in PROVIDERS:
         await c.break_provider(provider, "5xx")
     await asyncio.sleep(0.8)  # health checks mark every backend unhealthy
-    loop = asyncio.get_running_loop()
+    unanswered = c.upstream.unanswered_durations  # the proxy's own time for such requests
+    counted, spent = sum(unanswered[:-1]), unanswered[-1]
     async with httpx.AsyncClient(trust_env=False) as http:
-        started = loop.time()
         response = await http.get(f"http://127.0.0.1:{c.proxy.port}/work")
-        took = loop.time() - started
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert "no usable backend" in response.text
-    assert took < 0.2
+    # At once: no backend was tried, and the proxy's own time for the request (head read to
+    # answer written, as its duration histogram counts it) is far below any timeout it could
+    # have waited on (connect 250 ms), however busy the machine running this test is.
+    assert sum(unanswered[:-1]) == counted + 1
+    assert unanswered[-1] - spent < 0.05, unanswered[-1] - spent
 
 
 async def test_circuit_breaker_answers_503_at_once(proxy: StartProxy) -> None:
@@ -290,9 +296,10 @@ async def test_circuit_breaker_answers_503_at_once(proxy: StartProxy) -> None:
 
             results = await asyncio.gather(*(get() for _ in range(5)))
         assert sorted(status for status, _, _ in results) == [200, 200, 503, 503, 503]
+        answered = min(took for status, took, _ in results if status == 200)
         for status, took, text in results:
-            if status == 503:
-                assert took < 0.3 and "circuit breaker open" in text
+            if status == 503:  # at once: before the slow backend answered anyone
+                assert took < answered and "circuit breaker open" in text
         assert len(slow.received) == 2
     finally:
         await slow.stop()
@@ -360,7 +367,7 @@ async def test_recovered_provider_ramps_up_through_slow_start(
 
 
 async def test_hedged_request_takes_the_first_answer(proxy: StartProxy) -> None:
-    slow = FaultBackend("aws-a", "aws", mode="slow", delay=0.6)
+    slow = FaultBackend("aws-a", "aws", mode="slow", delay=3.0)
     fast = FaultBackend("gcp-a", "gcp")
     for backend in (slow, fast):
         await backend.start()
@@ -378,9 +385,12 @@ async def test_hedged_request_takes_the_first_answer(proxy: StartProxy) -> None:
             started = loop.time()
             response = await http.get(f"http://127.0.0.1:{server.port}/hedge")
             took = loop.time() - started
+            slow.mode = "healthy"
             posted = await http.post(f"http://127.0.0.1:{server.port}/once", content=b"x")
         assert response.status_code == 200 and response.json()["provider"] == "gcp"
-        assert 0.09 <= took < 0.4, took
+        # Hedged after hedge_after, and answered by the first answer: not after the slow one
+        # (3 s; half of that is the margin for a busy machine).
+        assert 0.09 <= took < 1.5, took
         assert [r.path for r in slow.received] == ["/hedge", "/once"]  # both went to aws first
         assert [r.path for r in fast.received] == ["/hedge"]  # a POST is never hedged
         assert posted.json()["provider"] == "aws"

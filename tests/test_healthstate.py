@@ -102,16 +102,36 @@ def region(upstream: Upstream, name: str) -> Any:
     return next(r for r in upstream.regions if r.name == name)
 
 
-def test_passing_check_ends_an_ejection_at_once() -> None:
+@pytest.mark.parametrize("why", ["connect-failure", "timeout"])
+def test_passing_check_ends_an_ejection_it_vouches_for(why: str) -> None:
+    """A probe connects and is answered in time: it tests what these failures were."""
     upstream = build_topology(parse_config(CONFIG)).upstreams["web"]
     a1 = upstream.backends[0]
     for n in range(3):
-        upstream.health.request_failed(a1, 100.0 + n * 0.1, "reset")
+        upstream.health.request_failed(a1, 100.0 + n * 0.1, why)
     assert a1.state == "ejected" and a1.ejected_until == 110.2
     upstream.health.probe_result(a1, True, "status 200", CHECK, 101.0, 0.0)
     assert a1.usable and a1.state == "healthy" and a1.on_probation
     upstream.health.request_failed(a1, 101.5, "reset")  # on probation: out again, for longer
     assert a1.ejected_until == 101.5 + 20.0
+
+
+@pytest.mark.parametrize("why", ["status 503", "reset"])
+def test_passing_check_does_not_end_a_gray_failures_ejection(why: str) -> None:
+    """/healthz answers 200 while real requests get 503s or resets: the probe did not test
+    what failed, so the ejection runs its time; then the backend is on probation."""
+    upstream = build_topology(parse_config(CONFIG)).upstreams["web"]
+    a1 = upstream.backends[0]
+    for n in range(3):
+        upstream.health.request_failed(a1, 100.0 + n * 0.1, why)
+    assert a1.state == "ejected" and "probes cannot vouch" in a1.reason
+    for second in range(9):
+        upstream.health.probe_result(a1, True, "status 200", CHECK, 101.0 + second, 0.0)
+        assert a1.state == "ejected" and not a1.usable, second
+    upstream.health.tick(110.2)
+    assert a1.usable and a1.on_probation
+    upstream.health.request_failed(a1, 111.0, why)  # one more: out again, twice as long
+    assert a1.ejected_until == 111.0 + 20.0
 
 
 def test_passing_check_keeps_the_ejection_when_told_to() -> None:
@@ -316,3 +336,27 @@ routes:
     health.request_failed(second, 10.2, "reset")
     assert upstream.providers["aws"].state == "down"
     assert set(upstream.providers["aws"].recent_failures) == {"aws-lb", "aws-b"}
+
+
+def test_a_worker_s_balancers_keep_their_place_across_snapshots() -> None:
+    """Each failure a worker reports comes back as a snapshot the worker adopts. Rebuilding
+    the balancers each time would start their cycle over: every next request would go to the
+    same first backend, and a second failing backend would never be tried (so correlated
+    failure could not see it). Unchanged balancers keep their position."""
+    text = CONFIG.replace("consecutive_failures: 3", "consecutive_failures: 50")
+    supervisor = build_topology(parse_config(text), now=1.0)
+    worker = build_topology(parse_config(text), now=1.0)
+    upstream = worker.upstreams["web"]
+    seen = []
+    for version in range(1, 9):
+        chosen = upstream.pick()
+        assert chosen is not None
+        seen.append(chosen.name)
+        # The worker reports the failure (2 s apart: no correlated failure, no ejection); the
+        # supervisor's machine counts it and sends its picture back.
+        now = version * 2.0
+        supervisor.upstreams["web"].health.request_failed(
+            supervisor.upstreams["web"].backends[["a1", "a2", "g1", "g2"].index(chosen.name)],
+            now, "status 503")
+        apply_snapshot(worker, take_snapshot(supervisor, now, version), now)
+    assert sorted(seen) == ["a1", "a1", "a2", "a2", "g1", "g1", "g2", "g2"], seen

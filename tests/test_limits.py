@@ -148,10 +148,23 @@ async def test_500_slow_clients_do_not_delay_a_normal_one(
     them is answered within 100 ms (at the 90th percentile of 40 requests; every one within
     500 ms). The slow uploads hold no backend connection (request buffering)."""
     large = b"L" * (4 * 1024 * 1024)
+    piece = 64 * 1024
+    sent = {"requests": 0, "bytes": 0}
+    """What the backend has handed the proxy of the large responses so far."""
 
-    async def answer(request: web.Request) -> web.Response:
+    async def answer(request: web.Request) -> web.StreamResponse:
         await request.read()
-        return web.Response(body=large if request.path == "/large" else b"ok")
+        if request.path != "/large":
+            return web.Response(body=b"ok")
+        sent["requests"] += 1
+        response = web.StreamResponse()
+        response.content_length = len(large)
+        await response.prepare(request)
+        for offset in range(0, len(large), piece):
+            await response.write(large[offset:offset + piece])  # waits while buffers are full
+            sent["bytes"] += piece
+        await response.write_eof()
+        return response
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
@@ -170,8 +183,19 @@ async def test_500_slow_clients_do_not_delay_a_normal_one(
             writer.transport.pause_reading()  # and never read it
         slow.append(writer)
     # The slow readers' first megabytes fill the kernel's buffers in one burst at the start
-    # (about 670 MB between proxy and backend here); measure once that has settled.
-    await asyncio.sleep(1.5)
+    # (hundreds of MB between proxy and backend): measure once it has ended, observed as every
+    # large response begun and the backend's writes stalled (on a busy machine this takes
+    # longer, which a fixed pause would not know).
+    readers = sum(1 for writer in slow if not writer.transport.is_reading())
+    deadline = time.monotonic() + 60
+    last, still_since = -1, time.monotonic()
+    while sent["requests"] < readers or time.monotonic() - still_since < 0.5:
+        assert time.monotonic() < deadline, f"the burst did not end: {sent}"
+        if sent["bytes"] != last:
+            last, still_since = sent["bytes"], time.monotonic()
+        await asyncio.sleep(0.05)
+    print(f"burst ended: {sent['bytes'] / 1e6:.0f} MB of {sent['requests']} large responses "
+          "sent to the proxy")
     durations = []
     try:
         for round_number in range(40):

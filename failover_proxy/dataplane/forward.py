@@ -526,6 +526,7 @@ class Exchange:
         "status",
         "tried",
         "upstream",
+        "view",
         "waiting_body",
     )
 
@@ -537,6 +538,10 @@ class Exchange:
         self.request = request
         self.route = route
         self.upstream = upstream = route.upstream
+        self.view = downstream.plane.health_view
+        """The health picture the request was routed by (the supervisor's version; 0 in one
+        process): set against when a worker adopted a failover, it shows what the request
+        could have known."""
         self.status = 0
         self.refusal = 0
         """The status of the proxy's refusal of this request's body (400, 408, 413): when no
@@ -728,7 +733,7 @@ class Exchange:
     def attempt_done(self, attempt: Attempt, outcome: Outcome) -> None:
         """Called by the attempt when it ends, whichever way."""
         if self.hedge is not None:
-            self._racer_failed(attempt)  # the other attempt of the race carries on
+            self._racer_failed(attempt, outcome)  # the other attempt of the race carries on
             return
         self.attempt = None
         conn = attempt.conn
@@ -850,16 +855,18 @@ class Exchange:
             self.backend = hedge.backend
             self.reason = f"hedged to provider {hedge.backend.provider}"
 
-    def _racer_failed(self, attempt: Attempt) -> None:
+    def _racer_failed(self, attempt: Attempt, outcome: Outcome) -> None:
         """One attempt of a race failed before any head: the other one carries on."""
         hedge = self.hedge
         assert hedge is not None
         self.hedge = None
         attempt.conn.abort()
         attempt.backend.in_flight -= 1
-        self.upstream.health.request_failed(
-            attempt.backend, self.downstream.plane.clock, "hedged"
-        )
+        if outcome is not Outcome.CLIENT_ERROR and outcome is not Outcome.BODY_LOST:
+            condition = "timeout" if outcome is Outcome.TIMEOUT else "reset"
+            self.upstream.health.request_failed(
+                attempt.backend, self.downstream.plane.clock, condition
+            )
         if attempt is not hedge:  # the primary failed: the hedge becomes the attempt
             self.attempt = hedge
             self.backend = hedge.backend
@@ -1039,6 +1046,7 @@ class Exchange:
                 backend=backend.name if backend is not None else "",
                 attempts=self.attempts,
                 reason=self.explain(),
+                health_view=self.view,
             )
 
     def decision_header(self) -> bytes:

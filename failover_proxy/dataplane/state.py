@@ -54,6 +54,9 @@ class DataPlane:
         self.accepting = True
         """False while limits.max_connections holds accepting back."""
         self.draining = False
+        self.health_view = 0
+        """The version of the supervisor's health picture this worker routes by (0: a single
+        process, whose own machines decide)."""
         self.clock = loop.time()
         """The loop's time as of the last sweep: timeouts here are only as fine as the sweep, so
         the hot path reads this number instead of asking the clock several times a request."""

@@ -29,6 +29,7 @@ function backendItem(name, backend) {
     backend.region, `weight ${backend.weight}`, `${percent(backend.traffic_share)} of traffic`,
     `${backend.in_flight} in flight`, `${backend.ewma_latency_ms.toFixed(1)} ms`,
   ];
+  if (backend.capacity_rps) facts.push(`capacity ${backend.capacity_rps} req/s`);
   if (backend.last_check && backend.last_check.result) facts.push(`check ${backend.last_check.result}`);
   return element("li", {
     class: `backend state-${backend.state}`, "data-backend": name, "data-state": backend.state,
@@ -86,6 +87,7 @@ function upstreamCard(name, upstream) {
   }
   const notes = [`${upstream.strategy} policy`, `${upstream.active_requests} in flight`];
   if (upstream.panic) notes.push("PANIC: health ignored");
+  if (upstream.requests_shed) notes.push(`${upstream.requests_shed} shed at capacity`);
   return element("article", { class: "upstream", "data-upstream": name },
     element("h2", {}, name, " ", element("span", { class: "muted" }, notes.join(" · "))),
     providers,
