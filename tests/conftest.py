@@ -87,12 +87,35 @@ def free_port() -> int:
         return port
 
 
-def backend_lines(backends: list[FaultBackend]) -> str:
-    """The `backends:` list entries (YAML) of fault-injecting backends."""
+def backend_lines(backends: list[FaultBackend], extra: str = "") -> str:
+    """The `backends:` list entries (YAML) of fault-injecting backends (with their region when
+    they have one, and `extra` keys, `capacity: 200` say, on each)."""
     return "".join(
-        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}}}\n'
+        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}'
+        + (f", region: {b.region}" if b.region else "") + (f", {extra}" if extra else "")
+        + "}\n"
         for b in backends
     )
+
+
+def process_config(backends: list[FaultBackend], policy: str, port: int, admin: int,
+                   settings: str = "", top: str = "", backend_extra: str = "") -> str:
+    """A `failover-proxy run` config before `backends`, with its admin listener and access
+    log (for run_proxy); `policy` and `settings` (more keys of the upstream, as YAML lines),
+    `top` (top-level keys) and `backend_extra` (keys of each backend) say the rest."""
+    return f"""{top}
+listen: {{host: 127.0.0.1, port: {port}}}
+admin: {{host: 127.0.0.1, port: {admin}}}
+access_log: {{path: ACCESS_LOG}}
+upstreams:
+  web:
+    backends:
+{backend_lines(backends, backend_extra)}
+    policy: {{{policy}}}
+{settings}
+routes:
+  - {{path_prefix: /, upstream: web}}
+"""
 
 
 StartFaultBackends = Callable[..., Awaitable[list[FaultBackend]]]

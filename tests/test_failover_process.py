@@ -28,7 +28,7 @@ import pytest
 from failover_proxy.faults import FaultBackend
 from failover_proxy.loadgen import KeepAliveLoad
 
-from .conftest import RunningProxy, backend_lines, free_port
+from .conftest import RunningProxy, free_port, process_config
 
 MODES = ("refusing", "blackhole", "slow", "5xx", "reset_after_headers", "reset_mid_body",
          "flapping")
@@ -55,25 +55,6 @@ MATRIX_SETTINGS = f"""
 """
 MATRIX_POLICY = (f"correlated_failures: {{backends: 2, window: 1s}}, hold_down: {HOLD_DOWN}s, "
                  f"slow_start: {SLOW_START}s")
-
-
-def config(backends: list[FaultBackend], policy: str, port: int, admin: int,
-           settings: str = MATRIX_SETTINGS) -> str:
-    """The proxy before `backends` with its admin listener; `policy` and `settings` (more
-    keys of the upstream, as YAML lines) say the rest."""
-    return f"""
-listen: {{host: 127.0.0.1, port: {port}}}
-admin: {{host: 127.0.0.1, port: {admin}}}
-access_log: {{path: ACCESS_LOG}}
-upstreams:
-  web:
-    backends:
-{backend_lines(backends)}
-    policy: {{{policy}}}
-{settings}
-routes:
-  - {{path_prefix: /, upstream: web}}
-"""
 
 
 ADOPTED = re.compile(r"worker \d+: health view (\d+) in service, [\d.]+ ms after it was "
@@ -134,7 +115,8 @@ async def test_every_fault_mode_is_invisible_to_clients(
               else "strategy: weighted") + ", " + MATRIX_POLICY
     full = 1.0 if strategy == "priority" else 1 / 3
     port, admin = free_port(), free_port()
-    proxy = await run_proxy(config(backends, policy, port, admin), port, admin)
+    proxy = await run_proxy(process_config(backends, policy, port, admin, MATRIX_SETTINGS),
+                            port, admin)
     load = KeepAliveLoad(port, clients)
     running = asyncio.create_task(load.run())
     report: list[str] = []
@@ -199,7 +181,7 @@ async def test_a_provider_that_returns_is_back_at_full_share_within_the_bound(
     interval, healthy_threshold, hold_down, slow_start = 0.5, 2, 2.0, 2.0
     bound = healthy_threshold * interval + hold_down + slow_start + 1.0
     port, admin = free_port(), free_port()
-    text = config(
+    text = process_config(
         backends,
         f"strategy: priority, providers: [aws, gcp], hold_down: {hold_down}s, "
         f"slow_start: {slow_start}s",

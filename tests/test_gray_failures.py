@@ -23,7 +23,7 @@ from failover_proxy.faults import FaultBackend
 from failover_proxy.loadgen import KeepAliveLoad, PacedLoad
 from failover_proxy.server import ProxyServer
 
-from .conftest import backend_lines, free_port, parse_metrics, sample
+from .conftest import backend_lines, free_port, parse_metrics, process_config, sample
 
 StartProxy = Callable[[str], Awaitable[ProxyServer]]
 
@@ -87,27 +87,14 @@ async def test_a_correlated_failure_under_light_traffic_takes_the_provider_out(
     backends = [FaultBackend(f"{p}-{s}", p, region="r1") for p in ("aws", "gcp") for s in "ab"]
     for backend in backends:
         await backend.start()
-    lines = "".join(
-        f'      - {{name: {b.name}, url: "http://127.0.0.1:{b.port}", provider: {b.provider}, '
-        f'region: {b.region}}}\n' for b in backends)
     workers = 2
     port, admin = free_port(), free_port()
-    proxy = await run_proxy(f"""
-workers: {workers}
-listen: {{host: 127.0.0.1, port: {port}}}
-admin: {{host: 127.0.0.1, port: {admin}}}
-upstreams:
-  web:
-    backends:
-{lines}
-    health_check: {{path: /healthz, interval: 30s, jitter: 0%}}
-    outlier: {{consecutive_failures: 50}}
-    policy: {{strategy: priority, providers: [aws, gcp],
-              correlated_failures: {{backends: 2, window: 2s}}}}
-    retry: {{attempts: 3}}
-routes:
-  - {{path_prefix: /, upstream: web}}
-""", port, admin)
+    proxy = await run_proxy(process_config(
+        backends, "strategy: priority, providers: [aws, gcp], "
+        "correlated_failures: {backends: 2, window: 2s}", port, admin,
+        "    health_check: {path: /healthz, interval: 30s, jitter: 0%}\n"
+        "    outlier: {consecutive_failures: 50}\n"
+        "    retry: {attempts: 3}\n", top=f"workers: {workers}"), port, admin)
     load = PacedLoad(port, 20, clients=2)  # a request every 100 ms from each of two clients
     running = asyncio.create_task(load.run())
     try:

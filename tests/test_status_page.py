@@ -278,3 +278,28 @@ async def test_status_page_charts_traffic_and_pulls_levers_with_the_token(
     finally:
         sending = False
         await sender
+
+
+async def test_status_page_shows_capacity_and_what_was_shed(
+    browser: WebDriver,
+    providers: list[FaultBackend],
+    file_proxy: Callable[[str], Awaitable[FileProxy]],
+) -> None:
+    """Backends of 2 req/s each (a bucket of one request): a burst of twelve is mostly shed,
+    and the page says how much, beside each backend's declared capacity."""
+    entries = backend_lines(providers).replace("}", ", capacity: 2}")
+    proxy = await file_proxy(
+        "listen: {port: 0}\nadmin: {port: 0}\naccess_log: {enabled: false}\n"
+        f"upstreams:\n  web:\n    backends:\n{entries}"
+        "routes:\n  - {path_prefix: /, upstream: web}\n"
+    )
+    async with httpx.AsyncClient(trust_env=False) as http:
+        answers = [await http.get(f"http://127.0.0.1:{proxy.port}/") for _ in range(12)]
+    shed = [a for a in answers if a.status_code == 503]
+    assert len(shed) >= 6 and all(a.headers["retry-after"] == "1" for a in shed)
+    await asyncio.to_thread(browser.get, proxy.admin + "/")
+    await asyncio.to_thread(wait_for, browser, lambda d: len(card_states(d)) == 3)
+    text = browser.execute_script(
+        "return document.querySelector(\"article.upstream[data-upstream='web']\").innerText")
+    assert f"{len(shed)} shed at capacity" in text, text
+    assert "capacity 2 req/s" in snapshot(browser)["cards"]["aws"]["text"]

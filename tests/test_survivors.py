@@ -17,7 +17,7 @@ from typing import Any
 from failover_proxy.faults import FaultBackend
 from failover_proxy.loadgen import Answer, PacedLoad
 
-from .conftest import backend_lines, free_port, parse_metrics, sample
+from .conftest import free_port, parse_metrics, process_config, sample
 
 CAPACITY, OFFERED, SECONDS = 200, 300, 4.0
 
@@ -38,22 +38,12 @@ async def test_capacity_spills_to_the_next_provider_and_sheds_the_rest(run_proxy
     backends = [FaultBackend("aws-a", "aws"), FaultBackend("gcp-a", "gcp")]
     for backend in backends:
         await backend.start()
-    lines = backend_lines(backends).replace("}", f", capacity: {CAPACITY}}}")
     port, admin = free_port(), free_port()
-    text = f"""
-listen: {{host: 127.0.0.1, port: {port}}}
-admin: {{host: 127.0.0.1, port: {admin}}}
-access_log: {{path: ACCESS_LOG}}
-upstreams:
-  web:
-    backends:
-{lines}
-    health_check: {{path: /healthz, interval: 200ms, unhealthy_interval: 100ms, timeout: 250ms,
-                   jitter: 0%}}
-    policy: {{strategy: priority, providers: [aws, gcp]}}
-routes:
-  - {{path_prefix: /, upstream: web}}
-"""
+    text = process_config(
+        backends, "strategy: priority, providers: [aws, gcp]", port, admin,
+        "    health_check: {path: /healthz, interval: 200ms, unhealthy_interval: 100ms,"
+        " timeout: 250ms, jitter: 0%}\n",
+        backend_extra=f"capacity: {CAPACITY}")
     proxy = await run_proxy(text, port, admin)
     load = PacedLoad(port, OFFERED, clients=32)
     running = asyncio.create_task(load.run())
