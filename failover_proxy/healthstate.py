@@ -68,6 +68,8 @@ runs its time."""
 
 Reporter = Callable[[str, "Backend", str], None]
 """(kind: failure | success, backend, why): a worker hands request outcomes to its supervisor."""
+Mover = Callable[[str, list[str]], None]
+"""(event, ['provider aws: up -> down', …]): regions and providers that moved in a worker."""
 
 
 def _reason_label(why: str) -> str:
@@ -99,6 +101,10 @@ class HealthMachine:
         worker (its decisions come back as snapshots)."""
         self.quiet = False
         """In a worker: transitions are logged and counted once, by the supervisor."""
+        self.moved: Mover | None = None
+        """In a worker: told of every region and provider that changes state here, whether a
+        snapshot moved it or this process's own clock did (a hold-down ending), so the worker
+        can say when each change took effect in it."""
         self.next_deadline = 0.0
         """The earliest moment an ejection or a hold-down ends (0: none pending): until then,
         time passing changes nothing unless something ramps."""
@@ -261,11 +267,9 @@ class HealthMachine:
             self._settle(now, DNS_CHANGED)
         return changed
 
-    def adopt(self, health: UpstreamHealth, now: float) -> list[str]:
+    def adopt(self, health: UpstreamHealth, now: float) -> None:
         """A worker takes the supervisor's decisions (moments travel as offsets from the
-        sender's now, so the two processes need not share a clock). Returns the regions and
-        providers that changed state by it (`provider aws: up -> down`), for the worker to say
-        when it acted on a failover."""
+        sender's now, so the two processes need not share a clock)."""
         upstream = self.upstream
         before = {d.name: d.state for d in upstream.domains}
         for origin, addresses in health.endpoints.items():
@@ -279,9 +283,7 @@ class HealthMachine:
             found = health.domains.get(domain.name)
             if found is not None:
                 _adopt_domain(domain, found, now)
-        transitions = self._settle(now, SNAPSHOT, before)
-        return [f"{t.level} {t.name}: {t.before} -> {t.after}" for t in transitions
-                if t.domain is not None]
+        self._settle(now, SNAPSHOT, before)
 
     def export(self, now: float) -> UpstreamHealth:
         """This upstream's health, for the workers."""
@@ -314,10 +316,10 @@ class HealthMachine:
     # -- the derivation --------------------------------------------------------------------------
 
     def _settle(self, now: float, event: str,
-                domains_before: dict[str, str] | None = None) -> list[_Transition]:
-        """Derive every state from the inputs just changed, rebuild, log, count, tell; the
-        transitions made are returned. (`domains_before`: the states regions and providers had
-        before a snapshot set them, for a worker, where the snapshot itself changes them.)"""
+                domains_before: dict[str, str] | None = None) -> None:
+        """Derive every state from the inputs just changed, rebuild, log, count, tell.
+        (`domains_before`: the states regions and providers had before a snapshot set them, in
+        a worker, where the snapshot itself changes them.)"""
         upstream = self.upstream
         transitions: list[_Transition] = []
         for backend in upstream.backends:
@@ -357,14 +359,16 @@ class HealthMachine:
         upstream.generation += 1
         for listener in upstream.listeners:
             listener(upstream)
-        if domains_before is not None:
-            transitions += [
-                _Transition(_kind(d), d.name, domains_before[d.name], d.state, d.reason, "", d)
-                for d in upstream.domains
-                if d.name in domains_before and domains_before[d.name] != d.state
-                and not any(t.domain is d for t in transitions)
-            ]
-        return transitions
+        if self.moved is not None:
+            started = dict(domains_before or {})  # a snapshot sets states before this pass
+            for change in transitions:
+                if change.domain is not None:
+                    started.setdefault(change.domain.name, change.before)
+            moves = [f"{_kind(d)} {d.name}: {started[d.name]} -> {d.state}"
+                     for d in upstream.domains
+                     if d.name in started and started[d.name] != d.state]
+            if moves:
+                self.moved(event, moves)
 
     def _derive(self, domain: Domain, usable: int, now: float, all_regions_down: bool,
                 event: str, transitions: list[_Transition]) -> None:

@@ -78,12 +78,9 @@ def take_snapshot(
     }, time.time())
 
 
-def apply_snapshot(topology: Topology, snapshot: HealthSnapshot, now: float) -> list[str]:
-    """Make this process's backends, regions and providers what the supervisor says; returns
-    the regions and providers whose state that changed (`web provider aws: up -> down`)."""
-    changes = []
+def apply_snapshot(topology: Topology, snapshot: HealthSnapshot, now: float) -> None:
+    """Make this process's backends, regions and providers what the supervisor says."""
     for name, health in snapshot.upstreams.items():
         upstream = topology.upstreams.get(name)
         if upstream is not None:  # else a generation this worker has not loaded yet
-            changes += [f"{name} {change}" for change in upstream.health.adopt(health, now)]
-    return changes
+            upstream.health.adopt(health, now)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 from .accesslog import AccessLog
 from .dataplane.downstream import ClientLimits
 from .dataplane.state import DataPlane
+from .healthstate import SNAPSHOT
 from .listener import ClientListener
 from .metrics import MetricStore, ProcessGauges
 from .schema import AccessLogConfig, ConfigError, ProxyConfig
@@ -50,6 +51,7 @@ OutcomeReporter = Callable[[str, str, Backend, str], None]
 supervisor whose outlier detector decides for all workers."""
 
 log = logging.getLogger("failover_proxy")
+worker_log = logging.getLogger("failover_proxy.worker")
 
 
 @dataclass
@@ -93,6 +95,8 @@ class ProxyServer:
         self.server_tls: ServerTls | None = None
         """The listener's certificates (None: plain HTTP)."""
         self._watcher: asyncio.Task[None] | None = None
+        self.health_view_sent = 0.0
+        """In a worker: wall-clock time the supervisor sent the health picture in service."""
 
     @property
     def topology(self) -> Topology:
@@ -245,6 +249,21 @@ class ProxyServer:
             upstream.health.report = (
                 lambda kind, backend, why, name=upstream.name: report(kind, name, backend, why)
             )
+            upstream.health.moved = (
+                lambda event, moves, name=upstream.name: self._domains_moved(name, event, moves)
+            )
+
+    def _domains_moved(self, upstream: str, event: str, moves: list[str]) -> None:
+        """A worker's regions or providers changed state, by the supervisor's snapshot or by
+        this process's own clock (a hold-down ending): logged with the health picture new
+        requests are routed by, so what a request routed by it could have known is on record
+        (its access log line names the same version)."""
+        plane = self.plane
+        view = plane.health_view if plane is not None else 0
+        how = (f"in service, {(time.time() - self.health_view_sent) * 1000:.1f} ms after it "
+               "was sent" if event == SNAPSHOT else f"unchanged, {event} on this worker's clock")
+        worker_log.info("worker %d: health view %d %s: %s", os.getpid(), view, how,
+                        "; ".join(f"{upstream} {move}" for move in moves))
 
     async def apply_config(self, new: ProxyConfig) -> None:
         """Swap in a validated config (a reload, or a worker told to by its supervisor)."""

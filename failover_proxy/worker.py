@@ -101,17 +101,13 @@ async def _follow(
 
 
 def _adopt(server: ProxyServer, snapshot: HealthSnapshot, now: float) -> None:
-    """Take the supervisor's health picture. New requests are routed by it from here on (the
-    access log names its version); a region or provider it moves is logged with how long the
-    decision took to get here, so a failover's reach into every worker can be read off."""
-    changes = apply_snapshot(server.topology, snapshot, now)
+    """Take the supervisor's health picture: new requests are routed by it from here on (the
+    access log names its version, and a region or provider it moves is logged with it)."""
     plane = server.plane
     if plane is not None:
         plane.health_view = snapshot.version
-    if changes:
-        log.info("worker %d: health view %d in service, %.1f ms after it was sent: %s",
-                 os.getpid(), snapshot.version, (time.time() - snapshot.sent_at) * 1000,
-                 "; ".join(changes))
+    server.health_view_sent = snapshot.sent_at
+    apply_snapshot(server.topology, snapshot, now)
 
 
 async def _report_counts(

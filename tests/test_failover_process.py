@@ -7,11 +7,11 @@ the clients keep sending; no client may see an error; aws must be out of rotatio
 mode's bound and stop receiving traffic; then aws is mended and must be back at its full share
 within the recovery bound before the next mode starts.
 
-"Stop receiving traffic" is judged by what happened, not by the clock: each worker logs the
-version of the supervisor's health picture in which aws left (and re-entered) rotation, its
-access log names the picture each request was routed by, and aws's backends record the request
-ids they received. No request routed by a picture with aws out may reach aws. (Requests routed
-just before still arrive after the decision, as late as a busy machine delays them.)
+"Stop receiving traffic" is judged by what happened, not by the clock: the worker logs the
+version of the supervisor's health picture with which aws left (and re-entered) rotation in it,
+its access log names the picture each request was routed by, and aws's backends record the
+request ids they received. No request routed by a picture with aws out may reach aws. (Requests
+routed just before still arrive after the decision, as late as a busy machine delays them.)
 """
 
 from __future__ import annotations
@@ -57,24 +57,26 @@ MATRIX_POLICY = (f"correlated_failures: {{backends: 2, window: 1s}}, hold_down: 
                  f"slow_start: {SLOW_START}s")
 
 
-ADOPTED = re.compile(r"worker \d+: health view (\d+) in service, [\d.]+ ms after it was "
-                     r"sent: (.*)$", re.MULTILINE)
+MOVED = re.compile(r"worker (\d+): health view (\d+) (?:in service|unchanged)[^:]*: (.*)$",
+                   re.MULTILINE)
 AWS_MOVE = re.compile(r"web provider aws: (\w+) -> (\w+)")
 
 
 def aws_out_views(log: str) -> list[tuple[int, int]]:
-    """The ranges of health-picture versions [first, end) in which aws was out of rotation,
-    from the workers' own lines saying when they put each picture in service."""
-    moves: dict[int, str] = {}
-    for version, changes in ADOPTED.findall(log):
-        for _, after in AWS_MOVE.findall(changes):
-            moves[int(version)] = after  # every worker adopts the same version
+    """The ranges of health-picture versions [first, end) by which the worker routed with aws
+    out of rotation, from its own lines saying when aws left (a snapshot, version V: every
+    request routed by V or later knew) and came back (a snapshot, or its own clock ending a
+    hold-down while V was in service: requests routed by V may have known, so V ends the
+    range). One worker: the versions are the supervisor's, the moments its own."""
+    moves = [(int(version), after) for pid, version, changes in MOVED.findall(log)
+             for _, after in AWS_MOVE.findall(changes)]
+    assert len({pid for pid, _, _ in MOVED.findall(log)}) <= 1, "one worker expected"
     ranges: list[tuple[int, int]] = []
     out_since: int | None = None
-    for version in sorted(moves):
-        if moves[version] == "down" and out_since is None:
+    for version, after in moves:
+        if after == "down" and out_since is None:
             out_since = version
-        elif moves[version] != "down" and out_since is not None:
+        elif after != "down" and out_since is not None:
             ranges.append((out_since, version))
             out_since = None
     if out_since is not None:

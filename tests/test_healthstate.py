@@ -281,6 +281,26 @@ def test_a_worker_adopts_the_supervisors_snapshot() -> None:
     assert east.state == "up"
 
 
+def test_a_worker_tells_every_move_of_its_regions_and_providers() -> None:
+    """A worker logs no transitions (the supervisor does), but says when each region or
+    provider moved in it: by a snapshot, or by its own clock ending a hold-down."""
+    supervisor, worker = two_copies(REGIONS.replace("POLICY", "strategy: weighted"))
+    moves: list[tuple[str, list[str]]] = []
+    copy = worker.upstreams["web"]
+    copy.health.quiet = True
+    copy.health.moved = lambda event, moved: moves.append((event, moved))
+    up = supervisor.upstreams["web"]
+    up.health.request_failed(backend(up, "e1"), 10.0, "reset")
+    up.health.request_failed(backend(up, "e2"), 10.1, "reset")
+    apply_snapshot(worker, take_snapshot(supervisor, 10.5, 7), 500.5)
+    assert moves == [("snapshot", ["region aws/us-east-1: up -> down",
+                                   "provider aws: up -> degraded"])]
+    apply_snapshot(worker, take_snapshot(supervisor, 10.6, 8), 500.6)  # nothing new
+    copy.health.tick(500.5 + 2.0)
+    assert moves[1:] == [("time_passed", ["region aws/us-east-1: down -> up",
+                                          "provider aws: degraded -> up"])]
+
+
 def test_peeking_moves_no_balancer() -> None:
     upstream = regions_upstream()
     first = [upstream.choose([], [], peek=True)[0] for _ in range(5)]
