@@ -62,9 +62,10 @@ class ProviderPolicy:
             up = [p for p in self.providers if p.balancer is not None and not p.forced]
         if self.config.strategy == "priority":
             self.preferred = up[0] if up else None
-            if len(up) > 1 and up[0].ramp < 1.0:
-                # The first provider is back but ramping up: the next one keeps the rest.
-                share = round(100 * up[0].ramp)
+            share = round(100 * up[0].ramp) if up else 100
+            if len(up) > 1 and share < 100:
+                # The first provider is back but ramping up: the next one keeps the rest
+                # (until the first's share rounds to all of it: a weight of 0 is no split).
                 self._set_split(up[:2], [share, 100 - share])
             else:
                 self._set_split([], [])

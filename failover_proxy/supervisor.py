@@ -274,12 +274,17 @@ class Supervisor:
         return {"t": "health", "snapshot": snapshot}
 
     async def _sweep_forever(self) -> None:
-        """Ejections and hold-downs end, slow starts ramp: on the supervisor's clock."""
+        """Ejections and hold-downs end, slow starts ramp: on the supervisor's clock. A fault
+        in one upstream's tick is logged and the sweep goes on: were it to end, no ejection
+        or hold-down would end again for the life of the process."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             for upstream in self.topology.upstreams.values():
-                upstream.health.tick(loop.time())
+                try:
+                    upstream.health.tick(loop.time())
+                except Exception:
+                    log.exception("upstream %s: health sweep failed", upstream.name)
 
     # -- admin.AdminTarget -----------------------------------------------------------------------
 

@@ -380,3 +380,19 @@ def test_a_worker_s_balancers_keep_their_place_across_snapshots() -> None:
             now, "status 503")
         apply_snapshot(worker, take_snapshot(supervisor, now, version), now)
     assert sorted(seen) == ["a1", "a1", "a2", "a2", "g1", "g1", "g2", "g2"], seen
+
+
+def test_every_moment_of_a_slow_start_ramp_makes_a_valid_split() -> None:
+    """A provider back from down ramps over slow_start; a share that rounds to all of it
+    (0.996) once asked for a split of 100 : 0, which the balancer refused, and the exception
+    ended the supervisor's sweep for good (no hold-down or ejection ended again)."""
+    upstream = regions_upstream("strategy: priority, providers: [aws, gcp], slow_start: 2s")
+    aws = upstream.providers["aws"]
+    upstream.health.force(aws, True, 10.0)
+    upstream.health.force(aws, False, 20.0)
+    shares = []
+    for millisecond in range(2001):  # every millisecond of the ramp
+        upstream.health.tick(20.0 + millisecond / 1000)
+        shares.append(upstream.provider_shares()["aws"])
+    assert shares[0] == 0.1 and shares[-1] == 1.0, shares[::100]
+    assert shares == sorted(shares)

@@ -8,6 +8,7 @@ writes a deadline number.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, cast
 
 from ..metrics import MetricStore
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from ..accesslog import AccessLog
     from ..listener import ClientListener
     from ..topology import Topology
+
+log = logging.getLogger("failover_proxy")
 
 SWEEP_INTERVAL = 0.2
 """Resolution of every timeout the sweep enforces (client deadlines, backend read timeouts)."""
@@ -93,9 +96,14 @@ class DataPlane:
             self._sweeper.cancel()
 
     async def _sweep_forever(self) -> None:
+        """Every timeout of this process hangs on this loop: a fault in one sweep is logged,
+        and the next sweep runs all the same."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("data plane sweep failed")
 
     def record_own_answer(
         self,
