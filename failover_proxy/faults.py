@@ -51,6 +51,13 @@ soak sends millions: kept whole, they made the soak's own garbage collector paus
 second after ten minutes, long enough for every simulated provider to miss its probes."""
 
 
+BACKLOG = 4096
+"""Connections the kernel completes before the server accepts them. The default (100) fills
+when hundreds of clients' requests are held (blackhole, slow) while the process that hosts
+these backends is too busy to accept: new connections' SYNs are then dropped and time out,
+which the proxy rightly reads as the backend failing, though nothing is wrong with it."""
+
+
 @dataclass
 class Received:
     at: float
@@ -83,7 +90,7 @@ class FaultBackend:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, reuse_address=True
+            self._serve, self.host, self.port, reuse_address=True, backlog=BACKLOG
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
