@@ -204,7 +204,7 @@ class HealthMachine:
     def force(self, domain: Domain, down: bool, now: float) -> None:
         """An operator (or a drill) forces a provider or region down, or restores it."""
         domain.forced_down = down
-        kind = "region" if domain.parent is not None else "provider"
+        kind = _kind(domain)
         domain.reason = f"{kind} {domain.name} forced down by an operator" if down else ""
         if not down:
             domain.down_until = 0.0
@@ -373,7 +373,7 @@ class HealthMachine:
     def _derive(self, domain: Domain, usable: int, now: float, all_regions_down: bool,
                 event: str, transitions: list[_Transition]) -> None:
         policy = self.upstream.config.policy
-        kind = "region" if domain.parent is not None else "provider"
+        kind = _kind(domain)
         total = len(domain.backends)
         was = domain.state
         if domain.down_until and now >= domain.down_until:
@@ -534,6 +534,7 @@ class HealthMachine:
 
 
 def _kind(domain: Domain) -> str:
+    """What a domain is called in logs and reasons: a region, or a provider."""
     return "region" if domain.parent is not None else "provider"
 
 
