@@ -15,7 +15,7 @@ SYSTEM_TOOLS := chromium:chromium chromedriver:chromium-driver prometheus:promet
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The hot modules are compiled with mypyc at install: editing them reinstalls (see setup.py).
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard failover_proxy/*.py failover_proxy/dataplane/*.py failover_proxy/dataplane/*.c)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard failover_proxy/*.py failover_proxy/*/*.py failover_proxy/*/*/*.py failover_proxy/*/*/*.c)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@

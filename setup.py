@@ -1,8 +1,9 @@
 """Build hook: compile the hot path with mypyc (typed Python → C), about 2x less CPU per request.
 
-Also builds three small C extensions: dataplane/_direct.c, direct socket writes (see
-dataplane/writepath.py); dataplane/_reads.c, batched socket reads (dataplane/readpath.py); and
-dataplane/_fields.c, where a head ends and which of its fields the proxy reads (headers.py).
+Also builds three small C extensions: dataplane/io/_direct.c, direct socket writes (see
+dataplane/io/writepath.py); dataplane/io/_reads.c, batched socket reads (io/readpath.py); and
+dataplane/http1/_fields.c, where a head ends and which of its fields the proxy reads
+(http1/headers.py).
 
 The C extensions use Linux system calls and are built on Linux only; elsewhere reads and
 writes go through the transports. The same modules run unchanged as plain Python: set
@@ -20,24 +21,27 @@ from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
 COMPILED = [
-    "failover_proxy/balance.py",
-    "failover_proxy/capacity.py",
-    "failover_proxy/policy.py",
-    "failover_proxy/topology.py",
-    "failover_proxy/routing.py",
-    "failover_proxy/dataplane/chunked.py",
-    "failover_proxy/dataplane/headers.py",
+    "failover_proxy/model/balance.py",
+    "failover_proxy/model/capacity.py",
+    "failover_proxy/model/policy.py",
+    "failover_proxy/model/backends.py",
+    "failover_proxy/model/topology.py",
+    "failover_proxy/model/routing.py",
+    "failover_proxy/model/connector.py",
+    "failover_proxy/dataplane/streams.py",
+    "failover_proxy/dataplane/http1/chunked.py",
+    "failover_proxy/dataplane/http1/headers.py",
     "failover_proxy/dataplane/request.py",
-    "failover_proxy/dataplane/upstream.py",
-    "failover_proxy/dataplane/forward.py",
-    "failover_proxy/dataplane/downstream.py",
-    "failover_proxy/dataplane/tunnel.py",
-    "failover_proxy/dataplane/state.py",
+    "failover_proxy/dataplane/http1/upstream.py",
+    "failover_proxy/dataplane/exchange.py",
+    "failover_proxy/dataplane/http1/downstream.py",
+    "failover_proxy/dataplane/http1/tunnel.py",
+    "failover_proxy/dataplane/plane.py",
 ]
 
 extensions = []
 if os.environ.get("FAILOVER_PROXY_PURE") == "1":
-    built = ["failover_proxy/*.so", "failover_proxy/dataplane/*.so", "*__mypyc*.so"]
+    built = ["failover_proxy/**/*.so", "*__mypyc*.so"]
     for stale in [path for pattern in built for path in HERE.glob(pattern)]:
         stale.unlink()
 else:
@@ -46,9 +50,8 @@ else:
     extensions = mypycify(["--strict", *COMPILED], opt_level="3")
 if os.environ.get("FAILOVER_PROXY_PURE") != "1" and sys.platform.startswith("linux"):
     extensions += [
-        Extension("failover_proxy.dataplane._direct", ["failover_proxy/dataplane/_direct.c"]),
-        Extension("failover_proxy.dataplane._reads", ["failover_proxy/dataplane/_reads.c"]),
-        Extension("failover_proxy.dataplane._fields", ["failover_proxy/dataplane/_fields.c"]),
+        Extension(f"failover_proxy.{name.replace('/', '.')}", [f"failover_proxy/{name}.c"])
+        for name in ("dataplane/io/_direct", "dataplane/io/_reads", "dataplane/http1/_fields")
     ]
 
 setup(ext_modules=extensions)

@@ -1,9 +1,9 @@
 """Each fault mode under load, and a region failure: what clients see while a provider or one
 of its regions fails, and how soon it is back once mended.
 
-Three simulated providers (failover_proxy.faults, on 127.0.0.1): aws with two regions of two
+Three simulated providers (failover_proxy.sim.faults, on 127.0.0.1): aws with two regions of two
 backends (us-east-1, us-west-2), azure and gcp with two backends each, behind the proxy with the
-weighted policy; keep-alive clients on raw sockets (failover_proxy.loadgen) in this process.
+weighted policy; keep-alive clients on raw sockets (failover_proxy.sim.loadgen) in this process.
 For each mode and each client count: warm up, break every aws backend, keep the load on, mend
 them, and report
 
@@ -44,10 +44,10 @@ import httpx
 import uvloop
 from common import RESULTS, free_port
 
-from failover_proxy.config import parse_config
-from failover_proxy.faults import MODES, FaultBackend
-from failover_proxy.loadgen import KeepAliveLoad
-from failover_proxy.server import ProxyServer
+from failover_proxy.config.loading import parse_config
+from failover_proxy.process.server import ProxyServer
+from failover_proxy.sim.faults import MODES, FaultBackend
+from failover_proxy.sim.loadgen import KeepAliveLoad
 
 CONFIG = """
 listen: {{host: 127.0.0.1, port: {port}}}

@@ -3,7 +3,7 @@ reload slows requests, at 60, 600 and 6,000 backends.
 
 Each size is N/6 upstreams of six backends (three providers, two regions each), every upstream
 with TCP health checks every second and its own route (by host). The first upstream's backends
-are six simulated servers on 127.0.0.1 (failover_proxy.faults) that the clients' requests go
+are six simulated servers on 127.0.0.1 (failover_proxy.sim.faults) that the clients' requests go
 to; the others' are six listening ports of a process of their own (a TCP probe only connects).
 The proxy is the real `failover-proxy run` with one worker.
 
@@ -38,8 +38,8 @@ import httpx
 import uvloop
 from common import RESULTS, cpu_seconds, free_port, process_tree, rss_mib
 
-from failover_proxy.faults import FaultBackend
-from failover_proxy.loadgen import KeepAliveLoad
+from failover_proxy.sim.faults import FaultBackend
+from failover_proxy.sim.loadgen import KeepAliveLoad
 
 PROVIDERS = (("aws", "us-east-1"), ("aws", "us-west-2"), ("azure", "eastus"),
              ("azure", "westus"), ("gcp", "us-central1"), ("gcp", "europe-west1"))

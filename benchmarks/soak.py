@@ -2,7 +2,7 @@
 the config reloaded every 30 s; memory, descriptors and client-visible errors over time.
 
 The proxy runs as `failover-proxy run` with two workers in front of two upstreams: `api`
-(three simulated providers from failover_proxy/faults.py, each broken in turn: refusing, 5xx,
+(three simulated providers from failover_proxy/sim/faults.py, each broken in turn: refusing, 5xx,
 resets mid-body, slow, blackholed) and `bulk` (three aiohttp servers, one per provider, for
 uploads, 1 MiB downloads and WebSocket echo; one of them is stopped now and then). The load,
 all on loopback from this process: keep-alive GETs, a new connection per request, pipelined
@@ -42,7 +42,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
-from failover_proxy.faults import FaultBackend  # noqa: E402 (after the path is set)
+from failover_proxy.sim.faults import FaultBackend  # noqa: E402 (after the path is set)
 
 PROVIDERS = ("aws", "azure", "gcp")
 FAULTS = ("refusing", "5xx", "reset_mid_body", "slow", "blackhole")

@@ -1,4 +1,4 @@
-"""Writes docs/configuration.md, the config reference, from failover_proxy/schema.py itself.
+"""Writes docs/configuration.md, the config reference, from failover_proxy/config/schema.py.
 
 Every setting, its type, its default and what it means come from the config classes and the
 docstrings under their fields, so the reference cannot drift from the code: the test suite
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = ROOT / "failover_proxy" / "schema.py"
+SCHEMA = ROOT / "failover_proxy" / "config" / "schema.py"
 OUTPUT = ROOT / "docs" / "configuration.md"
 
 SECTIONS = {
@@ -46,7 +46,7 @@ SECTIONS = {
 
 INTRO = """# Config reference
 
-Generated from `failover_proxy/schema.py` by `python docs/make_config_reference.py`: every
+Generated from `failover_proxy/config/schema.py` by `python docs/make_config_reference.py`: every
 setting with its type and default. Durations are written `250ms`, `2s`, `1m`, `1h` (or seconds
 as a number); sizes `64KiB`, `1MiB`, `10MB` (or bytes); fractions `10%` or `0.1`. `${VAR}` and
 `${VAR:-default}` are replaced from the environment. A setting marked *required* has no default;

@@ -14,7 +14,7 @@ def _refuse_stale_builds() -> None:
     package = Path(__file__).resolve().parent
     if not (package.parent / "setup.py").exists():
         return  # an installed package: sources and builds come together
-    for built in [*package.glob("*.so"), *package.glob("dataplane/*.so")]:
+    for built in package.glob("**/*.so"):
         stem = built.name.split(".", 1)[0]
         sources = [built.parent / (stem + ".py"), built.parent / (stem + ".c")]
         source = next((path for path in sources if path.exists()), None)

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .schema import ConfigError, ProxyConfig, parse_duration
+from .config.schema import ConfigError, ProxyConfig, parse_duration
 
 if TYPE_CHECKING:
-    from .config import ConfigSource
+    from .config.loading import ConfigSource
 
 EXIT_CONFIG_ERROR = 2
 
@@ -24,7 +24,7 @@ EXIT_CONFIG_ERROR = 2
 def _load_or_report(path: str) -> tuple[ProxyConfig, ConfigSource] | None:
     """The validated config and the file it came from (imported here: yaml and pydantic are
     for the commands that read config files, not for the workers this CLI also starts)."""
-    from .config import ConfigSource, parse_config
+    from .config.loading import ConfigSource, parse_config
 
     try:
         source = ConfigSource(path)
@@ -52,7 +52,7 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .config import summarize
+    from .config.loading import summarize
 
     loaded = _load_or_report(args.config)
     if loaded is None:
@@ -60,7 +60,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK: {summarize(loaded[0])}")
     if not args.resolve:
         return 0  # a check resolves nothing: a config stays checkable offline
-    from .discovery import resolve_config
+    from .model.discovery import resolve_config
 
     lines, good = asyncio.run(resolve_config(loaded[0]))
     print("\n".join(lines) or "no backend is named by a hostname")
@@ -68,8 +68,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import as_json, as_text, audit
-    from .config import line_finder
+    from .config.loading import line_finder
+    from .ops.audit import as_json, as_text, audit
 
     loaded = _load_or_report(args.config)
     if loaded is None:
@@ -82,7 +82,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    from .drill import as_json, run_drill
+    from .ops.drill import as_json, run_drill
 
     report = asyncio.run(run_drill(args))
     print(as_json(report) if args.format == "json" else report.text())
@@ -99,16 +99,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{args.config}: --single-process serves with one process, but workers: "
                   f"{config.workers} asks for {config.worker_count}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
-        from .server import serve
+        from .process.server import serve
 
         return _run_loop(lambda: serve(config, config_source=source))
-    from .supervisor import supervise
+    from .process.supervisor import supervise
 
     return _run_loop(lambda: supervise(config, source))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .worker import run_worker
+    from .process.worker import run_worker
 
     return _run_loop(lambda: run_worker(args.listen_fd, args.ipc_fd))
 
@@ -116,15 +116,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
-    from .config import json_schema
+    from .config.loading import json_schema
 
     print(json.dumps(json_schema(), indent=1))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import CONTROL_PORT, Demo, demo_config_path
-    from .server import serve
+    from .process.server import serve
+    from .sim.demo import CONTROL_PORT, Demo, demo_config_path
 
     args.config = args.config or demo_config_path()
     # config/demo.yaml reads its ports from these (`${PROXY_PORT:-8080}`).

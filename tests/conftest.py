@@ -28,9 +28,9 @@ import uvloop
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from failover_proxy.config import ConfigSource, parse_config
-from failover_proxy.faults import FaultBackend
-from failover_proxy.server import ProxyServer
+from failover_proxy.config.loading import ConfigSource, parse_config
+from failover_proxy.process.server import ProxyServer
+from failover_proxy.sim.faults import FaultBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ async def hello_exchanges(
         assert server.plane is not None
         client_side = list(server.plane.connections)
         backend = server.plane.topology.upstreams["web"].backends[0]
-        return server, client_side, list(backend.pool.idle)
+        return server, client_side, list(backend.connector.idle)
 
 
 def free_port() -> int:

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from failover_proxy.audit import audit
-from failover_proxy.config import line_finder, parse_config
+from failover_proxy.config.loading import line_finder, parse_config
+from failover_proxy.ops.audit import audit
 
 from .conftest import ROOT
 

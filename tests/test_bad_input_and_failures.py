@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from failover_proxy.faults import read_request_body
-from failover_proxy.metrics import ATTEMPT_OUTCOMES
-from failover_proxy.server import ProxyServer
+from failover_proxy.model.counters import ATTEMPT_OUTCOMES
+from failover_proxy.process.server import ProxyServer
+from failover_proxy.sim.faults import read_request_body
 
 from .conftest import (
     RawHandler,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from failover_proxy.balance import SmoothWeightedRoundRobin, smooth_wrr_schedule
-from failover_proxy.routing import Route, Router, normalize_host
+from failover_proxy.model.balance import SmoothWeightedRoundRobin, smooth_wrr_schedule
+from failover_proxy.model.routing import Route, Router, normalize_host
 
 
 def test_weights_are_honoured_exactly_over_every_cycle() -> None:

@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from failover_proxy.balance import ConsistentHash, hash_key
-from failover_proxy.faults import FaultBackend
-from failover_proxy.server import ProxyServer
+from failover_proxy.model.balance import ConsistentHash, hash_key
+from failover_proxy.process.server import ProxyServer
+from failover_proxy.sim.faults import FaultBackend
 
 from .conftest import StartFaultBackends, backend_lines
 

@@ -22,15 +22,15 @@ import httpx
 import pytest
 from aiohttp import web
 
-from failover_proxy.dataplane import readpath
-from failover_proxy.dataplane.connio import ConnectionIO
-from failover_proxy.dataplane.readpath import TransportReading
-from failover_proxy.server import ProxyServer
+from failover_proxy.dataplane.io import readpath
+from failover_proxy.dataplane.io.connio import ConnectionIO
+from failover_proxy.dataplane.io.readpath import TransportReading
+from failover_proxy.process.server import ProxyServer
 
 from .conftest import hello_exchanges, tls_contexts
 
 # A plain-Python build (FAILOVER_PROXY_PURE=1) has no C extension and reads via the transport.
-Reader = pytest.importorskip("failover_proxy.dataplane._reads").Reader
+Reader = pytest.importorskip("failover_proxy.dataplane.io._reads").Reader
 
 StartApp = Callable[[web.Application], Awaitable[int]]
 StartProxy = Callable[[str], Awaitable[ProxyServer]]
@@ -395,7 +395,7 @@ async def test_no_registration_outlives_its_connection(
     connections resting in the pool (read for a backend's close), nothing else."""
     server, _, backend_side = await hello_exchanges(aiohttp_backend, proxy)
     assert server.plane is not None
-    plane, pool = server.plane, backend_side[0].pool
+    plane, pool = server.plane, backend_side[0].connector
     for _ in range(3):
         clients = [httpx.AsyncClient() for _ in range(20)]
         for response in await asyncio.gather(*(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from failover_proxy.config import ConfigError, parse_config
-from failover_proxy.schema import parse_duration, parse_size
+from failover_proxy.config.loading import ConfigError, parse_config
+from failover_proxy.config.schema import parse_duration, parse_size
 
 from .conftest import ROOT
 

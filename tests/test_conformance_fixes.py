@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from failover_proxy.server import ProxyServer
+from failover_proxy.process.server import ProxyServer
 
 from .conftest import raw_request, single_upstream_config
 from .test_request_framing import RecordingBackend, StartProxy, StartRaw

@@ -1,4 +1,4 @@
-"""One owner for a connection's end: only dataplane/connio.py closes or aborts a transport, and
+"""One owner for a connection's end: only dataplane/io/connio.py closes or aborts a transport, and
 it detaches the direct reads and writes first (a socket number uvloop frees may become another
 connection's at once)."""
 
@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from failover_proxy.dataplane import connio
-from failover_proxy.dataplane.connio import ConnectionIO
+from failover_proxy.dataplane.io import connio
+from failover_proxy.dataplane.io.connio import ConnectionIO
 
-DATAPLANE = Path(connio.__file__).parent
+CONNIO = Path(connio.__file__)
+DATAPLANE = CONNIO.parent.parent
 ENDINGS = {"close", "abort", "write_eof"}
 
 
@@ -30,17 +31,17 @@ def _ended_transports(path: Path) -> list[str]:
 
 
 def test_only_connio_ends_a_transport() -> None:
-    modules = sorted(DATAPLANE.glob("*.py"))
-    assert len(modules) > 8
-    offenders = [line for path in modules if path.name != "connio.py"
+    modules = sorted(DATAPLANE.rglob("*.py"))
+    assert len(modules) > 12
+    offenders = [line for path in modules if path != CONNIO
                  for line in _ended_transports(path)]
     assert not offenders, "end connections through ConnectionIO:\n" + "\n".join(offenders)
-    assert _ended_transports(DATAPLANE / "connio.py")  # the check sees such calls at all
+    assert _ended_transports(CONNIO)  # the check sees such calls at all
 
 
 def test_every_ending_detaches_first() -> None:
     """In ConnectionIO, each method that ends the transport stops the direct paths before."""
-    tree = ast.parse((DATAPLANE / "connio.py").read_text())
+    tree = ast.parse(CONNIO.read_text())
     methods = {node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
     for name in ("close", "abort", "write_eof"):
         body = [ast.unparse(statement) for statement in methods[name].body
@@ -50,8 +51,8 @@ def test_every_ending_detaches_first() -> None:
 
 
 async def test_abort_detaches_the_direct_writer_and_the_reader() -> None:
-    direct = pytest.importorskip("failover_proxy.dataplane._direct").DirectWriter
-    reads = pytest.importorskip("failover_proxy.dataplane._reads").Reader
+    direct = pytest.importorskip("failover_proxy.dataplane.io._direct").DirectWriter
+    reads = pytest.importorskip("failover_proxy.dataplane.io._reads").Reader
     made: asyncio.Future[ConnectionIO] = asyncio.get_running_loop().create_future()
 
     class Server(asyncio.Protocol):

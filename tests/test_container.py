@@ -134,7 +134,7 @@ def test_image_runs_as_non_root_with_a_healthcheck_and_a_valid_default_config(
     # No compiler and no wheels in the runtime image; the compiled data plane is in it.
     listing = buildah("run", "--isolation", "chroot", container, "--", "sh", "-c",
                       "command -v gcc || echo no-gcc; ls /wheels 2>/dev/null || echo no-wheels; "
-                      "python3 -c 'import failover_proxy.dataplane._direct as m; print(m.__file__)'")
+                      "python3 -c 'import failover_proxy.dataplane.io._direct as m; print(m.__file__)'")
     assert "no-gcc" in listing and "no-wheels" in listing and ".so" in listing
 
 

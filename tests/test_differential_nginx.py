@@ -29,8 +29,8 @@ from pathlib import Path
 import httptools
 import pytest
 
-from failover_proxy.dataplane.headers import HOST_BYTES
-from failover_proxy.server import ProxyServer
+from failover_proxy.dataplane.http1.headers import HOST_BYTES
+from failover_proxy.process.server import ProxyServer
 
 from .conftest import ROOT, free_port, single_upstream_config, wait_for_port
 from .test_fuzz_framing import Collector, generated_request

@@ -19,14 +19,14 @@ from typing import cast
 import pytest
 from aiohttp import web
 
-from failover_proxy.dataplane import writepath
-from failover_proxy.dataplane.writepath import write_path
-from failover_proxy.server import ProxyServer
+from failover_proxy.dataplane.io import writepath
+from failover_proxy.dataplane.io.writepath import write_path
+from failover_proxy.process.server import ProxyServer
 
 from .conftest import hello_exchanges, tls_contexts
 
 # A plain-Python build (FAILOVER_PROXY_PURE=1) has no C extension and writes via the transport.
-DirectWriter = pytest.importorskip("failover_proxy.dataplane._direct").DirectWriter
+DirectWriter = pytest.importorskip("failover_proxy.dataplane.io._direct").DirectWriter
 
 StartApp = Callable[[web.Application], Awaitable[int]]
 StartProxy = Callable[[str], Awaitable[ProxyServer]]

@@ -21,13 +21,13 @@ import httpx
 import pytest
 import trustme
 
-from failover_proxy.config import parse_config
-from failover_proxy.faults import FaultBackend
-from failover_proxy.loadgen import KeepAliveLoad
-from failover_proxy.metrics import ATTEMPT_OUTCOMES
-from failover_proxy.schema import ConfigError
-from failover_proxy.server import ProxyServer
-from failover_proxy.topology import Upstream
+from failover_proxy.config.loading import parse_config
+from failover_proxy.config.schema import ConfigError
+from failover_proxy.model.counters import ATTEMPT_OUTCOMES
+from failover_proxy.model.topology import Upstream
+from failover_proxy.process.server import ProxyServer
+from failover_proxy.sim.faults import FaultBackend
+from failover_proxy.sim.loadgen import KeepAliveLoad
 
 from .conftest import ROOT, free_port
 from .dnsserver import LoopbackDNS

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from failover_proxy.faults import FaultBackend
+from failover_proxy.sim.faults import FaultBackend
 
 from .conftest import ROOT, backend_lines, free_port
 

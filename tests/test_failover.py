@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from failover_proxy.faults import FaultBackend
-from failover_proxy.server import ProxyServer
-from failover_proxy.topology import Upstream
+from failover_proxy.model.topology import Upstream
+from failover_proxy.process.server import ProxyServer
+from failover_proxy.sim.faults import FaultBackend
 
 from .conftest import backend_lines
 

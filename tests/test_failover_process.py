@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from failover_proxy.faults import FaultBackend
-from failover_proxy.loadgen import KeepAliveLoad
+from failover_proxy.sim.faults import FaultBackend
+from failover_proxy.sim.loadgen import KeepAliveLoad
 
 from .conftest import RunningProxy, free_port, process_config
 

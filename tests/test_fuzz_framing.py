@@ -25,7 +25,7 @@ from typing import Any
 import httptools
 import pytest
 
-from failover_proxy.server import ProxyServer
+from failover_proxy.process.server import ProxyServer
 
 from .conftest import single_upstream_config
 

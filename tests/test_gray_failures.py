@@ -19,9 +19,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from failover_proxy.faults import FaultBackend
-from failover_proxy.loadgen import KeepAliveLoad, PacedLoad
-from failover_proxy.server import ProxyServer
+from failover_proxy.process.server import ProxyServer
+from failover_proxy.sim.faults import FaultBackend
+from failover_proxy.sim.loadgen import KeepAliveLoad, PacedLoad
 
 from .conftest import backend_lines, free_port, parse_metrics, process_config, sample
 

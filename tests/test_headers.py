@@ -7,7 +7,7 @@ import contextlib
 import httptools
 import pytest
 
-from failover_proxy.dataplane.headers import (
+from failover_proxy.dataplane.http1.headers import (
     _RequestIds,
     decimal_value,
     parse_response_head,

@@ -9,11 +9,17 @@ from typing import Any
 
 import pytest
 
-from failover_proxy.config import parse_config
-from failover_proxy.discovery import Address, Answer
-from failover_proxy.healthview import apply_snapshot, take_snapshot
-from failover_proxy.schema import HealthCheckConfig
-from failover_proxy.topology import Backend, Topology, Upstream, build_topology
+from failover_proxy.config.loading import parse_config
+from failover_proxy.config.schema import HealthCheckConfig
+from failover_proxy.model.backends import Backend
+from failover_proxy.model.discovery import Address, Answer
+from failover_proxy.model.topology import (
+    Topology,
+    Upstream,
+    apply_snapshot,
+    build_topology,
+    take_snapshot,
+)
 
 CONFIG = """
 upstreams:

@@ -26,9 +26,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from failover_proxy.audit import audit
-from failover_proxy.config import line_finder, parse_config
-from failover_proxy.faults import FaultBackend
+from failover_proxy.config.loading import line_finder, parse_config
+from failover_proxy.ops.audit import audit
+from failover_proxy.sim.faults import FaultBackend
 
 from .conftest import ROOT, FileProxy, StartFaultBackends, free_port, parse_metrics, sample
 
@@ -353,8 +353,8 @@ def test_kubernetes_deployment_is_built_for_failover_and_drain() -> None:
 
 
 def test_history_p99_interpolates_inside_its_bucket_as_prometheus_does() -> None:
-    from failover_proxy.history import quantile
-    from failover_proxy.metrics import DURATION_BUCKETS
+    from failover_proxy.model.counters import DURATION_BUCKETS
+    from failover_proxy.ops.history import quantile
 
     buckets = [0.0] * (len(DURATION_BUCKETS) + 1)
     buckets[DURATION_BUCKETS.index(0.01)] = 100  # all 100 in (5 ms, 10 ms]

@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 
 from failover_proxy import __version__
-from failover_proxy.accesslog import whole_line_pieces
-from failover_proxy.config import ConfigError, parse_config
+from failover_proxy.config.loading import ConfigError, parse_config
+from failover_proxy.ops.accesslog import whole_line_pieces
 
 from .conftest import FileProxy, StartFaultBackends, backend_lines, parse_metrics, sample
 

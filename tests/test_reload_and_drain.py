@@ -19,7 +19,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from failover_proxy.faults import FaultBackend
+from failover_proxy.sim.faults import FaultBackend
 
 from .conftest import ROOT, FileProxy, free_port, parse_metrics, sample, wait_for_port
 from .test_failover import Load
@@ -162,7 +162,7 @@ async def test_removed_backend_finishes_its_requests_then_closes(
         answer = await slow
     assert answer.status_code == 200 and answer.json()["backend"] == "b1"
     assert after == ["b0"] * 5
-    assert removed.in_flight == 0 and removed.pool.closed and not removed.pool.idle
+    assert removed.in_flight == 0 and removed.connector.closed and not removed.connector.idle
 
 
 async def test_websocket_tunnel_survives_a_reload(

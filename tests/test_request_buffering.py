@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from failover_proxy.faults import read_request_body
+from failover_proxy.sim.faults import read_request_body
 
 from .conftest import read_one_response, read_request_head, single_upstream_config
 from .test_request_framing import StartProxy, StartRaw

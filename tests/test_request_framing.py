@@ -12,16 +12,16 @@ from collections.abc import Awaitable, Callable
 import httptools
 import pytest
 
-from failover_proxy.dataplane.chunked import ChunkedBodyEnd
-from failover_proxy.dataplane.downstream import target_in_line, usual_method
-from failover_proxy.dataplane.headers import (
+from failover_proxy.dataplane.http1.chunked import ChunkedBodyEnd
+from failover_proxy.dataplane.http1.downstream import target_in_line, usual_method
+from failover_proxy.dataplane.http1.headers import (
     NOTED,
     REQUEST_TAKEN,
     parse_response_head,
     read_response_head,
 )
-from failover_proxy.faults import read_request_body
-from failover_proxy.server import ProxyServer
+from failover_proxy.process.server import ProxyServer
+from failover_proxy.sim.faults import read_request_body
 
 from .conftest import (
     RawHandler,

@@ -21,7 +21,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from failover_proxy.faults import FaultBackend
+from failover_proxy.sim.faults import FaultBackend
 
 from .conftest import FileProxy, backend_lines
 

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from failover_proxy.server import ProxyServer
+from failover_proxy.process.server import ProxyServer
 
 from .conftest import (
     backend_entry,

@@ -14,8 +14,8 @@ import json
 import time
 from typing import Any
 
-from failover_proxy.faults import FaultBackend
-from failover_proxy.loadgen import Answer, PacedLoad
+from failover_proxy.sim.faults import FaultBackend
+from failover_proxy.sim.loadgen import Answer, PacedLoad
 
 from .conftest import free_port, parse_metrics, process_config, sample
 

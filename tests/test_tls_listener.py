@@ -14,7 +14,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from failover_proxy.config import ConfigError, parse_config
+from failover_proxy.config.loading import ConfigError, parse_config
 
 from .conftest import FileProxy, read_one_response
 

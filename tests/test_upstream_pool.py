@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
-from failover_proxy.server import ProxyServer
+from failover_proxy.process.server import ProxyServer
 
 from .conftest import RawHandler, read_request_head, single_upstream_config
 

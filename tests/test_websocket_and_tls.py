@@ -14,7 +14,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from failover_proxy.server import ProxyServer
+from failover_proxy.process.server import ProxyServer
 
 StartApp = Callable[[web.Application], Awaitable[int]]
 StartProxy = Callable[[str], Awaitable[ProxyServer]]

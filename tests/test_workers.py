@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from failover_proxy.faults import FaultBackend
-from failover_proxy.supervisor import _bind_listening_sockets
-from failover_proxy.worker import COUNTS_INTERVAL
+from failover_proxy.process.supervisor import _bind_listening_sockets
+from failover_proxy.process.worker import COUNTS_INTERVAL
+from failover_proxy.sim.faults import FaultBackend
 
 from .conftest import ROOT, backend_lines, free_port, parse_metrics, sample, wait_for_port
 

@@ -1,4 +1,11 @@
-"""A parsed client request and its body, streaming to whichever upstream attempt holds it.
+"""A client request as the exchange sees it (protocol-neutral), and its body, streaming to
+whichever upstream attempt holds it.
+
+A `Request` names what every protocol has (method, authority, target, path, request id, body,
+upgrade) and keeps its header fields in one form: runs of `name: value` lines, CRLF-ended, as
+an HTTP/1 client sent them. For HTTP/1 to HTTP/1 that is a passthrough that costs nothing: the
+runs are forwarded as they came. Another codec writes its fields in that form, or reads them
+from it (`header`, `header_values`), and the attributes marked HTTP/1 are that codec's own.
 
 The body is not buffered whole: chunks go straight to the attempt that owns it. Only while no
 attempt is attached (connecting, or queued behind a pipelined request) are chunks held, and the
@@ -9,19 +16,27 @@ kept so that a request can be sent again when a reused keep-alive connection pro
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
-
-from .headers import field_value
-
-if TYPE_CHECKING:
-    # The sink is typed as the one class that takes bodies, not as a Protocol: mypyc then
-    # calls write_body per chunk directly instead of through a generic method lookup.
-    from .forward import Attempt
+from typing import Final
 
 # Backlog held for an attempt that is not attached yet, before the client is paused.
 PENDING_HIGH_WATER: Final = 256 * 1024
 DEFAULT_REPLAY_BYTES: Final = 1024 * 1024
 """Replay buffer until the route is known (then the upstream's retry.replay_max_bytes)."""
+
+
+class BodySink:
+    """Where a request body goes: the attempt sending it (a native base class, not a Protocol:
+    compiled, write_body per chunk is then a vtable call, not a generic method lookup)."""
+
+    def write_body(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    def end_body(self) -> None:
+        raise NotImplementedError
+
+    def abort_body(self) -> None:
+        """The client broke the body: the attempt ends."""
+        raise NotImplementedError
 
 
 class RequestBody:
@@ -62,7 +77,7 @@ class RequestBody:
         self.pending_bytes = 0
         self.replay: list[bytes] | None = []
         self.replay_bytes = 0
-        self.sink: Attempt | None = None
+        self.sink: BodySink | None = None
         self.delivered = False
         self.failed = False
         self.buffer_limit = 0
@@ -135,7 +150,7 @@ class RequestBody:
         if self.sink is not None:
             self.sink.abort_body()
 
-    def attach(self, sink: Attempt) -> bool:
+    def attach(self, sink: BodySink) -> bool:
         """Give the body to an attempt; False when bytes already sent elsewhere are lost."""
         if self.failed:
             return False
@@ -163,21 +178,61 @@ class RequestBody:
         self.sink = None
 
 
+_SPACE: Final = ord(" ")
+_TAB: Final = ord("\t")
+
+
+def field_value_at(line: bytes, colon: int) -> bytes:
+    """A field line's value without the optional whitespace around it."""
+    start = colon + 1
+    stop = len(line)
+    while start < stop and (line[start] == _SPACE or line[start] == _TAB):
+        start += 1
+    while stop > start and (line[stop - 1] == _SPACE or line[stop - 1] == _TAB):
+        stop -= 1
+    return line[start:stop]
+
+
+def field_values(runs: list[bytes], lname: bytes) -> list[bytes]:
+    """Every value of a field, in order, by lower-case name (`runs`: field lines as they came,
+    one or several per item; off the hot path)."""
+    values = []
+    for run in runs:
+        for line in run.split(b"\r\n"):
+            colon = line.find(b":")
+            if colon > 0 and line[:colon].lower() == lname:
+                values.append(field_value_at(line, colon))
+    return values
+
+
 class Request:
-    """One parsed request head plus its body stream; what the forwarder works from."""
+    """One parsed request head plus its body stream; what the exchange works from."""
 
     # Defaults live on the class: parsing sets only what a request actually carries.
     method = b""
     target = b""
+    """The request target as the backend is sent it (origin form, or `*`)."""
     path = b"/"
+    """The target's path, which routes match."""
     raw_host: bytes | None = None
-    http10 = False
+    """The authority the client named (Host, or an absolute target's)."""
     keep_alive = True
+    """The client's connection may carry another request after this one."""
     upgrade: bytes | None = None
+    """The protocol the client asks to switch to (an upgrade request)."""
     chunked = False
+    """The body's length is not known in advance (HTTP/1: chunked)."""
     content_length: int | None = None
     expect_continue = False
+    """The client waits for a 100 Continue before sending its body."""
     close_connection = False
+    """The client's connection ends after this response."""
+    te_trailers = False
+    """The client accepts trailer fields in the response (`TE: trailers`)."""
+    trailers: list[bytes] | None = None
+    """The body's trailer fields as `name: value` lines, once the body is complete."""
+    # HTTP/1 only: how the head was written, what the codec reads and rewrites.
+    http10 = False
     connection: bytes | None = None
     """The Connection header's values, joined (names it lists are not forwarded)."""
     proxy_connection = False
@@ -199,15 +254,21 @@ class Request:
     def __init__(self, request_id: bytes) -> None:
         self.request_id = request_id
         self.fields: list[bytes] = []
-        """Header fields forwarded as they came: runs of whole lines cut from the raw head."""
+        """Header fields forwarded as they came: runs of whole `name: value` lines."""
         self.fields_block: bytes | None = None
-        """`fields` joined, less what Connection names (made once, for the first attempt)."""
+        """HTTP/1: `fields` joined, less what Connection names (made once, for the first
+        attempt)."""
 
     def header(self, lname: bytes) -> bytes | None:
         """A header's first value by lower-case name (Host included; off the hot path)."""
         if lname == b"host":
             return self.raw_host
-        return field_value(self.fields, lname)
+        values = field_values(self.fields, lname)
+        return values[0] if values else None
+
+    def header_values(self, lname: bytes) -> list[bytes]:
+        """Every value of a forwarded header, in order, by lower-case name (off the hot path)."""
+        return field_values(self.fields, lname)
 
 
 class _EmptyBody(RequestBody):
@@ -224,7 +285,7 @@ class _EmptyBody(RequestBody):
     def fail(self) -> None:
         raise AssertionError("a request without a body cannot fail mid-body")
 
-    def attach(self, sink: Attempt) -> bool:
+    def attach(self, sink: BodySink) -> bool:
         return True
 
     def detach(self) -> None:

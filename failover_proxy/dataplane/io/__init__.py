@@ -1,0 +1,1 @@
+"""Connection I/O shared by the codecs: one owner per connection, batched reads, direct writes."""

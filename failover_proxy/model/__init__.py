@@ -1,0 +1,1 @@
+"""The model: backends, upstreams and their health, the policy, balancers and DNS discovery."""

@@ -1,0 +1,1 @@
+"""Operations beside the data plane: metrics, access log, admin API, history, audit, drill."""
