@@ -292,16 +292,6 @@ def summarize(config: ProxyConfig) -> str:
     )
 
 
-@dataclasses.dataclass
-class ReloadResult:
-    """What a reload did: the generation in service after it, and why it was refused."""
-
-    ok: bool
-    generation: int
-    errors: list[str] = dataclasses.field(default_factory=list)
-    warnings: list[str] = dataclasses.field(default_factory=list)
-
-
 class ConfigSource:
     """The file a running proxy reloads from. What was last read of it is remembered, so a
     change is acted on once, whether SIGHUP, /reload or the watcher noticed it first."""

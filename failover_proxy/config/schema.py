@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeVar, dataclass_transform
+from typing import Annotated, Any, Final, Literal, TypeVar, dataclass_transform
 from urllib.parse import urlsplit
 
 # ---------------------------------------------------------------------------------------------
@@ -510,6 +510,8 @@ class CircuitBreakerConfig:
 
 
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "timeout", "502", "503", "504"})
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+"""Methods a retry may send again (RFC 9110 §9.2.2); others only with an idempotency key."""
 
 
 @config_class

@@ -21,7 +21,7 @@ import enum
 import time
 from typing import TYPE_CHECKING, Final, cast
 
-from ..config.schema import HashOnConfig
+from ..config.schema import IDEMPOTENT_METHODS, HashOnConfig
 from ..model.balance import hash_key
 from ..model.counters import (
     ATTEMPT_BAD_RESPONSE,
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 perf_counter: Final = time.perf_counter
 """Bound once: mypyc keeps a Final in a C static, where an imported name is looked up in the
 module's dict on every call."""
+_IDEMPOTENT: Final = IDEMPOTENT_METHODS
+"""Bound here: a compiled module keeps its own Final in a C static."""
 HELD_BODY_BYTES: Final = 64 * 1024
 """A response body of a declared length up to this is held with its head until complete."""
 
@@ -472,9 +474,6 @@ def hash_request(request: Request, client_ip: bytes, hash_on: HashOnConfig) -> i
     return hash_key(material if material is not None else client_ip)
 
 
-IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-
-
 class Exchange:
     """One request's journey through its attempts, driven by callbacks.
 
@@ -700,7 +699,7 @@ class Exchange:
         request = self.request
         return (
             request.body is EMPTY_BODY
-            and request.method in IDEMPOTENT_METHODS
+            and request.method in _IDEMPOTENT
             and request.upgrade is None
             and not self.finished
         )
@@ -790,7 +789,7 @@ class Exchange:
             return False
         safe = (
             nothing_sent
-            or request.method in IDEMPOTENT_METHODS
+            or request.method in _IDEMPOTENT
             or (
                 retry.retry_with_idempotency_key
                 and request.header(b"idempotency-key") is not None

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from ..dataplane.exchange import IDEMPOTENT_METHODS
+from ..config.schema import IDEMPOTENT_METHODS
 from ..model.counters import MetricStore
 from .history import TrafficHistory
 from .metrics import ProcessGauges, exposition
 
 if TYPE_CHECKING:
-    from ..config.loading import ReloadResult
+    from ..config.reload import ReloadResult
     from ..config.schema import ProxyConfig
     from ..model.backends import Backend, Provider, Region
     from ..model.topology import Topology, Upstream

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from ..config.loading import ReloadResult
+from ..config.reload import ReloadResult
 from ..config.schema import AccessLogConfig, ConfigError, ProxyConfig
 from ..dataplane.codecs import client_protocol, connector_for
 from ..dataplane.plane import ClientLimits, DataPlane

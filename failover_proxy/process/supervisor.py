@@ -35,7 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config.loading import ConfigSource, ReloadResult
+from ..config.loading import ConfigSource
+from ..config.reload import ReloadResult
 from ..config.schema import ConfigError, ProxyConfig
 from ..dataplane.plane import SWEEP_INTERVAL
 from ..model.counters import MetricStore, merge_wire

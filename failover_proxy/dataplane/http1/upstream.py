@@ -128,6 +128,7 @@ class UpstreamConnection(UpstreamStream):
         """The response being received leaves the connection open for another request."""
         self.close_delimited = False
         """The response being received has neither length nor chunking: the close ends it."""
+        self.chunked_response = False
         self.trailers: list[bytes] | None = None
         """Trailer fields of the response being received (collected by a _TrailerReader)."""
         self.reading_trailers = False
@@ -435,6 +436,7 @@ class UpstreamConnection(UpstreamStream):
             not no_body and not parsed.chunked and parsed.content_length is None
         )
         self.reusable = parsed.keeps_alive and not close_delimited
+        self.chunked_response = parsed.chunked
         owner.on_head(status, parsed)
         if head_only and status != 101:
             # llhttp cannot be told a response answers HEAD; start a fresh parser for the next
@@ -466,6 +468,8 @@ class UpstreamConnection(UpstreamStream):
             trailers = self.trailers
             self.trailers = None
             self.close_delimited = False
+            if self.chunked_response and not self.parser.should_keep_alive():
+                self.reusable = False  # `Connection: close` among its trailers: llhttp is done
             owner.on_complete(trailers)
 
 
