@@ -34,6 +34,7 @@ COMPILED = [
     "failover_proxy/dataplane/request.py",
     "failover_proxy/dataplane/http1/upstream.py",
     "failover_proxy/dataplane/exchange.py",
+    "failover_proxy/dataplane/retries.py",
     "failover_proxy/dataplane/http1/downstream.py",
     "failover_proxy/dataplane/http1/tunnel.py",
     "failover_proxy/dataplane/plane.py",

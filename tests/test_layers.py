@@ -16,7 +16,10 @@ from pathlib import Path
 import failover_proxy
 
 PACKAGE = Path(failover_proxy.__file__).parent
-EXCHANGE = ("dataplane.exchange", "dataplane.request", "dataplane.streams", "dataplane.plane")
+EXCHANGE = (
+    "dataplane.exchange", "dataplane.request", "dataplane.retries", "dataplane.streams",
+    "dataplane.plane",
+)
 RANKS = {
     "config": 0,
     "model": 1,

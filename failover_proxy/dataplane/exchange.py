@@ -35,6 +35,7 @@ from ..model.counters import (
     DURATION_BUCKETS,
 )
 from .request import EMPTY_BODY, Request
+from .retries import Verdict, retry_verdict, within_budget
 from .streams import (
     DownstreamStream,
     ResponseHead,
@@ -779,42 +780,41 @@ class Exchange:
             self._error(status, detail)
 
     def _may_retry(self, condition: str, nothing_sent: bool, exempt: bool) -> bool:
-        """Whether the failed attempt may be retried: allowed, safe to replay, and within the
-        retry budget unless `exempt` from it (still bounded by `retry.attempts`)."""
+        """Whether the failed attempt may be retried (retries.retry_verdict), counting why
+        not when that is worth an operator's eye."""
         if self.finished:
             return False
-        retry = self.upstream.config.retry
-        request = self.request
-        if condition not in retry.on or self.attempts >= retry.attempts:
-            return False
-        safe = (
-            nothing_sent
-            or request.method in _IDEMPOTENT
-            or (
-                retry.retry_with_idempotency_key
-                and request.header(b"idempotency-key") is not None
-            )
-        )
         upstream = self.upstream
-        if not safe or request.upgrade is not None:
-            return False
-        if not request.body.replayable:
+        request = self.request
+        retry = upstream.config.retry
+        verdict = retry_verdict(
+            retry,
+            condition=condition,
+            attempts=self.attempts,
+            method=request.method,
+            has_idempotency_key=retry.retry_with_idempotency_key
+            and request.header(b"idempotency-key") is not None,
+            upgrade=request.upgrade is not None,
+            replayable=request.body.replayable,
+            nothing_sent=nothing_sent,
+            exempt=exempt,
+            retrying=self.retrying,
+            active_requests=upstream.active_requests,
+            active_retries=upstream.active_retries,
+        )
+        if verdict is Verdict.BODY_GONE:
             upstream.store.inc("replay_buffer_overflows", (upstream.name,))
-            return False
-        return exempt or self.retrying or self._within_budget()
+        elif verdict is Verdict.OVER_BUDGET:
+            upstream.store.inc("retry_budget_exhausted", (upstream.name,))
+        return verdict is Verdict.RETRY
 
     def _within_budget(self) -> bool:
-        """Retries in flight (hedges included) below their share of requests in flight."""
+        """Room for one more retry in flight (a hedge asks before it is sent)."""
         upstream = self.upstream
-        retry = upstream.config.retry
-        budget = max(
-            retry.min_retry_concurrency,
-            int(upstream.active_requests * retry.budget_percent / 100),
-        )
-        if upstream.active_retries >= budget:
-            upstream.store.inc("retry_budget_exhausted", (upstream.name,))
-            return False
-        return True
+        if within_budget(upstream.config.retry, upstream.active_requests, upstream.active_retries):
+            return True
+        upstream.store.inc("retry_budget_exhausted", (upstream.name,))
+        return False
 
     def _charge_budget(self) -> None:
         """This exchange now holds a place in the retry budget (until it ends)."""
