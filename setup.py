@@ -36,6 +36,7 @@ COMPILED = [
     "failover_proxy/dataplane/exchange.py",
     "failover_proxy/dataplane/retries.py",
     "failover_proxy/dataplane/http1/downstream.py",
+    "failover_proxy/dataplane/http2/downstream.py",
     "failover_proxy/dataplane/http1/tunnel.py",
     "failover_proxy/dataplane/plane.py",
 ]

@@ -27,6 +27,7 @@ RANKS = {
     **dict.fromkeys(EXCHANGE, 2),
     "dataplane.codecs": 3,
     "dataplane.http1": 3,
+    "dataplane.http2": 3,
     "dataplane.io": 3,
     "process": 4,
     "cli": 5,

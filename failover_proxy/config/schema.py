@@ -326,6 +326,19 @@ class ListenTlsConfig:
 
 
 @config_class
+class Http2Config:
+    """HTTP/2 from clients."""
+
+    h2c: bool = False
+    """Serve HTTP/2 with prior knowledge (h2c) on a plain listener, on the same port as
+    HTTP/1.1: a connection that opens with the HTTP/2 preface is served as HTTP/2. Off by
+    default while the HTTP/2 codec is young: it does not yet bound rapid resets or other frame
+    floods (docs/data-plane.md)."""
+    max_concurrent_streams: AtLeastOne = 128
+    """Streams one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS)."""
+
+
+@config_class
 class ListenConfig:
     host: str = "127.0.0.1"
     """An address (0.0.0.0 or :: for all); a name listens on the first address it resolves to."""
@@ -334,6 +347,8 @@ class ListenConfig:
     tls: ListenTlsConfig | None = None
     """None: plain HTTP. Certificates reload without a restart; turning TLS on or off and
     its other settings take a restart."""
+    http2: Http2Config = Http2Config()
+    """HTTP/2 from clients; a change applies to connections opened after a reload."""
 
 
 @config_class

@@ -107,6 +107,9 @@ class DataPlane:
         self.accepting = True
         """False while limits.max_connections holds accepting back."""
         self.draining = False
+        self.h2c = False
+        """Serve HTTP/2 with prior knowledge on this plain listener (listen.http2.h2c)."""
+        self.max_concurrent_streams = 128
         self.health_view = 0
         """The version of the supervisor's health picture this worker routes by (0: a single
         process, whose own machines decide)."""

@@ -113,6 +113,7 @@ class ProxyServer:
         self.plane = plane = DataPlane(loop, topology, config.limits, store=self.store,
                                        scheme=b"https" if listen.tls is not None else b"http")
         self._apply_logging(config)
+        self._apply_http2(config)
         self.listener = plane.listener = ClientListener(
             loop, client_protocol(plane), listen.backlog,
             self.server_tls.front if self.server_tls is not None else None,
@@ -230,6 +231,14 @@ class ProxyServer:
         if changed:
             self._probe(self.topology)
 
+    def _apply_http2(self, config: ProxyConfig) -> None:
+        """HTTP/2 from clients, for connections opened from now on."""
+        plane = self.plane
+        assert plane is not None
+        http2 = config.listen.http2
+        plane.h2c = http2.h2c and config.listen.tls is None
+        plane.max_concurrent_streams = http2.max_concurrent_streams
+
     def _adopt(self, topology: Topology) -> None:
         """A worker's upstreams hand outcomes to the supervisor and leave counting provider
         moves to it."""
@@ -282,6 +291,7 @@ class ProxyServer:
         self._adopt(topology)
         plane.topology = topology  # the switch: new requests route by the new generation
         plane.limits = ClientLimits(new.limits)
+        self._apply_http2(new)
         if not plane.accepting:
             plane.accept_below_limit()  # a higher (or no) connection limit now
         if self.report_outcome is None:

@@ -24,6 +24,7 @@ from typing import Any, Final, cast
 import httptools
 
 from ..exchange import Exchange
+from ..http2.downstream import PREFACE, Http2Connection
 from ..io.connio import ConnectionIO
 from ..io.readpath import NOT_READING, Reading
 from ..io.writepath import Send, SendParts, not_connected
@@ -79,6 +80,7 @@ one is written beside it (writelines), which spares copying it: a 64 KiB respons
 from uvloop's read buffer and out of the read's bytes already."""
 _NO_PARSER: Final = httptools.HttpRequestParser(object())
 """What a lost connection holds in place of its parser (as upstream._NO_PARSER)."""
+_P: Final = ord("P")
 _SLASH: Final = ord("/")
 _QUERY_MARK: Final = ord("?")
 _CR: Final = ord("\r")
@@ -258,6 +260,8 @@ class DownstreamProtocol(DownstreamStream):
         self._piece_at = 0
         self._upgrade_buffer: list[bytes] = []
         self._client_eof = False
+        self._preface_held = b""
+        """The start of what may be an HTTP/2 connection preface (a first read cut short)."""
         self.lingering_until = 0.0
         """While closing with a lingering close, the latest time to close at; else 0."""
         self.write_stalled_until = 0.0
@@ -477,6 +481,12 @@ class DownstreamProtocol(DownstreamStream):
         if self.tunnel is not None:
             self.tunnel.from_client(data)
             return
+        if self.requests_begun == 0 and self._current is None and data and self.plane.h2c and (
+            data[0] == _P or self._preface_held
+        ):
+            data = self._http2_preface(data)
+            if not data:
+                return
         if self.stopped_parsing:
             if self.lingering_until:  # dropped; the client is still sending, so wait on
                 self._linger_on()
@@ -503,6 +513,34 @@ class DownstreamProtocol(DownstreamStream):
             self._reject(400, "Bad Request", f"malformed request: {exc}")
         except RejectRequest as exc:
             self._reject(exc.status, exc.reason, exc.detail)
+
+    def _http2_preface(self, data: bytes) -> bytes:
+        """A client's first bytes: the HTTP/2 connection preface hands the connection over to
+        the HTTP/2 codec (h2c with prior knowledge, on this same port); b"" when they are
+        taken (or held: the start of a preface, until the rest comes), else the bytes to read
+        as HTTP/1."""
+        held = self._preface_held + data if self._preface_held else data
+        self._preface_held = b""
+        if len(held) < len(PREFACE) and PREFACE.startswith(held):
+            self._preface_held = held
+            return b""
+        if not held.startswith(PREFACE):
+            return held
+        transport, io = self.transport, self.io
+        if transport is None or io is None or self.closed:
+            return b""
+        self.stopped_parsing = self.closed = True  # this protocol object is done with it
+        plane = self.plane
+        plane.connections.discard(self)
+        io.detach()
+        self.parser = _NO_PARSER
+        self._feed = _NO_PARSER.feed_data
+        successor = Http2Connection(plane, self.client_ip)
+        successor.counted_ip, self.counted_ip = self.counted_ip, False
+        transport.set_protocol(cast(asyncio.BaseProtocol, successor))
+        successor.connection_made(transport)
+        successor.data_received(held)
+        return b""
 
     def _parse(self, data: bytes) -> None:
         """Feed one read to llhttp in pieces cut at message boundaries (see the module doc)."""

@@ -1,0 +1,616 @@
+"""HTTP/2 from clients (h2c with prior knowledge, on the same port as HTTP/1.1): a connection
+of many streams, each one a `DownstreamStream` the exchange answers through.
+
+The frames are the `h2` library's to parse and write (sans-IO: bytes in, events out, bytes to
+send gathered and written once per read). Each request becomes a neutral `Request` (its fields
+as `name: value` lines, the pseudo-header fields as method, authority and target; cookie
+crumbs joined, connection-specific fields dropped, `te: trailers` noted) and goes through the
+same exchange as an HTTP/1 request: routes, retries, failover, limits, recording.
+
+Flow control is honest both ways: a request body's data is acknowledged (WINDOW_UPDATE) only as
+the exchange takes it, so a backend that reads slowly holds that stream's client back, not the
+proxy's memory; a response is sent only as far as the client's windows allow, and the backend
+is not read further meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Final, cast
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from ..exchange import Exchange
+from ..http1.headers import (
+    VIA_TOKEN,
+    Http1Head,
+    forwarded_block,
+    new_request_id,
+    usable_request_id,
+)
+from ..io.connio import ConnectionIO
+from ..plane import ClientConnection, DataPlane
+from ..request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
+from ..streams import DownstreamStream, ResponseHead, UpstreamStream
+
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+"""What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4)."""
+
+_CONNECTION_SPECIFIC: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+"""Fields HTTP/2 forbids (RFC 9113 §8.2.2): never translated from an HTTP/1 response."""
+_TAKEN: Final = frozenset(
+    {b"host", b"content-length", b"te", b"x-forwarded-for", b"x-forwarded-proto",
+     b"x-forwarded-host", b"via"}
+) | _CONNECTION_SPECIFIC
+"""Request fields the proxy reads and writes itself (as the HTTP/1 codec does)."""
+_ERROR_REASONS: Final = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def is_preface(data: bytes) -> bool:
+    """Whether a client's first bytes are (the start of) the HTTP/2 connection preface."""
+    return PREFACE.startswith(data[: len(PREFACE)]) and len(data) >= 3
+
+
+def response_fields(head: Http1Head, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    """An HTTP/1 response head's fields as HTTP/2 fields: names in lower case, the fields its
+    Connection names and connection-specific ones left out, the length kept when one framed
+    it, and the proxy's Via and request id added as the HTTP/1 codec adds them."""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in forwarded_block(head.lines, head.connection).split(b"\r\n"):
+        colon = line.find(b":")
+        if colon > 0:
+            name = line[:colon].strip().lower()
+            if name not in _CONNECTION_SPECIFIC:
+                fields.append((name, line[colon + 1 :].strip()))
+    if head.content_length is not None and not head.chunked:
+        fields.append((b"content-length", head.content_length))
+    if not head.has_request_id:
+        fields.append((b"x-request-id", request_id))
+    via = head.via
+    fields.append((b"via", VIA_TOKEN if via is None else via + b", " + VIA_TOKEN))
+    return fields
+
+
+class Http2Stream(DownstreamStream):
+    """One request and its response on an HTTP/2 client connection."""
+
+    def __init__(self, connection: Http2Connection, stream_id: int, request: Request) -> None:
+        super().__init__(connection.plane)
+        self.connection = connection
+        self.stream_id = stream_id
+        self.request = request
+        self.client_ip = connection.client_ip
+        self.scheme = connection.scheme
+        self.forwarding = connection.forwarding
+        self.exchange: Exchange | None = None
+        self.pending: list[bytes] = []
+        """Response data the client's flow-control windows have no room for yet."""
+        self.pending_end = False
+        self.pending_trailers: list[tuple[bytes, bytes]] | None = None
+        self.ended = False
+        """Our side of the stream is closed (END_STREAM sent, or reset)."""
+        self.unacknowledged = 0
+        """Request body bytes received and not yet given back to the client's window."""
+        self.body_paused = False
+        self.upstream_paused = False
+
+    # -- the request body's flow control ---------------------------------------------------------
+
+    def body_data(self, data: bytes, flow_controlled: int) -> None:
+        body = self.request.body
+        if body is EMPTY_BODY or body.complete:
+            self.connection.reset(self.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        limit = self.plane.limits.max_body_bytes
+        if limit is not None and body.received + len(data) > limit:
+            self._refuse(413, "Content Too Large", f"request body over {limit} bytes")
+            return
+        self.unacknowledged += flow_controlled
+        body.feed(data)
+        if not self.body_paused:
+            self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        if self.unacknowledged and not self.ended:
+            self.connection.acknowledge(self.unacknowledged, self.stream_id)
+        self.unacknowledged = 0
+
+    def pause_body(self) -> None:
+        self.body_paused = True
+
+    def resume_body(self) -> None:
+        self.body_paused = False
+        self._acknowledge()
+
+    # -- the response, as the exchange's downstream stream ------------------------------------
+
+    def send_continue(self, request: Request) -> None:
+        self.connection.send_headers(self.stream_id, [(b":status", b"100")], False)
+
+    def send_head(
+        self, request: Request, status: int, head: ResponseHead, decision: str | None,
+        body: bytes | None, more: list[bytes] | None, end: bool,
+    ) -> int:
+        fields = [(b":status", b"%d" % status)]
+        fields += response_fields(cast(Http1Head, head), request.request_id)
+        if decision is not None:
+            fields.append((b"x-failover-proxy-decision", decision.encode("latin-1", "replace")))
+        no_body = request.method == b"HEAD" or status in (204, 304)
+        size = sum(len(n) + len(v) + 4 for n, v in fields)
+        if no_body or (end and not body and not more):
+            self.connection.send_headers(self.stream_id, fields, True)
+            self.ended = True
+            return size
+        self.connection.send_headers(self.stream_id, fields, False)
+        for piece in (body, *(more or ())):
+            if piece:
+                size += self._send_data(piece)
+        if end:
+            self.send_end(None)
+        return size
+
+    def send_body(self, chunk: bytes) -> int:
+        return self._send_data(chunk)
+
+    def _send_data(self, chunk: bytes) -> int:
+        if self.ended:
+            return 0
+        if self.pending:
+            self.pending.append(chunk)
+        else:
+            left = self.connection.send_data(self.stream_id, chunk, False)
+            if left:
+                self.pending.append(left)
+        if self.pending and not self.upstream_paused:
+            self._pause_upstream(True)
+        return len(chunk)
+
+    def send_end(self, trailers: list[bytes] | None) -> int:
+        if self.ended:
+            return 0
+        if trailers is not None and self.request.te_trailers:
+            self.pending_trailers = [
+                (line[: line.find(b":")].strip().lower(), line[line.find(b":") + 1 :].strip())
+                for line in trailers if line.find(b":") > 0
+            ]
+        self.pending_end = True
+        self.flush()
+        return 0
+
+    def flush(self) -> None:
+        """Send what the windows now allow; end the stream once all of it is gone."""
+        connection = self.connection
+        while self.pending and not self.ended:
+            left = connection.send_data(self.stream_id, self.pending[0], False)
+            if left:
+                self.pending[0] = left
+                return
+            self.pending.pop(0)
+        if self.upstream_paused and not self.pending:
+            self._pause_upstream(False)
+        if self.pending_end and not self.ended:
+            self.ended = True
+            trailers = self.pending_trailers
+            if trailers:
+                connection.send_headers(self.stream_id, trailers, True)
+            else:
+                connection.end_stream(self.stream_id)
+            connection.stream_done(self)
+
+    def _pause_upstream(self, paused: bool) -> None:
+        self.upstream_paused = paused
+        exchange = self.exchange
+        attempt = exchange.attempt if exchange is not None else None
+        if attempt is not None and attempt.stream is not None:
+            attempt.stream.pause_reading(paused)
+
+    def send_error(
+        self, request: Request, status: int, detail: str, retry_after: bool,
+        decision: str | None,
+    ) -> int:
+        return self._answer(status, _ERROR_REASONS.get(status, "Error"), detail,
+                            retry_after, decision)
+
+    def _answer(self, status: int, reason: str, detail: str, retry_after: bool = False,
+                decision: str | None = None) -> int:
+        request = self.request
+        text = f"{status} {reason}: {detail} (request id {request.request_id.decode()})\n"
+        body = text.encode()
+        fields = [
+            (b":status", b"%d" % status),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)),
+            (b"x-request-id", request.request_id),
+        ]
+        if retry_after:
+            fields.append((b"retry-after", b"1"))
+        if decision is not None:
+            fields.append((b"x-failover-proxy-decision", decision.encode("latin-1", "replace")))
+        if request.method == b"HEAD":
+            self.connection.send_headers(self.stream_id, fields, True)
+            self.ended = True
+        else:
+            self.connection.send_headers(self.stream_id, fields, False)
+            self.pending_end = True
+            self._send_data(body)
+            self.flush()
+        return len(body)
+
+    def _refuse(self, status: int, reason: str, detail: str) -> None:
+        """The client broke its own request (too large, timed out): answer it if nothing was
+        answered yet, and reset the stream; the exchange records the refusal."""
+        exchange = self.exchange
+        if exchange is not None and exchange.status == 0:
+            exchange.refusal = status
+        if not self.ended and (exchange is None or exchange.status == 0):
+            self._answer(status, reason, detail)
+        body = self.request.body
+        if body is not EMPTY_BODY and not body.complete and not body.failed:
+            body.fail()
+        if not self.ended:
+            self.reset()
+
+    def reset(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.connection.reset(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        self.connection.stream_done(self)
+
+    def start_tunnel(
+        self, request: Request, head: ResponseHead, upstream: UpstreamStream, leftover: bytes
+    ) -> int:
+        # An HTTP/2 request carries no Upgrade (RFC 9113 §8.2.2): an exchange never asks this.
+        upstream.abort()
+        self.reset()
+        return 0
+
+    def set_paused_by_upstream(self, paused: bool) -> None:
+        if paused:
+            self.pause_body()
+        else:
+            self.resume_body()
+
+    def body_stalled(self) -> None:
+        self._refuse(408, "Request Timeout", "request body not received in time")
+
+    def exchange_done(self, exchange: object) -> None:
+        if self.exchange is exchange:
+            self.exchange = None
+        if self.ended and not self.pending:
+            self.connection.stream_done(self)
+
+    # -- as the data plane keeps it (through its connection) -------------------------------------
+
+    def is_busy(self) -> bool:
+        return self.exchange is not None
+
+    def close_if_idle(self) -> None:
+        pass
+
+    def sweep(self, now: float) -> None:
+        if self.exchange is not None:
+            self.exchange.check_timeout(now)
+
+    def abort(self) -> None:
+        self.connection.abort()
+
+
+class Http2Connection(ClientConnection):
+    """One HTTP/2 client connection: its frames, its streams, and their exchanges."""
+
+    def __init__(self, plane: DataPlane, client_ip: bytes = b"unknown") -> None:
+        self.plane = plane
+        self.loop = plane.loop
+        self.limits = plane.limits
+        self.scheme = plane.scheme
+        self.client_ip = client_ip
+        self.forwarding = b""
+        self.transport: asyncio.Transport | None = None
+        self.io: ConnectionIO | None = None
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=True,
+        ))
+        self.streams: dict[int, Http2Stream] = {}
+        self.closed = False
+        self.write_paused = False
+        self.counted_ip = False
+        self.idle_since = plane.clock
+        self.goaway_sent = False
+
+    # -- connection lifecycle ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.io = ConnectionIO(transport, self.data_received, self.eof_received, self.read_failed)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        self.plane.connections.add(self)
+        h2conn = self.h2
+        h2conn.local_settings.update({
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.plane.max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE:
+                self.limits.max_header_bytes + self.limits.max_url_bytes,
+        })
+        h2conn.initiate_connection()
+        self._write()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.io is not None:
+            self.io.detach()
+        self.plane.connections.discard(self)
+        if self.counted_ip:
+            self.counted_ip = False
+            per_ip = self.plane.connections_per_ip
+            held = per_ip.get(self.client_ip, 1) - 1
+            if held > 0:
+                per_ip[self.client_ip] = held
+            else:
+                per_ip.pop(self.client_ip, None)
+        for stream in list(self.streams.values()):
+            stream.ended = True
+            exchange = stream.exchange
+            if exchange is not None:
+                stream.exchange = None
+                exchange.abandon()
+        self.streams.clear()
+
+    def eof_received(self) -> bool | None:
+        return None  # an HTTP/2 client that ends its side is done (it cannot read answers)
+
+    def read_failed(self, exc: BaseException) -> None:
+        if self.io is not None:
+            self.io.fail(self, exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for stream in self.streams.values():
+            stream.write_paused = True
+            stream._pause_upstream(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            stream.write_paused = False
+            if not stream.pending:
+                stream._pause_upstream(False)
+
+    # -- frames in -----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.idle_since = self.plane.clock
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self._write()  # the GOAWAY h2 queued
+            self.close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._request(event)
+            elif isinstance(event, h2.events.DataReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and event.data is not None:
+                    stream.body_data(event.data, event.flow_controlled_length or 0)
+                elif event.flow_controlled_length:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length,
+                                                      event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.request.trailers = [
+                        bytes(n) + b": " + bytes(v) for n, v in event.headers or ()
+                    ]
+            elif isinstance(event, h2.events.StreamEnded):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    body = stream.request.body
+                    if body is not EMPTY_BODY and not body.complete and not body.failed:
+                        body.finish()
+            elif isinstance(event, h2.events.StreamReset):
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    stream.ended = True
+                    exchange = stream.exchange
+                    if exchange is not None:
+                        stream.exchange = None
+                        exchange.abandon()
+            elif isinstance(event, h2.events.WindowUpdated):
+                targets = (list(self.streams.values()) if event.stream_id == 0
+                           else [s for s in (self.streams.get(event.stream_id),) if s])
+                for stream in targets:
+                    if stream.pending or stream.pending_end:
+                        stream.flush()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.close()
+        self._write()
+
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        assert stream_id is not None
+        request = self._read_request(event.headers or [])
+        stream = Http2Stream(self, stream_id, request)
+        self.streams[stream_id] = stream
+        if event.stream_ended is not None:
+            request.body = EMPTY_BODY
+        else:
+            request.body = RequestBody(DEFAULT_REPLAY_BYTES, stream.pause_body, stream.resume_body)
+            if request.content_length is None:
+                request.chunked = True  # its length is unknown: an HTTP/1 backend gets chunks
+        limits = self.limits
+        if request.head_bytes > limits.max_header_bytes + limits.max_url_bytes:
+            stream._answer(431, "Request Header Fields Too Large", "request head too large")
+            self.plane.record_own_answer(request, request.request_id, self.client_ip, 431, 0)
+            return
+        route = self.plane.topology.router.match_request(request.raw_host, request.path)
+        if route is None:
+            stream._answer(404, "Not Found", "no route for this host and path")
+            self.plane.record_own_answer(request, request.request_id, self.client_ip, 404, 0)
+            return
+        upstream = route.target.upstream
+        exchange = Exchange(stream, request, route.target)
+        stream.exchange = exchange
+        body = request.body
+        if body is EMPTY_BODY:
+            exchange.begin()
+            return
+        if body.replay_limit != upstream.replay_max_bytes:
+            body.set_replay_limit(upstream.replay_max_bytes)
+        limit = upstream.buffer_body_bytes
+        if limit and (request.content_length is None or request.content_length <= limit):
+            exchange.wait_for_body(limit)
+        else:
+            exchange.begin()
+
+    def _read_request(self, headers: object) -> Request:
+        request = Request(new_request_id())
+        lines: list[bytes] = []
+        cookies: list[bytes] = []
+        size = 0
+        for name_raw, value_raw in cast("list[tuple[bytes, bytes]]", headers):
+            name, value = bytes(name_raw), bytes(value_raw)
+            size += len(name) + len(value) + 4
+            if name.startswith(b":"):
+                if name == b":method":
+                    request.method = value
+                elif name == b":path":
+                    request.target = value
+                elif name == b":authority":
+                    request.raw_host = value
+                continue
+            if name == b"cookie":
+                cookies.append(value)
+            elif name == b"x-request-id":
+                if not request.has_request_id and usable_request_id(value):
+                    request.request_id = value
+                request.has_request_id = True
+                lines.append(name + b": " + value + b"\r\n")
+            elif name not in _TAKEN:
+                lines.append(name + b": " + value + b"\r\n")
+            elif name == b"host" and request.raw_host is None:
+                request.raw_host = value
+            elif name == b"content-length":
+                request.content_length = int(value)
+            elif name == b"te":
+                request.te_trailers = value.strip().lower() == b"trailers"
+            elif name == b"x-forwarded-for":
+                request.forwarded_for = (value if request.forwarded_for is None
+                                         else request.forwarded_for + b", " + value)
+            elif name == b"via":
+                request.via = value if request.via is None else request.via + b", " + value
+        if cookies:  # crumbs joined for HTTP/1 (RFC 9113 §8.2.3)
+            lines.append(b"cookie: " + b"; ".join(cookies) + b"\r\n")
+        if lines:
+            request.fields.append(b"".join(lines))
+        target = request.target
+        request.path = target[: target.find(b"?")] if b"?" in target else target
+        if target == b"*":
+            request.path = b"/"
+        request.head_bytes = size
+        request.host_fields = 1
+        return request
+
+    # -- frames out ------------------------------------------------------------------------------
+
+    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+        if self.closed:
+            return
+        try:
+            self.h2.send_headers(stream_id, fields, end_stream=end)
+        except h2.exceptions.StreamClosedError:
+            return
+        self._write()
+
+    def send_data(self, stream_id: int, data: bytes, end: bool) -> bytes:
+        """Send as much of `data` as the windows allow now; the rest is returned."""
+        if self.closed:
+            return b""
+        h2conn = self.h2
+        try:
+            while data:
+                room = min(h2conn.local_flow_control_window(stream_id),
+                           h2conn.max_outbound_frame_size)
+                if room <= 0:
+                    break
+                h2conn.send_data(stream_id, data[:room])
+                data = data[room:]
+        except h2.exceptions.StreamClosedError:
+            return b""
+        self._write()
+        return data
+
+    def end_stream(self, stream_id: int) -> None:
+        if self.closed:
+            return
+        try:
+            self.h2.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            return
+        self._write()
+
+    def reset(self, stream_id: int, code: int) -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.h2.reset_stream(stream_id, code)
+        self._write()
+
+    def acknowledge(self, size: int, stream_id: int) -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.h2.acknowledge_received_data(size, stream_id)
+        self._write()
+
+    def stream_done(self, stream: Http2Stream) -> None:
+        if stream.exchange is None and self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+            self.idle_since = self.plane.clock
+            if self.goaway_sent and not self.streams:
+                self.close()
+
+    def _write(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.io is not None and not self.closed:
+            self.io.send(data)
+
+    # -- as the data plane keeps it ------------------------------------------------------------
+
+    def is_busy(self) -> bool:
+        return bool(self.streams)
+
+    def close_if_idle(self) -> None:
+        """Draining: no new streams (GOAWAY); closed once those in progress are done."""
+        if not self.goaway_sent and not self.closed:
+            self.goaway_sent = True
+            self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
+            self._write()
+        if not self.streams:
+            self.close()
+
+    def sweep(self, now: float) -> None:
+        for stream in list(self.streams.values()):
+            stream.sweep(now)
+        if not self.streams and now - self.idle_since >= self.limits.keepalive_timeout:
+            self.close_if_idle()
+
+    def close(self) -> None:
+        if self.io is not None and not self.closed:
+            self.closed = True
+            self.io.close()
+
+    def abort(self) -> None:
+        if self.io is not None:
+            self.closed = True
+            self.io.abort()

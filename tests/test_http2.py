@@ -1,0 +1,274 @@
+"""HTTP/2 from clients with prior knowledge (h2c), on the same port as HTTP/1.1, through the
+same exchange to HTTP/1.1 backends: real clients (curl, and the `h2` library over a raw
+socket for what curl cannot show: many streams at once, trailers, a stream reset)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from failover_proxy.process.server import ProxyServer
+from failover_proxy.sim.faults import FaultBackend
+
+from .conftest import RawHandler, StartFaultBackends, read_request_head, single_upstream_config
+
+StartProxy = Callable[[str], Awaitable[ProxyServer]]
+StartRaw = Callable[[RawHandler], Awaitable[int]]
+
+
+@dataclass
+class Answer:
+    status: int = 0
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytes = b""
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    reset: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class H2Client:
+    """An HTTP/2 client with prior knowledge on a raw socket (the `h2` library's frames)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 cut: int = 0) -> None:
+        """`cut`: the first bytes of the preface were already sent on their own."""
+        self.reader, self.writer = reader, writer
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+        self.cut = cut
+        self.answers: dict[int, Answer] = {}
+        self.unsent: dict[int, tuple[bytes, bool]] = {}
+        self.trailers: dict[int, list[tuple[str, str]] | None] = {}
+        """Request bodies (and whether trailers follow) the proxy's windows have no room for."""
+        self.h2.initiate_connection()
+        self._flush()
+        self.pump = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def connect(cls, port: int) -> H2Client:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if self.cut:
+            data, self.cut = data[self.cut :], 0
+        self.writer.write(data)
+
+    async def _read(self) -> None:
+        while data := await self.reader.read(65536):
+            for event in self.h2.receive_data(data):
+                answer = self.answers.get(getattr(event, "stream_id", 0) or 0)
+                if answer is None:
+                    continue
+                if isinstance(event, h2.events.ResponseReceived):
+                    headers = dict(event.headers or [])
+                    answer.status = int(headers.pop(b":status"))
+                    answer.headers = headers
+                elif isinstance(event, h2.events.DataReceived):
+                    answer.body += event.data or b""
+                    self.h2.acknowledge_received_data(event.flow_controlled_length or 0,
+                                                      event.stream_id or 0)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    answer.trailers = list(event.headers or [])
+                elif isinstance(event, h2.events.StreamEnded):
+                    answer.done.set()
+                elif isinstance(event, h2.events.StreamReset):
+                    answer.reset = True
+                    answer.done.set()
+            for stream_id, (body, more) in list(self.unsent.items()):
+                self._send_body(stream_id, body, more)
+            self._flush()
+        for answer in self.answers.values():
+            answer.done.set()
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: list[tuple[str, str]] | None = None,
+                trailers: list[tuple[str, str]] | None = None) -> int:
+        stream_id = self.h2.get_next_available_stream_id()
+        fields = [(":method", method), (":path", path), (":scheme", "http"),
+                  (":authority", "example.test"), *(headers or [])]
+        self.answers[stream_id] = Answer()
+        self.h2.send_headers(stream_id, fields, end_stream=not body and not trailers)
+        self.trailers[stream_id] = trailers
+        if body:
+            self._send_body(stream_id, body, bool(trailers))
+        elif trailers:
+            self.h2.send_headers(stream_id, trailers, end_stream=True)
+        self._flush()
+        return stream_id
+
+    def _send_body(self, stream_id: int, body: bytes, more: bool) -> None:
+        """As much of a request body as the proxy's windows allow (the rest waits for its
+        WINDOW_UPDATEs: the proxy grants them only as the backend takes the body)."""
+        self.unsent.pop(stream_id, None)
+        while body:
+            room = min(self.h2.local_flow_control_window(stream_id),
+                       self.h2.max_outbound_frame_size)
+            if room <= 0:
+                self.unsent[stream_id] = (body, more)
+                return
+            last = len(body) <= room
+            self.h2.send_data(stream_id, body[:room], end_stream=last and not more)
+            body = body[room:]
+        trailers = self.trailers.get(stream_id)
+        if trailers:
+            self.h2.send_headers(stream_id, trailers, end_stream=True)
+
+    async def answer(self, stream_id: int, timeout: float = 5.0) -> Answer:
+        answer = self.answers[stream_id]
+        await asyncio.wait_for(answer.done.wait(), timeout)
+        return answer
+
+    def reset(self, stream_id: int) -> None:
+        self.h2.reset_stream(stream_id)
+        self._flush()
+
+    async def close(self) -> None:
+        self.writer.close()
+        self.pump.cancel()
+
+
+def two_providers(aws: FaultBackend, gcp: FaultBackend) -> str:
+    return (
+        "listen: {host: 127.0.0.1, port: 0, http2: {h2c: true}}\n"
+        "upstreams:\n  web:\n    backends:\n"
+        f'      - {{name: aws-a, url: "http://127.0.0.1:{aws.port}", provider: aws}}\n'
+        f'      - {{name: gcp-a, url: "http://127.0.0.1:{gcp.port}", provider: gcp}}\n'
+        "    policy: {strategy: priority, providers: [aws, gcp]}\n"
+        "routes:\n  - {host: example.test, path_prefix: /, upstream: web}\n"
+    )
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_with_prior_knowledge_and_http1_share_the_port(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp))
+    url = f"http://127.0.0.1:{server.port}/hello"
+    for flag in ("--http2-prior-knowledge", "--http1.1"):
+        result = await asyncio.to_thread(
+            subprocess.run,
+            ["curl", "-s", "-i", flag, "-H", "Host: example.test", url],
+            capture_output=True, timeout=10, check=True,
+        )
+        head, body = result.stdout.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/2 200" if "http2" in flag else b"HTTP/1.1 200"), head
+        assert b"\nvia: 1.1 failover-proxy" in head.lower()
+        assert b"\nx-request-id: " in head.lower()
+        assert json.loads(body)["provider"] == "aws"
+
+
+async def test_h2c_is_off_unless_asked_for(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """Off by default: the preface is then read as HTTP/1.1, and refused as malformed."""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp).replace(", http2: {h2c: true}", ""))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+async def test_many_streams_on_one_connection_and_failover_under_them(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp))
+    client = await H2Client.connect(server.port)
+    # The preface may come cut in pieces: the first read alone cannot tell.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"PRI * HT")
+    await asyncio.sleep(0.05)
+    cut = H2Client(reader, writer, cut=8)
+    assert (await cut.answer(cut.request("GET", "/cut"))).status == 200
+    await cut.close()
+    try:
+        ids = [client.request("GET", f"/s{i}") for i in range(40)]
+        answers = [await client.answer(i) for i in ids]
+        assert {a.status for a in answers} == {200}
+        assert {json.loads(a.body)["provider"] for a in answers} == {"aws"}
+        assert len({a.headers[b"x-request-id"] for a in answers}) == 40
+        await aws.set_mode("refusing")  # connect failures: retried on gcp, unseen
+        ids = [client.request("GET", f"/f{i}") for i in range(20)]
+        answers = [await client.answer(i) for i in ids]
+        assert {(a.status, json.loads(a.body)["provider"]) for a in answers} == {(200, "gcp")}
+        posted = await client.answer(client.request("POST", "/post", b"x" * 100_000))
+        assert posted.status == 200 and json.loads(posted.body)["provider"] == "gcp"
+        assert gcp.received[-1].body == b"x" * 100_000
+        anywhere = await client.answer(client.request("GET", "/nowhere"))
+        assert anywhere.status == 200  # routed by :authority (example.test), any path
+    finally:
+        await client.close()
+
+
+async def test_no_route_and_trailers_and_a_reset_stream(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    got: list[bytes] = []
+    release = asyncio.Event()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request_head(reader)
+            got.append(head)
+            body = b""
+            if b"transfer-encoding: chunked" in head.lower():
+                while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) != 0:
+                    body += (await reader.readexactly(size + 2))[:-2]
+                while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                    got.append(line)
+            if head.startswith(b"GET /app/hang"):
+                await release.wait()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"%x\r\n%s\r\n0\r\nGrpc-Status: 0\r\n\r\n" % (len(body) or 2,
+                                                                     body or b"ok"))
+            await writer.drain()
+
+    port = await raw_backend(backend)
+    config = single_upstream_config([port]).replace(
+        "{path_prefix: /, upstream: web}", "{path_prefix: /app, upstream: web}").replace(
+        "port: 0}", "port: 0, http2: {h2c: true}}", 1)
+    server = await proxy(config)
+    client = await H2Client.connect(server.port)
+    try:
+        missing = await client.answer(client.request("GET", "/other"))
+        assert missing.status == 404 and b"no route" in missing.body
+        with_trailers = await client.answer(client.request(
+            "POST", "/app/up", b"abc", headers=[("te", "trailers")],
+            trailers=[("checksum", "c1")]))
+        assert with_trailers.status == 200 and with_trailers.body == b"abc"
+        assert with_trailers.trailers == [(b"grpc-status", b"0")]
+        assert b"checksum: c1\r\n" in got  # the request's trailers reached the backend
+        posted = next(h for h in got if h.startswith(b"POST"))
+        assert b"\r\nte: trailers\r\n" in posted.lower()  # asked for on the proxy's hop
+        without = await client.answer(client.request("GET", "/app/plain"))
+        assert without.status == 200 and without.trailers == []
+        hanging = client.request("GET", "/app/hang")
+        upstream = server.plane.topology.upstreams["web"]  # type: ignore[union-attr]
+        for _ in range(200):
+            if upstream.backends[0].in_flight:
+                break
+            await asyncio.sleep(0.01)
+        client.reset(hanging)  # the client gives up: the exchange is abandoned
+        for _ in range(200):
+            if not upstream.backends[0].in_flight and not upstream.active_requests:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.backends[0].in_flight == 0 and upstream.active_requests == 0
+        after = await client.answer(client.request("GET", "/app/after"))
+        assert after.status == 200  # the connection serves on
+    finally:
+        release.set()
+        await client.close()
