@@ -5,6 +5,7 @@ socket for what curl cannot show: many streams at once, trailers, a stream reset
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
 import pytest
 
 from failover_proxy.process.server import ProxyServer
@@ -45,6 +48,7 @@ class H2Client:
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
         self.cut = cut
         self.answers: dict[int, Answer] = {}
+        self.terminated: list[h2.events.ConnectionTerminated] = []
         self.unsent: dict[int, tuple[bytes, bool]] = {}
         self.trailers: dict[int, list[tuple[str, str]] | None] = {}
         """Request bodies (and whether trailers follow) the proxy's windows have no room for."""
@@ -58,13 +62,16 @@ class H2Client:
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
+        if self.writer.transport.is_closing():
+            return
         if self.cut:
             data, self.cut = data[self.cut :], 0
         self.writer.write(data)
 
     async def _read(self) -> None:
         while data := await self.reader.read(65536):
-            for event in self.h2.receive_data(data):
+            events = self.h2.receive_data(data)
+            for event in events:
                 answer = self.answers.get(getattr(event, "stream_id", 0) or 0)
                 if answer is None:
                     continue
@@ -83,6 +90,8 @@ class H2Client:
                 elif isinstance(event, h2.events.StreamReset):
                     answer.reset = True
                     answer.done.set()
+            self.terminated += [e for e in events
+                                if isinstance(e, h2.events.ConnectionTerminated)]
             for stream_id, (body, more) in list(self.unsent.items()):
                 self._send_body(stream_id, body, more)
             self._flush()
@@ -272,3 +281,81 @@ async def test_no_route_and_trailers_and_a_reset_stream(
     finally:
         release.set()
         await client.close()
+
+
+async def served_beside(port: int) -> float:
+    """How long a well-behaved client on its own connection waits for an answer."""
+    client = await H2Client.connect(port)
+    try:
+        started = asyncio.get_running_loop().time()
+        answer = await client.answer(client.request("GET", "/beside"))
+        assert answer.status == 200
+        return asyncio.get_running_loop().time() - started
+    finally:
+        await client.close()
+
+
+async def test_a_rapid_reset_flood_is_cut_off(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """CVE-2023-44487: streams opened and reset at once, each costing the proxy a backend
+    request and the client nothing. Past 100 such resets making half its streams, the client
+    gets GOAWAY ENHANCE_YOUR_CALM and is cut off; the backend saw a bounded number of them."""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    aws.mode, aws.delay = "slow", 1.0
+    server = await proxy(two_providers(aws, gcp))
+    attacker = await H2Client.connect(server.port)
+    try:
+        for _ in range(10):
+            if attacker.terminated or attacker.writer.transport.is_closing():
+                break
+            for _ in range(100):
+                stream_id = attacker.request("GET", "/flood")
+                attacker.h2.reset_stream(stream_id)
+            attacker._flush()
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(attacker.pump, 5)  # it ends when the proxy closes
+    finally:
+        await attacker.close()
+    goaway = attacker.terminated
+    assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    print(f"rapid reset: {len(aws.received)} of the streams reached the backend")
+    assert len(aws.received) < 400  # far fewer than the 1,000 streams it tried
+    aws.mode = "healthy"
+    assert await served_beside(server.port) < 1.0
+    upstream = server.plane.topology.upstreams["web"]  # type: ignore[union-attr]
+    for _ in range(300):
+        if all(b.in_flight == 0 for b in upstream.backends) and not upstream.active_requests:
+            break
+        await asyncio.sleep(0.01)
+    assert [b.in_flight for b in upstream.backends] == [0, 0]
+
+
+async def test_a_ping_flood_from_a_client_that_never_reads_is_cut_off(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """Each PING asks for an answer. A client that sends them by the thousand and reads
+    none: the proxy stops reading it when its answers back up, and cuts it off past 1,000
+    such frames a second; another client is served meanwhile."""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    attacker = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    attacker.initiate_connection()
+    writer.write(attacker.data_to_send())
+    for _ in range(20):
+        for n in range(500):
+            attacker.ping(n.to_bytes(8, "big"))
+        if writer.transport.is_closing():
+            break
+        writer.write(attacker.data_to_send())
+        await asyncio.sleep(0)
+    assert await served_beside(server.port) < 1.0
+    for _ in range(300):
+        if writer.transport.is_closing() or reader.at_eof():
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.read(1 << 20), 0.05)
+    refused = server.store.counters["connections_refused"]
+    assert refused.get(("http2_flood",)) == 1.0
+    writer.close()

@@ -332,8 +332,7 @@ class Http2Config:
     h2c: bool = False
     """Serve HTTP/2 with prior knowledge (h2c) on a plain listener, on the same port as
     HTTP/1.1: a connection that opens with the HTTP/2 preface is served as HTTP/2. Off by
-    default while the HTTP/2 codec is young: it does not yet bound rapid resets or other frame
-    floods (docs/data-plane.md)."""
+    default while the HTTP/2 codec is young (docs/data-plane.md says what it lacks)."""
     max_concurrent_streams: AtLeastOne = 128
     """Streams one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS)."""
 

@@ -73,7 +73,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("upstream", "level", "name", "state", "event"),
     ),
     "connections_refused": (
-        "Client connections refused at once, by reason (per_ip_limit).", ("reason",)
+        "Client connections refused or cut off at once, by reason (per_ip_limit,"
+        " http2_flood).", ("reason",)
     ),
     "accept_pauses": (
         "Times a process stopped accepting because it held limits.max_connections client "

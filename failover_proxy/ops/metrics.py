@@ -80,7 +80,7 @@ DOMAIN_CAUSES = ("health", "correlated_failure", "forced_down")
 """Why a provider left rotation (the `reason` of a failover that is not a retry)."""
 DNS_RESULTS = ("ok", "nxdomain", "nodata", "timeout", "error")
 RELOAD_RESULTS = ("success", "failure")
-REFUSAL_REASONS = ("per_ip_limit",)
+REFUSAL_REASONS = ("per_ip_limit", "http2_flood")
 
 
 @dataclass

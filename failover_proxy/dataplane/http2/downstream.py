@@ -52,6 +52,20 @@ _TAKEN: Final = frozenset(
 ) | _CONNECTION_SPECIFIC
 """Request fields the proxy reads and writes itself (as the HTTP/1 codec does)."""
 _ERROR_REASONS: Final = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+PREMATURE_RESETS: Final = 100
+"""Streams a client may reset before their answer (a rapid reset, CVE-2023-44487, costs the
+backends a request each and the client nothing) before the ratio below is applied."""
+PREMATURE_SHARE: Final = 0.5
+"""Past PREMATURE_RESETS, a client that reset at least this share of its streams early is
+cut off (GOAWAY ENHANCE_YOUR_CALM), as Envoy does."""
+CONTROL_FRAMES_PER_SECOND: Final = 1000
+"""Frames that ask the proxy for work but carry no request (PING, SETTINGS, PRIORITY,
+WINDOW_UPDATE, RST_STREAM, empty DATA) a client may send in a second before it is cut off."""
+_CONTROL_EVENTS: Final = (
+    h2.events.PingReceived, h2.events.RemoteSettingsChanged, h2.events.PriorityUpdated,
+    h2.events.WindowUpdated, h2.events.StreamReset, h2.events.SettingsAcknowledged,
+    h2.events.UnknownFrameReceived,
+)
 
 
 def is_preface(data: bytes) -> bool:
@@ -101,6 +115,8 @@ class Http2Stream(DownstreamStream):
         """Request body bytes received and not yet given back to the client's window."""
         self.body_paused = False
         self.upstream_paused = False
+        self.pending_since = 0.0
+        """When the sweep first saw response data waiting for the client's window."""
 
     # -- the request body's flow control ---------------------------------------------------------
 
@@ -298,6 +314,20 @@ class Http2Stream(DownstreamStream):
     def sweep(self, now: float) -> None:
         if self.exchange is not None:
             self.exchange.check_timeout(now)
+        if self.pending:
+            # A client that opens no window for this stream (a zero-window slow read) holds
+            # one piece of its response and the backend, for send_timeout at most.
+            if self.pending_since == 0.0:
+                self.pending_since = now
+            elif now - self.pending_since >= self.plane.limits.send_timeout:
+                self.pending.clear()
+                exchange = self.exchange
+                if exchange is not None:
+                    self.exchange = None
+                    exchange.abandon()
+                self.reset()
+        else:
+            self.pending_since = 0.0
 
     def abort(self) -> None:
         self.connection.abort()
@@ -324,6 +354,12 @@ class Http2Connection(ClientConnection):
         self.counted_ip = False
         self.idle_since = plane.clock
         self.goaway_sent = False
+        self.streams_opened = 0
+        self.premature_resets = 0
+        """Streams the client reset while their exchange was in progress."""
+        self.control_frames = 0
+        self.control_window_start = 0.0
+        self.write_stalled_since = 0.0
 
     # -- connection lifecycle ------------------------------------------------------------------
 
@@ -372,17 +408,35 @@ class Http2Connection(ClientConnection):
             self.io.fail(self, exc)
 
     def pause_writing(self) -> None:
+        """The client takes nothing more for now: read nothing more from it either (each
+        frame may ask for an answer: a PING or SETTINGS flood is bounded by this), and read
+        no backend further for its streams."""
         self.write_paused = True
+        self.write_stalled_since = self.plane.clock
+        if self.io is not None:
+            self.io.reading.pause()
         for stream in self.streams.values():
             stream.write_paused = True
             stream._pause_upstream(True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.io is not None and not self.closed:
+            self.io.reading.resume()
         for stream in list(self.streams.values()):
             stream.write_paused = False
             if not stream.pending:
                 stream._pause_upstream(False)
+
+    def _calm_down(self, why: str) -> None:
+        """A client that floods the proxy with work it does not pay for: told why (GOAWAY
+        ENHANCE_YOUR_CALM) and cut off; its streams are abandoned."""
+        self.plane.store.inc("connections_refused", ("http2_flood",))
+        if not self.closed:
+            self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                                     additional_data=why.encode())
+            self._write()
+            self.close()
 
     # -- frames in -----------------------------------------------------------------------------
 
@@ -396,7 +450,21 @@ class Http2Connection(ClientConnection):
             self._write()  # the GOAWAY h2 queued
             self.close()
             return
+        now = self.plane.clock
+        if now - self.control_window_start >= 1.0:
+            self.control_window_start = now
+            self.control_frames = 0
         for event in events:
+            if isinstance(event, _CONTROL_EVENTS) or (
+                isinstance(event, h2.events.DataReceived) and not event.data
+                and event.stream_ended is None
+            ):
+                self.control_frames += 1
+                if self.control_frames > CONTROL_FRAMES_PER_SECOND:
+                    self._calm_down("too many control frames")
+                    return
+            if self.closed:
+                return
             if isinstance(event, h2.events.RequestReceived):
                 self._request(event)
             elif isinstance(event, h2.events.DataReceived):
@@ -426,6 +494,12 @@ class Http2Connection(ClientConnection):
                     if exchange is not None:
                         stream.exchange = None
                         exchange.abandon()
+                        self.premature_resets += 1
+                        if (self.premature_resets >= PREMATURE_RESETS
+                                and self.premature_resets
+                                >= PREMATURE_SHARE * self.streams_opened):
+                            self._calm_down("too many streams reset before their answer")
+                            return
             elif isinstance(event, h2.events.WindowUpdated):
                 targets = (list(self.streams.values()) if event.stream_id == 0
                            else [s for s in (self.streams.get(event.stream_id),) if s])
@@ -442,6 +516,7 @@ class Http2Connection(ClientConnection):
         request = self._read_request(event.headers or [])
         stream = Http2Stream(self, stream_id, request)
         self.streams[stream_id] = stream
+        self.streams_opened += 1
         if event.stream_ended is not None:
             request.body = EMPTY_BODY
         else:
@@ -600,6 +675,9 @@ class Http2Connection(ClientConnection):
             self.close()
 
     def sweep(self, now: float) -> None:
+        if self.write_paused and now - self.write_stalled_since >= self.limits.send_timeout:
+            self.abort()  # the client has taken nothing for send_timeout: gone (499s)
+            return
         for stream in list(self.streams.values()):
             stream.sweep(now)
         if not self.streams and now - self.idle_since >= self.limits.keepalive_timeout:
