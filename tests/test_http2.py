@@ -8,16 +8,20 @@ import asyncio
 import contextlib
 import json
 import shutil
+import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import httpx
 import pytest
+import trustme
 
 from failover_proxy.process.server import ProxyServer
 from failover_proxy.sim.faults import FaultBackend
@@ -359,3 +363,43 @@ async def test_a_ping_flood_from_a_client_that_never_reads_is_cut_off(
     refused = server.store.counters["connections_refused"]
     assert refused.get(("http2_flood",)) == 1.0
     writer.close()
+
+
+async def test_h2_over_tls_by_alpn_beside_http1(
+    tmp_path: Path, fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """`listen.tls.alpn: [h2, http/1.1]`: a client that asks for h2 gets HTTP/2, one that
+    does not gets HTTP/1.1, on the same TLS listener."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("example.test")
+    cert, key = tmp_path / "proxy.crt", tmp_path / "proxy.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    key.write_bytes(issued.private_key_pem.bytes())
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp).replace(
+        "listen: {host: 127.0.0.1, port: 0, http2: {h2c: true}}\n",
+        "listen:\n  host: 127.0.0.1\n  port: 0\n  tls:\n"
+        f"    certificates: [{{cert_file: {cert}, key_file: {key}}}]\n"
+        "    alpn: [h2, http/1.1]\n",
+    ))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    url = f"https://example.test:{server.port}/tls"
+    transport = httpx.AsyncHTTPTransport(verify=context, http2=True)
+    with_h2 = httpx.AsyncClient(transport=transport, trust_env=False)
+    only_h1 = httpx.AsyncClient(verify=context, trust_env=False)
+    try:
+        # The name resolves to 127.0.0.1 by the client's own mapping: SNI and the certificate
+        # need the name, loopback is the only address used.
+        for client, version in ((with_h2, "HTTP/2"), (only_h1, "HTTP/1.1")):
+            responses = await asyncio.gather(*(
+                client.get(url.replace("example.test", "127.0.0.1"),
+                           headers={"host": "example.test"},
+                           extensions={"sni_hostname": "example.test"})
+                for _ in range(5)
+            ))
+            assert {r.http_version for r in responses} == {version}
+            assert {r.json()["provider"] for r in responses} == {"aws"}
+    finally:
+        await with_h2.aclose()
+        await only_h1.aclose()

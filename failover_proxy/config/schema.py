@@ -291,7 +291,8 @@ def _check_key_pair(cert_file: str, key_file: str) -> None:
 
 @config_class
 class ListenTlsConfig:
-    """TLS on the client listener (HTTP/1.1 over TLS; X-Forwarded-Proto is then https)."""
+    """TLS on the client listener (HTTP/1.1, or HTTP/2 where `alpn` offers it;
+    X-Forwarded-Proto is then https)."""
 
     certificates: Annotated[list[CertificateConfig], Constraints(min_length=1)]
     """Chosen per connection by the name the client asks for (SNI): an exact name of a
@@ -301,7 +302,10 @@ class ListenTlsConfig:
     ciphers: str | None = None
     """OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); none: Python's
     defaults (forward-secret AEAD ciphers only)."""
-    alpn: list[Literal["http/1.1"]] = field(default_factory=lambda: ["http/1.1"])
+    alpn: list[Literal["h2", "http/1.1"]] = field(default_factory=lambda: ["http/1.1"])
+    """What the listener offers, in order of preference: add `h2` (first) to serve HTTP/2 to
+    clients that ask for it. Only HTTP/1.1 by default while the HTTP/2 codec is young
+    (docs/data-plane.md)."""
     client_auth: Literal["none", "optional", "required"] = "none"
     """Client certificates (mutual TLS): `required` refuses a handshake without a certificate
     signed by `client_ca_file`; `optional` asks for one and checks it when sent."""

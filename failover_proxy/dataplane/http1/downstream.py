@@ -81,6 +81,7 @@ from uvloop's read buffer and out of the read's bytes already."""
 _NO_PARSER: Final = httptools.HttpRequestParser(object())
 """What a lost connection holds in place of its parser (as upstream._NO_PARSER)."""
 _P: Final = ord("P")
+_HTTPS: Final = b"https"
 _SLASH: Final = ord("/")
 _QUERY_MARK: Final = ord("?")
 _CR: Final = ord("\r")
@@ -291,6 +292,11 @@ class DownstreamProtocol(DownstreamStream):
             plane.stop_accepting()
         if self.limits.max_per_ip and not self._count_client():
             return
+        if self.scheme == _HTTPS:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                self._become_http2(b"")
+                return
         self._set_deadline(self.limits.header_timeout, 408)
 
     def _count_client(self) -> bool:
@@ -526,9 +532,15 @@ class DownstreamProtocol(DownstreamStream):
             return b""
         if not held.startswith(PREFACE):
             return held
+        self._become_http2(held)
+        return b""
+
+    def _become_http2(self, data: bytes) -> None:
+        """Hand the connection over to the HTTP/2 codec (the preface read, or `h2` chosen by
+        ALPN), with `data` read so far; this protocol object is done with it."""
         transport, io = self.transport, self.io
         if transport is None or io is None or self.closed:
-            return b""
+            return
         self.stopped_parsing = self.closed = True  # this protocol object is done with it
         plane = self.plane
         plane.connections.discard(self)
@@ -539,8 +551,8 @@ class DownstreamProtocol(DownstreamStream):
         successor.counted_ip, self.counted_ip = self.counted_ip, False
         transport.set_protocol(cast(asyncio.BaseProtocol, successor))
         successor.connection_made(transport)
-        successor.data_received(held)
-        return b""
+        if data:
+            successor.data_received(data)
 
     def _parse(self, data: bytes) -> None:
         """Feed one read to llhttp in pieces cut at message boundaries (see the module doc)."""
