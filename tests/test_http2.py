@@ -403,3 +403,43 @@ async def test_h2_over_tls_by_alpn_beside_http1(
     finally:
         await with_h2.aclose()
         await only_h1.aclose()
+
+
+@pytest.mark.parametrize("fields", [
+    [(":method", "GET"), (":path", "/x"), (":scheme", "http"), (":authority", "example.test"),
+     ("X-Upper", "1")],
+    [(":method", "GET"), (":path", "/x"), (":scheme", "http"), (":authority", "example.test"),
+     ("connection", "keep-alive")],
+    [(":method", "GET"), (":path", "/x"), (":scheme", "http"), (":authority", "example.test"),
+     ("te", "gzip")],
+    [(":method", "GET"), (":scheme", "http"), (":authority", "example.test")],
+    [(":method", "GET"), (":path", "/x"), ("a", "1"), (":scheme", "http")],
+    [(":method", "GET"), (":path", "/x"), (":scheme", "http"), (":status", "200")],
+    [(":method", "GET"), (":path", "x"), (":scheme", "http"), (":authority", "example.test")],
+    [(":method", "GET"), (":path", "/x"), (":scheme", "http"), (":authority", "example.test"),
+     ("x", " padded")],
+])
+async def test_a_malformed_request_resets_its_stream_only(
+    fault_backends: StartFaultBackends, proxy: StartProxy, fields: list[tuple[str, str]]
+) -> None:
+    """RFC 9113 §8.1.1: a malformed request is a stream error (RST_STREAM PROTOCOL_ERROR);
+    the connection, and the other streams on it, carry on."""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp))
+    client = await H2Client.connect(server.port)
+    client.h2.config.validate_outbound_headers = False
+    client.h2.config.normalize_outbound_headers = False
+    try:
+        stream_id = client.h2.get_next_available_stream_id()
+        client.answers[stream_id] = Answer()
+        client.h2.send_headers(stream_id, fields, end_stream=True)
+        client._flush()
+        bad = await client.answer(stream_id)
+        assert bad.reset and bad.status == 0
+        good = await client.answer(client.request("GET", "/fine"))
+        assert good.status == 200
+    finally:
+        await client.close()
+    assert not aws.requests_since(0, "/x")
+    errors = server.store.counters["http2_stream_errors"]
+    assert errors == {("malformed_request",): 1.0}

@@ -76,6 +76,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Client connections refused or cut off at once, by reason (per_ip_limit,"
         " http2_flood).", ("reason",)
     ),
+    "http2_stream_errors": (
+        "HTTP/2 streams the proxy reset for breaking the protocol, by reason"
+        " (malformed_request).", ("reason",)
+    ),
     "accept_pauses": (
         "Times a process stopped accepting because it held limits.max_connections client "
         "connections (new ones wait in the backlog or go to another worker).", ()

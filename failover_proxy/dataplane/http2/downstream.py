@@ -68,6 +68,46 @@ _CONTROL_EVENTS: Final = (
 )
 
 
+_REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
+_NAME_BYTES: Final = bytes(range(0x21, 0x7F)).translate(
+    None, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ():,;<=>?@[\\]{}\"/"
+)
+"""What a field name may hold in HTTP/2: a token, in lower case (RFC 9113 §8.2.1)."""
+
+
+def malformed_request(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's fields make it malformed (RFC 9113 §8.2, §8.3.1), or None: a stream
+    error for that request alone."""
+    seen: set[bytes] = set()
+    regular = False
+    for name, value in headers:
+        if not name:
+            return "an empty field name"
+        if name.startswith(b":"):
+            if regular:
+                return "a pseudo-header field after a regular one"
+            if name not in _REQUEST_PSEUDO or name in seen:
+                return f"pseudo-header field {name.decode('latin-1')!r} unknown or repeated"
+            seen.add(name)
+            continue
+        regular = True
+        if name.translate(None, _NAME_BYTES):
+            return "a field name with upper case or a character a token cannot hold"
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value.strip() != b"trailers"):
+            return f"connection-specific field {name.decode()!r}"
+        if b"\r" in value or b"\n" in value or b"\0" in value or value != value.strip(b" \t"):
+            return f"field {name.decode()!r}: a value with CR, LF, NUL or outer whitespace"
+    method = next((v for n, v in headers if n == b":method"), None)
+    if method == b"CONNECT":
+        return "CONNECT is not supported"
+    if method is None or b":scheme" not in seen or b":path" not in seen:
+        return "a request without :method, :scheme or :path"
+    path = next(v for n, v in headers if n == b":path")
+    if not path or (path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS")):
+        return "an empty :path, or one in no form a request may take"
+    return None
+
+
 def is_preface(data: bytes) -> bool:
     """Whether a client's first bytes are (the start of) the HTTP/2 connection preface."""
     return PREFACE.startswith(data[: len(PREFACE)]) and len(data) >= 3
@@ -260,6 +300,20 @@ class Http2Stream(DownstreamStream):
             self.flush()
         return len(body)
 
+    def _refuse_malformed(self) -> None:
+        """The client broke HTTP/2's rules on this stream: reset it (PROTOCOL_ERROR)."""
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.abandon()
+        body = self.request.body
+        if body is not EMPTY_BODY and not body.complete and not body.failed:
+            body.fail()
+        if not self.ended:
+            self.ended = True
+            self.connection.reset(self.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        self.connection.stream_done(self)
+
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         """The client broke its own request (too large, timed out): answer it if nothing was
         answered yet, and reset the stream; the exchange records the refusal."""
@@ -346,7 +400,9 @@ class Http2Connection(ClientConnection):
         self.transport: asyncio.Transport | None = None
         self.io: ConnectionIO | None = None
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True,
+            # Fields are checked here (malformed_request), so that a malformed request is a
+            # stream error (RST_STREAM), not the end of the connection (RFC 9113 §8.1.1).
+            client_side=False, header_encoding=None, validate_inbound_headers=False,
         ))
         self.streams: dict[int, Http2Stream] = {}
         self.closed = False
@@ -476,7 +532,12 @@ class Http2Connection(ClientConnection):
                                                       event.stream_id)
             elif isinstance(event, h2.events.TrailersReceived):
                 stream = self.streams.get(event.stream_id)
-                if stream is not None:
+                if stream is not None and any(
+                    bytes(n).startswith(b":") for n, _ in event.headers or ()
+                ):
+                    self.plane.store.inc("http2_stream_errors", ("malformed_request",))
+                    stream._refuse_malformed()
+                elif stream is not None:
                     stream.request.trailers = [
                         bytes(n) + b": " + bytes(v) for n, v in event.headers or ()
                     ]
@@ -513,7 +574,13 @@ class Http2Connection(ClientConnection):
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
         assert stream_id is not None
-        request = self._read_request(event.headers or [])
+        headers = [(bytes(n), bytes(v)) for n, v in event.headers or ()]
+        why = malformed_request(headers)
+        if why is not None:
+            self.plane.store.inc("http2_stream_errors", ("malformed_request",))
+            self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        request = self._read_request(headers)
         stream = Http2Stream(self, stream_id, request)
         self.streams[stream_id] = stream
         self.streams_opened += 1
@@ -548,13 +615,12 @@ class Http2Connection(ClientConnection):
         else:
             exchange.begin()
 
-    def _read_request(self, headers: object) -> Request:
+    def _read_request(self, headers: list[tuple[bytes, bytes]]) -> Request:
         request = Request(new_request_id())
         lines: list[bytes] = []
         cookies: list[bytes] = []
         size = 0
-        for name_raw, value_raw in cast("list[tuple[bytes, bytes]]", headers):
-            name, value = bytes(name_raw), bytes(value_raw)
+        for name, value in headers:
             size += len(name) + len(value) + 4
             if name.startswith(b":"):
                 if name == b":method":
