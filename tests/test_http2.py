@@ -22,6 +22,14 @@ import h2.exceptions
 import httpx
 import pytest
 import trustme
+from hpack import Encoder
+from hyperframe.frame import (
+    ContinuationFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    SettingsFrame,
+)
 
 from failover_proxy.process.server import ProxyServer
 from failover_proxy.sim.faults import FaultBackend
@@ -73,6 +81,12 @@ class H2Client:
         self.writer.write(data)
 
     async def _read(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self._read_frames()
+        for answer in self.answers.values():
+            answer.done.set()
+
+    async def _read_frames(self) -> None:
         while data := await self.reader.read(65536):
             events = self.h2.receive_data(data)
             for event in events:
@@ -99,8 +113,6 @@ class H2Client:
             for stream_id, (body, more) in list(self.unsent.items()):
                 self._send_body(stream_id, body, more)
             self._flush()
-        for answer in self.answers.values():
-            answer.done.set()
 
     def request(self, method: str, path: str, body: bytes = b"",
                 headers: list[tuple[str, str]] | None = None,
@@ -443,3 +455,106 @@ async def test_a_malformed_request_resets_its_stream_only(
     assert not aws.requests_since(0, "/x")
     errors = server.store.counters["http2_stream_errors"]
     assert errors == {("malformed_request",): 1.0}
+
+
+async def raw_attacker(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that has sent the preface and an empty SETTINGS frame, nothing more."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
+    return reader, writer
+
+
+async def cut_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """Everything the proxy sends until it closes the connection (bounded wait)."""
+    received = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    writer.close()
+    return received
+
+
+def goaway_code(received: bytes) -> int | None:
+    """The error code of the GOAWAY frame among the frames received, if any."""
+    at = 0
+    while at + 9 <= len(received):
+        frame, length = Frame.parse_frame_header(memoryview(received[at : at + 9]))
+        frame.parse_body(memoryview(received[at + 9 : at + 9 + length]))
+        if isinstance(frame, GoAwayFrame):
+            return int(frame.error_code)
+        at += 9 + length
+    return None
+
+
+async def test_a_continuation_flood_is_cut_off(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """A header block that never ends (HEADERS, then CONTINUATION frames without
+    END_HEADERS): the proxy stops holding it after 64 frames and ends the connection."""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp))
+    reader, writer = await raw_attacker(server.port)
+    block = Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                              (":authority", "example.test")])
+    writer.write(HeadersFrame(1, block).serialize())
+    for _ in range(500):
+        frame = ContinuationFrame(1, b"\x40\x01a\x01b" * 100)  # literal fields, never ending
+        writer.write(frame.serialize())
+    assert await served_beside(server.port) < 1.0
+    received = await cut_off(reader, writer)
+    assert goaway_code(received) is not None
+    assert [r.path for r in aws.received] == ["/beside"]  # nothing of the endless block
+
+
+async def test_an_hpack_bomb_is_cut_off(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """One large field put in the dynamic table, then referred to a thousand times by one
+    byte each: a few kilobytes on the wire, megabytes decoded. Past the header list size the
+    proxy announced, the connection is ended."""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp))
+    reader, writer = await raw_attacker(server.port)
+    encoder = Encoder()
+    first = encoder.encode([(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                            (":authority", "example.test"), ("x-bomb", "b" * 4000)])
+    index = b"\xbe"  # the dynamic table's first entry (62), indexed
+    writer.write(HeadersFrame(1, first, flags=["END_HEADERS", "END_STREAM"]).serialize())
+    bomb = encoder.encode([(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                           (":authority", "example.test")]) + index * 4000
+    writer.write(HeadersFrame(3, bomb[:16000], flags=["END_HEADERS", "END_STREAM"]).serialize())
+    assert await served_beside(server.port) < 1.0
+    received = await cut_off(reader, writer)
+    assert goaway_code(received) is not None
+    # At most the first request (whose field is honest, if large), and the one beside.
+    assert [r.path for r in aws.received if r.path != "/beside"] in ([], ["/"])
+
+
+async def test_idle_streams_are_bounded(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """A client that opens as many streams as it may and sends none of their bodies: no
+    backend is dialled for them (their bodies are awaited first), each ends by body_timeout
+    with 408, and a stream beyond max_concurrent_streams is refused."""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp).replace(
+        "http2: {h2c: true}", "http2: {h2c: true, max_concurrent_streams: 16}").replace(
+        "routes:", "limits: {body_timeout: 500ms}\nroutes:"))
+    client = await H2Client.connect(server.port)
+    await asyncio.sleep(0.1)  # the proxy's SETTINGS (16 streams at most) have arrived
+    try:
+        ids = []
+        for n in range(16):
+            stream_id = client.h2.get_next_available_stream_id()
+            client.answers[stream_id] = Answer()
+            client.h2.send_headers(stream_id, [
+                (":method", "POST"), (":path", f"/idle{n}"), (":scheme", "http"),
+                (":authority", "example.test"), ("content-length", "10")])
+            ids.append(stream_id)
+        client._flush()
+        answers = [await client.answer(i, timeout=5) for i in ids]
+        assert {a.status for a in answers} == {408}, answers[:2]
+        assert not aws.received and not gcp.received
+        assert (await client.answer(client.request("GET", "/after"))).status == 200
+    finally:
+        await client.close()

@@ -259,6 +259,11 @@ class Http2Stream(DownstreamStream):
                 connection.send_headers(self.stream_id, trailers, True)
             else:
                 connection.end_stream(self.stream_id)
+            body = self.request.body
+            if body is not EMPTY_BODY and not body.complete:
+                # Answered before the whole request came (RFC 9113 §8.1): the client need not
+                # send the rest, and the stream stops counting against its limit.
+                connection.reset(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
             connection.stream_done(self)
 
     def _pause_upstream(self, paused: bool) -> None:
@@ -416,6 +421,8 @@ class Http2Connection(ClientConnection):
         self.control_frames = 0
         self.control_window_start = 0.0
         self.write_stalled_since = 0.0
+        self.lingering_until = 0.0
+        """While closing after a GOAWAY (_linger), the latest time to close at; else 0."""
 
     # -- connection lifecycle ------------------------------------------------------------------
 
@@ -459,6 +466,29 @@ class Http2Connection(ClientConnection):
     def eof_received(self) -> bool | None:
         return None  # an HTTP/2 client that ends its side is done (it cannot read answers)
 
+    def _linger(self) -> None:
+        """After a GOAWAY that ends the connection: end our side and drop what the client
+        still sends, until it ends its side or `lingering_timeout` passes. Closing with
+        unread bytes would reset the connection, and the reset would take the GOAWAY (why it
+        was cut off) with it."""
+        if self.closed or self.io is None:
+            return
+        for stream in list(self.streams.values()):
+            stream.ended = True
+            exchange = stream.exchange
+            if exchange is not None:
+                stream.exchange = None
+                exchange.abandon()
+        self.streams.clear()
+        self.lingering_until = self.plane.clock + self.limits.lingering_timeout
+        transport = self.transport
+        if self.limits.lingering_timeout <= 0 or transport is None or not transport.can_write_eof():
+            self.close()
+            return
+        self.io.write_eof()
+        if self.write_paused:
+            self.io.reading.resume()
+
     def read_failed(self, exc: BaseException) -> None:
         if self.io is not None:
             self.io.fail(self, exc)
@@ -492,19 +522,19 @@ class Http2Connection(ClientConnection):
             self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
                                      additional_data=why.encode())
             self._write()
-            self.close()
+            self._linger()
 
     # -- frames in -----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return
+        if self.closed or self.lingering_until:
+            return  # (lingering: read and dropped, so that the GOAWAY is not lost to a reset)
         self.idle_since = self.plane.clock
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
             self._write()  # the GOAWAY h2 queued
-            self.close()
+            self._linger()
             return
         now = self.plane.clock
         if now - self.control_window_start >= 1.0:
@@ -741,6 +771,10 @@ class Http2Connection(ClientConnection):
             self.close()
 
     def sweep(self, now: float) -> None:
+        if self.lingering_until:
+            if now >= self.lingering_until:
+                self.abort()
+            return
         if self.write_paused and now - self.write_stalled_since >= self.limits.send_timeout:
             self.abort()  # the client has taken nothing for send_timeout: gone (499s)
             return
