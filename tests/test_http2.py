@@ -558,3 +558,30 @@ async def test_idle_streams_are_bounded(
         assert (await client.answer(client.request("GET", "/after"))).status == 200
     finally:
         await client.close()
+
+
+async def test_the_access_log_names_the_protocol(
+    tmp_path: Path, fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    log_file = tmp_path / "access.log"
+    server = await proxy(two_providers(aws, gcp).replace(
+        "upstreams:", f"access_log: {{path: '{log_file}'}}\nupstreams:", 1))
+    client = await H2Client.connect(server.port)
+    try:
+        answer = await client.answer(client.request("GET", "/logged"))
+    finally:
+        await client.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /plain HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    for _ in range(100):  # the sweep hands lines to the writer thread
+        lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+        if len(lines) == 2:
+            break
+        await asyncio.sleep(0.05)
+    by_path = {line["path"]: line for line in lines}
+    assert by_path["/logged"]["protocol"] == "h2"
+    assert by_path["/logged"]["request_id"] == answer.headers[b"x-request-id"].decode()
+    assert "protocol" not in by_path["/plain"]  # HTTP/1.1, the usual, goes unsaid

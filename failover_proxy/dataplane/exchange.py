@@ -912,6 +912,7 @@ class Exchange:
                 attempts=self.attempts,
                 reason=self.explain(),
                 health_view=self.view,
+                protocol=self.downstream.protocol,
             )
 
     def decision(self) -> str:

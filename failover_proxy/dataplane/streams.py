@@ -130,6 +130,8 @@ class DownstreamStream(ClientConnection):
     `send_end`; or as `send_error`; or it is cut short with `reset`. Every `send_` returns
     the bytes it wrote."""
 
+    protocol = "http1"
+    """The client's protocol as the access log names it (`http1`, `h2`)."""
     client_ip = b"unknown"
     scheme = b"http"
     forwarding = b""

@@ -76,6 +76,7 @@ class AccessLog:
         attempts: int,
         reason: str,
         health_view: int = 0,
+        protocol: str = "http1",
     ) -> None:
         entry = {
             "time": self._timestamp(),
@@ -98,6 +99,8 @@ class AccessLog:
             entry["reason"] = reason
         if health_view:
             entry["health_view"] = health_view
+        if protocol != "http1":  # (the usual one goes unsaid: each line stays short)
+            entry["protocol"] = protocol
         line = json.dumps(entry, separators=(",", ":"))
         self._lines.append(line)
         self._size += len(line) + 1

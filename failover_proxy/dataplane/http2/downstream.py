@@ -141,6 +141,7 @@ class Http2Stream(DownstreamStream):
         self.connection = connection
         self.stream_id = stream_id
         self.request = request
+        self.protocol = "h2"
         self.client_ip = connection.client_ip
         self.scheme = connection.scheme
         self.forwarding = connection.forwarding
