@@ -137,6 +137,21 @@ class DataPlane:
             self.accepting = True
             listener.resume()
 
+    def connection_ended(self, connection: ClientConnection, client_ip: bytes | None) -> None:
+        """A client connection is gone: forget it, and its address's count when it was
+        counted (`client_ip`, limits.max_connections_per_ip); accept again if the
+        connection limit held accepting back."""
+        self.connections.discard(connection)
+        if not self.accepting:
+            self.accept_below_limit()
+        if client_ip is not None:
+            per_ip = self.connections_per_ip
+            held = per_ip.get(client_ip, 1) - 1
+            if held > 0:
+                per_ip[client_ip] = held
+            else:
+                per_ip.pop(client_ip, None)
+
     def start(self) -> None:
         self._sweeper = self.loop.create_task(self._sweep_forever())
 

@@ -325,18 +325,8 @@ class DownstreamProtocol(DownstreamStream):
         self.parser = _NO_PARSER
         self._feed = _NO_PARSER.feed_data
         self._current = None
-        plane = self.plane
-        plane.connections.discard(self)
-        if not plane.accepting:
-            plane.accept_below_limit()
-        if self.counted_ip:
-            self.counted_ip = False
-            per_ip = self.plane.connections_per_ip
-            held = per_ip.get(self.client_ip, 1) - 1
-            if held > 0:
-                per_ip[self.client_ip] = held
-            else:
-                per_ip.pop(self.client_ip, None)
+        self.plane.connection_ended(self, self.client_ip if self.counted_ip else None)
+        self.counted_ip = False
         if self.tunnel is not None:
             self.tunnel.close()
         if self.exchange is not None:

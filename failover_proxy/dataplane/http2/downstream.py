@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Final, cast
 
 import h2.config
@@ -306,6 +307,17 @@ class Http2Stream(DownstreamStream):
             self.flush()
         return len(body)
 
+    def abandon(self) -> bool:
+        """The client is gone from this stream: it ends, and so does its exchange; True when
+        one was in progress."""
+        self.ended = True
+        exchange = self.exchange
+        if exchange is None:
+            return False
+        self.exchange = None
+        exchange.abandon()
+        return True
+
     def _refuse_malformed(self) -> None:
         """The client broke HTTP/2's rules on this stream: reset it (PROTOCOL_ERROR)."""
         exchange = self.exchange
@@ -447,21 +459,13 @@ class Http2Connection(ClientConnection):
         self.closed = True
         if self.io is not None:
             self.io.detach()
-        self.plane.connections.discard(self)
-        if self.counted_ip:
-            self.counted_ip = False
-            per_ip = self.plane.connections_per_ip
-            held = per_ip.get(self.client_ip, 1) - 1
-            if held > 0:
-                per_ip[self.client_ip] = held
-            else:
-                per_ip.pop(self.client_ip, None)
+        self.plane.connection_ended(self, self.client_ip if self.counted_ip else None)
+        self.counted_ip = False
+        self._abandon_streams()
+
+    def _abandon_streams(self) -> None:
         for stream in list(self.streams.values()):
-            stream.ended = True
-            exchange = stream.exchange
-            if exchange is not None:
-                stream.exchange = None
-                exchange.abandon()
+            stream.abandon()
         self.streams.clear()
 
     def eof_received(self) -> bool | None:
@@ -474,13 +478,7 @@ class Http2Connection(ClientConnection):
         was cut off) with it."""
         if self.closed or self.io is None:
             return
-        for stream in list(self.streams.values()):
-            stream.ended = True
-            exchange = stream.exchange
-            if exchange is not None:
-                stream.exchange = None
-                exchange.abandon()
-        self.streams.clear()
+        self._abandon_streams()
         self.lingering_until = self.plane.clock + self.limits.lingering_timeout
         transport = self.transport
         if self.limits.lingering_timeout <= 0 or transport is None or not transport.can_write_eof():
@@ -580,18 +578,12 @@ class Http2Connection(ClientConnection):
                         body.finish()
             elif isinstance(event, h2.events.StreamReset):
                 stream = self.streams.pop(event.stream_id, None)
-                if stream is not None:
-                    stream.ended = True
-                    exchange = stream.exchange
-                    if exchange is not None:
-                        stream.exchange = None
-                        exchange.abandon()
-                        self.premature_resets += 1
-                        if (self.premature_resets >= PREMATURE_RESETS
-                                and self.premature_resets
-                                >= PREMATURE_SHARE * self.streams_opened):
-                            self._calm_down("too many streams reset before their answer")
-                            return
+                if stream is not None and stream.abandon():
+                    self.premature_resets += 1
+                    if (self.premature_resets >= PREMATURE_RESETS
+                            and self.premature_resets >= PREMATURE_SHARE * self.streams_opened):
+                        self._calm_down("too many streams reset before their answer")
+                        return
             elif isinstance(event, h2.events.WindowUpdated):
                 targets = (list(self.streams.values()) if event.stream_id == 0
                            else [s for s in (self.streams.get(event.stream_id),) if s])
@@ -695,14 +687,17 @@ class Http2Connection(ClientConnection):
 
     # -- frames out ------------------------------------------------------------------------------
 
-    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+    def _on_stream(self, act: Callable[[], object]) -> None:
+        """Do `act`, an h2 call about one stream, and send what it made: a stream the client
+        has closed meanwhile is no error (there is nothing left to tell it)."""
         if self.closed:
             return
-        try:
-            self.h2.send_headers(stream_id, fields, end_stream=end)
-        except h2.exceptions.StreamClosedError:
-            return
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            act()
         self._write()
+
+    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+        self._on_stream(lambda: self.h2.send_headers(stream_id, fields, end_stream=end))
 
     def send_data(self, stream_id: int, data: bytes, end: bool) -> bytes:
         """Send as much of `data` as the windows allow now; the rest is returned."""
@@ -723,27 +718,13 @@ class Http2Connection(ClientConnection):
         return data
 
     def end_stream(self, stream_id: int) -> None:
-        if self.closed:
-            return
-        try:
-            self.h2.end_stream(stream_id)
-        except h2.exceptions.StreamClosedError:
-            return
-        self._write()
+        self._on_stream(lambda: self.h2.end_stream(stream_id))
 
     def reset(self, stream_id: int, code: int) -> None:
-        if self.closed:
-            return
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
-            self.h2.reset_stream(stream_id, code)
-        self._write()
+        self._on_stream(lambda: self.h2.reset_stream(stream_id, code))
 
     def acknowledge(self, size: int, stream_id: int) -> None:
-        if self.closed:
-            return
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
-            self.h2.acknowledge_received_data(size, stream_id)
-        self._write()
+        self._on_stream(lambda: self.h2.acknowledge_received_data(size, stream_id))
 
     def stream_done(self, stream: Http2Stream) -> None:
         if stream.exchange is None and self.streams.get(stream.stream_id) is stream:
