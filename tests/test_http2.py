@@ -585,3 +585,56 @@ async def test_the_access_log_names_the_protocol(
     assert by_path["/logged"]["protocol"] == "h2"
     assert by_path["/logged"]["request_id"] == answer.headers[b"x-request-id"].decode()
     assert "protocol" not in by_path["/plain"]  # HTTP/1.1, the usual, goes unsaid
+
+
+async def test_a_client_with_a_shut_window_is_not_the_backends_silence(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A client whose window is shut holds its response (and the backend, which is not read
+    meanwhile) past the backend's read timeout: that is the client's pace, not a silent
+    backend. When it opens its window the whole response comes, and no failure is counted."""
+    body = b"z" * 16_000_000  # more than the sockets between the backend and the proxy hold
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+
+    server = await proxy(single_upstream_config(
+        [await raw_backend(backend)], "    timeouts: {read: 400ms}\n"
+    ).replace("port: 0}", "port: 0, http2: {h2c: true}}", 1))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    client = H2Client.__new__(H2Client)  # a client that acknowledges nothing until told
+    client.reader, client.writer, client.cut = reader, writer, 0
+    client.h2 = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    client.answers, client.terminated, client.unsent, client.trailers = {}, [], {}, {}
+    client.h2.initiate_connection()
+    stream_id = client.request("GET", "/big")
+    received = 0
+    deadline = asyncio.get_running_loop().time() + 1.5
+    while asyncio.get_running_loop().time() < deadline:  # read, but open no window
+        with contextlib.suppress(TimeoutError):
+            data = await asyncio.wait_for(reader.read(65536), 0.1)
+            for event in client.h2.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    received += len(event.data or b"")
+            writer.write(client.h2.data_to_send())
+    assert received <= 65_535  # the initial window, no more
+    client.h2.increment_flow_control_window(1 << 30)
+    client.h2.increment_flow_control_window(1 << 30, stream_id)
+    writer.write(client.h2.data_to_send())
+    ended = False
+    while not ended:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        for event in client.h2.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                received += len(event.data or b"")
+                client.h2.acknowledge_received_data(event.flow_controlled_length or 0,
+                                                    stream_id)
+            ended = ended or isinstance(event, h2.events.StreamEnded)
+        writer.write(client.h2.data_to_send())
+    writer.close()
+    assert received == len(body)
+    backend_state = server.plane.topology.upstreams["web"].backends[0]  # type: ignore[union-attr]
+    assert backend_state.consecutive_failures == 0 and backend_state.usable

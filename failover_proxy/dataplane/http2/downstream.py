@@ -269,7 +269,11 @@ class Http2Stream(DownstreamStream):
             connection.stream_done(self)
 
     def _pause_upstream(self, paused: bool) -> None:
+        """Stop (or resume) reading the backend: the client's window or its connection has
+        no room. Meanwhile the stream counts as not written to (`write_paused`), so a backend
+        that waits on the client is not taken for a silent one (its read timeout)."""
         self.upstream_paused = paused
+        self.write_paused = paused or self.connection.write_paused
         exchange = self.exchange
         attempt = exchange.attempt if exchange is not None else None
         if attempt is not None and attempt.stream is not None:
@@ -501,7 +505,6 @@ class Http2Connection(ClientConnection):
         if self.io is not None:
             self.io.reading.pause()
         for stream in self.streams.values():
-            stream.write_paused = True
             stream._pause_upstream(True)
 
     def resume_writing(self) -> None:
@@ -509,7 +512,6 @@ class Http2Connection(ClientConnection):
         if self.io is not None and not self.closed:
             self.io.reading.resume()
         for stream in list(self.streams.values()):
-            stream.write_paused = False
             if not stream.pending:
                 stream._pause_upstream(False)
 
