@@ -59,6 +59,7 @@ class H2Client:
         self.reader, self.writer = reader, writer
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
         self.cut = cut
+        self.eager = False
         self.answers: dict[int, Answer] = {}
         self.terminated: list[h2.events.ConnectionTerminated] = []
         self.unsent: dict[int, tuple[bytes, bool]] = {}
@@ -99,8 +100,11 @@ class H2Client:
                     answer.headers = headers
                 elif isinstance(event, h2.events.DataReceived):
                     answer.body += event.data or b""
-                    self.h2.acknowledge_received_data(event.flow_controlled_length or 0,
-                                                      event.stream_id or 0)
+                    if self.eager:  # a WINDOW_UPDATE for every DATA frame, as h2load sends
+                        self.h2.increment_flow_control_window(event.flow_controlled_length or 1)
+                    else:
+                        self.h2.acknowledge_received_data(event.flow_controlled_length or 0,
+                                                          event.stream_id or 0)
                 elif isinstance(event, h2.events.TrailersReceived):
                     answer.trailers = list(event.headers or [])
                 elif isinstance(event, h2.events.StreamEnded):
@@ -638,3 +642,24 @@ async def test_a_client_with_a_shut_window_is_not_the_backends_silence(
     assert received == len(body)
     backend_state = server.plane.topology.upstreams["web"].backends[0]  # type: ignore[union-attr]
     assert backend_state.consecutive_failures == 0 and backend_state.usable
+
+
+async def test_a_busy_client_is_not_taken_for_a_flood(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """A client that keeps 90 streams busy and gives back the window of every DATA frame it
+    is sent at once (a WINDOW_UPDATE each, over a thousand a second, as h2load does) is a
+    client, not a flood: every answer comes, nothing is refused. (A first bound, 1,000
+    control frames a second of any kind, cut h2load off at 64 connections x 100 streams.)"""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    server = await proxy(two_providers(aws, gcp))
+    client = await H2Client.connect(server.port)
+    client.eager = True
+    try:
+        for _ in range(12):
+            ids = [client.request("GET", f"/busy{n}") for n in range(90)]
+            answers = [await client.answer(i) for i in ids]
+            assert {a.status for a in answers} == {200}, client.terminated
+    finally:
+        await client.close()
+    assert server.store.counters["connections_refused"] == {}

@@ -60,13 +60,18 @@ PREMATURE_SHARE: Final = 0.5
 """Past PREMATURE_RESETS, a client that reset at least this share of its streams early is
 cut off (GOAWAY ENHANCE_YOUR_CALM), as Envoy does."""
 CONTROL_FRAMES_PER_SECOND: Final = 1000
-"""Frames that ask the proxy for work but carry no request (PING, SETTINGS, PRIORITY,
-WINDOW_UPDATE, RST_STREAM, empty DATA) a client may send in a second before it is cut off."""
+"""Frames that ask the proxy for work and carry no request (PING and SETTINGS, which it must
+answer; PRIORITY, unknown frames, empty DATA) a client may send in a second before it is cut
+off. Resets are bounded by PREMATURE_RESETS, window updates by WINDOW_UPDATES_PER_DATA."""
 _CONTROL_EVENTS: Final = (
     h2.events.PingReceived, h2.events.RemoteSettingsChanged, h2.events.PriorityUpdated,
-    h2.events.WindowUpdated, h2.events.StreamReset, h2.events.SettingsAcknowledged,
-    h2.events.UnknownFrameReceived,
+    h2.events.SettingsAcknowledged, h2.events.UnknownFrameReceived,
 )
+WINDOW_UPDATES_PER_DATA: Final = 10
+"""WINDOW_UPDATE frames a client may send per DATA frame the proxy sent it (beyond a first
+WINDOW_UPDATE_ALLOWANCE), as Envoy bounds them: a busy client sends one or two per DATA frame
+it receives, a flood sends them for nothing."""
+WINDOW_UPDATE_ALLOWANCE: Final = 1000
 
 
 _REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
@@ -437,6 +442,8 @@ class Http2Connection(ClientConnection):
         """Streams the client reset while their exchange was in progress."""
         self.control_frames = 0
         self.control_window_start = 0.0
+        self.window_updates = 0
+        self.data_frames_sent = 0
         self.write_stalled_since = 0.0
         self.lingering_until = 0.0
         """While closing after a GOAWAY (_linger), the latest time to close at; else 0."""
@@ -549,6 +556,12 @@ class Http2Connection(ClientConnection):
                 self.control_frames += 1
                 if self.control_frames > CONTROL_FRAMES_PER_SECOND:
                     self._calm_down("too many control frames")
+                    return
+            elif isinstance(event, h2.events.WindowUpdated):
+                self.window_updates += 1
+                if self.window_updates > (WINDOW_UPDATE_ALLOWANCE
+                                          + WINDOW_UPDATES_PER_DATA * self.data_frames_sent):
+                    self._calm_down("too many window updates")
                     return
             if self.closed:
                 return
@@ -713,6 +726,7 @@ class Http2Connection(ClientConnection):
                 if room <= 0:
                     break
                 h2conn.send_data(stream_id, data[:room])
+                self.data_frames_sent += 1
                 data = data[room:]
         except h2.exceptions.StreamClosedError:
             return b""

@@ -1,0 +1,160 @@
+"""HTTP/2 from clients (h2c with prior knowledge): failover-proxy against nginx, both in front
+of the same HTTP/1.1 nginx backend (compare.py's configurations, the listener turned to h2c).
+
+h2load (Debian nghttp2-client) opens `c` connections with `m` streams in flight on each, asks
+for the 100-byte /small for a fixed time, and reports req/s. Each proxy runs one worker pinned
+to core 0, h2load and the backend on core 1; targets alternate round by round (the order
+flips); each figure is the median over rounds, ratios the medians of the per-round ratios to
+nginx. CPU per request is what the proxy's processes were charged over the run.
+
+    python benchmarks/h2.py [--rounds 6] [--duration 3]
+
+Writes benchmarks/results/h2.md and h2.json. The goal (issue 38) is >= 1.0x nginx req/s and
+<= 1.0x its CPU per request in every cell: this measures how far the codec is from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    RESULTS,
+    ROOT,
+    cpu_seconds,
+    ensure_tools,
+    free_port,
+    pinned,
+    raise_open_file_limit,
+    start_nginx,
+    wait_port,
+)
+from compare import backend_block, failover_config, nginx_proxy_block
+
+CELLS = {"c16 m10": (16, 10), "c64 m100": (64, 100)}
+TARGETS = ("nginx", "failover-proxy")
+_FINISHED = re.compile(rb"finished in [\d.]+s, ([\d.]+) req/s")
+_SUCCEEDED = re.compile(
+    rb"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed"
+)
+
+
+def run_h2load(port: int, seconds: float, connections: int, streams: int) -> tuple[float, int, int]:
+    """req/s, requests that succeeded and failed: h2load against /small for `seconds`."""
+    output = subprocess.run(
+        pinned(1, ["h2load", "-D", f"{seconds:g}", "-c", str(connections), "-m", str(streams),
+                   "-t", "1", f"http://127.0.0.1:{port}/small"]),
+        capture_output=True, check=True, timeout=seconds + 60,
+    ).stdout
+    rate = _FINISHED.search(output)
+    counts = _SUCCEEDED.search(output)
+    if rate is None or counts is None:
+        raise RuntimeError(f"h2load said:\n{output.decode(errors='replace')}")
+    return float(rate.group(1)), int(counts.group(1)), int(counts.group(2))
+
+
+def start(tmp: Path, backend_port: int) -> dict[str, tuple[int, subprocess.Popen[bytes]]]:
+    started = {}
+    port = free_port()
+    block = nginx_proxy_block(port, backend_port).replace(
+        f"listen 127.0.0.1:{port} backlog=4096;",
+        f"listen 127.0.0.1:{port} http2 backlog=4096; http2_max_concurrent_streams 128;")
+    started["nginx"] = (port, start_nginx("nginx-h2c", "1", block, tmp, 0))
+    port = free_port()
+    conf = tmp / "failover-proxy.yaml"
+    conf.write_text(failover_config(port, backend_port, "1").replace(
+        "backlog: 4096}", "backlog: 4096, http2: {h2c: true}}"))
+    started["failover-proxy"] = (port, subprocess.Popen(
+        pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for port, _ in started.values():
+        wait_port(port)
+    time.sleep(1.0)
+    return started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--duration", type=float, default=3.0)
+    args = parser.parse_args()
+    ensure_tools({"nginx": "nginx", "h2load": "nghttp2-client"})
+    raise_open_file_limit()
+    samples: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        (tmp / "www").mkdir()
+        backend_port = free_port()
+        backend = start_nginx("backend", "1", backend_block(backend_port, tmp / "www"), tmp, 1)
+        wait_port(backend_port)
+        targets = start(tmp, backend_port)
+        try:
+            for port, _ in targets.values():  # warm up
+                run_h2load(port, 1, 16, 10)
+            for round_number in range(args.rounds):
+                order = list(TARGETS) if round_number % 2 == 0 else list(reversed(TARGETS))
+                for cell, (connections, streams) in CELLS.items():
+                    for name in order:
+                        port, process = targets[name]
+                        before = cpu_seconds(process.pid)
+                        rate, done, failed = run_h2load(port, args.duration, connections,
+                                                        streams)
+                        cpu = (cpu_seconds(process.pid) - before) / max(1, done)
+                        samples.setdefault((name, cell), []).append((rate, cpu * 1e6, failed))
+                        print(f"  round {round_number + 1} {cell:9} {name:15} {rate:9.0f} req/s"
+                              f"  CPU {cpu * 1e6:6.1f} us/req  failed {failed}", flush=True)
+        finally:
+            for _, process in targets.values():
+                process.terminate()
+            backend.terminate()
+    write_results(samples, args)
+
+
+def write_results(samples: dict[tuple[str, str], list[tuple[float, float, int]]],
+                  args: argparse.Namespace) -> None:
+    rows = []
+    for cell in CELLS:
+        nginx = samples[("nginx", cell)]
+        for name in TARGETS:
+            runs = samples[(name, cell)]
+            ratios = [mine[0] / theirs[0] for mine, theirs in zip(runs, nginx, strict=True)]
+            cpu_ratios = [mine[1] / theirs[1] for mine, theirs in zip(runs, nginx, strict=True)]
+            rows.append({
+                "target": name, "cell": cell,
+                "requests_per_second": statistics.median(r[0] for r in runs),
+                "cpu_us_per_request": statistics.median(r[1] for r in runs),
+                "failed": sum(r[2] for r in runs),
+                "rps_vs_nginx": statistics.median(ratios),
+                "cpu_vs_nginx": statistics.median(cpu_ratios),
+            })
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "h2.json").write_text(json.dumps(
+        {"rounds": args.rounds, "duration": args.duration, "rows": rows}, indent=2) + "\n")
+    lines = [
+        "# HTTP/2 from clients (h2c): failover-proxy against nginx",
+        "",
+        f"h2load, {args.duration:g} s per run, median of {args.rounds} alternating rounds; "
+        "one worker each pinned to core 0, h2load and the nginx backend (HTTP/1.1, 100-byte "
+        "/small) on core 1. Ratios are the medians of the per-round ratios to nginx.",
+        "",
+        "| cell | target | req/s | vs nginx | CPU us/req | CPU vs nginx | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['cell']} | {row['target']} | {row['requests_per_second']:.0f} | "
+            f"{row['rps_vs_nginx']:.2f}x | {row['cpu_us_per_request']:.1f} | "
+            f"{row['cpu_vs_nginx']:.2f}x | {row['failed']} |")
+    (RESULTS / "h2.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
