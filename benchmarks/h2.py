@@ -69,8 +69,14 @@ def start(tmp: Path, backend_port: int) -> dict[str, tuple[int, subprocess.Popen
     started["nginx"] = (port, start_nginx("nginx-h2c", "1", block, tmp, 0))
     port = free_port()
     conf = tmp / "failover-proxy.yaml"
+    # 64 connections of 100 streams are 6,400 requests in flight, past the circuit breaker's
+    # default 1,024 per backend (HTTP/1 clients never have more in flight than connections):
+    # raised, as nginx has no such bound.
     conf.write_text(failover_config(port, backend_port, "1").replace(
-        "backlog: 4096}", "backlog: 4096, http2: {h2c: true}}"))
+        "backlog: 4096}", "backlog: 4096, http2: {h2c: true}}").replace(
+        "    retry: {attempts: 2}\n",
+        "    retry: {attempts: 2}\n"
+        "    circuit_breaker: {max_requests_per_backend: 100000, max_requests: 100000}\n"))
     started["failover-proxy"] = (port, subprocess.Popen(
         pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]), cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
