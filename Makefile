@@ -14,8 +14,13 @@ SYSTEM_TOOLS := chromium:chromium chromedriver:chromium-driver prometheus:promet
 	promtool:prometheus nginx:nginx
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# Headers the C extensions build against (header:package): libnghttp2 for the HTTP/2 codec
+# (without it, or with FAILOVER_PROXY_PURE=1, HTTP/2 runs on the pure-Python h2 library).
+BUILD_HEADERS := /usr/include/nghttp2/nghttp2.h:libnghttp2-dev
+
 # The hot modules are compiled with mypyc at install: editing them reinstalls (see setup.py).
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard failover_proxy/*.py failover_proxy/*/*.py failover_proxy/*/*/*.py failover_proxy/*/*/*.c)
+	@[ "$$FAILOVER_PROXY_PURE" = 1 ] || { missing=""; for pair in $(BUILD_HEADERS); do 	  [ -e $${pair%%:*} ] || missing="$$missing $${pair#*:}"; done; 	if [ -n "$$missing" ]; then echo "installing$$missing with apt-get"; 	  $(SUDO) apt-get update -q && 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@

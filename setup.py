@@ -1,9 +1,10 @@
 """Build hook: compile the hot path with mypyc (typed Python → C), about 2x less CPU per request.
 
-Also builds three small C extensions: dataplane/io/_direct.c, direct socket writes (see
-dataplane/io/writepath.py); dataplane/io/_reads.c, batched socket reads (io/readpath.py); and
+Also builds four small C extensions: dataplane/io/_direct.c, direct socket writes (see
+dataplane/io/writepath.py); dataplane/io/_reads.c, batched socket reads (io/readpath.py);
 dataplane/http1/_fields.c, where a head ends and which of its fields the proxy reads
-(http1/headers.py).
+(http1/headers.py); and dataplane/http2/_session.c, HTTP/2 frames over the system's libnghttp2
+(http2/engine.py), where its header is installed.
 
 The C extensions use Linux system calls and are built on Linux only; elsewhere reads and
 writes go through the transports. The same modules run unchanged as plain Python: set
@@ -20,6 +21,9 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 HERE = Path(__file__).resolve().parent
+NGHTTP2_HEADER = "/usr/include/nghttp2/nghttp2.h"
+"""libnghttp2's header (Debian: libnghttp2-dev, which `make` installs): without it HTTP/2
+runs on the pure-Python `h2` library instead."""
 COMPILED = [
     "failover_proxy/model/balance.py",
     "failover_proxy/model/capacity.py",
@@ -55,5 +59,10 @@ if os.environ.get("FAILOVER_PROXY_PURE") != "1" and sys.platform.startswith("lin
         Extension(f"failover_proxy.{name.replace('/', '.')}", [f"failover_proxy/{name}.c"])
         for name in ("dataplane/io/_direct", "dataplane/io/_reads", "dataplane/http1/_fields")
     ]
+if os.environ.get("FAILOVER_PROXY_PURE") != "1" and Path(NGHTTP2_HEADER).exists():
+    extensions.append(Extension(
+        "failover_proxy.dataplane.http2._session", ["failover_proxy/dataplane/http2/_session.c"],
+        libraries=["nghttp2"],
+    ))
 
 setup(ext_modules=extensions)

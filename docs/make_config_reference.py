@@ -22,6 +22,7 @@ SECTIONS = {
     "ProxyConfig": "(top level)",
     "ListenConfig": "listen",
     "ListenTlsConfig": "listen.tls",
+    "Http2Config": "listen.http2",
     "CertificateConfig": "listen.tls.certificates[]",
     "AdminConfig": "admin",
     "AccessLogConfig": "access_log",

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import ssl
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 import httpx
 import pytest
 import trustme
@@ -31,6 +34,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
+from failover_proxy.dataplane.http2 import engine
 from failover_proxy.process.server import ProxyServer
 from failover_proxy.sim.faults import FaultBackend
 
@@ -47,6 +51,7 @@ class Answer:
     body: bytes = b""
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
     reset: bool = False
+    reset_code: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -111,6 +116,7 @@ class H2Client:
                     answer.done.set()
                 elif isinstance(event, h2.events.StreamReset):
                     answer.reset = True
+                    answer.reset_code = int(event.error_code or 0)
                     answer.done.set()
             self.terminated += [e for e in events
                                 if isinstance(e, h2.events.ConnectionTerminated)]
@@ -564,6 +570,35 @@ async def test_idle_streams_are_bounded(
         await client.close()
 
 
+async def test_a_stream_past_the_limit_is_refused_and_the_connection_serves_on(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """RFC 9113 §5.1.2: a stream beyond SETTINGS_MAX_CONCURRENT_STREAMS is a stream error:
+    RST_STREAM REFUSED_STREAM (safe for the client to retry), while the streams within the
+    limit are answered and the connection takes new streams once they are done."""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    aws.mode, aws.delay = "slow", 0.3
+    server = await proxy(two_providers(aws, gcp).replace(
+        "http2: {h2c: true}", "http2: {h2c: true, max_concurrent_streams: 4}"))
+    client = await H2Client.connect(server.port)
+    await asyncio.sleep(0.1)  # the proxy's SETTINGS have arrived
+    try:
+        assert client.h2.remote_settings.max_concurrent_streams == 4
+        # A client that ignores the limit (the h2 library would keep it).
+        client.h2.remote_settings.update({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+        client.h2.remote_settings.acknowledge()
+        ids = [client.request("GET", f"/limit{n}") for n in range(6)]
+        answers = [await client.answer(i) for i in ids]
+        assert [a.status for a in answers[:4]] == [200] * 4
+        assert [(a.reset, a.reset_code) for a in answers[4:]] == [
+            (True, h2.errors.ErrorCodes.REFUSED_STREAM)] * 2
+        assert not client.terminated
+        assert (await client.answer(client.request("GET", "/again"))).status == 200
+    finally:
+        await client.close()
+    assert len(aws.received) == 5  # the refused streams never reached a backend
+
+
 async def test_the_access_log_names_the_protocol(
     tmp_path: Path, fault_backends: StartFaultBackends, proxy: StartProxy
 ) -> None:
@@ -663,3 +698,12 @@ async def test_a_busy_client_is_not_taken_for_a_flood(
     finally:
         await client.close()
     assert server.store.counters["connections_refused"] == {}
+
+
+def test_the_libnghttp2_engine_is_the_one_in_use_where_built() -> None:
+    """`make` installs libnghttp2's header, so the C engine is built and chosen; plain Python
+    (FAILOVER_PROXY_PURE=1) runs on the `h2` library. Neither falls back silently."""
+    if os.environ.get("FAILOVER_PROXY_PURE") == "1":
+        assert not engine.NATIVE
+    elif sys.platform.startswith("linux") and Path("/usr/include/nghttp2/nghttp2.h").exists():
+        assert engine.NATIVE

@@ -338,7 +338,29 @@ class Http2Config:
     HTTP/1.1: a connection that opens with the HTTP/2 preface is served as HTTP/2. Off by
     default while the HTTP/2 codec is young (docs/data-plane.md says what it lacks)."""
     max_concurrent_streams: AtLeastOne = 128
-    """Streams one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS)."""
+    """Streams one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS);
+    a stream beyond it is refused (RST_STREAM REFUSED_STREAM), the connection serves on."""
+    initial_window: Annotated[ByteSize, Constraints(ge=1, le=2**31 - 1)] = 65535
+    """How much of a request body a client may send on one stream before the proxy has passed
+    it on (SETTINGS_INITIAL_WINDOW_SIZE): the window is given back only as the backend takes
+    the body, so a slow backend slows the client instead of filling the proxy's memory."""
+    connection_window: Annotated[ByteSize, Constraints(ge=65535, le=2**31 - 1)] = 1024 * 1024
+    """The same for all the streams of one connection together: what one client connection
+    may make the proxy hold of request bodies at most."""
+    max_frame_size: Annotated[ByteSize, Constraints(ge=16384, le=16777215)] = 16384
+    """The largest frame a client may send (SETTINGS_MAX_FRAME_SIZE)."""
+    max_header_list_bytes: ByteSize | None = None
+    """The largest header block a request may decode to (SETTINGS_MAX_HEADER_LIST_SIZE);
+    beyond it, an HPACK bomb, the connection ends. None: limits.max_header_bytes +
+    limits.max_url_bytes."""
+    idle_timeout: Duration | None = None
+    """A connection with no stream open for this long is closed (GOAWAY). None:
+    limits.keepalive_timeout, as for HTTP/1.1."""
+    ping_interval: Duration | None = None
+    """Send a PING when a connection with streams open has been silent this long, to find
+    clients that vanished without closing; None: never."""
+    ping_timeout: Duration = 10.0
+    """A PING not answered by then ends the connection."""
 
 
 @config_class

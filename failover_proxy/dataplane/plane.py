@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from ..config.schema import LimitsConfig
+from ..config.schema import Http2Config, LimitsConfig
 from ..model.counters import MetricStore
 from .request import Request
 
@@ -77,6 +77,23 @@ class ClientLimits:
         self.underscores_in_headers: bool = config.underscores_in_headers
 
 
+class Http2Limits:
+    """listen.http2 as plain attributes, for HTTP/2 client connections opened from now on."""
+
+    def __init__(self, config: Http2Config, limits: LimitsConfig) -> None:
+        self.max_concurrent_streams: int = config.max_concurrent_streams
+        self.initial_window: int = config.initial_window
+        self.connection_window: int = config.connection_window
+        self.max_frame_size: int = config.max_frame_size
+        self.max_header_list: int = (config.max_header_list_bytes
+                                     or limits.max_header_bytes + limits.max_url_bytes)
+        self.idle_timeout: float = (limits.keepalive_timeout if config.idle_timeout is None
+                                    else config.idle_timeout)
+        self.ping_interval: float = config.ping_interval or 0.0
+        """0: no PINGs."""
+        self.ping_timeout: float = config.ping_timeout
+
+
 class DataPlane:
     """Shared state of every client connection in this process."""
 
@@ -109,7 +126,7 @@ class DataPlane:
         self.draining = False
         self.h2c = False
         """Serve HTTP/2 with prior knowledge on this plain listener (listen.http2.h2c)."""
-        self.max_concurrent_streams = 128
+        self.http2 = Http2Limits(Http2Config(), limits)
         self.health_view = 0
         """The version of the supervisor's health picture this worker routes by (0: a single
         process, whose own machines decide)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..config.reload import ReloadResult
 from ..config.schema import AccessLogConfig, ConfigError, ProxyConfig
 from ..dataplane.codecs import client_protocol, connector_for
-from ..dataplane.plane import ClientLimits, DataPlane
+from ..dataplane.plane import ClientLimits, DataPlane, Http2Limits
 from ..model.backends import Backend
 from ..model.counters import MetricStore
 from ..model.healthstate import SNAPSHOT
@@ -237,7 +237,7 @@ class ProxyServer:
         assert plane is not None
         http2 = config.listen.http2
         plane.h2c = http2.h2c and config.listen.tls is None
-        plane.max_concurrent_streams = http2.max_concurrent_streams
+        plane.http2 = Http2Limits(http2, config.limits)
 
     def _adopt(self, topology: Topology) -> None:
         """A worker's upstreams hand outcomes to the supervisor and leave counting provider

@@ -1,8 +1,9 @@
 """HTTP/2 from clients (h2c with prior knowledge, on the same port as HTTP/1.1): a connection
 of many streams, each one a `DownstreamStream` the exchange answers through.
 
-The frames are the `h2` library's to parse and write (sans-IO: bytes in, events out, bytes to
-send gathered and written once per read). Each request becomes a neutral `Request` (its fields
+The frames are the engine's to parse and write (engine.py: libnghttp2 where built, else the
+`h2` library; sans-IO: bytes in, one list of events out, bytes to send gathered and written
+once per read). Each request becomes a neutral `Request` (its fields
 as `name: value` lines, the pseudo-header fields as method, authority and target; cookie
 crumbs joined, connection-specific fields dropped, `te: trailers` noted) and goes through the
 same exchange as an HTTP/1 request: routes, retries, failover, limits, recording.
@@ -16,16 +17,7 @@ is not read further meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable
 from typing import Final, cast
-
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 
 from ..exchange import Exchange
 from ..http1.headers import (
@@ -39,6 +31,24 @@ from ..io.connio import ConnectionIO
 from ..plane import ClientConnection, DataPlane
 from ..request import DEFAULT_REPLAY_BYTES, EMPTY_BODY, Request, RequestBody
 from ..streams import DownstreamStream, ResponseHead, UpstreamStream
+from . import engine
+from .engine import (
+    CLOSED,
+    DATA,
+    END,
+    GOAWAY,
+    HEADERS,
+    INTERNAL_ERROR,
+    INVALID,
+    NO_ERROR,
+    PONG,
+    PROTOCOL_ERROR,
+    RESET,
+    WINDOW,
+    Event,
+    FrameSession,
+    new_session,
+)
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 """What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4)."""
@@ -63,10 +73,6 @@ CONTROL_FRAMES_PER_SECOND: Final = 1000
 """Frames that ask the proxy for work and carry no request (PING and SETTINGS, which it must
 answer; PRIORITY, unknown frames, empty DATA) a client may send in a second before it is cut
 off. Resets are bounded by PREMATURE_RESETS, window updates by WINDOW_UPDATES_PER_DATA."""
-_CONTROL_EVENTS: Final = (
-    h2.events.PingReceived, h2.events.RemoteSettingsChanged, h2.events.PriorityUpdated,
-    h2.events.SettingsAcknowledged, h2.events.UnknownFrameReceived,
-)
 WINDOW_UPDATES_PER_DATA: Final = 10
 """WINDOW_UPDATE frames a client may send per DATA frame the proxy sent it (beyond a first
 WINDOW_UPDATE_ALLOWANCE), as Envoy bounds them: a busy client sends one or two per DATA frame
@@ -170,7 +176,7 @@ class Http2Stream(DownstreamStream):
     def body_data(self, data: bytes, flow_controlled: int) -> None:
         body = self.request.body
         if body is EMPTY_BODY or body.complete:
-            self.connection.reset(self.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.connection.reset(self.stream_id, PROTOCOL_ERROR)
             return
         limit = self.plane.limits.max_body_bytes
         if limit is not None and body.received + len(data) > limit:
@@ -208,16 +214,21 @@ class Http2Stream(DownstreamStream):
             fields.append((b"x-failover-proxy-decision", decision.encode("latin-1", "replace")))
         no_body = request.method == b"HEAD" or status in (204, 304)
         size = sum(len(n) + len(v) + 4 for n, v in fields)
+        connection = self.connection
         if no_body or (end and not body and not more):
-            self.connection.send_headers(self.stream_id, fields, True)
+            connection.send_headers(self.stream_id, fields, True)
             self.ended = True
             return size
-        self.connection.send_headers(self.stream_id, fields, False)
-        for piece in (body, *(more or ())):
-            if piece:
-                size += self._send_data(piece)
-        if end:
-            self.send_end(None)
+        connection.hold()  # the head, what came with it, and the end: one write
+        try:
+            connection.send_headers(self.stream_id, fields, False)
+            for piece in (body, *(more or ())):
+                if piece:
+                    size += self._send_data(piece)
+            if end:
+                self.send_end(None)
+        finally:
+            connection.release()
         return size
 
     def send_body(self, chunk: bytes) -> int:
@@ -229,7 +240,7 @@ class Http2Stream(DownstreamStream):
         if self.pending:
             self.pending.append(chunk)
         else:
-            left = self.connection.send_data(self.stream_id, chunk, False)
+            left = self.connection.send_data(self.stream_id, chunk)
             if left:
                 self.pending.append(left)
         if self.pending and not self.upstream_paused:
@@ -252,7 +263,7 @@ class Http2Stream(DownstreamStream):
         """Send what the windows now allow; end the stream once all of it is gone."""
         connection = self.connection
         while self.pending and not self.ended:
-            left = connection.send_data(self.stream_id, self.pending[0], False)
+            left = connection.send_data(self.stream_id, self.pending[0])
             if left:
                 self.pending[0] = left
                 return
@@ -261,16 +272,12 @@ class Http2Stream(DownstreamStream):
             self._pause_upstream(False)
         if self.pending_end and not self.ended:
             self.ended = True
-            trailers = self.pending_trailers
-            if trailers:
-                connection.send_headers(self.stream_id, trailers, True)
-            else:
-                connection.end_stream(self.stream_id)
+            connection.end_stream(self.stream_id, self.pending_trailers)
             body = self.request.body
             if body is not EMPTY_BODY and not body.complete:
                 # Answered before the whole request came (RFC 9113 §8.1): the client need not
                 # send the rest, and the stream stops counting against its limit.
-                connection.reset(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                connection.reset(self.stream_id, NO_ERROR)
             connection.stream_done(self)
 
     def _pause_upstream(self, paused: bool) -> None:
@@ -306,14 +313,19 @@ class Http2Stream(DownstreamStream):
             fields.append((b"retry-after", b"1"))
         if decision is not None:
             fields.append((b"x-failover-proxy-decision", decision.encode("latin-1", "replace")))
+        connection = self.connection
         if request.method == b"HEAD":
-            self.connection.send_headers(self.stream_id, fields, True)
+            connection.send_headers(self.stream_id, fields, True)
             self.ended = True
-        else:
-            self.connection.send_headers(self.stream_id, fields, False)
+            return len(body)
+        connection.hold()
+        try:
+            connection.send_headers(self.stream_id, fields, False)
             self.pending_end = True
             self._send_data(body)
             self.flush()
+        finally:
+            connection.release()
         return len(body)
 
     def abandon(self) -> bool:
@@ -327,8 +339,17 @@ class Http2Stream(DownstreamStream):
         exchange.abandon()
         return True
 
-    def _refuse_malformed(self) -> None:
-        """The client broke HTTP/2's rules on this stream: reset it (PROTOCOL_ERROR)."""
+    def trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The request's trailers (a header block after its data): passed on with its body."""
+        if any(name.startswith(b":") for name, _ in fields):
+            self.plane.store.inc("http2_stream_errors", ("malformed_request",))
+            self._refuse_malformed()
+        else:
+            self.request.trailers = [name + b": " + value for name, value in fields]
+
+    def _refuse_malformed(self, reset: bool = True) -> None:
+        """The client broke HTTP/2's rules on this stream: reset it (PROTOCOL_ERROR), unless
+        the engine has (`reset` False)."""
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
@@ -338,7 +359,8 @@ class Http2Stream(DownstreamStream):
             body.fail()
         if not self.ended:
             self.ended = True
-            self.connection.reset(self.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            if reset:
+                self.connection.reset(self.stream_id, PROTOCOL_ERROR)
         self.connection.stream_done(self)
 
     def _refuse(self, status: int, reason: str, detail: str) -> None:
@@ -358,7 +380,7 @@ class Http2Stream(DownstreamStream):
     def reset(self) -> None:
         if not self.ended:
             self.ended = True
-            self.connection.reset(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.connection.reset(self.stream_id, INTERNAL_ERROR)
         self.connection.stream_done(self)
 
     def start_tunnel(
@@ -421,29 +443,40 @@ class Http2Connection(ClientConnection):
         self.plane = plane
         self.loop = plane.loop
         self.limits = plane.limits
+        self.settings = settings = plane.http2
         self.scheme = plane.scheme
         self.client_ip = client_ip
         self.forwarding = b""
         self.transport: asyncio.Transport | None = None
         self.io: ConnectionIO | None = None
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            # Fields are checked here (malformed_request), so that a malformed request is a
-            # stream error (RST_STREAM), not the end of the connection (RFC 9113 §8.1.1).
-            client_side=False, header_encoding=None, validate_inbound_headers=False,
-        ))
+        self.session: FrameSession = new_session(True, [
+            (engine.MAX_CONCURRENT_STREAMS, settings.max_concurrent_streams),
+            (engine.MAX_HEADER_LIST_SIZE, settings.max_header_list),
+            (engine.INITIAL_WINDOW_SIZE, settings.initial_window),
+            (engine.MAX_FRAME_SIZE, settings.max_frame_size),
+        ], settings.connection_window, settings.max_header_list)
         self.streams: dict[int, Http2Stream] = {}
         self.closed = False
         self.write_paused = False
         self.counted_ip = False
         self.idle_since = plane.clock
+        """When the last stream ended (or the connection began): for idle_timeout."""
+        self.heard_at = plane.clock
+        """When the client last sent anything: for ping_interval."""
+        self.ping_sent_at = 0.0
+        """When an unanswered PING went out; 0 when none is outstanding."""
         self.goaway_sent = False
+        self.goaway_received = False
+        self.holding = 0
+        """Writes wait while above 0 (a batch of frames is being made): one write for it."""
+        self.last_request_id = 0
         self.streams_opened = 0
         self.premature_resets = 0
         """Streams the client reset while their exchange was in progress."""
-        self.control_frames = 0
+        self.control_base = 0
+        """The engine's count of control frames when this second began."""
         self.control_window_start = 0.0
-        self.window_updates = 0
-        self.data_frames_sent = 0
+        self.flood_counted = False
         self.write_stalled_since = 0.0
         self.lingering_until = 0.0
         """While closing after a GOAWAY (_linger), the latest time to close at; else 0."""
@@ -457,14 +490,7 @@ class Http2Connection(ClientConnection):
         if peer:
             self.client_ip = str(peer[0]).encode()
         self.plane.connections.add(self)
-        h2conn = self.h2
-        h2conn.local_settings.update({
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.plane.max_concurrent_streams,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE:
-                self.limits.max_header_bytes + self.limits.max_url_bytes,
-        })
-        h2conn.initiate_connection()
-        self._write()
+        self._write()  # our SETTINGS (and the connection's window)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -490,6 +516,7 @@ class Http2Connection(ClientConnection):
         if self.closed or self.io is None:
             return
         self._abandon_streams()
+        self._write(now=True)  # the GOAWAY, before our side ends
         self.lingering_until = self.plane.clock + self.limits.lingering_timeout
         transport = self.transport
         if self.limits.lingering_timeout <= 0 or transport is None or not transport.can_write_eof():
@@ -525,104 +552,123 @@ class Http2Connection(ClientConnection):
     def _calm_down(self, why: str) -> None:
         """A client that floods the proxy with work it does not pay for: told why (GOAWAY
         ENHANCE_YOUR_CALM) and cut off; its streams are abandoned."""
-        self.plane.store.inc("connections_refused", ("http2_flood",))
+        self._count_flood()
         if not self.closed:
-            self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
-                                     additional_data=why.encode())
+            self.session.goaway(engine.ENHANCE_YOUR_CALM, why.encode())
             self._write()
             self._linger()
+
+    def _count_flood(self) -> None:
+        if not self.flood_counted:
+            self.flood_counted = True
+            self.plane.store.inc("connections_refused", ("http2_flood",))
 
     # -- frames in -----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self.closed or self.lingering_until:
             return  # (lingering: read and dropped, so that the GOAWAY is not lost to a reset)
-        self.idle_since = self.plane.clock
+        session = self.session
+        now = self.plane.clock
+        self.heard_at = now
+        self.ping_sent_at = 0.0
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            self._write()  # the GOAWAY h2 queued
+            events = session.receive(data)
+        except engine.ProtocolError as exc:  # the engine has queued the GOAWAY saying why
+            if len(exc.args) > 1 and exc.args[1]:
+                self._count_flood()
+            self._write()
             self._linger()
             return
-        now = self.plane.clock
         if now - self.control_window_start >= 1.0:
             self.control_window_start = now
-            self.control_frames = 0
-        for event in events:
-            if isinstance(event, _CONTROL_EVENTS) or (
-                isinstance(event, h2.events.DataReceived) and not event.data
-                and event.stream_ended is None
-            ):
-                self.control_frames += 1
-                if self.control_frames > CONTROL_FRAMES_PER_SECOND:
-                    self._calm_down("too many control frames")
-                    return
-            elif isinstance(event, h2.events.WindowUpdated):
-                self.window_updates += 1
-                if self.window_updates > (WINDOW_UPDATE_ALLOWANCE
-                                          + WINDOW_UPDATES_PER_DATA * self.data_frames_sent):
-                    self._calm_down("too many window updates")
-                    return
-            if self.closed:
-                return
-            if isinstance(event, h2.events.RequestReceived):
-                self._request(event)
-            elif isinstance(event, h2.events.DataReceived):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and event.data is not None:
-                    stream.body_data(event.data, event.flow_controlled_length or 0)
-                elif event.flow_controlled_length:
-                    self.h2.acknowledge_received_data(event.flow_controlled_length,
-                                                      event.stream_id)
-            elif isinstance(event, h2.events.TrailersReceived):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and any(
-                    bytes(n).startswith(b":") for n, _ in event.headers or ()
-                ):
-                    self.plane.store.inc("http2_stream_errors", ("malformed_request",))
-                    stream._refuse_malformed()
-                elif stream is not None:
-                    stream.request.trailers = [
-                        bytes(n) + b": " + bytes(v) for n, v in event.headers or ()
-                    ]
-            elif isinstance(event, h2.events.StreamEnded):
-                stream = self.streams.get(event.stream_id)
+            self.control_base = session.control_frames
+        if session.control_frames - self.control_base > CONTROL_FRAMES_PER_SECOND:
+            self._calm_down("too many control frames")
+            return
+        if session.window_updates > (WINDOW_UPDATE_ALLOWANCE
+                                     + WINDOW_UPDATES_PER_DATA * session.data_frames_sent):
+            self._calm_down("too many window updates")
+            return
+        self.holding += 1
+        try:
+            self._handle(events)
+        finally:
+            self.holding -= 1
+        if self.closed:
+            return
+        self._write()
+        if not session.want_read:
+            self._linger()  # the engine ended the session (a connection error) or the client did
+
+    def _handle(self, events: list[Event]) -> None:
+        streams = self.streams
+        for kind, stream_id, payload, number in events:
+            if kind == HEADERS:
+                stream = streams.get(stream_id)
+                if stream is not None:
+                    stream.trailers(cast("list[tuple[bytes, bytes]]", payload))
+                elif stream_id > self.last_request_id:
+                    self.last_request_id = stream_id
+                    self._request(stream_id, cast("list[tuple[bytes, bytes]]", payload),
+                                  number != 0)
+            elif kind == DATA:
+                stream = streams.get(stream_id)
+                if stream is not None:
+                    stream.body_data(cast(bytes, payload), number)
+                elif number:
+                    self.session.consume(stream_id, number)  # the connection's window
+            elif kind == END:
+                stream = streams.get(stream_id)
                 if stream is not None:
                     body = stream.request.body
                     if body is not EMPTY_BODY and not body.complete and not body.failed:
                         body.finish()
-            elif isinstance(event, h2.events.StreamReset):
-                stream = self.streams.pop(event.stream_id, None)
+            elif kind == WINDOW:
+                targets = (list(streams.values()) if stream_id == 0
+                           else [s for s in (streams.get(stream_id),) if s])
+                for stream in targets:
+                    if stream.pending or stream.pending_end:
+                        stream.flush()
+            elif kind == RESET:
+                stream = streams.pop(stream_id, None)
                 if stream is not None and stream.abandon():
                     self.premature_resets += 1
                     if (self.premature_resets >= PREMATURE_RESETS
                             and self.premature_resets >= PREMATURE_SHARE * self.streams_opened):
                         self._calm_down("too many streams reset before their answer")
                         return
-            elif isinstance(event, h2.events.WindowUpdated):
-                targets = (list(self.streams.values()) if event.stream_id == 0
-                           else [s for s in (self.streams.get(event.stream_id),) if s])
-                for stream in targets:
-                    if stream.pending or stream.pending_end:
-                        stream.flush()
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.close()
-        self._write()
+            elif kind == CLOSED:
+                stream = streams.get(stream_id)
+                if stream is not None and not stream.ended:
+                    del streams[stream_id]  # reset by the engine: the client is gone from it
+                    stream.abandon()
+            elif kind == INVALID:
+                self.plane.store.inc("http2_stream_errors", ("malformed_request",))
+                stream = streams.get(stream_id)
+                if stream is not None:
+                    stream._refuse_malformed(reset=False)
+            elif kind == GOAWAY:
+                if number != NO_ERROR or not streams:
+                    self.close()
+                    return
+                self.goaway_received = True  # no new streams; those open are answered
+            elif kind == PONG:
+                self.ping_sent_at = 0.0
+            if self.closed:
+                return
 
-    def _request(self, event: h2.events.RequestReceived) -> None:
-        stream_id = event.stream_id
-        assert stream_id is not None
-        headers = [(bytes(n), bytes(v)) for n, v in event.headers or ()]
+    def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         why = malformed_request(headers)
         if why is not None:
             self.plane.store.inc("http2_stream_errors", ("malformed_request",))
-            self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.reset(stream_id, PROTOCOL_ERROR)
             return
         request = self._read_request(headers)
         stream = Http2Stream(self, stream_id, request)
         self.streams[stream_id] = stream
         self.streams_opened += 1
-        if event.stream_ended is not None:
+        if ended:
             request.body = EMPTY_BODY
         else:
             request.body = RequestBody(DEFAULT_REPLAY_BYTES, stream.pause_body, stream.resume_body)
@@ -702,56 +748,55 @@ class Http2Connection(ClientConnection):
 
     # -- frames out ------------------------------------------------------------------------------
 
-    def _on_stream(self, act: Callable[[], object]) -> None:
-        """Do `act`, an h2 call about one stream, and send what it made: a stream the client
-        has closed meanwhile is no error (there is nothing left to tell it)."""
-        if self.closed:
-            return
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
-            act()
-        self._write()
-
     def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
-        self._on_stream(lambda: self.h2.send_headers(stream_id, fields, end_stream=end))
+        if not self.closed:
+            self.session.send_headers(stream_id, fields, end)
+            self._write()
 
-    def send_data(self, stream_id: int, data: bytes, end: bool) -> bytes:
+    def send_data(self, stream_id: int, data: bytes) -> bytes:
         """Send as much of `data` as the windows allow now; the rest is returned."""
         if self.closed:
             return b""
-        h2conn = self.h2
-        try:
-            while data:
-                room = min(h2conn.local_flow_control_window(stream_id),
-                           h2conn.max_outbound_frame_size)
-                if room <= 0:
-                    break
-                h2conn.send_data(stream_id, data[:room])
-                self.data_frames_sent += 1
-                data = data[room:]
-        except h2.exceptions.StreamClosedError:
-            return b""
+        taken = self.session.send_data(stream_id, data)
         self._write()
-        return data
+        return data[taken:] if taken < len(data) else b""
 
-    def end_stream(self, stream_id: int) -> None:
-        self._on_stream(lambda: self.h2.end_stream(stream_id))
+    def end_stream(self, stream_id: int, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if not self.closed:
+            self.session.end_stream(stream_id, trailers or None)
+            self._write()
 
     def reset(self, stream_id: int, code: int) -> None:
-        self._on_stream(lambda: self.h2.reset_stream(stream_id, code))
+        if not self.closed:
+            self.session.reset(stream_id, code)
+            self._write()
 
     def acknowledge(self, size: int, stream_id: int) -> None:
-        self._on_stream(lambda: self.h2.acknowledge_received_data(size, stream_id))
+        if not self.closed:
+            self.session.consume(stream_id, size)
+            self._write()
+
+    def hold(self) -> None:
+        """Gather the frames made until `release` into one write."""
+        self.holding += 1
+
+    def release(self) -> None:
+        self.holding -= 1
+        self._write()
 
     def stream_done(self, stream: Http2Stream) -> None:
         if stream.exchange is None and self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
             self.idle_since = self.plane.clock
-            if self.goaway_sent and not self.streams:
+            if (self.goaway_sent or self.goaway_received) and not self.streams:
                 self.close()
 
-    def _write(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.io is not None and not self.closed:
+    def _write(self, now: bool = False) -> None:
+        """Write what the engine gathered (unless holding for a batch, or `now`)."""
+        if (self.holding and not now) or self.closed or self.io is None or self.lingering_until:
+            return
+        data = self.session.data_to_send()
+        if data:
             self.io.send(data)
 
     # -- as the data plane keeps it ------------------------------------------------------------
@@ -763,7 +808,7 @@ class Http2Connection(ClientConnection):
         """Draining: no new streams (GOAWAY); closed once those in progress are done."""
         if not self.goaway_sent and not self.closed:
             self.goaway_sent = True
-            self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
+            self.session.goaway(NO_ERROR)
             self._write()
         if not self.streams:
             self.close()
@@ -776,9 +821,19 @@ class Http2Connection(ClientConnection):
         if self.write_paused and now - self.write_stalled_since >= self.limits.send_timeout:
             self.abort()  # the client has taken nothing for send_timeout: gone (499s)
             return
+        settings = self.settings
+        if self.ping_sent_at:
+            if now - self.ping_sent_at >= settings.ping_timeout:
+                self.abort()  # no answer to a PING: the client is gone without a word
+                return
+        elif (settings.ping_interval and self.streams
+              and now - self.heard_at >= settings.ping_interval):
+            self.ping_sent_at = now
+            self.session.ping()
+            self._write()
         for stream in list(self.streams.values()):
             stream.sweep(now)
-        if not self.streams and now - self.idle_since >= self.limits.keepalive_timeout:
+        if not self.streams and now - self.idle_since >= settings.idle_timeout:
             self.close_if_idle()
 
     def close(self) -> None:
