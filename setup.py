@@ -40,7 +40,9 @@ COMPILED = [
     "failover_proxy/dataplane/exchange.py",
     "failover_proxy/dataplane/retries.py",
     "failover_proxy/dataplane/http1/downstream.py",
+    "failover_proxy/dataplane/http2/fields.py",
     "failover_proxy/dataplane/http2/downstream.py",
+    "failover_proxy/dataplane/http2/upstream.py",
     "failover_proxy/dataplane/http1/tunnel.py",
     "failover_proxy/dataplane/plane.py",
 ]

@@ -415,6 +415,25 @@ class PoolConfig:
 
 
 @config_class
+class UpstreamHttp2Config:
+    """HTTP/2 connections to backends."""
+
+    ping_interval: Duration | None = 10.0
+    """PING a connection the backend has been silent on this long: a backend that vanished
+    without closing (a blackholed host, a dropped NAT entry) is found in ping_interval +
+    ping_timeout, and its requests retried, instead of each waiting out its read timeout.
+    None: never."""
+    ping_timeout: Duration = 5.0
+    """A PING not answered by then: the connection is taken for dead, its streams failed."""
+    initial_window: Annotated[ByteSize, Constraints(ge=1, le=2**31 - 1)] = 256 * 1024
+    """How much of a response one stream may send before the proxy passes it on to its client
+    (SETTINGS_INITIAL_WINDOW_SIZE): a slow client holds the backend's stream back by this much
+    at most."""
+    connection_window: Annotated[ByteSize, Constraints(ge=65535, le=2**31 - 1)] = 4 * 1024 * 1024
+    """The same for all the streams of one connection together."""
+
+
+@config_class
 class DnsConfig:
     """How backend hostnames are resolved: by the proxy's own asynchronous resolver, ahead of
     time and honouring TTLs, never on a request's path."""
@@ -614,10 +633,14 @@ class HashOnConfig:
 @config_class
 class UpstreamConfig:
     backends: Annotated[list[BackendConfig], Constraints(min_length=1)]
-    protocol: Literal["http1"] = "http1"
+    protocol: Literal["http1", "h2c", "h2"] = "http1"
     """The protocol spoken to these backends: `http1` is HTTP/1.1, one request at a time per
     connection, connections kept alive in a pool per backend (and `http/1.1` offered by ALPN
-    over TLS)."""
+    over TLS); `h2c` is HTTP/2 in cleartext with prior knowledge (`http://` backends) and
+    `h2` HTTP/2 over TLS, agreed by ALPN (`https://` backends): many requests at once on one
+    connection per backend (see `http2`). Clients' protocols are translated either way."""
+    http2: UpstreamHttp2Config = UpstreamHttp2Config()
+    """HTTP/2 connections to these backends (protocol h2c or h2)."""
     balancer: Literal["round_robin", "least_request", "hash"] = "round_robin"
     hash_on: HashOnConfig | None = None
     timeouts: TimeoutsConfig = TimeoutsConfig()
@@ -646,6 +669,19 @@ class UpstreamConfig:
                 ("balancer",), "balancer: hash needs hash_on (header, cookie or client_ip)"
             )
         self._check_policy_providers()
+        self._check_protocol()
+
+    def _check_protocol(self) -> None:
+        wanted = {"h2c": "http", "h2": "https"}.get(self.protocol)
+        for index, backend in enumerate(self.backends):
+            scheme = backend.url.split("://", 1)[0].removeprefix("srv+")
+            if wanted is not None and scheme != wanted:
+                other = "h2" if self.protocol == "h2c" else "h2c"
+                raise LocatedError(
+                    ("backends", index, "url"),
+                    f"protocol {self.protocol} speaks to {wanted}:// backends "
+                    f"(use {other} for {scheme}://)",
+                )
 
     def _check_policy_providers(self) -> None:
         known = list(dict.fromkeys(b.provider for b in self.backends))

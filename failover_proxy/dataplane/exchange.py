@@ -81,6 +81,7 @@ class Outcome(enum.Enum):
     BODY_LOST = "body_lost"  # the request body could not be sent again
     CLIENT_ERROR = "client_error"  # the client broke its own request body
     FAILURE_STATUS = "failure_status"  # a 5xx that will be retried elsewhere, not forwarded
+    UNPROCESSED = "unprocessed"  # HTTP/2: the backend refused the stream or went away below it
 
 
 _OUTCOME_COUNTER: Final = {
@@ -94,6 +95,7 @@ _OUTCOME_COUNTER: Final = {
     Outcome.BODY_LOST: ATTEMPT_CLIENT_ERROR,
     Outcome.CLIENT_ERROR: ATTEMPT_CLIENT_ERROR,
     Outcome.FAILURE_STATUS: ATTEMPT_HTTP_5XX,
+    Outcome.UNPROCESSED: ATTEMPT_RESET,
 }
 """Which attempt counter (counters.ATTEMPT_OUTCOMES) an outcome bumps."""
 
@@ -358,6 +360,9 @@ class Attempt(StreamOwner):
 
     def on_bad_response(self, reason: str) -> None:
         self._finish(Outcome.BAD_RESPONSE, reason)
+
+    def on_unprocessed(self, reason: str) -> None:
+        self._finish(Outcome.UNPROCESSED, reason)
 
     def on_write_paused(self, paused: bool) -> None:
         """The backend reads the request body slowly: slow the client down with it."""
@@ -679,6 +684,14 @@ class Exchange:
             self.attempts -= 1
             self._next_attempt()
             return
+        if outcome is Outcome.UNPROCESSED:
+            # The backend never processed it (RFC 9113 §8.7): not its failure, and safe to
+            # send again whatever the method, as a connect failure is.
+            if self._may_retry("connect-failure", nothing_sent=True, exempt=True):
+                self._retry_elsewhere("unprocessed")
+            else:
+                self._error(503, f"backend {backend.name}: {attempt.detail}", retry_after=True)
+            return
         if outcome is Outcome.FAILURE_STATUS:
             # on_failure_status already counted it and allowed it
             self._retry_elsewhere(str(attempt.status))
@@ -831,10 +844,14 @@ class Exchange:
         tried.append(previous)
         upstream = self.upstream
         backend, reason = upstream.choose(tried, [b.tier for b in tried])
+        if backend is None and condition == "unprocessed" and previous.usable:
+            # (a backend going away gracefully, and no other: it takes the request on a new
+            # connection, as it takes the next one)
+            backend, reason = previous, f"{previous.name} again: it did not process it"
         if backend is None:
             self._error(503, reason, retry_after=True)
             return
-        if condition != "connect-failure":
+        if condition != "connect-failure" and condition != "unprocessed":
             self._charge_budget()
         store = upstream.store
         label = condition.replace("-", "_")  # metric labels spell words with `_` throughout

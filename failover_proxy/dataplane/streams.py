@@ -37,7 +37,8 @@ class StreamOwner(BodySink):
 
     Events, in order: `on_head` once (informational heads are not reported), `on_body` per
     piece, then `on_complete` (with trailers or none), or `on_upgrade` after a 101 head; or,
-    at any point, `on_lost` / `on_bad_response`, after which nothing more comes. The request
+    at any point, `on_lost` / `on_bad_response` (or, before any head, `on_unprocessed`),
+    after which nothing more comes. The request
     body reaches the stream through the owner as well (it is the body's sink)."""
 
     head_only = False
@@ -61,6 +62,11 @@ class StreamOwner(BodySink):
         raise NotImplementedError
 
     def on_bad_response(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def on_unprocessed(self, reason: str) -> None:
+        """The backend did not process the request at all (HTTP/2: it refused the stream, or
+        went away below it): it may be sent again whatever its method."""
         raise NotImplementedError
 
     def on_write_paused(self, paused: bool) -> None:

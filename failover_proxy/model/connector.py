@@ -29,6 +29,10 @@ class Dial:
         connect_timeout: float,
         max_idle: int,
         idle_timeout: float,
+        stream_window: int = 65535,
+        connection_window: int = 65535,
+        ping_interval: float = 0.0,
+        ping_timeout: float = 0.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -41,6 +45,12 @@ class Dial:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
+        self.stream_window = stream_window
+        """HTTP/2: how much of a response one stream may send before the proxy passes it on."""
+        self.connection_window = connection_window
+        self.ping_interval = ping_interval
+        """HTTP/2: PING a connection silent this long (0: never)."""
+        self.ping_timeout = ping_timeout
 
 
 class Connector:

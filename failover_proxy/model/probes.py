@@ -1,10 +1,11 @@
 """Active health checks: one probe loop per backend, off the request path.
 
-HTTP probes use one shared aiohttp session (the control plane's client); TCP probes only
-connect. Probes start at once, repeat every `interval` (every `unhealthy_interval` while the
-backend is down, so it comes back sooner), with jitter so that many proxies do not probe in
-lockstep. `unhealthy_threshold` failures in a row mark a backend unhealthy,
-`healthy_threshold` passes bring it back.
+HTTP probes use one shared aiohttp session (the control plane's client), or httpx for the
+backends of an upstream that speaks HTTP/2 (`protocol: h2c | h2`: checked in the protocol its
+requests use); TCP probes only connect. Probes start at once, repeat every `interval` (every
+`unhealthy_interval` while the backend is down, so it comes back sooner), with jitter so that
+many proxies do not probe in lockstep. `unhealthy_threshold` failures in a row mark a backend
+unhealthy, `healthy_threshold` passes bring it back.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import ipaddress
 import os
 import random
 import socket
+import ssl
 import time
 
 import aiohttp
+import httpx
 
 from ..config.schema import HealthCheckConfig
 from .backends import Backend
@@ -97,10 +100,12 @@ class HealthChecker:
                 await _connect(backend.host, backend.port, config.timeout)
                 return True, "connected"
             async with asyncio.timeout(config.timeout):
+                if upstream.config.protocol in ("h2c", "h2"):
+                    return await self._http2_probe(upstream, backend, config)
                 return await self._http_probe(upstream, backend, config)
         except TimeoutError:
             return False, f"no answer within {config.timeout:g}s"
-        except (OSError, aiohttp.ClientError) as exc:
+        except (OSError, aiohttp.ClientError, httpx.HTTPError) as exc:
             return False, str(exc) or type(exc).__name__
 
     async def _http_probe(
@@ -116,6 +121,29 @@ class HealthChecker:
         ) as response:
             body = await response.read() if config.expect_body is not None else b""
             status = response.status
+        if not any(low <= status <= high for low, high in config.expect_status):
+            return False, f"status {status}"
+        if config.expect_body is not None and config.expect_body.encode() not in body:
+            return False, f"status {status}, body lacks {config.expect_body!r}"
+        return True, f"status {status}"
+
+
+    async def _http2_probe(
+        self, upstream: Upstream, backend: Backend, config: HealthCheckConfig
+    ) -> tuple[bool, str]:
+        """The same check over HTTP/2 (prior knowledge for h2c, ALPN over TLS for h2), on a
+        connection of its own, as the HTTP/1 probes use."""
+        url = f"{backend.address}{backend.base_path.decode()}{config.path}"
+        https = backend.scheme == "https"
+        verify: ssl.SSLContext | bool = (upstream.ssl_context or True) if https else False
+        headers = {"Host": backend.host_header.decode(), **config.headers}
+        extensions = {"sni_hostname": backend.dial.server_hostname} if https else {}
+        async with httpx.AsyncClient(http1=False, http2=True, verify=verify, trust_env=False,
+                                     timeout=None, follow_redirects=False) as client:
+            response = await client.request(config.method, url, headers=headers,
+                                            extensions=extensions)
+        status = response.status_code
+        body = response.content
         if not any(low <= status <= high for low, high in config.expect_status):
             return False, f"status {status}"
         if config.expect_body is not None and config.expect_body.encode() not in body:

@@ -431,7 +431,7 @@ def _tier_text(tier: Domain) -> str:
     return f"region {tier.name}" if isinstance(tier, Region) else f"provider {tier.name}"
 
 
-ALPN: Final = {"http1": ["http/1.1"]}
+ALPN: Final = {"http1": ["http/1.1"], "h2": ["h2"], "h2c": []}
 """What TLS offers a backend, by the upstream's `protocol`."""
 
 
@@ -443,13 +443,15 @@ def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
     if not config.tls.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(ALPN[config.protocol])
+    if ALPN[config.protocol]:
+        context.set_alpn_protocols(ALPN[config.protocol])
     return context
 
 
 def connection_settings(upstream: UpstreamConfig) -> tuple[object, ...]:
     """Everything a backend's connector is built from besides its URL."""
-    return (upstream.protocol, upstream.tls, upstream.pool, upstream.timeouts.connect)
+    return (upstream.protocol, upstream.tls, upstream.pool, upstream.timeouts.connect,
+            upstream.http2)
 
 
 def endpoint_name(origin: str, address: Address) -> str:
@@ -492,6 +494,10 @@ def build_backend(
         connect_timeout=upstream.timeouts.connect,
         max_idle=upstream.pool.max_idle_per_backend,
         idle_timeout=upstream.pool.idle_timeout,
+        stream_window=upstream.http2.initial_window,
+        connection_window=upstream.http2.connection_window,
+        ping_interval=upstream.http2.ping_interval or 0.0,
+        ping_timeout=upstream.http2.ping_timeout,
     )
     name = backend.name if address is None else endpoint_name(backend.name, address)
     resolved = address is not None or target_of(backend, upstream.dns) is None

@@ -4,6 +4,10 @@ Each is a real HTTP/1.1 server on a loopback port (raw asyncio, so it can misbeh
 HTTP library would not allow) that answers JSON naming its provider, region and backend, and
 records the requests it receives (the latest RECORDED of them). The demo, the failover tests,
 the soak and the failover benchmark all break providers with it.
+
+The same port speaks HTTP/2 in cleartext (h2c, prior knowledge) to a client that opens with the
+HTTP/2 preface, with the same failure modes per stream (the `h2` library's frames): an upstream
+with `protocol: h2c` in front of it is failed over the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
 _UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 MODES = (
     "healthy",
@@ -121,8 +131,14 @@ class FaultBackend:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
+            opening = await reader.readexactly(3)
+            if opening == PREFACE[:3]:
+                if await reader.readexactly(len(PREFACE) - 3) == PREFACE[3:]:
+                    await self._serve_h2(reader, writer)
+                return
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
+                head = opening + await reader.readuntil(b"\r\n\r\n")
+                opening = b""
                 request_line = head.split(b"\r\n", 1)[0].decode()
                 method, path, _ = request_line.split(" ", 2)
                 body = await read_request_body(reader, head)
@@ -145,33 +161,110 @@ class FaultBackend:
                 self.received.append(Received(time.monotonic(), method, path, body, request_id))
                 if not await self._answer(writer, method, path, request_id, len(body)):
                     return
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError,
+                h2.exceptions.ProtocolError):
             pass
         finally:
             self._writers.discard(writer)
             writer.close()
 
-    async def _answer(
-        self, writer: asyncio.StreamWriter, method: str, path: str, request_id: str, size: int
-    ) -> bool:
+    def _mode_now(self) -> str:
         mode = self.mode
         if mode == "flapping":
             self._flip = not self._flip
             mode = "5xx" if self._flip else "healthy"
-        body = (
-            json.dumps(
-                {
-                    "provider": self.provider,
-                    "region": self.region,
-                    "backend": self.name,
-                    "method": method,
-                    "path": path,
-                    "request_id": request_id,
-                    "body_bytes": size,
-                }
-            )
-            + "\n"
-        ).encode()
+        return mode
+
+    def _json(self, method: str, path: str, request_id: str, size: int) -> bytes:
+        return (json.dumps({
+            "provider": self.provider, "region": self.region, "backend": self.name,
+            "method": method, "path": path, "request_id": request_id, "body_bytes": size,
+        }) + "\n").encode()
+
+    async def _serve_h2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """HTTP/2 with prior knowledge (the preface read): each stream answered as a request
+        is in the current mode; the connection-level modes (blackhole, resets) act on the
+        whole connection, as a failing host would."""
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        conn.receive_data(PREFACE)
+        writer.write(conn.data_to_send())
+        heads: dict[int, dict[bytes, bytes]] = {}
+        bodies: dict[int, bytearray] = {}
+        answering: set[asyncio.Task[None]] = set()
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        heads[event.stream_id] = dict(event.headers or [])
+                        bodies[event.stream_id] = bytearray()
+                    elif isinstance(event, h2.events.DataReceived):
+                        bodies.get(event.stream_id, bytearray()).extend(event.data or b"")
+                        conn.acknowledge_received_data(event.flow_controlled_length or 0,
+                                                       event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        stream_id = event.stream_id
+                        task = asyncio.get_running_loop().create_task(self._answer_h2(
+                            conn, writer, stream_id, heads.pop(stream_id, {}),
+                            bytes(bodies.pop(stream_id, b""))))
+                        answering.add(task)
+                        task.add_done_callback(answering.discard)
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        return
+                if not writer.transport.is_closing():
+                    writer.write(conn.data_to_send())
+        finally:
+            for task in answering:
+                task.cancel()
+
+    async def _answer_h2(self, conn: h2.connection.H2Connection, writer: asyncio.StreamWriter,
+                         stream_id: int, head: dict[bytes, bytes], body: bytes) -> None:
+        method = head.get(b":method", b"GET").decode()
+        path = head.get(b":path", b"/").decode()
+
+        def send(status: int, content: bytes, cut: bool = False) -> None:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                conn.send_headers(stream_id, [(b":status", b"%d" % status),
+                                              (b"content-type", b"application/json"),
+                                              (b"content-length", b"%d" % len(content))])
+                conn.send_data(stream_id, content, end_stream=not cut)
+            if not writer.transport.is_closing():
+                writer.write(conn.data_to_send())
+
+        if path == "/healthz":
+            self.probed.append(time.monotonic())
+            health_mode = self.health_mode or self.mode
+            if health_mode == "blackhole":
+                await asyncio.sleep(3600)
+            send(200 if health_mode in ("healthy", "slow") else 503, b"ok\n")
+            return
+        request_id = head.get(b"x-request-id", b"").decode()
+        self.received.append(Received(time.monotonic(), method, path, body, request_id))
+        mode = self._mode_now()
+        content = self._json(method, path, request_id, len(body))
+        if mode == "blackhole":
+            await asyncio.sleep(3600)
+        if mode == "slow":
+            await asyncio.sleep(self.delay)
+        if mode == "5xx":
+            send(503, b"busy")
+        elif mode == "reset_after_headers":
+            send(200, b"", cut=True)
+            await asyncio.sleep(0)
+            writer.transport.abort()
+        elif mode == "reset_mid_body":
+            send(200, content[: len(content) // 2], cut=True)
+            await asyncio.sleep(0)
+            writer.transport.abort()
+        else:
+            send(200, content)
+
+    async def _answer(
+        self, writer: asyncio.StreamWriter, method: str, path: str, request_id: str, size: int
+    ) -> bool:
+        mode = self._mode_now()
+        body = self._json(method, path, request_id, size)
         ok = (
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (len(body), body)

@@ -49,18 +49,15 @@ from .engine import (
     FrameSession,
     new_session,
 )
+from .fields import CONNECTION_SPECIFIC, fields_of_lines, trailer_fields, trailer_lines
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 """What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4)."""
 
-_CONNECTION_SPECIFIC: Final = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-"""Fields HTTP/2 forbids (RFC 9113 §8.2.2): never translated from an HTTP/1 response."""
 _TAKEN: Final = frozenset(
     {b"host", b"content-length", b"te", b"x-forwarded-for", b"x-forwarded-proto",
      b"x-forwarded-host", b"via"}
-) | _CONNECTION_SPECIFIC
+) | CONNECTION_SPECIFIC
 """Request fields the proxy reads and writes itself (as the HTTP/1 codec does)."""
 _ERROR_REASONS: Final = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 PREMATURE_RESETS: Final = 100
@@ -105,7 +102,7 @@ def malformed_request(headers: list[tuple[bytes, bytes]]) -> str | None:
         regular = True
         if name.translate(None, _NAME_BYTES):
             return "a field name with upper case or a character a token cannot hold"
-        if name in _CONNECTION_SPECIFIC or (name == b"te" and value.strip() != b"trailers"):
+        if name in CONNECTION_SPECIFIC or (name == b"te" and value.strip() != b"trailers"):
             return f"connection-specific field {name.decode()!r}"
         if b"\r" in value or b"\n" in value or b"\0" in value or value != value.strip(b" \t"):
             return f"field {name.decode()!r}: a value with CR, LF, NUL or outer whitespace"
@@ -129,13 +126,7 @@ def response_fields(head: Http1Head, request_id: bytes) -> list[tuple[bytes, byt
     """An HTTP/1 response head's fields as HTTP/2 fields: names in lower case, the fields its
     Connection names and connection-specific ones left out, the length kept when one framed
     it, and the proxy's Via and request id added as the HTTP/1 codec adds them."""
-    fields: list[tuple[bytes, bytes]] = []
-    for line in forwarded_block(head.lines, head.connection).split(b"\r\n"):
-        colon = line.find(b":")
-        if colon > 0:
-            name = line[:colon].strip().lower()
-            if name not in _CONNECTION_SPECIFIC:
-                fields.append((name, line[colon + 1 :].strip()))
+    fields = fields_of_lines(forwarded_block(head.lines, head.connection))
     if head.content_length is not None and not head.chunked:
         fields.append((b"content-length", head.content_length))
     if not head.has_request_id:
@@ -251,10 +242,7 @@ class Http2Stream(DownstreamStream):
         if self.ended:
             return 0
         if trailers is not None and self.request.te_trailers:
-            self.pending_trailers = [
-                (line[: line.find(b":")].strip().lower(), line[line.find(b":") + 1 :].strip())
-                for line in trailers if line.find(b":") > 0
-            ]
+            self.pending_trailers = trailer_fields(trailers)
         self.pending_end = True
         self.flush()
         return 0
@@ -345,7 +333,7 @@ class Http2Stream(DownstreamStream):
             self.plane.store.inc("http2_stream_errors", ("malformed_request",))
             self._refuse_malformed()
         else:
-            self.request.trailers = [name + b": " + value for name, value in fields]
+            self.request.trailers = trailer_lines(fields)
 
     def _refuse_malformed(self, reset: bool = True) -> None:
         """The client broke HTTP/2's rules on this stream: reset it (PROTOCOL_ERROR), unless
