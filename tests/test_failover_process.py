@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from failover_proxy.sim.faults import FaultBackend
-from failover_proxy.sim.loadgen import KeepAliveLoad
+from failover_proxy.sim.loadgen import Http2Load, KeepAliveLoad
 
 from .conftest import RunningProxy, free_port, process_config
 
@@ -109,6 +109,18 @@ async def wait_for_full_share(proxy: RunningProxy, full: float, limit: float) ->
 async def test_every_fault_mode_is_invisible_to_clients(
     run_proxy: Any, strategy: str, clients: int
 ) -> None:
+    await fault_matrix(run_proxy, strategy, clients, http2=False)
+
+
+@pytest.mark.parametrize("streams", [16, 256])
+async def test_every_fault_mode_is_invisible_over_http2(run_proxy: Any, streams: int) -> None:
+    """The same matrix with HTTP/2 on both sides: clients' streams (h2c, on 1 or 4
+    connections) and the backends (`protocol: h2c`, one multiplexed connection each): a
+    provider's failure is just as invisible."""
+    await fault_matrix(run_proxy, "priority", streams, http2=True)
+
+
+async def fault_matrix(run_proxy: Any, strategy: str, clients: int, http2: bool) -> None:
     backends = [FaultBackend(f"{p}-{s}", p) for p in ("aws", "azure", "gcp") for s in "ab"]
     for backend in backends:
         await backend.start()
@@ -117,9 +129,13 @@ async def test_every_fault_mode_is_invisible_to_clients(
               else "strategy: weighted") + ", " + MATRIX_POLICY
     full = 1.0 if strategy == "priority" else 1 / 3
     port, admin = free_port(), free_port()
-    proxy = await run_proxy(process_config(backends, policy, port, admin, MATRIX_SETTINGS),
-                            port, admin)
-    load = KeepAliveLoad(port, clients)
+    text = process_config(backends, policy, port, admin, MATRIX_SETTINGS)
+    load: KeepAliveLoad | Http2Load = KeepAliveLoad(port, clients)
+    if http2:
+        text = text.replace(f"port: {port}}}", f"port: {port}, http2: {{h2c: true}}}}").replace(
+            "    policy:", "    protocol: h2c\n    policy:")
+        load = Http2Load(port, clients, connections=max(1, clients // 64))
+    proxy = await run_proxy(text, port, admin)
     running = asyncio.create_task(load.run())
     report: list[str] = []
     reached: list[tuple[str, str]] = []
@@ -155,7 +171,7 @@ async def test_every_fault_mode_is_invisible_to_clients(
     late = [(mode, request_id, views.get(request_id)) for mode, request_id in reached
             if any(first <= views.get(request_id, 0) < end for first, end in out)]
     unknown = [request_id for _, request_id in reached if request_id not in views]
-    print(f"\n{strategy}, {clients} clients:\n  " + "\n  ".join(report)
+    print(f"\n{strategy}, {clients} {'HTTP/2 streams' if http2 else 'clients'}:\n  " + "\n  ".join(report)
           + f"\n  aws out of rotation in health views {out}; {len(reached)} requests reached "
           f"it while broken, {len(late)} of them routed by a view with it out")
     assert not late, late[:10]

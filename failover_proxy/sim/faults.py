@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import h2.config
@@ -94,6 +94,8 @@ class FaultBackend:
     received: deque[Received] = field(default_factory=lambda: deque(maxlen=RECORDED))
     probed: deque[float] = field(default_factory=lambda: deque(maxlen=RECORDED))
     """When each /healthz request arrived (they are not in `received`)."""
+    probe_protocols: Counter[str] = field(default_factory=Counter)
+    """/healthz requests by the protocol they came in (`http1`, `h2`)."""
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _flip: bool = False
@@ -145,6 +147,7 @@ class FaultBackend:
                 lower = head.lower()
                 if path == "/healthz":
                     self.probed.append(time.monotonic())
+                    self.probe_protocols["http1"] += 1
                     health_mode = self.health_mode or self.mode
                     if health_mode in ("healthy", "slow"):
                         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
@@ -234,6 +237,7 @@ class FaultBackend:
 
         if path == "/healthz":
             self.probed.append(time.monotonic())
+            self.probe_protocols["h2"] += 1
             health_mode = self.health_mode or self.mode
             if health_mode == "blackhole":
                 await asyncio.sleep(3600)

@@ -101,7 +101,9 @@ ProtocolError: Final[type[Exception]] = (
 
 class PureSession:
     """The `h2` library behind the engine interface: its events translated to the tuples the
-    C engine gives, its frames sent only as far as the windows allow."""
+    C engine gives, its frames sent only as far as the windows allow. A frame for a stream
+    that is closed (or whose our side has ended) is dropped silently, as libnghttp2 drops it:
+    the peer may close a stream at any moment."""
 
     def __init__(self, server: bool, settings: list[tuple[int, int]],
                  connection_window: int = 65535, max_header_list: int = 65536) -> None:
@@ -211,7 +213,7 @@ class PureSession:
         return []
 
     def send_headers(self, stream_id: int, fields: Fields, end: bool) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.send_headers(stream_id, fields, end_stream=end)
 
     def submit_request(self, fields: Fields, end: bool) -> int:
@@ -234,23 +236,23 @@ class PureSession:
                 connection.send_data(stream_id, data[taken : taken + room])
                 self.data_frames_sent += 1
                 taken += room
-        except h2.exceptions.StreamClosedError:
-            return len(data)
+        except h2.exceptions.ProtocolError:
+            return len(data)  # (a stream closed, or ended on our side: as the C engine, a no-op)
         return taken
 
     def end_stream(self, stream_id: int, trailers: Fields | None = None) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             if trailers:
                 self.h2.send_headers(stream_id, trailers, end_stream=True)
             else:
                 self.h2.end_stream(stream_id)
 
     def reset(self, stream_id: int, code: int) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.reset_stream(stream_id, code)
 
     def consume(self, stream_id: int, size: int) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.acknowledge_received_data(size, stream_id)
 
     def goaway(self, code: int, debug: bytes = b"", last_stream_id: int = -1) -> None:

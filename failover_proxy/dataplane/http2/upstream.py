@@ -80,6 +80,8 @@ class Http2UpstreamStream(UpstreamStream):
         self.pending: list[bytes] = []
         """Request body the backend's windows have no room for yet."""
         self.pending_end = False
+        """The request body is complete (its end may still wait behind `pending`)."""
+        self.end_sent = False
         self.pending_trailers: Fields | None = None
         self.body_paused = False
         """The client was paused because the backend takes the body slowly."""
@@ -123,7 +125,8 @@ class Http2UpstreamStream(UpstreamStream):
         ]
         fields += fields_of_lines(head[head.find(b"\r\n") + 2 :], _REQUEST_SKIPPED)
         body = request.body
-        end = self.pending_end = body is EMPTY_BODY or (body.complete and body.received == 0)
+        end = body is EMPTY_BODY or (body.complete and body.received == 0)
+        self.pending_end = self.end_sent = end
         self.stream_id = connection.open_stream(self, fields, end)
 
     def send_body(self, chunk: bytes) -> None:
@@ -143,7 +146,15 @@ class Http2UpstreamStream(UpstreamStream):
         self.pending_end = True
         self.pending_trailers = trailer_fields(trailers) if trailers else None
         if not self.pending:
-            self.connection.end_stream(self.stream_id, self.pending_trailers)
+            self._send_end()
+
+    def _send_end(self) -> None:
+        self.end_sent = True
+        self.connection.end_stream(self.stream_id, self.pending_trailers)
+
+    def wants_window(self) -> bool:
+        """Request body (or its end) waits for the backend's windows."""
+        return bool(self.pending) or (self.pending_end and not self.end_sent)
 
     def flush(self) -> None:
         """The backend opened a window: send what waited for it."""
@@ -156,8 +167,8 @@ class Http2UpstreamStream(UpstreamStream):
             self.pending.pop(0)
         if self.body_paused:
             self._pause_client(False)
-        if self.pending_end and not self.finished:
-            connection.end_stream(self.stream_id, self.pending_trailers)
+        if self.pending_end and not self.end_sent and not self.finished:
+            self._send_end()
 
     def _pause_client(self, paused: bool) -> None:
         self.body_paused = paused
@@ -389,11 +400,11 @@ class Http2UpstreamConnection:
                     if not self.ready.done():
                         self.ready.set_result(None)
                     for stream in list(streams.values()):
-                        if stream.pending or stream.pending_end:
+                        if stream.wants_window():
                             stream.flush()
                 else:
                     stream = streams.get(stream_id)
-                    if stream is not None and (stream.pending or stream.pending_end):
+                    if stream is not None and stream.wants_window():
                         stream.flush()
             elif kind in (RESET, CLOSED):
                 stream = streams.get(stream_id)
