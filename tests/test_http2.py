@@ -202,12 +202,12 @@ async def test_curl_with_prior_knowledge_and_http1_share_the_port(
         assert json.loads(body)["provider"] == "aws"
 
 
-async def test_h2c_is_off_unless_asked_for(
+async def test_h2c_can_be_turned_off(
     fault_backends: StartFaultBackends, proxy: StartProxy
 ) -> None:
-    """Off by default: the preface is then read as HTTP/1.1, and refused as malformed."""
+    """`h2c: false`: the preface is then read as HTTP/1.1, and refused as malformed."""
     aws, gcp = await fault_backends("aws-a", "gcp-a")
-    server = await proxy(two_providers(aws, gcp).replace(", http2: {h2c: true}", ""))
+    server = await proxy(two_providers(aws, gcp).replace("{h2c: true}", "{h2c: false}"))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     answer = await asyncio.wait_for(reader.read(), 5)

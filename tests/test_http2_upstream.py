@@ -23,6 +23,7 @@ import httpx
 import pytest
 import trustme
 
+from failover_proxy.ops.admin import backend_status
 from failover_proxy.process.server import ProxyServer
 
 from .conftest import StartFaultBackends
@@ -165,6 +166,15 @@ async def test_clients_of_both_protocols_share_one_connection_to_an_h2c_backend(
     finally:
         await client.close()
     assert aws.open_connections == 1  # 71 requests, 30 of them at once: one connection
+    upstream = server.plane.topology.upstreams["web"]  # type: ignore[union-attr]
+    aws.mode, aws.delay = "slow", 0.5
+    async with httpx.AsyncClient(trust_env=False, headers={"host": "example.test"}) as http1:
+        slow = asyncio.gather(*(http1.get(f"{url}/slow{n}") for n in range(5)))
+        await asyncio.sleep(0.25)
+        during = backend_status(upstream.backends[0], upstream)
+        await slow
+    assert (during["connections"], during["streams"]) == (1, 5)  # what /status shows
+    aws.mode = "healthy"
     await aws.set_mode("refusing")
     async with httpx.AsyncClient(trust_env=False, headers={"host": "example.test"}) as http1:
         moved = await asyncio.gather(*(http1.get(f"{url}/moved{n}") for n in range(10)))

@@ -302,10 +302,9 @@ class ListenTlsConfig:
     ciphers: str | None = None
     """OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); none: Python's
     defaults (forward-secret AEAD ciphers only)."""
-    alpn: list[Literal["h2", "http/1.1"]] = field(default_factory=lambda: ["http/1.1"])
-    """What the listener offers, in order of preference: add `h2` (first) to serve HTTP/2 to
-    clients that ask for it. Only HTTP/1.1 by default while the HTTP/2 codec is young
-    (docs/data-plane.md)."""
+    alpn: list[Literal["h2", "http/1.1"]] = field(default_factory=lambda: ["h2", "http/1.1"])
+    """What the listener offers, in order of preference: HTTP/2 to clients that ask for it,
+    HTTP/1.1 to the others. `[http/1.1]` serves HTTP/1.1 only."""
     client_auth: Literal["none", "optional", "required"] = "none"
     """Client certificates (mutual TLS): `required` refuses a handshake without a certificate
     signed by `client_ca_file`; `optional` asks for one and checks it when sent."""
@@ -333,10 +332,11 @@ class ListenTlsConfig:
 class Http2Config:
     """HTTP/2 from clients."""
 
-    h2c: bool = False
+    h2c: bool = True
     """Serve HTTP/2 with prior knowledge (h2c) on a plain listener, on the same port as
-    HTTP/1.1: a connection that opens with the HTTP/2 preface is served as HTTP/2. Off by
-    default while the HTTP/2 codec is young (docs/data-plane.md says what it lacks)."""
+    HTTP/1.1: a connection that opens with the HTTP/2 preface is served as HTTP/2 (no HTTP/1.1
+    request starts with it). The `Upgrade: h2c` dance of RFC 7540 is not served (RFC 9113
+    deprecated it; nginx and Envoy do not serve it either)."""
     max_concurrent_streams: AtLeastOne = 128
     """Streams one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS);
     a stream beyond it is refused (RST_STREAM REFUSED_STREAM), the connection serves on."""

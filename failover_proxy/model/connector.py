@@ -59,7 +59,16 @@ class Connector:
     def __init__(self, dial: Dial) -> None:
         self.dial = dial
         self.open_connections = 0
+        """Connections open to the backend now (a supervisor's connectors hold the sum its
+        workers report)."""
+        self.reported_streams = 0
+        """Requests in progress on its connections, as the workers report them (supervisor)."""
         self.closed = False
+
+    def active_streams(self) -> int:
+        """Requests in progress on the backend's connections now (HTTP/1: busy connections;
+        HTTP/2: open streams)."""
+        return self.reported_streams
 
     def sweep(self, now: float) -> None:
         """Close what has been idle too long (the data plane's sweep)."""

@@ -386,6 +386,8 @@ def backend_status(backend: Backend, upstream: Upstream) -> dict[str, Any]:
         "weight": backend.weight,
         "capacity_rps": upstream.backend_configs[backend.origin].capacity,
         "in_flight": backend.in_flight,
+        "connections": backend.connector.open_connections,
+        "streams": backend.connector.active_streams(),
         "ewma_latency_ms": round(backend.ewma_latency * 1000, 3),
         "last_check": {"result": backend.last_check, "at": backend.last_check_at or None}
         if upstream.config.health_check is not None

@@ -246,6 +246,17 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
         PREFIX + "backend_requests_in_flight", "Requests in progress on the backend's endpoint.",
         labels=("upstream", "provider", "backend", "endpoint"),
     )
+    connections = GaugeMetricFamily(
+        PREFIX + "backend_connections",
+        "Connections open to the backend's endpoint (HTTP/2: each carries many streams).",
+        labels=("upstream", "provider", "backend", "endpoint"),
+    )
+    streams = GaugeMetricFamily(
+        PREFIX + "backend_streams",
+        "Requests in progress on those connections (HTTP/1: busy connections; HTTP/2: open "
+        "streams).",
+        labels=("upstream", "provider", "backend", "endpoint"),
+    )
     info = GaugeMetricFamily(
         PREFIX + "backend_info",
         "Always 1: where a configured backend runs, to join on (the request counts carry no "
@@ -269,13 +280,15 @@ def _topology_families(topology: Topology) -> Iterator[Metric]:
                 backend_labels = [*labels, backend.origin, backend.endpoint]
                 backend_up.add_metric(backend_labels, 1 if backend.usable else 0)
                 in_flight.add_metric(backend_labels, backend.in_flight)
+                connections.add_metric(backend_labels, backend.connector.open_connections)
+                streams.add_metric(backend_labels, backend.connector.active_streams())
                 current = backend.state
                 for state in BACKEND_STATES:
                     backend_state.add_metric(
                         [*backend_labels, state], 1 if current == state else 0
                     )
     yield from (backend_up, backend_state, provider_up, provider_state, region_up, share,
-                in_flight, info)
+                in_flight, connections, streams, info)
 
 
 def exposition(store: MetricStore, topology: Topology, gauges: ProcessGauges) -> bytes:

@@ -332,6 +332,7 @@ class Supervisor:
             upstream.active_requests = 0
             for backend in upstream.backends:
                 backend.in_flight = 0
+                backend.connector.open_connections = backend.connector.reported_streams = 0
         latencies: dict[tuple[str, str], list[float]] = {}
         connections = 0
         for answer in replies:
@@ -339,10 +340,13 @@ class Supervisor:
             for name, active in answer["active"].items():
                 if name in self.topology.upstreams:
                     self.topology.upstreams[name].active_requests += active
-            for upstream_name, backend_name, in_flight, latency in answer["backends"]:
+            for upstream_name, backend_name, in_flight, latency, *open_now in answer["backends"]:
                 serving = self.topology.backend(upstream_name, backend_name)
                 if serving is not None:
                     serving.in_flight += in_flight
+                    if open_now:  # connections and streams (from a worker of this version)
+                        serving.connector.open_connections += open_now[0]
+                        serving.connector.reported_streams += open_now[1]
                     if latency:
                         latencies.setdefault((upstream_name, backend_name), []).append(latency)
         for (upstream_name, backend_name), values in latencies.items():

@@ -132,6 +132,7 @@ def _stats(server: ProxyServer) -> dict[str, Any]:
         "connections": len(plane.connections),
         "active": {u.name: u.active_requests for u in upstreams},
         "backends": [
-            [u.name, b.name, b.in_flight, b.ewma_latency] for u in upstreams for b in u.backends
+            [u.name, b.name, b.in_flight, b.ewma_latency, b.connector.open_connections,
+             b.connector.active_streams()] for u in upstreams for b in u.backends
         ],
     }

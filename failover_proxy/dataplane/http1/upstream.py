@@ -493,6 +493,9 @@ class Http1Connector(UpstreamConnector):
     def idle_stream(self, now: float) -> UpstreamStream | None:
         return self.take_idle(now)
 
+    def active_streams(self) -> int:
+        return max(0, self.open_connections - len(self.idle))
+
     async def open_stream(self) -> UpstreamStream:
         return await self.connect()
 

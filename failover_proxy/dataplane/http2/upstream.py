@@ -326,6 +326,7 @@ class Http2UpstreamConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.connector.open_connections += 1
+        self.connector.live.add(self)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
             # (h2 over TLS needs the backend to agree to it, RFC 9113 §3.2)
@@ -527,9 +528,15 @@ class Http2Connector(UpstreamConnector):
     def __init__(self, dial: Dial) -> None:
         super().__init__(dial)
         self.connections: list[Http2UpstreamConnection] = []
+        """The connections new streams may open on (newest last)."""
+        self.live: set[Http2UpstreamConnection] = set()
+        """Every open connection, those retired (GOAWAY, draining) included."""
         self.connecting: asyncio.Task[Http2UpstreamConnection] | None = None
         self.now = 0.0
         """The data plane's clock as of its last sweep (or the last connect)."""
+
+    def active_streams(self) -> int:
+        return sum(len(connection.streams) for connection in self.live)
 
     def idle_stream(self, now: float) -> UpstreamStream | None:
         for connection in reversed(self.connections):
@@ -589,6 +596,7 @@ class Http2Connector(UpstreamConnector):
 
     def forget(self, connection: Http2UpstreamConnection) -> None:
         self.open_connections -= 1
+        self.live.discard(connection)
         self.retire(connection)
 
     def sweep(self, now: float) -> None:
