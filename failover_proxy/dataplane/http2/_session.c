@@ -443,7 +443,7 @@ static int session_init(Session *self, PyObject *args, PyObject *kwargs) {
         return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     nghttp2_settings_entry entries[16];
-    if (n > 15) {
+    if (n > 16) {
         Py_DECREF(seq);
         PyErr_SetString(PyExc_ValueError, "too many settings");
         return -1;
@@ -468,10 +468,6 @@ static int session_init(Session *self, PyObject *args, PyObject *kwargs) {
         }
     }
     Py_DECREF(seq);
-    /* RFC 9113 §5.3.2: no RFC 7540 priority tree (cheaper scheduling; it was deprecated). */
-    entries[n].settings_id = NGHTTP2_SETTINGS_NO_RFC7540_PRIORITIES;
-    entries[n].value = 1;
-    n++;
 
     nghttp2_session_callbacks *callbacks;
     nghttp2_option *option;

@@ -162,6 +162,9 @@ class PureSession:
             received = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             flood = isinstance(exc, h2.exceptions.DenialOfServiceError)
+            if self.want_read:  # (a bad preface: h2 raised before it could say so)
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2.close_connection(error_code=int(exc.error_code))
             raise PureProtocolError(str(exc) or type(exc).__name__, flood) from None
         events: list[Event] = []
         refused: set[int] = set()
