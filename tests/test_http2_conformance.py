@@ -207,10 +207,8 @@ CASES = [
          + frame(DATA, 0, 1, b"x"), stream_error(STREAM_CLOSED) | IGNORED, 1),
     Case("5.1.1", "an even stream id from a client", headers(2),
          connection_error(PROTOCOL_ERROR)),
-    # libnghttp2 ignores it: the stream may be one it reset and forgot, whose client sends
-    # its trailers before it saw the reset (a connection error would punish a good client).
     Case("5.1.1", "a stream id lower than one already used", headers(5) + headers(3),
-         connection_error(PROTOCOL_ERROR) | IGNORED),
+         connection_error(PROTOCOL_ERROR)),
     # -- §5.3, §5.5: priority, extensions ----------------------------------------------------------
     Case("5.3.1", "a PRIORITY making a stream depend on itself", priority(1, 1),
          stream_error(PROTOCOL_ERROR) | IGNORED, 1),
@@ -391,6 +389,31 @@ async def test_conformance(h2_proxy: ProxyServer, case: Case) -> None:
         assert (await other.outcome(1, ping=False)).kind == "response"
     finally:
         other.close()
+
+
+async def test_the_trailers_of_a_stream_the_proxy_reset_are_no_error(
+    h2_proxy: ProxyServer,
+) -> None:
+    """A request answered before its body ended (here: no route) has its stream reset
+    (NO_ERROR) while the client may still be sending; its last DATA and trailers, arriving
+    after the reset, are dropped, not taken for a reused stream id (RFC 9113 §5.1.1)."""
+    peer = await Peer.connect(h2_proxy.port)
+    try:
+        block = Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/"),
+                                  (":authority", "nowhere.test")])
+        peer.send(frame(HEADERS, END_HEADERS, 1, block))
+        assert (await peer.outcome(1, ping=False)).kind == "response"  # the 404
+        while True:  # its body, then the reset that ends the stream
+            kind, _, on, payload = await peer.read_frame()
+            if kind == RST_STREAM and on == 1:
+                assert int.from_bytes(payload[:4]) == NO_ERROR
+                break
+        peer.send(frame(DATA, 0, 1, b"late"),
+                  frame(HEADERS, END_HEADERS | END_STREAM, 1, Encoder().encode([("x-sum", "1")])),
+                  headers(3))
+        assert (await peer.outcome(3, ping=False)).kind == "response"
+    finally:
+        peer.close()
 
 
 async def test_the_invalid_preface_of_a_client_that_chose_h2_by_alpn_is_refused() -> None:

@@ -317,3 +317,25 @@ async def test_h2_over_tls_agreed_by_alpn(
             client.get(f"http://127.0.0.1:{server.port}/tls{n}") for n in range(10)))
     assert {a.status_code for a in answers} == {200}
     assert backend.connections == 1
+
+
+async def test_a_backend_that_does_not_agree_to_h2_is_a_connect_failure(
+    tmp_path: Path, h2_backend: Any, proxy: StartProxy
+) -> None:
+    """`protocol: h2` over TLS needs the backend to pick h2 by ALPN (RFC 9113 §3.2); one that
+    offers only HTTP/1.1 fails the connect, and the client is told why."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("backend.test").configure_cert(context)
+    context.set_alpn_protocols(["http/1.1"])
+    backend = await h2_backend(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = await proxy(one_backend(
+        backend.port, "h2", "https",
+        f"    tls: {{ca_file: {ca_file}, server_name: backend.test}}\n"))
+    async with httpx.AsyncClient(trust_env=False) as client:
+        answer = await client.get(f"http://127.0.0.1:{server.port}/no-h2")
+    assert answer.status_code in (502, 503)
+    assert "did not agree to HTTP/2" in answer.text or "no usable backend" in answer.text
+    assert not backend.seen

@@ -41,6 +41,8 @@ enum {
 
 static PyObject *ProtocolError;
 
+#define RESET_RING 64
+
 typedef struct Outgoing Outgoing;
 
 typedef struct {
@@ -57,6 +59,10 @@ typedef struct {
     int failed;                /* a callback ran out of memory: the session is unusable */
     uint32_t max_streams;      /* streams the peer may open at once (server; see session_init) */
     uint32_t peer_streams;     /* streams the peer opened that are not closed yet */
+    int32_t last_peer_stream;  /* the highest stream id the peer opened (server) */
+    int32_t reset_ring[RESET_RING];  /* streams reset lately while the peer may still send */
+    int reset_at;
+    int bad_stream_id;         /* the peer reused a lower stream id: the session fails */
     Outgoing *outgoing;        /* every stream's sending state, to free with the session */
     /* Counts the connection reads to bound floods (it resets control_frames itself). */
     unsigned long long control_frames;
@@ -188,10 +194,35 @@ static int gather(Session *self) {
 
 /* -- nghttp2 callbacks ------------------------------------------------------------------- */
 
+/* A stream reset before the peer's side ended: its last frames may still come (trailers). */
+static void remember_reset(Session *self, int32_t stream_id) {
+    self->reset_ring[self->reset_at] = stream_id;
+    self->reset_at = (self->reset_at + 1) % RESET_RING;
+}
+
+static int was_reset(Session *self, int32_t stream_id) {
+    for (int i = 0; i < RESET_RING; i++)
+        if (self->reset_ring[i] == stream_id)
+            return 1;
+    return 0;
+}
+
 static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *user) {
     Session *self = user;
     if (hd->type > NGHTTP2_CONTINUATION)
         self->control_frames++;  /* an extension frame: ignored, and work all the same */
+    if (self->server && hd->type == NGHTTP2_HEADERS && (hd->stream_id & 1)) {
+        if (hd->stream_id > self->last_peer_stream) {
+            self->last_peer_stream = hd->stream_id;
+        } else if (nghttp2_session_get_stream_remote_close(s, hd->stream_id) < 0
+                   && !was_reset(self, hd->stream_id)) {
+            /* A stream id lower than one the client used, on no stream it could still be
+             * sending on (RFC 9113 §5.1.1): a connection error. (libnghttp2 ignores it, for
+             * the trailers of a stream it reset and forgot: those are let through above.) */
+            self->bad_stream_id = 1;
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
+        }
+    }
     return 0;
 }
 
@@ -203,6 +234,7 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void
          * client may retry it; the header block is still decoded (HPACK) and dropped. */
         self->control_frames++;
         Py_CLEAR(self->headers);
+        remember_reset(self, frame->hd.stream_id);
         nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, frame->hd.stream_id,
                                   NGHTTP2_REFUSED_STREAM);
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
@@ -312,6 +344,7 @@ static int on_invalid_frame_recv(nghttp2_session *s, const nghttp2_frame *frame,
     Py_CLEAR(self->headers);
     if (frame->hd.stream_id == 0)
         return 0;  /* a connection error: the session ends itself (GOAWAY) */
+    remember_reset(self, frame->hd.stream_id);
     if (emit(self, EV_INVALID, frame->hd.stream_id, NULL, lib_error_code) < 0) {
         self->failed = 1;
         return NGHTTP2_ERR_CALLBACK_FAILURE;
@@ -544,7 +577,8 @@ static PyObject *fail(Session *self, int code) {
     gather(self);
     PyErr_Clear();
     const char *why = self->headers_too_large ? "header list larger than announced"
-                                              : nghttp2_strerror(code);
+                      : self->bad_stream_id ? "a stream id lower than one already used"
+                      : nghttp2_strerror(code);
     PyObject *value = Py_BuildValue("(sO)", why, flood ? Py_True : Py_False);
     if (value != NULL) {
         PyErr_SetObject(ProtocolError, value);
@@ -717,6 +751,7 @@ static PyObject *session_reset(Session *self, PyObject *args) {
         release_view(outgoing);
         Py_CLEAR(outgoing->trailers);
     }
+    remember_reset(self, stream_id);
     nghttp2_submit_rst_stream(self->session, NGHTTP2_FLAG_NONE, stream_id, code);
     return finish(self);
 }

@@ -327,13 +327,15 @@ class Http2UpstreamConnection:
         transport = cast(asyncio.Transport, transport)
         self.connector.open_connections += 1
         self.connector.live.add(self)
+        self.io = io = ConnectionIO(transport, self.data_received, self.eof_received,
+                                    self.read_failed)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
             # (h2 over TLS needs the backend to agree to it, RFC 9113 §3.2)
             self.lost_to = ConnectionRefusedError("the backend did not agree to HTTP/2 (ALPN)")
-            transport.abort()
+            self.closed = True
+            io.abort()
             return
-        self.io = ConnectionIO(transport, self.data_received, self.eof_received, self.read_failed)
         self._write()  # the preface and our SETTINGS
 
     def connection_lost(self, exc: Exception | None) -> None:
