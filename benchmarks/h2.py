@@ -1,21 +1,25 @@
 """HTTP/2 from clients (h2c with prior knowledge): failover-proxy against nginx, both in front
-of the same HTTP/1.1 nginx backend (compare.py's configurations, the listener turned to h2c).
+of the same HTTP/1.1 nginx backend (compare.py's configurations, the listener turned to h2c);
+and failover-proxy in front of an h2c nginx backend (`protocol: h2c`: the upstream cells; nginx
+proxies HTTP/1.1 only, so its figures are the same baseline).
 
 h2load (Debian nghttp2-client) opens `c` connections with `m` streams in flight on each, asks
 for the 100-byte /small for a fixed time, and reports req/s. Each proxy runs one worker pinned
-to core 0, h2load and the backend on core 1; targets alternate round by round (the order
+to core 0, h2load and the backends on core 1; targets alternate round by round (the order
 flips); each figure is the median over rounds, ratios the medians of the per-round ratios to
-nginx. CPU per request is what the proxy's processes were charged over the run.
+nginx. CPU per request is what the proxy's processes were charged over the run. Then the
+memory 10,000 idle HTTP/2 connections take (each after one answered request), per proxy.
 
-    python benchmarks/h2.py [--rounds 6] [--duration 3]
+    python benchmarks/h2.py [--rounds 6] [--duration 3] [--idle 10000]
 
 Writes benchmarks/results/h2.md and h2.json. The goal (issue 38) is >= 1.0x nginx req/s and
-<= 1.0x its CPU per request in every cell: this measures how far the codec is from it.
+<= 1.0x its CPU per request in every cell, and <= 150 MB for the idle connections.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import statistics
@@ -32,14 +36,17 @@ from common import (
     ensure_tools,
     free_port,
     pinned,
+    process_tree,
     raise_open_file_limit,
+    rss_mib,
     start_nginx,
     wait_port,
 )
 from compare import backend_block, failover_config, nginx_proxy_block
 
 CELLS = {"c16 m10": (16, 10), "c64 m100": (64, 100)}
-TARGETS = ("nginx", "failover-proxy")
+TARGETS = ("nginx", "failover-proxy", "failover-proxy h2c upstream")
+IDLE_TARGETS = ("nginx", "failover-proxy")
 _FINISHED = re.compile(rb"finished in [\d.]+s, ([\d.]+) req/s")
 _SUCCEEDED = re.compile(
     rb"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed"
@@ -60,7 +67,8 @@ def run_h2load(port: int, seconds: float, connections: int, streams: int) -> tup
     return float(rate.group(1)), int(counts.group(1)), int(counts.group(2))
 
 
-def start(tmp: Path, backend_port: int) -> dict[str, tuple[int, subprocess.Popen[bytes]]]:
+def start(tmp: Path, backend_port: int,
+          h2c_backend_port: int) -> dict[str, tuple[int, subprocess.Popen[bytes]]]:
     started = {}
     port = free_port()
     block = nginx_proxy_block(port, backend_port).replace(
@@ -80,6 +88,16 @@ def start(tmp: Path, backend_port: int) -> dict[str, tuple[int, subprocess.Popen
     started["failover-proxy"] = (port, subprocess.Popen(
         pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]), cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    port = free_port()
+    conf = tmp / "failover-proxy-h2c.yaml"
+    conf.write_text(failover_config(port, h2c_backend_port, "1").replace(
+        "backlog: 4096}", "backlog: 4096, http2: {h2c: true}}").replace(
+        "    retry: {attempts: 2}\n",
+        "    retry: {attempts: 2}\n    protocol: h2c\n"
+        "    circuit_breaker: {max_requests_per_backend: 100000, max_requests: 100000}\n"))
+    started["failover-proxy h2c upstream"] = (port, subprocess.Popen(
+        pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     for port, _ in started.values():
         wait_port(port)
     time.sleep(1.0)
@@ -90,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--idle", type=int, default=10_000)
     args = parser.parse_args()
     ensure_tools({"nginx": "nginx", "h2load": "nghttp2-client"})
     raise_open_file_limit()
@@ -99,8 +118,14 @@ def main() -> None:
         (tmp / "www").mkdir()
         backend_port = free_port()
         backend = start_nginx("backend", "1", backend_block(backend_port, tmp / "www"), tmp, 1)
+        h2c_port = free_port()
+        h2c_backend = start_nginx("backend-h2c", "1", backend_block(h2c_port, tmp / "www").replace(
+            f"listen 127.0.0.1:{h2c_port} ", f"listen 127.0.0.1:{h2c_port} http2 ").replace(
+            "location = /small", "http2_max_concurrent_streams 1000; location = /small"),
+            tmp, 1)
         wait_port(backend_port)
-        targets = start(tmp, backend_port)
+        wait_port(h2c_port)
+        targets = start(tmp, backend_port, h2c_port)
         try:
             for port, _ in targets.values():  # warm up
                 run_h2load(port, 1, 16, 10)
@@ -116,15 +141,74 @@ def main() -> None:
                         samples.setdefault((name, cell), []).append((rate, cpu * 1e6, failed))
                         print(f"  round {round_number + 1} {cell:9} {name:15} {rate:9.0f} req/s"
                               f"  CPU {cpu * 1e6:6.1f} us/req  failed {failed}", flush=True)
+            idle = [idle_memory(name, *targets[name], args.idle) for name in IDLE_TARGETS]
         finally:
             for _, process in targets.values():
                 process.terminate()
             backend.terminate()
-    write_results(samples, args)
+            h2c_backend.terminate()
+    write_results(samples, idle, args)
+
+
+async def _hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """`count` HTTP/2 connections, each after one answered request, left open: the preface,
+    an empty SETTINGS, a GET on stream 1, its answer read to the end of the stream."""
+    from hpack import Encoder
+
+    block = Encoder().encode([(":method", "GET"), (":scheme", "http"), (":path", "/small"),
+                              (":authority", "bench")])
+    request = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0\0\0\x04\0\0\0\0\0"
+               + len(block).to_bytes(3, "big") + b"\x01\x05\0\0\0\x01" + block)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        buffer = b""
+        while True:  # frames until one on stream 1 carries END_STREAM
+            while len(buffer) < 9 or len(buffer) < 9 + int.from_bytes(buffer[:3], "big"):
+                buffer += await reader.read(65536)
+            length, flags = int.from_bytes(buffer[:3], "big"), buffer[4]
+            stream = int.from_bytes(buffer[5:9], "big")
+            if buffer[3] == 4 and not flags & 1:
+                writer.write(b"\0\0\0\x04\x01\0\0\0\0")  # ACK its SETTINGS
+            buffer = buffer[9 + length :]
+            if stream == 1 and flags & 1:
+                break
+        writers.append(writer)
+
+    for start_at in range(0, count, 500):
+        await asyncio.gather(*(one() for _ in range(min(500, count - start_at))))
+    return writers
+
+
+def tree_rss(pid: int) -> float:
+    """RSS of a proxy's processes together (master or supervisor and workers), MiB."""
+    return sum(rss_mib(each) for each in process_tree(pid))
+
+
+def idle_memory(name: str, port: int, process: subprocess.Popen[bytes],
+                count: int) -> dict[str, float | str]:
+    before = tree_rss(process.pid)
+
+    async def hold() -> float:
+        writers = await _hold_idle(port, count)
+        await asyncio.sleep(1.0)
+        held = tree_rss(process.pid)
+        for writer in writers:
+            writer.close()
+        await asyncio.sleep(0.5)
+        return held
+
+    held = asyncio.run(hold())
+    print(f"  {name:15} {count} idle HTTP/2 connections: {before:.1f} -> {held:.1f} MiB",
+          flush=True)
+    return {"target": name, "connections": count, "rss_before_mib": before,
+            "rss_with_idle_mib": held, "extra_mib": held - before}
 
 
 def write_results(samples: dict[tuple[str, str], list[tuple[float, float, int]]],
-                  args: argparse.Namespace) -> None:
+                  idle: list[dict[str, float | str]], args: argparse.Namespace) -> None:
     rows = []
     for cell in CELLS:
         nginx = samples[("nginx", cell)]
@@ -142,13 +226,15 @@ def write_results(samples: dict[tuple[str, str], list[tuple[float, float, int]]]
             })
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "h2.json").write_text(json.dumps(
-        {"rounds": args.rounds, "duration": args.duration, "rows": rows}, indent=2) + "\n")
+        {"rounds": args.rounds, "duration": args.duration, "rows": rows, "idle": idle},
+        indent=2) + "\n")
     lines = [
         "# HTTP/2 from clients (h2c): failover-proxy against nginx",
         "",
         f"h2load, {args.duration:g} s per run, median of {args.rounds} alternating rounds; "
-        "one worker each pinned to core 0, h2load and the nginx backend (HTTP/1.1, 100-byte "
-        "/small) on core 1. Ratios are the medians of the per-round ratios to nginx.",
+        "one worker each pinned to core 0, h2load and the nginx backends (HTTP/1.1, and h2c "
+        "for the h2c upstream target; 100-byte /small) on core 1. Ratios are the medians of "
+        "the per-round ratios to nginx (which proxies HTTP/1.1 in every cell).",
         "",
         "| cell | target | req/s | vs nginx | CPU us/req | CPU vs nginx | failed |",
         "|---|---|---|---|---|---|---|",
@@ -158,6 +244,11 @@ def write_results(samples: dict[tuple[str, str], list[tuple[float, float, int]]]
             f"| {row['cell']} | {row['target']} | {row['requests_per_second']:.0f} | "
             f"{row['rps_vs_nginx']:.2f}x | {row['cpu_us_per_request']:.1f} | "
             f"{row['cpu_vs_nginx']:.2f}x | {row['failed']} |")
+    lines += ["", "| idle HTTP/2 connections | target | RSS before | RSS with them | extra |",
+              "|---|---|---|---|---|"]
+    for row in idle:
+        lines.append(f"| {row['connections']} | {row['target']} | {row['rss_before_mib']:.1f} MiB"
+                     f" | {row['rss_with_idle_mib']:.1f} MiB | {row['extra_mib']:.1f} MiB |")
     (RESULTS / "h2.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -35,6 +35,7 @@ from hyperframe.frame import (
 )
 
 from failover_proxy.dataplane.http2 import engine
+from failover_proxy.dataplane.http2.downstream import Http2Connection
 from failover_proxy.process.server import ProxyServer
 from failover_proxy.sim.faults import FaultBackend
 
@@ -707,3 +708,48 @@ def test_the_libnghttp2_engine_is_the_one_in_use_where_built() -> None:
         assert not engine.NATIVE
     elif sys.platform.startswith("linux") and Path("/usr/include/nghttp2/nghttp2.h").exists():
         assert engine.NATIVE
+
+
+async def test_a_client_that_never_reads_holds_a_bounded_buffer(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """A client that opens every window as wide as it goes, asks for ten 8 MB responses and
+    then reads nothing: the proxy writes until the socket takes no more, then stops reading
+    the backends. What it holds for that connection (the transport's buffer and the streams'
+    pending data) stays within a few hundred kilobytes, not the 80 MB the backends offer."""
+    body = b"q" * 8_000_000
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            writer.write(body)
+            await writer.drain()
+
+    server = await proxy(single_upstream_config([await raw_backend(backend)]).replace(
+        "port: 0}", "port: 0, http2: {h2c: true}}", 1))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.transport.set_write_buffer_limits(0)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    client.increment_flow_control_window(2**31 - 1 - 65535)
+    for n in range(10):
+        client.send_headers(client.get_next_available_stream_id(), [
+            (":method", "GET"), (":path", f"/big{n}"), (":scheme", "http"),
+            (":authority", "example.test")], end_stream=True)
+    writer.write(client.data_to_send())
+    reader._transport.pause_reading()  # type: ignore[attr-defined]  # reads nothing more
+    connection = None
+    held = 0
+    for _ in range(30):
+        await asyncio.sleep(0.1)
+        connection = next((c for c in server.plane.connections  # type: ignore[union-attr]
+                           if isinstance(c, Http2Connection)), None)
+        if connection is not None and connection.transport is not None:
+            held = connection.transport.get_write_buffer_size() + sum(
+                len(piece) for stream in connection.streams.values() for piece in stream.pending)
+    assert connection is not None and connection.write_paused
+    print(f"held for a client that reads nothing: {held} bytes")
+    assert held < 1_000_000
+    writer.close()
