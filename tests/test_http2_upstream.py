@@ -339,3 +339,45 @@ async def test_a_backend_that_does_not_agree_to_h2_is_a_connect_failure(
     assert answer.status_code in (502, 503)
     assert "did not agree to HTTP/2" in answer.text or "no usable backend" in answer.text
     assert not backend.seen
+
+
+async def test_auto_speaks_h2_where_the_backend_agrees_and_http1_where_not(
+    tmp_path: Path, h2_backend: Any, proxy: StartProxy
+) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    def context(alpn: list[str]) -> ssl.SSLContext:
+        made = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("backend.test").configure_cert(made)
+        made.set_alpn_protocols(alpn)
+        return made
+
+    h2_only = await h2_backend(context(["h2"]))
+    http1_seen: list[bytes] = []
+
+    async def http1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                http1_seen.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhttp1\n")
+                await writer.drain()
+
+    server1 = await asyncio.start_server(http1, "127.0.0.1", 0, ssl=context(["http/1.1"]))
+    port1 = server1.sockets[0].getsockname()[1]
+    tls = f"    tls: {{ca_file: {ca_file}, server_name: backend.test}}\n"
+    try:
+        for port, expect in ((h2_only.port, "h2"), (port1, "http1")):
+            server = await proxy(one_backend(port, "auto", "https", tls))
+            async with httpx.AsyncClient(trust_env=False) as client:
+                answers = [await client.get(f"http://127.0.0.1:{server.port}/auto{n}")
+                           for n in range(3)]
+            assert {a.status_code for a in answers} == {200}
+            if expect == "h2":
+                assert {a.json()["backend"] for a in answers} == {"h2"}
+                assert len(h2_only.seen) == 3
+            else:
+                assert {a.text for a in answers} == {"http1\n"} and len(http1_seen) == 3
+    finally:
+        server1.close()

@@ -633,12 +633,14 @@ class HashOnConfig:
 @config_class
 class UpstreamConfig:
     backends: Annotated[list[BackendConfig], Constraints(min_length=1)]
-    protocol: Literal["http1", "h2c", "h2"] = "http1"
+    protocol: Literal["http1", "h2c", "h2", "auto"] = "http1"
     """The protocol spoken to these backends: `http1` is HTTP/1.1, one request at a time per
     connection, connections kept alive in a pool per backend (and `http/1.1` offered by ALPN
     over TLS); `h2c` is HTTP/2 in cleartext with prior knowledge (`http://` backends) and
     `h2` HTTP/2 over TLS, agreed by ALPN (`https://` backends): many requests at once on one
-    connection per backend (see `http2`). Clients' protocols are translated either way."""
+    connection per backend (see `http2`); `auto` asks by ALPN and speaks h2 to backends that
+    agree, HTTP/1.1 to the others (and to `http://` ones). Clients' protocols are translated
+    either way."""
     http2: UpstreamHttp2Config = UpstreamHttp2Config()
     """HTTP/2 connections to these backends (protocol h2c or h2)."""
     balancer: Literal["round_robin", "least_request", "hash"] = "round_robin"

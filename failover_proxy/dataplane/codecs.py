@@ -10,11 +10,12 @@ from typing import Final
 from ..model.connector import Connector, Dial
 from .http1.downstream import protocol_factory
 from .http1.upstream import Http1Connector
-from .http2.upstream import Http2Connector
+from .http2.upstream import AutoConnector, Http2Connector
 from .plane import DataPlane
 
 CONNECTORS: Final[dict[str, Callable[[Dial], Connector]]] = {
     "http1": Http1Connector, "h2c": Http2Connector, "h2": Http2Connector,
+    "auto": AutoConnector,
 }
 """An upstream's `protocol` → the connector class of its backends."""
 

@@ -1,11 +1,11 @@
 """Active health checks: one probe loop per backend, off the request path.
 
 HTTP probes use one shared aiohttp session (the control plane's client), or httpx for the
-backends of an upstream that speaks HTTP/2 (`protocol: h2c | h2`: checked in the protocol its
-requests use); TCP probes only connect. Probes start at once, repeat every `interval` (every
-`unhealthy_interval` while the backend is down, so it comes back sooner), with jitter so that
-many proxies do not probe in lockstep. `unhealthy_threshold` failures in a row mark a backend
-unhealthy, `healthy_threshold` passes bring it back.
+backends of an upstream that speaks HTTP/2 (`protocol: h2c | h2 | auto`: checked in the
+protocol its requests use); TCP probes only connect. Probes start at once, repeat every
+`interval` (every `unhealthy_interval` while the backend is down, so it comes back sooner),
+with jitter so that many proxies do not probe in lockstep. `unhealthy_threshold` failures in
+a row mark a backend unhealthy, `healthy_threshold` passes bring it back.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class HealthChecker:
                 await _connect(backend.host, backend.port, config.timeout)
                 return True, "connected"
             async with asyncio.timeout(config.timeout):
-                if upstream.config.protocol in ("h2c", "h2"):
+                if upstream.config.protocol in ("h2c", "h2", "auto"):
                     return await self._http2_probe(upstream, backend, config)
                 return await self._http_probe(upstream, backend, config)
         except TimeoutError:
@@ -138,7 +138,8 @@ class HealthChecker:
         verify: ssl.SSLContext | bool = (upstream.ssl_context or True) if https else False
         headers = {"Host": backend.host_header.decode(), **config.headers}
         extensions = {"sni_hostname": backend.dial.server_hostname} if https else {}
-        async with httpx.AsyncClient(http1=False, http2=True, verify=verify, trust_env=False,
+        auto = upstream.config.protocol == "auto"  # (HTTP/1.1 where ALPN says so)
+        async with httpx.AsyncClient(http1=auto, http2=True, verify=verify, trust_env=False,
                                      timeout=None, follow_redirects=False) as client:
             response = await client.request(config.method, url, headers=headers,
                                             extensions=extensions)

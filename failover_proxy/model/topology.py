@@ -431,7 +431,7 @@ def _tier_text(tier: Domain) -> str:
     return f"region {tier.name}" if isinstance(tier, Region) else f"provider {tier.name}"
 
 
-ALPN: Final = {"http1": ["http/1.1"], "h2": ["h2"], "h2c": []}
+ALPN: Final = {"http1": ["http/1.1"], "h2": ["h2"], "h2c": [], "auto": ["h2", "http/1.1"]}
 """What TLS offers a backend, by the upstream's `protocol`."""
 
 

@@ -80,6 +80,11 @@ class FrameSession(Protocol):
     def window(self, stream_id: int, /) -> int: ...
 
 
+class NotAgreed(ConnectionRefusedError):
+    """A backend that did not pick h2 by ALPN (RFC 9113 §3.2). (Defined here, where nothing
+    is compiled: mypyc cannot subclass a built-in exception.)"""
+
+
 class PureProtocolError(Exception):
     """The peer broke HTTP/2 (args: why, and whether it was a flood); the GOAWAY saying so is
     gathered to send."""

@@ -30,6 +30,7 @@ from typing import Final, cast
 
 from ...model.connector import Dial
 from ..http1.headers import build_request_head, forwarded_block
+from ..http1.upstream import Http1Connector
 from ..io.connio import ConnectionIO
 from ..request import EMPTY_BODY, Request
 from ..streams import DownstreamStream, StreamOwner, UpstreamConnector, UpstreamStream
@@ -47,6 +48,7 @@ from .engine import (
     RESET,
     WINDOW,
     FrameSession,
+    NotAgreed,
     new_session,
 )
 from .fields import Fields, fields_of_lines, response_head, trailer_fields, trailer_lines
@@ -332,7 +334,7 @@ class Http2UpstreamConnection:
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
             # (h2 over TLS needs the backend to agree to it, RFC 9113 §3.2)
-            self.lost_to = ConnectionRefusedError("the backend did not agree to HTTP/2 (ALPN)")
+            self.lost_to = NotAgreed("the backend did not agree to HTTP/2 (ALPN)")
             self.closed = True
             io.abort()
             return
@@ -614,3 +616,45 @@ class Http2Connector(UpstreamConnector):
             else:
                 connection.draining = True
         self.connections.clear()
+
+
+class AutoConnector(UpstreamConnector):
+    """`protocol: auto`: HTTP/2 where the backend agrees to it by ALPN, HTTP/1.1 where it
+    does not (or without TLS, where there is no ALPN to ask). Learned from the first
+    connection and kept for the connector's life (a reload that changes the backend makes a
+    new one)."""
+
+    def __init__(self, dial: Dial) -> None:
+        super().__init__(dial)
+        self.http1 = Http1Connector(dial)
+        self.http2 = Http2Connector(dial)
+        self.chosen: UpstreamConnector | None = self.http1 if dial.ssl_context is None else None
+
+    def idle_stream(self, now: float) -> UpstreamStream | None:
+        chosen = self.chosen
+        return chosen.idle_stream(now) if chosen is not None else None
+
+    async def open_stream(self) -> UpstreamStream:
+        chosen = self.chosen
+        if chosen is not None:
+            return await chosen.open_stream()
+        try:
+            stream = await self.http2.open_stream()
+        except NotAgreed:
+            self.chosen = self.http1
+            return await self.http1.open_stream()
+        self.chosen = self.http2
+        return stream
+
+    def active_streams(self) -> int:
+        return self.http1.active_streams() + self.http2.active_streams()
+
+    def sweep(self, now: float) -> None:
+        self.http1.sweep(now)
+        self.http2.sweep(now)
+        self.open_connections = self.http1.open_connections + self.http2.open_connections
+
+    def close(self) -> None:
+        self.closed = True
+        self.http1.close()
+        self.http2.close()
