@@ -753,3 +753,4 @@ async def test_a_client_that_never_reads_holds_a_bounded_buffer(
     print(f"held for a client that reads nothing: {held} bytes")
     assert held < 1_000_000
     writer.close()
+

@@ -427,3 +427,36 @@ async def test_the_invalid_preface_of_a_client_that_chose_h2_by_alpn_is_refused(
         session.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     tail = session.data_to_send()
     assert not session.want_read or tail[3:4] == bytes([GOAWAY])
+
+
+async def test_draining_sends_goaway_and_lets_streams_finish(
+    fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """While a proxy drains, an HTTP/2 client is told GOAWAY (NO_ERROR, naming the last
+    stream it will answer: RFC 9113 §6.8) so that it takes new requests elsewhere, as an
+    HTTP/1.1 client is told `Connection: close`; the stream in progress is answered whole,
+    then the connection closes."""
+    aws, gcp = await fault_backends("aws-a", "gcp-a")
+    aws.mode, aws.delay = "slow", 0.8
+    server = await proxy(two_providers(aws, gcp))
+    peer = await Peer.connect(server.port)
+    draining: asyncio.Task[None] | None = None
+    try:
+        peer.send(headers(1))
+        await asyncio.sleep(0.2)
+        draining = asyncio.get_running_loop().create_task(server.drain(delay=3.0, grace=5.0))
+        seen: list[tuple[int, int, int, bytes]] = []
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while True:
+                seen.append(await peer.read_frame())
+    finally:
+        peer.close()
+        if draining is not None:
+            draining.cancel()
+    kinds = [(kind, on) for kind, _, on, _ in seen if kind in (GOAWAY, HEADERS, DATA)]
+    goaway = next(payload for kind, _, _, payload in seen if kind == GOAWAY)
+    assert kinds[0] == (GOAWAY, 0), kinds  # told at once, before the answer
+    assert int.from_bytes(goaway[:4]) == 1 and int.from_bytes(goaway[4:8]) == NO_ERROR
+    assert (HEADERS, 1) in kinds and kinds[-1] == (DATA, 1)
+    last_flags = [flags for kind, flags, on, _ in seen if kind == DATA and on == 1][-1]
+    assert last_flags & END_STREAM  # answered whole, then the connection closed

@@ -809,6 +809,12 @@ class Http2Connection(ClientConnection):
         if self.write_paused and now - self.write_stalled_since >= self.limits.send_timeout:
             self.abort()  # the client has taken nothing for send_timeout: gone (499s)
             return
+        if self.plane.draining and not self.goaway_sent:
+            # Draining: GOAWAY, so the client takes its next requests elsewhere (an HTTP/1
+            # response says `Connection: close`); the streams in progress finish.
+            self.close_if_idle()
+            if self.closed:
+                return
         settings = self.settings
         if self.ping_sent_at:
             if now - self.ping_sent_at >= settings.ping_timeout:

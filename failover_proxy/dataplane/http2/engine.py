@@ -19,6 +19,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 
 HEADERS: Final = 1
 DATA: Final = 2
@@ -142,6 +143,9 @@ class PureSession:
         self.control_frames = 0
         self.window_updates = 0
         self.data_frames_sent = 0
+        self.goaway_last = -1
+        """The last stream a graceful GOAWAY of ours said we would answer (-1: none sent)."""
+        self.unsent = b""
 
     @property
     def want_read(self) -> bool:
@@ -187,6 +191,10 @@ class PureSession:
                 opened -= 1
                 self.control_frames += 1  # refused, as _session.c refuses it
                 self.h2.reset_stream(event.stream_id, REFUSED_STREAM)
+                refused.add(event.stream_id)
+            elif (isinstance(event, h2.events.RequestReceived)
+                  and 0 <= self.goaway_last < (event.stream_id or 0)):
+                self.h2.reset_stream(event.stream_id, REFUSED_STREAM)  # (after our GOAWAY)
                 refused.add(event.stream_id)
             elif getattr(event, "stream_id", None) in refused:
                 continue
@@ -265,15 +273,23 @@ class PureSession:
 
     def goaway(self, code: int, debug: bytes = b"", last_stream_id: int = -1) -> None:
         last = self.h2.highest_inbound_stream_id if last_stream_id < 0 else last_stream_id
-        self.h2.close_connection(error_code=code, additional_data=debug or None,
-                                 last_stream_id=last)
+        if code != NO_ERROR:
+            self.h2.close_connection(error_code=code, additional_data=debug or None,
+                                     last_stream_id=last)
+            return
+        # A graceful GOAWAY: `h2` would end the whole connection with it, so the frame is
+        # made here; the streams up to `last` carry on, later ones are refused.
+        self.goaway_last = last
+        self.unsent += GoAwayFrame(0, last_stream_id=last, error_code=code,
+                                   additional_data=debug).serialize()
 
     def ping(self) -> None:
         self.h2.ping(b"\0" * 8)
 
     def data_to_send(self) -> bytes:
         preamble, self.preamble = self.preamble, b""
-        return preamble + bytes(self.h2.data_to_send())
+        unsent, self.unsent = self.unsent, b""
+        return preamble + bytes(self.h2.data_to_send()) + unsent
 
     def window(self, stream_id: int) -> int:
         if stream_id:
