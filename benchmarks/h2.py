@@ -75,29 +75,21 @@ def start(tmp: Path, backend_port: int,
         f"listen 127.0.0.1:{port} backlog=4096;",
         f"listen 127.0.0.1:{port} http2 backlog=4096; http2_max_concurrent_streams 128;")
     started["nginx"] = (port, start_nginx("nginx-h2c", "1", block, tmp, 0))
-    port = free_port()
-    conf = tmp / "failover-proxy.yaml"
     # 64 connections of 100 streams are 6,400 requests in flight, past the circuit breaker's
     # default 1,024 per backend (HTTP/1 clients never have more in flight than connections):
     # raised, as nginx has no such bound.
-    conf.write_text(failover_config(port, backend_port, "1").replace(
-        "backlog: 4096}", "backlog: 4096, http2: {h2c: true}}").replace(
-        "    retry: {attempts: 2}\n",
-        "    retry: {attempts: 2}\n"
-        "    circuit_breaker: {max_requests_per_backend: 100000, max_requests: 100000}\n"))
-    started["failover-proxy"] = (port, subprocess.Popen(
-        pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]), cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    port = free_port()
-    conf = tmp / "failover-proxy-h2c.yaml"
-    conf.write_text(failover_config(port, h2c_backend_port, "1").replace(
-        "backlog: 4096}", "backlog: 4096, http2: {h2c: true}}").replace(
-        "    retry: {attempts: 2}\n",
-        "    retry: {attempts: 2}\n    protocol: h2c\n"
-        "    circuit_breaker: {max_requests_per_backend: 100000, max_requests: 100000}\n"))
-    started["failover-proxy h2c upstream"] = (port, subprocess.Popen(
-        pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]), cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    breaker = "    circuit_breaker: {max_requests_per_backend: 100000, max_requests: 100000}\n"
+    for name, origin, extra in (("failover-proxy", backend_port, ""),
+                                ("failover-proxy h2c upstream", h2c_backend_port,
+                                 "    protocol: h2c\n")):
+        port = free_port()
+        conf = tmp / f"{name.replace(' ', '-')}.yaml"
+        conf.write_text(failover_config(port, origin, "1").replace(
+            "backlog: 4096}", "backlog: 4096, http2: {h2c: true}}").replace(
+            "    retry: {attempts: 2}\n", "    retry: {attempts: 2}\n" + extra + breaker))
+        started[name] = (port, subprocess.Popen(
+            pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]),
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     for port, _ in started.values():
         wait_port(port)
     time.sleep(1.0)

@@ -299,19 +299,25 @@ async def test_health_checks_speak_http2_to_http2_backends(
     assert aws.probe_protocols["h2"] >= 2 and not aws.probe_protocols["http1"]
 
 
-async def test_h2_over_tls_agreed_by_alpn(
-    tmp_path: Path, h2_backend: Any, proxy: StartProxy
-) -> None:
+def backend_tls(tmp_path: Path, alpn: list[str]) -> tuple[ssl.SSLContext, str]:
+    """A backend's TLS context (certificate for backend.test, offering `alpn`) and the upstream
+    lines that trust it."""
     ca = trustme.CA()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("backend.test").configure_cert(context)
-    context.set_alpn_protocols(["h2"])
-    backend = await h2_backend(context)
-    ca_file = tmp_path / "ca.pem"
+    context.set_alpn_protocols(alpn)
+    ca_file = tmp_path / f"ca-{len(list(tmp_path.glob('ca-*')))}.pem"
     ca.cert_pem.write_to_path(str(ca_file))
+    return context, f"    tls: {{ca_file: {ca_file}, server_name: backend.test}}\n"
+
+
+async def test_h2_over_tls_agreed_by_alpn(
+    tmp_path: Path, h2_backend: Any, proxy: StartProxy
+) -> None:
+    context, tls = backend_tls(tmp_path, ["h2"])
+    backend = await h2_backend(context)
     server = await proxy(one_backend(
-        backend.port, "h2", "https",
-        f"    tls: {{ca_file: {ca_file}, server_name: backend.test}}\n"))
+        backend.port, "h2", "https", tls))
     async with httpx.AsyncClient(trust_env=False) as client:
         answers = await asyncio.gather(*(
             client.get(f"http://127.0.0.1:{server.port}/tls{n}") for n in range(10)))
@@ -324,16 +330,9 @@ async def test_a_backend_that_does_not_agree_to_h2_is_a_connect_failure(
 ) -> None:
     """`protocol: h2` over TLS needs the backend to pick h2 by ALPN (RFC 9113 §3.2); one that
     offers only HTTP/1.1 fails the connect, and the client is told why."""
-    ca = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("backend.test").configure_cert(context)
-    context.set_alpn_protocols(["http/1.1"])
+    context, tls = backend_tls(tmp_path, ["http/1.1"])
     backend = await h2_backend(context)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    server = await proxy(one_backend(
-        backend.port, "h2", "https",
-        f"    tls: {{ca_file: {ca_file}, server_name: backend.test}}\n"))
+    server = await proxy(one_backend(backend.port, "h2", "https", tls))
     async with httpx.AsyncClient(trust_env=False) as client:
         answer = await client.get(f"http://127.0.0.1:{server.port}/no-h2")
     assert answer.status_code in (502, 503)
@@ -344,17 +343,9 @@ async def test_a_backend_that_does_not_agree_to_h2_is_a_connect_failure(
 async def test_auto_speaks_h2_where_the_backend_agrees_and_http1_where_not(
     tmp_path: Path, h2_backend: Any, proxy: StartProxy
 ) -> None:
-    ca = trustme.CA()
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-
-    def context(alpn: list[str]) -> ssl.SSLContext:
-        made = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("backend.test").configure_cert(made)
-        made.set_alpn_protocols(alpn)
-        return made
-
-    h2_only = await h2_backend(context(["h2"]))
+    h2_context, h2_tls = backend_tls(tmp_path, ["h2"])
+    http1_context, http1_tls = backend_tls(tmp_path, ["http/1.1"])
+    h2_only = await h2_backend(h2_context)
     http1_seen: list[bytes] = []
 
     async def http1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -364,11 +355,10 @@ async def test_auto_speaks_h2_where_the_backend_agrees_and_http1_where_not(
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhttp1\n")
                 await writer.drain()
 
-    server1 = await asyncio.start_server(http1, "127.0.0.1", 0, ssl=context(["http/1.1"]))
+    server1 = await asyncio.start_server(http1, "127.0.0.1", 0, ssl=http1_context)
     port1 = server1.sockets[0].getsockname()[1]
-    tls = f"    tls: {{ca_file: {ca_file}, server_name: backend.test}}\n"
     try:
-        for port, expect in ((h2_only.port, "h2"), (port1, "http1")):
+        for port, expect, tls in ((h2_only.port, "h2", h2_tls), (port1, "http1", http1_tls)):
             server = await proxy(one_backend(port, "auto", "https", tls))
             async with httpx.AsyncClient(trust_env=False) as client:
                 answers = [await client.get(f"http://127.0.0.1:{server.port}/auto{n}")

@@ -32,17 +32,11 @@ class Sample:
 
 
 @dataclass
-class KeepAliveLoad:
-    port: int
-    clients: int
-    path: str = "/work"
-    host: str = "127.0.0.1"
-    authority: str = ""
-    """The Host header (default: host:port)."""
-    timeout: float = 10.0
-    """Longest wait for one response: past it the request counts as an error."""
-    samples: list[Sample] = field(default_factory=list)
-    _stopping: bool = False
+class Recorded:
+    """Every outcome of a load, and its stop switch."""
+
+    samples: list[Sample] = field(default_factory=list, kw_only=True)
+    _stopping: bool = field(default=False, kw_only=True)
 
     @property
     def errors(self) -> list[Sample]:
@@ -55,12 +49,25 @@ class KeepAliveLoad:
     def since(self, moment: float) -> list[Sample]:
         return [s for s in self.samples if s.started >= moment]
 
+    def stop(self) -> None:
+        """Every client finishes the request it has in flight, then `run` returns."""
+        self._stopping = True
+
+
+@dataclass
+class KeepAliveLoad(Recorded):
+    port: int
+    clients: int
+    path: str = "/work"
+    host: str = "127.0.0.1"
+    authority: str = ""
+    """The Host header (default: host:port)."""
+    timeout: float = 10.0
+    """Longest wait for one response: past it the request counts as an error."""
+
     async def run(self) -> None:
         """Until `stop()`; every client finishes the request it has in flight."""
         await asyncio.gather(*(self._client() for _ in range(self.clients)))
-
-    def stop(self) -> None:
-        self._stopping = True
 
     async def _client(self) -> None:
         request = (
@@ -203,7 +210,7 @@ class PacedLoad:
 
 
 @dataclass
-class Http2Load:
+class Http2Load(Recorded):
     """`streams` HTTP/2 clients with prior knowledge (h2c), each a stream loop sending GETs back
     to back on one of `connections` connections (the `h2` library's frames), recording every
     outcome as `KeepAliveLoad` does: anything but a whole 200 answer is an error (a reset
@@ -216,22 +223,6 @@ class Http2Load:
     host: str = "127.0.0.1"
     authority: str = ""
     timeout: float = 10.0
-    samples: list[Sample] = field(default_factory=list)
-    _stopping: bool = False
-
-    @property
-    def errors(self) -> list[Sample]:
-        return [s for s in self.samples if not s.ok]
-
-    @property
-    def ok(self) -> int:
-        return sum(1 for s in self.samples if s.ok)
-
-    def since(self, moment: float) -> list[Sample]:
-        return [s for s in self.samples if s.started >= moment]
-
-    def stop(self) -> None:
-        self._stopping = True
 
     async def run(self) -> None:
         """Until `stop()`; every stream finishes the request it has in flight."""
