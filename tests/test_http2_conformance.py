@@ -209,6 +209,11 @@ CASES = [
          connection_error(PROTOCOL_ERROR)),
     Case("5.1.1", "a stream id lower than one already used", headers(5) + headers(3),
          connection_error(PROTOCOL_ERROR)),
+    # Stream-id exhaustion: a client that jumps to the last id is served, and can open no
+    # stream after it (it must open a new connection).
+    Case("5.1.1", "the last stream id is answered", headers(2**31 - 1), ANSWERED, 2**31 - 1),
+    Case("5.1.1", "no stream after the last stream id", headers(2**31 - 1) + headers(3),
+         connection_error(PROTOCOL_ERROR)),
     # -- §5.3, §5.5: priority, extensions ----------------------------------------------------------
     Case("5.3.1", "a PRIORITY making a stream depend on itself", priority(1, 1),
          stream_error(PROTOCOL_ERROR) | IGNORED, 1),
@@ -460,3 +465,35 @@ async def test_draining_sends_goaway_and_lets_streams_finish(
     assert (HEADERS, 1) in kinds and kinds[-1] == (DATA, 1)
     last_flags = [flags for kind, flags, on, _ in seen if kind == DATA and on == 1][-1]
     assert last_flags & END_STREAM  # answered whole, then the connection closed
+
+
+@pytest.mark.parametrize("flood", ["settings", "window_update", "priority", "empty_data"])
+async def test_a_flood_of_frames_that_ask_for_work_is_cut_off(
+    h2_proxy: ProxyServer, flood: str
+) -> None:
+    """Frames that cost the proxy work and carry no request, by the thousand: SETTINGS (each
+    wants an ACK), WINDOW_UPDATE with nothing sent to open a window for, PRIORITY, empty
+    DATA. The connection ends with GOAWAY ENHANCE_YOUR_CALM (counted as http2_flood), and a
+    client beside it is served meanwhile."""
+    one = {
+        "settings": settings((4, 65535)),
+        "window_update": window_update(0, 1),
+        "priority": priority(3, 0),
+        "empty_data": frame(DATA, 0, 1, b""),
+    }[flood]
+    peer = await Peer.connect(h2_proxy.port)
+    beside = await Peer.connect(h2_proxy.port)
+    try:
+        if flood == "empty_data":
+            peer.send(frame(HEADERS, END_HEADERS, 1, request_block(method="POST")))
+        for _ in range(5):
+            peer.send(one * 500)
+            await asyncio.sleep(0)
+        beside.send(headers(1))
+        assert (await beside.outcome(1, ping=False)).kind == "response"
+        seen = await peer.outcome()
+    finally:
+        peer.close()
+        beside.close()
+    assert (seen.kind, seen.code) in {("goaway", 11), ("closed", 0)}, seen
+    assert h2_proxy.store.counters["connections_refused"] == {("http2_flood",): 1.0}
