@@ -341,6 +341,9 @@ CASES = [
          + frame(DATA, 0, 1, b"x")
          + frame(HEADERS, END_HEADERS | END_STREAM, 1, Encoder().encode([(":path", "/")])),
          stream_error(PROTOCOL_ERROR), 1),
+    Case("8.5", "CONNECT (not served: a stream error)",
+         headers(1, Encoder().encode([(":method", "CONNECT"), (":authority", "example.test:443")])),
+         stream_error(PROTOCOL_ERROR), 1),
     Case("8.4", "PUSH_PROMISE from a client", frame(PUSH_PROMISE, END_HEADERS, 1,
                                                     b"\0\0\0\x02" + request_block()),
          connection_error(PROTOCOL_ERROR)),

@@ -315,6 +315,8 @@ class Http1Head(ResponseHead):
     usual_end = b""
     """The usual client head for this response (build_response_head), once built: the bytes
     before its request id and those after it."""
+    h2_fields: list[tuple[bytes, bytes]] | None = None
+    """Its forwarded fields (and length) as HTTP/2 fields, once built (http2/downstream.py)."""
     body_size = -1
     """The body's length when Content-Length alone frames it and the connection stays open
     after it (a final status with a body, kept alive); -1 otherwise. Such a message ends with

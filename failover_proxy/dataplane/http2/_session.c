@@ -83,13 +83,29 @@ struct Outgoing {
 
 /* -- helpers ----------------------------------------------------------------------------- */
 
+static PyObject *small_ints[EV_INVALID + 1];  /* the event kinds, made once */
+
 static int emit(Session *self, int kind, int32_t stream_id, PyObject *payload, long number) {
     if (self->events == NULL && (self->events = PyList_New(0)) == NULL)
         return -1;
-    PyObject *event = Py_BuildValue("(iiOl)", kind, (int)stream_id,
-                                    payload ? payload : Py_None, number);
+    PyObject *event = PyTuple_New(4);
     if (event == NULL)
         return -1;
+    PyObject *id = PyLong_FromLong(stream_id), *count = PyLong_FromLong(number);
+    if (id == NULL || count == NULL) {
+        Py_XDECREF(id);
+        Py_XDECREF(count);
+        Py_DECREF(event);
+        return -1;
+    }
+    if (payload == NULL)
+        payload = Py_None;
+    Py_INCREF(small_ints[kind]);
+    Py_INCREF(payload);
+    PyTuple_SET_ITEM(event, 0, small_ints[kind]);
+    PyTuple_SET_ITEM(event, 1, id);
+    PyTuple_SET_ITEM(event, 2, payload);
+    PyTuple_SET_ITEM(event, 3, count);
     int rv = PyList_Append(self->events, event);
     Py_DECREF(event);
     return rv;
@@ -264,14 +280,25 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
     }
     if (self->headers == NULL)
         return 0;
-    PyObject *pair = Py_BuildValue("(y#y#)", name, (Py_ssize_t)namelen, value,
-                                   (Py_ssize_t)valuelen);
-    if (pair == NULL || PyList_Append(self->headers, pair) < 0) {
+    PyObject *pair = PyTuple_New(2);
+    PyObject *name_bytes = PyBytes_FromStringAndSize((const char *)name, (Py_ssize_t)namelen);
+    PyObject *value_bytes = PyBytes_FromStringAndSize((const char *)value,
+                                                      (Py_ssize_t)valuelen);
+    if (pair == NULL || name_bytes == NULL || value_bytes == NULL) {
         Py_XDECREF(pair);
+        Py_XDECREF(name_bytes);
+        Py_XDECREF(value_bytes);
         self->failed = 1;
         return NGHTTP2_ERR_CALLBACK_FAILURE;
     }
+    PyTuple_SET_ITEM(pair, 0, name_bytes);
+    PyTuple_SET_ITEM(pair, 1, value_bytes);
+    int rv = PyList_Append(self->headers, pair);
     Py_DECREF(pair);
+    if (rv < 0) {
+        self->failed = 1;
+        return NGHTTP2_ERR_CALLBACK_FAILURE;
+    }
     return 0;
 }
 
@@ -517,6 +544,10 @@ static int session_init(Session *self, PyObject *args, PyObject *kwargs) {
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk_recv);
     nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close);
     nghttp2_option_set_no_auto_window_update(option, 1);
+    /* Headers are encoded from the static table and as literals, none put in the dynamic
+     * table: what varies per message (the request id, the date) would churn it, and keeping
+     * it cost more CPU than all else the codec does (as nginx, whose encoder keeps none). */
+    nghttp2_option_set_max_deflate_dynamic_table_size(option, 0);
     int rv = server ? nghttp2_session_server_new2(&self->session, callbacks, self, option)
                     : nghttp2_session_client_new2(&self->session, callbacks, self, option);
     nghttp2_session_callbacks_del(callbacks);
@@ -614,10 +645,35 @@ static Outgoing *outgoing_of(Session *self, int32_t stream_id) {
     return nghttp2_session_get_stream_user_data(self->session, stream_id);
 }
 
-static PyObject *session_send_headers(Session *self, PyObject *args) {
-    int stream_id, end;
-    PyObject *fields;
-    if (!PyArg_ParseTuple(args, "iOp", &stream_id, &fields, &end))
+/* The arguments of the methods called per request, read without PyArg_ParseTuple's format
+ * parsing (about 700 instructions a request). */
+static int stream_arg(PyObject *arg, int32_t *stream_id) {
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    if (value < 0 || value > 0x7fffffffL) {
+        PyErr_SetString(PyExc_ValueError, "not a stream id");
+        return -1;
+    }
+    *stream_id = (int32_t)value;
+    return 0;
+}
+
+static int check_count(Py_ssize_t nargs, Py_ssize_t low, Py_ssize_t high, const char *name) {
+    if (nargs < low || nargs > high) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd to %zd arguments", name, low, high);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *session_send_headers(Session *self, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t stream_id;
+    if (check_count(nargs, 3, 3, "send_headers") < 0 || stream_arg(args[0], &stream_id) < 0)
+        return NULL;
+    PyObject *fields = args[1];
+    int end = PyObject_IsTrue(args[2]);
+    if (end < 0)
         return NULL;
     Py_ssize_t count;
     nghttp2_nv *nva = to_nva(fields, &count);
@@ -689,11 +745,11 @@ static PyObject *session_submit_request(Session *self, PyObject *args) {
     return PyLong_FromLong(stream_id);
 }
 
-static PyObject *session_send_data(Session *self, PyObject *args) {
-    int stream_id;
-    PyObject *data;
-    if (!PyArg_ParseTuple(args, "iO", &stream_id, &data))
+static PyObject *session_send_data(Session *self, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t stream_id;
+    if (check_count(nargs, 2, 2, "send_data") < 0 || stream_arg(args[0], &stream_id) < 0)
         return NULL;
+    PyObject *data = args[1];
     Outgoing *outgoing = outgoing_of(self, stream_id);
     if (outgoing == NULL || outgoing->end)
         return PyObject_Length(data) < 0 ? NULL : PyLong_FromSsize_t(PyObject_Length(data));
@@ -721,11 +777,63 @@ static PyObject *session_send_data(Session *self, PyObject *args) {
     return PyLong_FromSsize_t(taken);
 }
 
-static PyObject *session_end_stream(Session *self, PyObject *args) {
-    int stream_id;
-    PyObject *trailers = Py_None;
-    if (!PyArg_ParseTuple(args, "i|O", &stream_id, &trailers))
+/* A whole response in one call, the usual one: its head, as much of its body as the windows
+ * take now, and its end when all of it was taken; one gathering of frames. */
+static PyObject *session_send_response(Session *self, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t stream_id;
+    if (check_count(nargs, 4, 4, "send_response") < 0 || stream_arg(args[0], &stream_id) < 0)
         return NULL;
+    PyObject *data = args[2];
+    int end = PyObject_IsTrue(args[3]);
+    if (end < 0)
+        return NULL;
+    Py_ssize_t count;
+    nghttp2_nv *nva = to_nva(args[1], &count);
+    if (nva == NULL)
+        return NULL;
+    int32_t window = nghttp2_session_get_stream_remote_window_size(self->session, stream_id);
+    if (window < 0 || outgoing_of(self, stream_id) != NULL) {  /* closed, or answered already */
+        PyMem_Free(nva);
+        return PyObject_Length(data) < 0 ? NULL : PyLong_FromSsize_t(PyObject_Length(data));
+    }
+    int32_t connection = nghttp2_session_get_remote_window_size(self->session);
+    if (connection < window) window = connection;
+    Outgoing *outgoing = new_outgoing(self);
+    if (outgoing == NULL) {
+        PyMem_Free(nva);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(data, &outgoing->view, PyBUF_SIMPLE) < 0) {
+        free_outgoing(self, outgoing);
+        PyMem_Free(nva);
+        return NULL;
+    }
+    Py_ssize_t whole = outgoing->view.len;
+    Py_ssize_t taken = whole < window ? whole : (window > 0 ? window : 0);
+    outgoing->limit = taken;
+    if (taken == 0)
+        release_view(outgoing);
+    outgoing->end = end && taken == whole;
+    nghttp2_session_set_stream_user_data(self->session, stream_id, outgoing);
+    nghttp2_data_provider provider = {.source = {.ptr = outgoing}, .read_callback = read_body};
+    int rv = nghttp2_submit_response(self->session, stream_id, nva, (size_t)count, &provider);
+    PyMem_Free(nva);
+    if (rv != 0) {
+        nghttp2_session_set_stream_user_data(self->session, stream_id, NULL);
+        free_outgoing(self, outgoing);
+        PyErr_Format(PyExc_RuntimeError, "nghttp2: %s", nghttp2_strerror(rv));
+        return NULL;
+    }
+    if (gather(self) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(taken);
+}
+
+static PyObject *session_end_stream(Session *self, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t stream_id;
+    if (check_count(nargs, 1, 2, "end_stream") < 0 || stream_arg(args[0], &stream_id) < 0)
+        return NULL;
+    PyObject *trailers = nargs > 1 ? args[1] : Py_None;
     Outgoing *outgoing = outgoing_of(self, stream_id);
     if (outgoing == NULL || outgoing->end)
         Py_RETURN_NONE;
@@ -756,10 +864,12 @@ static PyObject *session_reset(Session *self, PyObject *args) {
     return finish(self);
 }
 
-static PyObject *session_consume(Session *self, PyObject *args) {
-    int stream_id;
-    Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "in", &stream_id, &size))
+static PyObject *session_consume(Session *self, PyObject *const *args, Py_ssize_t nargs) {
+    int32_t stream_id;
+    if (check_count(nargs, 2, 2, "consume") < 0 || stream_arg(args[0], &stream_id) < 0)
+        return NULL;
+    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
+    if (size == -1 && PyErr_Occurred())
         return NULL;
     if (size > 0) {
         int rv = nghttp2_session_consume(self->session, stream_id, (size_t)size);
@@ -835,16 +945,18 @@ static PyMethodDef session_methods[] = {
     {"receive", (PyCFunction)session_receive, METH_O,
      "Feed bytes read from the peer; the events they make (and any waiting)."},
     {"events", (PyCFunction)session_events, METH_NOARGS, "Events made since last asked."},
-    {"send_headers", (PyCFunction)session_send_headers, METH_VARARGS,
+    {"send_headers", (PyCFunction)(void (*)(void))session_send_headers, METH_FASTCALL,
      "A response's header block (or a 1xx one, or trailers from a client)."},
     {"submit_request", (PyCFunction)session_submit_request, METH_VARARGS,
      "A request's header block on a new stream; its id."},
-    {"send_data", (PyCFunction)session_send_data, METH_VARARGS,
+    {"send_data", (PyCFunction)(void (*)(void))session_send_data, METH_FASTCALL,
      "Frame as much of the bytes as the windows allow now; how many were taken."},
-    {"end_stream", (PyCFunction)session_end_stream, METH_VARARGS,
+    {"send_response", (PyCFunction)(void (*)(void))session_send_response, METH_FASTCALL,
+     "A response's head, as much of its body as the windows take (how much), its end."},
+    {"end_stream", (PyCFunction)(void (*)(void))session_end_stream, METH_FASTCALL,
      "End our side of a stream after its data, with trailers if given."},
     {"reset", (PyCFunction)session_reset, METH_VARARGS, "RST_STREAM with an error code."},
-    {"consume", (PyCFunction)session_consume, METH_VARARGS,
+    {"consume", (PyCFunction)(void (*)(void))session_consume, METH_FASTCALL,
      "Bytes of a stream's data passed on: give them back to the peer's windows."},
     {"goaway", (PyCFunction)session_goaway, METH_VARARGS,
      "GOAWAY(code, debug=b'', last_stream_id=the last processed)."},
@@ -901,6 +1013,9 @@ static struct PyModuleDef session_module = {
 PyMODINIT_FUNC PyInit__session(void) {
     if (PyType_Ready(&SessionType) < 0)
         return NULL;
+    for (int kind = 0; kind <= EV_INVALID; kind++)
+        if ((small_ints[kind] = PyLong_FromLong(kind)) == NULL)
+            return NULL;
     PyObject *module = PyModule_Create(&session_module);
     if (module == NULL)
         return NULL;

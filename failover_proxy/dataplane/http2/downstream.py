@@ -40,6 +40,7 @@ from .engine import (
     HEADERS,
     INTERNAL_ERROR,
     INVALID,
+    NATIVE,
     NO_ERROR,
     PONG,
     PROTOCOL_ERROR,
@@ -126,9 +127,13 @@ def response_fields(head: Http1Head, request_id: bytes) -> list[tuple[bytes, byt
     """An HTTP/1 response head's fields as HTTP/2 fields: names in lower case, the fields its
     Connection names and connection-specific ones left out, the length kept when one framed
     it, and the proxy's Via and request id added as the HTTP/1 codec adds them."""
-    fields = fields_of_lines(forwarded_block(head.lines, head.connection))
-    if head.content_length is not None and not head.chunked:
-        fields.append((b"content-length", head.content_length))
+    kept = head.h2_fields
+    if kept is None:  # built once per head: a connection hands the same one out again
+        kept = fields_of_lines(forwarded_block(head.lines, head.connection))
+        if head.content_length is not None and not head.chunked:
+            kept.append((b"content-length", head.content_length))
+        head.h2_fields = kept
+    fields = kept.copy()
     if not head.has_request_id:
         fields.append((b"x-request-id", request_id))
     via = head.via
@@ -210,6 +215,16 @@ class Http2Stream(DownstreamStream):
             connection.send_headers(self.stream_id, fields, True)
             self.ended = True
             return size
+        if more is None and body is not None:  # the usual response: one call, one write
+            size += len(body)
+            taken = connection.send_response(self.stream_id, fields, body, end)
+            if taken < len(body):
+                self.pending.append(body[taken:])
+                self._pause_upstream(True)
+                self.pending_end = end
+            elif end:
+                self._finish()
+            return size
         connection.hold()  # the head, what came with it, and the end: one write
         try:
             connection.send_headers(self.stream_id, fields, False)
@@ -259,14 +274,19 @@ class Http2Stream(DownstreamStream):
         if self.upstream_paused and not self.pending:
             self._pause_upstream(False)
         if self.pending_end and not self.ended:
-            self.ended = True
             connection.end_stream(self.stream_id, self.pending_trailers)
-            body = self.request.body
-            if body is not EMPTY_BODY and not body.complete:
-                # Answered before the whole request came (RFC 9113 §8.1): the client need not
-                # send the rest, and the stream stops counting against its limit.
-                connection.reset(self.stream_id, NO_ERROR)
-            connection.stream_done(self)
+            self._finish()
+
+    def _finish(self) -> None:
+        """Our side of the stream has ended (END_STREAM sent)."""
+        self.ended = True
+        connection = self.connection
+        body = self.request.body
+        if body is not EMPTY_BODY and not body.complete:
+            # Answered before the whole request came (RFC 9113 §8.1): the client need not
+            # send the rest, and the stream stops counting against its limit.
+            connection.reset(self.stream_id, NO_ERROR)
+        connection.stream_done(self)
 
     def _pause_upstream(self, paused: bool) -> None:
         """Stop (or resume) reading the backend: the client's window or its connection has
@@ -647,12 +667,15 @@ class Http2Connection(ClientConnection):
                 return
 
     def _request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
-        why = malformed_request(headers)
-        if why is not None:
+        # libnghttp2 has checked the fields already (RFC 9113 §8.2, §8.3: it resets a
+        # malformed request's stream itself, an INVALID event): only what it lets through and
+        # the proxy does not serve is left, CONNECT. The `h2` library checks nothing here.
+        request = None if not NATIVE and malformed_request(headers) else self._read_request(
+            headers)
+        if request is None or request.method == b"CONNECT":
             self.plane.store.inc("http2_stream_errors", ("malformed_request",))
             self.reset(stream_id, PROTOCOL_ERROR)
             return
-        request = self._read_request(headers)
         stream = Http2Stream(self, stream_id, request)
         self.streams[stream_id] = stream
         self.streams_opened += 1
@@ -748,6 +771,16 @@ class Http2Connection(ClientConnection):
         taken = self.session.send_data(stream_id, data)
         self._write()
         return data[taken:] if taken < len(data) else b""
+
+    def send_response(self, stream_id: int, fields: list[tuple[bytes, bytes]], data: bytes,
+                      end: bool) -> int:
+        """A response's head and as much of `data` as the windows take now (how much): its
+        end too when all of it was taken and `end`."""
+        if self.closed:
+            return len(data)
+        taken = self.session.send_response(stream_id, fields, data, end)
+        self._write()
+        return taken
 
     def end_stream(self, stream_id: int, trailers: list[tuple[bytes, bytes]] | None) -> None:
         if not self.closed:

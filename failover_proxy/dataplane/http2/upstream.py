@@ -638,9 +638,13 @@ class AutoConnector(UpstreamConnector):
         chosen = self.chosen
         if chosen is not None:
             return await chosen.open_stream()
+        # (nothing is awaited in the `except`: compiled, a coroutine suspended there would
+        # leave its exception as the context of every exception raised meanwhile)
         try:
-            stream = await self.http2.open_stream()
+            stream: UpstreamStream | None = await self.http2.open_stream()
         except NotAgreed:
+            stream = None
+        if stream is None:
             self.chosen = self.http1
             return await self.http1.open_stream()
         self.chosen = self.http2
