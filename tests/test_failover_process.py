@@ -147,7 +147,9 @@ async def fault_matrix(run_proxy: Any, strategy: str, clients: int, http2: bool)
             fault_wall, fault_at = time.time(), time.monotonic()
             for backend in aws:
                 await backend.set_mode(mode)
-            await asyncio.sleep(FAULT_SECONDS)
+            # The fault lasts at least as long as its removal may take: asked any sooner,
+            # a removal within the bound would be taken for none at all.
+            await asyncio.sleep(max(FAULT_SECONDS, REMOVAL_BOUND[mode]))
             removed = await proxy.removed_at(fault_wall)
             assert removed is not None, f"{mode}: aws never left rotation"
             took = removed - fault_wall
