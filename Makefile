@@ -87,7 +87,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/tls.py
 	$(BIN)/python benchmarks/failover.py
-	$(BIN)/python benchmarks/h2.py
+	$(BIN)/python benchmarks/http2.py
 
 # Instructions per proxied request under callgrind (installs valgrind): steady enough to show a
 # hot-path change of a few percent, which throughput on a shared machine cannot.

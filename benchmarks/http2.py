@@ -10,7 +10,10 @@ flips); each figure is the median over rounds, ratios the medians of the per-rou
 nginx. CPU per request is what the proxy's processes were charged over the run. Then the
 memory 10,000 idle HTTP/2 connections take (each after one answered request), per proxy.
 
-    python benchmarks/h2.py [--rounds 6] [--duration 3] [--idle 10000]
+    python benchmarks/http2.py [--rounds 6] [--duration 3] [--idle 10000]
+
+(Not named h2.py: with benchmarks/ first on the import path, that name would shadow the `h2`
+package the simulated backends import.)
 
 Writes benchmarks/results/h2.md and h2.json. The goal (issue 38) is >= 1.0x nginx req/s and
 <= 1.0x its CPU per request in every cell, and <= 150 MB for the idle connections.
