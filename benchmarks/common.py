@@ -11,6 +11,7 @@ import resource
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,13 @@ http {{
     {body}
 }}
 """
+
+
+def start_failover_proxy(conf: Path, core: int | None) -> subprocess.Popen[bytes]:
+    """`failover-proxy run -c conf` from this checkout, pinned to `core`, output dropped."""
+    return subprocess.Popen(
+        pinned(core, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_nginx(name: str, workers: str, server_block: str, tmp: Path,

@@ -29,8 +29,8 @@ from common import (
     cpu_seconds,
     ensure_tools,
     free_port,
-    pinned,
     run_wrk,
+    start_failover_proxy,
     start_nginx,
     wait_port,
 )
@@ -90,9 +90,7 @@ def main() -> int:
             port = free_port()
             conf = tmp / f"{len(targets)}.yaml"
             conf.write_text(proxy_config(port, backends, dns))
-            process = subprocess.Popen(
-                pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]),
-                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            process = start_failover_proxy(conf, 0)
             processes.append(process)
             targets[label] = (port, process)
         try:

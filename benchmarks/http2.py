@@ -27,14 +27,12 @@ import json
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from common import (
     RESULTS,
-    ROOT,
     cpu_seconds,
     ensure_tools,
     free_port,
@@ -42,6 +40,7 @@ from common import (
     process_tree,
     raise_open_file_limit,
     rss_mib,
+    start_failover_proxy,
     start_nginx,
     wait_port,
 )
@@ -90,9 +89,7 @@ def start(tmp: Path, backend_port: int,
         conf.write_text(failover_config(port, origin, "1").replace(
             "backlog: 4096}", "backlog: 4096, http2: {h2c: true}}").replace(
             "    retry: {attempts: 2}\n", "    retry: {attempts: 2}\n" + extra + breaker))
-        started[name] = (port, subprocess.Popen(
-            pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]),
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        started[name] = (port, start_failover_proxy(conf, 0))
     for port, _ in started.values():
         wait_port(port)
     time.sleep(1.0)

@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +30,13 @@ from pathlib import Path
 import trustme
 from common import (
     RESULTS,
-    ROOT,
     cpu_seconds,
     ensure_tools,
     free_port,
     pinned,
     raise_open_file_limit,
     run_wrk,
+    start_failover_proxy,
     start_nginx,
     wait_port,
 )
@@ -85,9 +84,7 @@ def start(tmp: Path, backend_port: int, cert: Path, key: Path, both: Path
         "backlog: 4096}",
         f"backlog: 4096, tls: {{certificates: [{{cert_file: {cert}, key_file: {key}}}], "
         "session_tickets: false}}"))
-    started["failover-proxy"] = (port, subprocess.Popen(
-        pinned(0, [sys.executable, "-m", "failover_proxy", "run", "-c", str(conf)]), cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    started["failover-proxy"] = (port, start_failover_proxy(conf, 0))
     for port, _ in started.values():
         wait_port(port)
     time.sleep(1.0)
