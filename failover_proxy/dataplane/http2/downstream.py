@@ -42,7 +42,6 @@ from .engine import (
     INVALID,
     NATIVE,
     NO_ERROR,
-    PONG,
     PROTOCOL_ERROR,
     RESET,
     WINDOW,
@@ -661,8 +660,6 @@ class Http2Connection(ClientConnection):
                     self.close()
                     return
                 self.goaway_received = True  # no new streams; those open are answered
-            elif kind == PONG:
-                self.ping_sent_at = 0.0
             if self.closed:
                 return
 

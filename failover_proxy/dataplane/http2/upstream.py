@@ -43,7 +43,6 @@ from .engine import (
     GOAWAY,
     HEADERS,
     INVALID,
-    PONG,
     REFUSED_STREAM,
     RESET,
     WINDOW,
@@ -317,7 +316,6 @@ class Http2UpstreamConnection:
         self.closed = False
         self.draining = False
         """No new streams: a GOAWAY came or went, or the stream ids are nearly used up."""
-        self.write_paused = False
         self.idle_since = 0.0
         self.heard_at = 0.0
         self.ping_sent_at = 0.0
@@ -364,19 +362,18 @@ class Http2UpstreamConnection:
             self.io.fail(self, exc)
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        """(Nothing to hold back: what is written is bounded by the backend's windows.)"""
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        pass
 
     # -- frames in -----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        now = self.connector.now
-        self.heard_at = now
-        self.ping_sent_at = 0.0
+        self.heard_at = self.connector.now
+        self.ping_sent_at = 0.0  # anything read answers a PING (its PONG among it)
         try:
             events = self.session.receive(data)
         except engine.ProtocolError as exc:
@@ -421,8 +418,6 @@ class Http2UpstreamConnection:
                     stream._bad("a malformed response")
             elif kind == GOAWAY:
                 self._goaway(stream_id, number)
-            elif kind == PONG:
-                self.ping_sent_at = 0.0
         if not self.session.want_read and not self.closed:
             self.close()
         self._write()
