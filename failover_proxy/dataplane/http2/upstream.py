@@ -600,7 +600,7 @@ class Http2Connector(UpstreamConnector):
 
     def sweep(self, now: float) -> None:
         self.now = now
-        for connection in list(self.connections):
+        for connection in list(self.live):  # retired ones too: their streams may still hang
             connection.sweep(now)
 
     def close(self) -> None:
