@@ -101,55 +101,54 @@ class HealthChecker:
                 return True, "connected"
             async with asyncio.timeout(config.timeout):
                 if upstream.config.protocol in ("h2c", "h2", "auto"):
-                    return await self._http2_probe(upstream, backend, config)
-                return await self._http_probe(upstream, backend, config)
+                    status, body = await self._http2_fetch(upstream, backend, config)
+                else:
+                    status, body = await self._http_fetch(upstream, backend, config)
         except TimeoutError:
             return False, f"no answer within {config.timeout:g}s"
         except (OSError, aiohttp.ClientError, httpx.HTTPError) as exc:
             return False, str(exc) or type(exc).__name__
-
-    async def _http_probe(
-        self, upstream: Upstream, backend: Backend, config: HealthCheckConfig
-    ) -> tuple[bool, str]:
-        assert self._session is not None
-        url = f"{backend.address}{backend.base_path.decode()}{config.path}"
-        ssl_context = upstream.ssl_context if backend.scheme == "https" else None
-        headers = {"Host": backend.host_header.decode(), **config.headers}
-        async with self._session.request(
-            config.method, url, headers=headers, ssl=ssl_context or True, allow_redirects=False,
-            server_hostname=backend.dial.server_hostname,  # an address dialled, a name checked
-        ) as response:
-            body = await response.read() if config.expect_body is not None else b""
-            status = response.status
         if not any(low <= status <= high for low, high in config.expect_status):
             return False, f"status {status}"
         if config.expect_body is not None and config.expect_body.encode() not in body:
             return False, f"status {status}, body lacks {config.expect_body!r}"
         return True, f"status {status}"
 
-
-    async def _http2_probe(
+    async def _http_fetch(
         self, upstream: Upstream, backend: Backend, config: HealthCheckConfig
-    ) -> tuple[bool, str]:
-        """The same check over HTTP/2 (prior knowledge for h2c, ALPN over TLS for h2), on a
+    ) -> tuple[int, bytes]:
+        """The check's request over HTTP/1.1: its status, and its body when one is expected."""
+        assert self._session is not None
+        url, headers = _request_of(backend, config)
+        ssl_context = upstream.ssl_context if backend.scheme == "https" else None
+        async with self._session.request(
+            config.method, url, headers=headers, ssl=ssl_context or True, allow_redirects=False,
+            server_hostname=backend.dial.server_hostname,  # an address dialled, a name checked
+        ) as response:
+            body = await response.read() if config.expect_body is not None else b""
+            return response.status, body
+
+    async def _http2_fetch(
+        self, upstream: Upstream, backend: Backend, config: HealthCheckConfig
+    ) -> tuple[int, bytes]:
+        """The same over HTTP/2 (prior knowledge for h2c, ALPN over TLS for h2), on a
         connection of its own, as the HTTP/1 probes use."""
-        url = f"{backend.address}{backend.base_path.decode()}{config.path}"
+        url, headers = _request_of(backend, config)
         https = backend.scheme == "https"
         verify: ssl.SSLContext | bool = (upstream.ssl_context or True) if https else False
-        headers = {"Host": backend.host_header.decode(), **config.headers}
         extensions = {"sni_hostname": backend.dial.server_hostname} if https else {}
         auto = upstream.config.protocol == "auto"  # (HTTP/1.1 where ALPN says so)
         async with httpx.AsyncClient(http1=auto, http2=True, verify=verify, trust_env=False,
                                      timeout=None, follow_redirects=False) as client:
             response = await client.request(config.method, url, headers=headers,
                                             extensions=extensions)
-        status = response.status_code
-        body = response.content
-        if not any(low <= status <= high for low, high in config.expect_status):
-            return False, f"status {status}"
-        if config.expect_body is not None and config.expect_body.encode() not in body:
-            return False, f"status {status}, body lacks {config.expect_body!r}"
-        return True, f"status {status}"
+        return response.status_code, response.content
+
+
+def _request_of(backend: Backend, config: HealthCheckConfig) -> tuple[str, dict[str, str]]:
+    """The URL and header fields of a backend's check, whatever the protocol."""
+    url = f"{backend.address}{backend.base_path.decode()}{config.path}"
+    return url, {"Host": backend.host_header.decode(), **config.headers}
 
 
 async def _connect(host: str, port: int, timeout: float) -> None:  # noqa: ASYNC109 (cost)
