@@ -145,6 +145,9 @@ class Attempt(StreamOwner):
     """The stream the request is sent on (None while connecting)."""
     connecting: asyncio.Task[None] | None = None
     reused = False
+    shared_failure = False
+    """Its connect failed, a connect shared with other requests and counted against the
+    backend by one of them (UpstreamConnector.first_report)."""
 
     def __init__(self, exchange: Exchange, backend: Backend) -> None:
         self.exchange = exchange
@@ -169,13 +172,15 @@ class Attempt(StreamOwner):
     async def _open(self, connector: UpstreamConnector) -> None:
         try:
             stream = await connector.open_stream()
-        except TimeoutError:
+        except TimeoutError as exc:
             self.connecting = None
+            self.shared_failure = not connector.first_report(exc)
             self._finish(
                 Outcome.CONNECT_TIMEOUT, f"connect to backend {self.backend.name} timed out"
             )
         except OSError as exc:
             self.connecting = None
+            self.shared_failure = not connector.first_report(exc)
             why = exc.strerror or str(exc) or type(exc).__name__
             self._finish(
                 Outcome.CONNECT_FAILURE, f"cannot connect to backend {self.backend.name}: {why}"
@@ -705,7 +710,8 @@ class Exchange:
         detail = attempt.detail
         if outcome is not Outcome.CONNECT_FAILURE and outcome is not Outcome.CONNECT_TIMEOUT:
             detail = f"backend {backend.name}: {detail}"
-        self._failed(_CONDITION.get(outcome, "reset"), detail, status)
+        self._failed(_CONDITION.get(outcome, "reset"), detail, status,
+                     counted=not attempt.shared_failure)
 
     # -- hedging ---------------------------------------------------------------------------------
 
@@ -752,7 +758,8 @@ class Exchange:
         hedge = self.hedge
         assert hedge is not None
         self.hedge = None
-        if outcome is not Outcome.CLIENT_ERROR and outcome is not Outcome.BODY_LOST:
+        counted = not attempt.shared_failure
+        if counted and outcome is not Outcome.CLIENT_ERROR and outcome is not Outcome.BODY_LOST:
             self.upstream.health.request_failed(
                 attempt.backend, self.downstream.plane.clock, _CONDITION.get(outcome, "reset")
             )
@@ -775,13 +782,15 @@ class Exchange:
         confined = health.failure_confined(backend, now)
         return self._may_retry(str(status), nothing_sent=False, exempt=confined)
 
-    def _failed(self, condition: str, detail: str, status: int) -> None:
-        """An attempt failed before any response byte reached the client."""
+    def _failed(self, condition: str, detail: str, status: int, counted: bool = True) -> None:
+        """An attempt failed before any response byte reached the client (counted against
+        the backend, unless another attempt already counted the same failure)."""
         backend = self.backend
         assert backend is not None
         health = self.upstream.health
         now = self.downstream.plane.clock
-        health.request_failed(backend, now, condition)
+        if counted:
+            health.request_failed(backend, now, condition)
         nothing_sent = condition == "connect-failure"
         # A connect failure reached nothing: retrying it costs the failed backend nothing. And
         # a failure confined to one backend, region or provider is what retries are for: all

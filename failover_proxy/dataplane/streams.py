@@ -121,10 +121,22 @@ class UpstreamConnector(Connector):
         """A stream on a connection already open (the most recently used), or None."""
         raise NotImplementedError
 
+    reported_failure: BaseException | None = None
+
     async def open_stream(self) -> UpstreamStream:
         """A stream on a new connection; raises TimeoutError after the connect timeout,
-        OSError when refused."""
+        OSError when refused. Requests may share one connect (HTTP/2): each then gets the
+        same exception."""
         raise NotImplementedError
+
+    def first_report(self, failure: BaseException) -> bool:
+        """Whether `failure` of a connect is reported for the first time. The requests that
+        waited on one connect all fail with it, but the backend failed once: counted once,
+        a burst of requests onto a backend cannot turn one slow connect into an ejection."""
+        if failure is self.reported_failure:
+            return False
+        self.reported_failure = failure
+        return True
 
 
 class DownstreamStream(ClientConnection):

@@ -145,6 +145,7 @@ class PureSession:
         self.control_frames = 0
         self.window_updates = 0
         self.data_frames_sent = 0
+        self.settings_received = False
         self.goaway_last = -1
         """The last stream a graceful GOAWAY of ours said we would answer (-1: none sent)."""
         self.unsent = b""
@@ -159,7 +160,9 @@ class PureSession:
 
     @property
     def remote_max_streams(self) -> int:
-        return int(self.h2.remote_settings.max_concurrent_streams)
+        limit = int(self.h2.remote_settings.max_concurrent_streams)
+        # (before the peer's SETTINGS, 100 as libnghttp2 assumes: RFC 9113 §6.5.2's least)
+        return limit if self.settings_received else min(limit, 100)
 
     @property
     def next_stream_id(self) -> int:
@@ -216,6 +219,7 @@ class PureSession:
                 events.append((kind, event.stream_id or 0, None, int(event.error_code or 0)))
             elif isinstance(event, h2.events.RemoteSettingsChanged):
                 self.control_frames += 1
+                self.settings_received = True
                 events.append((WINDOW, 0, None, 0))
             elif isinstance(event, h2.events.PingAckReceived):
                 events.append((PONG, 0, None, 0))

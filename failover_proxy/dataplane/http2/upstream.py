@@ -12,7 +12,8 @@ What HTTP/2 adds to failover:
   GOAWAY says it processed, never reached the application: the exchange may send it again
   whatever its method (`StreamOwner.on_unprocessed`);
 - a lost connection fails every stream on it, each an attempt failure like an HTTP/1
-  connection's (retried under the same rules);
+  connection's (retried under the same rules); a failed connect fails every request that
+  waited on it, but counts once against the backend (`UpstreamConnector.first_report`);
 - a connection silent for `ping_interval` is sent a PING; one that does not answer within
   `ping_timeout` is taken for dead and dropped.
 
@@ -310,9 +311,6 @@ class Http2UpstreamConnection:
         ], dial.connection_window, MAX_RESPONSE_HEADER_LIST)
         self.streams: dict[int, Http2UpstreamStream] = {}
         self.io: ConnectionIO | None = None
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        """Done when the backend's SETTINGS arrive (its stream limit known); failed when the
-        connection is lost first."""
         self.closed = False
         self.draining = False
         """No new streams: a GOAWAY came or went, or the stream ids are nearly used up."""
@@ -344,9 +342,6 @@ class Http2UpstreamConnection:
             self.io.detach()
         self.connector.forget(self)
         lost = self.lost_to or exc or ConnectionResetError("the backend closed the connection")
-        if not self.ready.done():
-            self.ready.set_exception(lost)
-            self.ready.exception()  # (retrieved: the connector reports it)
         streams = list(self.streams.values())
         self.streams.clear()
         for stream in streams:
@@ -399,8 +394,6 @@ class Http2UpstreamConnection:
                     stream.on_end()
             elif kind == WINDOW:
                 if stream_id == 0:
-                    if not self.ready.done():
-                        self.ready.set_result(None)
                     for stream in list(streams.values()):
                         if stream.wants_window():
                             stream.flush()
@@ -434,8 +427,9 @@ class Http2UpstreamConnection:
     # -- frames out ----------------------------------------------------------------------------
 
     def has_room(self) -> bool:
-        """Whether a new stream may open on this connection now."""
-        if self.closed or self.draining or not self.ready.done():
+        """Whether a new stream may open on this connection now (before the backend's SETTINGS
+        arrive, the engine holds it to 100 streams, RFC 9113 §6.5.2's recommended least)."""
+        if self.closed or self.draining:
             return False
         session = self.session
         if session.next_stream_id >= (1 << 31) - STREAM_ID_MARGIN:
@@ -563,24 +557,21 @@ class Http2Connector(UpstreamConnector):
             task.exception()  # (retrieved here: every waiter sees it through its shield)
 
     async def _connect(self) -> Http2UpstreamConnection:
-        """A new connection, ready for streams (the backend's SETTINGS received)."""
+        """A new connection, open for streams at once. The backend's SETTINGS are not waited
+        for (RFC 9113 §3.4: a client may send right after its preface), so the connect timeout
+        bounds what it bounds for HTTP/1, TCP and TLS, and a backend slow to send its SETTINGS
+        is judged by its streams' timeouts, as a backend slow to answer HTTP/1 is."""
         loop = asyncio.get_running_loop()
         self.now = loop.time()
         dial = self.dial
-        connection: Http2UpstreamConnection | None = None
-        try:
-            async with asyncio.timeout(dial.connect_timeout):
-                _, protocol = await loop.create_connection(
-                    cast("Callable[[], asyncio.Protocol]", lambda: Http2UpstreamConnection(self)),
-                    dial.host, dial.port, ssl=dial.ssl_context,
-                    server_hostname=dial.server_hostname,
-                )
-                connection = cast(Http2UpstreamConnection, protocol)
-                await connection.ready
-        except BaseException:
-            if connection is not None:
-                connection.abort()
-            raise
+        async with asyncio.timeout(dial.connect_timeout):
+            _, protocol = await loop.create_connection(
+                cast("Callable[[], asyncio.Protocol]", lambda: Http2UpstreamConnection(self)),
+                dial.host, dial.port, ssl=dial.ssl_context, server_hostname=dial.server_hostname,
+            )
+        connection = cast(Http2UpstreamConnection, protocol)
+        if connection.closed:  # (it refused the backend's ALPN choice as it was made)
+            raise connection.lost_to or ConnectionResetError("the backend closed the connection")
         connection.idle_since = connection.heard_at = self.now = loop.time()
         if self.closed:
             connection.close()
