@@ -256,11 +256,11 @@ class FaultBackend:
             send(503, b"busy")
         elif mode == "reset_after_headers":
             send(200, b"", cut=True)
-            await asyncio.sleep(0)
-            writer.transport.abort()
+            await writer.drain()  # (no pause between the head and the reset: a busy loop's
+            writer.transport.abort()  # pause would make it "a reset some time after")
         elif mode == "reset_mid_body":
             send(200, content[: len(content) // 2], cut=True)
-            await asyncio.sleep(0)
+            await writer.drain()
             writer.transport.abort()
         else:
             send(200, content)
