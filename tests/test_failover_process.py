@@ -1,8 +1,7 @@
 """Every fault mode under heavy keep-alive load, through the real `failover-proxy run` process.
 
 Three providers of two backends each (fault-injecting servers in this process), a supervisor and
-its worker in their own processes, and 16, 64 or 256 keep-alive clients on raw sockets (in a
-process of their own, sim.loadgen.LoadProcess; HTTP/2 streams in the HTTP/2 variant). For each
+its worker in their own processes, and 16, 64 or 256 keep-alive clients on raw sockets. For each
 fault mode in turn, under the `priority` (aws first) and `weighted` policies: aws breaks while
 the clients keep sending; no client may see an error; aws must be out of rotation within the
 mode's bound and stop receiving traffic; then aws is mended and must be back at its full share
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 from failover_proxy.sim.faults import FaultBackend
-from failover_proxy.sim.loadgen import KeepAliveLoad, LoadProcess
+from failover_proxy.sim.loadgen import Http2Load, KeepAliveLoad
 
 from .conftest import RunningProxy, free_port, process_config
 
@@ -131,13 +130,11 @@ async def fault_matrix(run_proxy: Any, strategy: str, clients: int, http2: bool)
     full = 1.0 if strategy == "priority" else 1 / 3
     port, admin = free_port(), free_port()
     text = process_config(backends, policy, port, admin, MATRIX_SETTINGS)
-    # The clients run in a process of their own: the backends, in this one, stay as quick
-    # to answer as they are meant to be on a busy machine.
-    load = LoadProcess("http1", port, clients)
+    load: KeepAliveLoad | Http2Load = KeepAliveLoad(port, clients)
     if http2:
         text = text.replace(f"port: {port}}}", f"port: {port}, http2: {{h2c: true}}}}").replace(
             "    policy:", "    protocol: h2c\n    policy:")
-        load = LoadProcess("h2c", port, clients, connections=max(1, clients // 64))
+        load = Http2Load(port, clients, connections=max(1, clients // 64))
     proxy = await run_proxy(text, port, admin)
     running = asyncio.create_task(load.run())
     report: list[str] = []

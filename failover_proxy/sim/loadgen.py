@@ -7,18 +7,12 @@ the previous response is read whole); anything but a whole 200 response is an er
 with when it happened and what it was, and the client reconnects. `PacedLoad` offers a fixed
 rate instead, whatever the answers, and keeps each answer's status, body and Retry-After.
 `Http2Load` is `KeepAliveLoad` over HTTP/2: stream loops sharing a few connections.
-`LoadProcess` runs either in a process of its own, its samples streamed back
-(`python -m failover_proxy.sim.loadgen http1|h2c --port P --clients N`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -331,76 +325,3 @@ class _Http2Session:
         self.alive = False
         self.pump.cancel()
         self.writer.close()
-
-
-@dataclass
-class LoadProcess(Recorded):
-    """`KeepAliveLoad` (`http1`) or `Http2Load` (`h2c`) in a process of its own, its samples
-    streamed back as they come. Hundreds of clients then take no CPU from the backends they
-    load, which share the caller's event loop: on a busy machine a loop doing both lags by a
-    few tenths of a second, and healthy backends look slow to the proxy's probes."""
-
-    protocol: str
-    port: int
-    clients: int
-    connections: int = 1
-    """HTTP/2: the connections the clients' streams share."""
-    _process: asyncio.subprocess.Process | None = field(default=None, kw_only=True)
-
-    async def run(self) -> None:
-        """Until `stop()`; every client finishes the request it has in flight."""
-        self._process = process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "failover_proxy.sim.loadgen", self.protocol,
-            "--port", str(self.port), "--clients", str(self.clients),
-            "--connections", str(self.connections), stdout=asyncio.subprocess.PIPE)
-        if self._stopping:
-            process.send_signal(signal.SIGTERM)
-        assert process.stdout is not None
-        async for line in process.stdout:
-            started, seconds, ok, detail = json.loads(line)
-            self.samples.append(Sample(started, seconds, ok, detail))
-        if await process.wait() != 0:
-            raise RuntimeError(f"the load process failed (exit status {process.returncode})")
-
-    def stop(self) -> None:
-        super().stop()
-        if self._process is not None and self._process.returncode is None:
-            self._process.send_signal(signal.SIGTERM)
-
-
-async def _stream_samples(load: KeepAliveLoad | Http2Load) -> None:
-    """Run `load` until SIGTERM, writing its samples to stdout as JSON lines every 50 ms
-    (time.monotonic() is the machine's clock: the parent compares it with its own)."""
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, load.stop)
-    running = asyncio.ensure_future(load.run())
-    written = 0
-    while True:
-        await asyncio.wait({running}, timeout=0.05)
-        new = load.samples[written:]
-        written += len(new)
-        if new:
-            sys.stdout.write("".join(
-                json.dumps([s.started, s.seconds, s.ok, s.detail]) + "\n" for s in new))
-            sys.stdout.flush()
-        if running.done():
-            running.result()
-            return
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m failover_proxy.sim.loadgen")
-    parser.add_argument("protocol", choices=["http1", "h2c"])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--clients", type=int, required=True)
-    parser.add_argument("--connections", type=int, default=1)
-    args = parser.parse_args(argv)
-    load: KeepAliveLoad | Http2Load = (
-        KeepAliveLoad(args.port, args.clients) if args.protocol == "http1"
-        else Http2Load(args.port, args.clients, connections=args.connections))
-    import uvloop  # (the proxy's loop: the load is as light as it can be)
-
-    uvloop.run(_stream_samples(load))
-
-
-if __name__ == "__main__":
-    main()
