@@ -22,6 +22,7 @@ import h2.exceptions
 import httpx
 import pytest
 import trustme
+from hyperframe.frame import GoAwayFrame
 
 from failover_proxy.ops.admin import backend_status
 from failover_proxy.process.server import ProxyServer
@@ -48,15 +49,22 @@ class H2Backend:
     """An HTTP/2 server on the `h2` library (h2c with prior knowledge, or TLS with ALPN h2)
     whose misbehaviour a test sets: refuse the first `refuse` streams, send GOAWAY after
     `goaway_after` streams (naming none of the later ones processed), or go silent (read and
-    answer nothing, PINGs included) once `silent` is set."""
+    answer nothing, PINGs included) once `silent` is set. With `graceful_goaway` it says
+    GOAWAY (NO_ERROR) naming a request it then answers 100 ms later (a backend shutting down
+    gracefully), or never (`silent_after_goaway`: a host lost while draining)."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.tls = tls
         self.seen: list[Seen] = []
+        """The requests answered."""
+        self.received: list[bytes] = []
+        """The path of every request received whole, answered or not."""
         self.connections = 0
         self.refuse = 0
         self.goaway_after = 0
         self.silent = False
+        self.graceful_goaway = False
+        self.silent_after_goaway = False
         self.trailers: list[tuple[bytes, bytes]] = []
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -93,6 +101,7 @@ class H2Backend:
                         requests[event.stream_id].trailers = list(event.headers or [])
                     elif isinstance(event, h2.events.StreamEnded):
                         seen = requests.pop(event.stream_id)
+                        self.received.append(dict(seen.headers)[b":path"])
                         if self.refuse > 0:
                             self.refuse -= 1
                             conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
@@ -104,6 +113,15 @@ class H2Backend:
                             await writer.drain()
                             writer.close()
                             return
+                        if self.graceful_goaway:
+                            self.graceful_goaway = False
+                            # (by hand: `h2` would take the connection for closed after it)
+                            writer.write(GoAwayFrame(0, last_stream_id=event.stream_id,
+                                                     error_code=0).serialize())
+                            if self.silent_after_goaway:
+                                self.silent = True
+                                break
+                            await asyncio.sleep(0.1)
                         answered += 1
                         self.seen.append(seen)
                         self._answer(conn, event.stream_id, seen)
@@ -246,6 +264,54 @@ async def test_a_request_the_backend_never_processed_is_sent_again_whatever_its_
     assert retries == {("web", "unprocessed"): 1.0}
     backend_state = server.plane.topology.upstreams["web"].backends[0]  # type: ignore[union-attr]
     assert backend_state.consecutive_failures == 0  # not the backend's failure
+
+
+async def test_a_graceful_goaway_lets_the_streams_below_it_finish(
+    h2_backend: Any, proxy: StartProxy
+) -> None:
+    """A backend going away gracefully (GOAWAY NO_ERROR naming the request in progress)
+    still answers that request on the old connection: the client gets it, nothing is retried,
+    and the next request opens a new connection."""
+    backend = await h2_backend()
+    server = await proxy(one_backend(backend.port))
+    url = f"http://127.0.0.1:{server.port}"
+    async with httpx.AsyncClient(trust_env=False) as client:
+        assert (await client.get(f"{url}/first")).status_code == 200
+        backend.graceful_goaway = True
+        answer = await client.post(f"{url}/during", content=b"123")
+        assert answer.status_code == 200 and answer.json()["body_bytes"] == 3
+        assert (await client.get(f"{url}/after")).status_code == 200
+    assert backend.received == [b"/first", b"/during", b"/after"]  # (no second try)
+    assert backend.connections == 2
+    assert not server.store.counters["retries"]
+
+
+async def test_a_draining_connection_that_goes_silent_is_found_by_ping(
+    h2_backend: Any, fault_backends: StartFaultBackends, proxy: StartProxy
+) -> None:
+    """A connection retired by the backend's GOAWAY still has a stream on it; the backend then
+    goes silent. Retired connections are PINGed too: the stream is given up after
+    ping_timeout (and the GET retried elsewhere), not after its 10 s read timeout."""
+    backend = await h2_backend()
+    (gcp,) = await fault_backends("gcp-a")
+    server = await proxy(
+        "listen: {host: 127.0.0.1, port: 0}\n"
+        "upstreams:\n  web:\n    protocol: h2c\n"
+        "    http2: {ping_interval: 200ms, ping_timeout: 300ms}\n"
+        "    timeouts: {read: 10s}\n    backends:\n"
+        f'      - {{name: aws-a, url: "http://127.0.0.1:{backend.port}", provider: aws}}\n'
+        f'      - {{name: gcp-a, url: "http://127.0.0.1:{gcp.port}", provider: gcp}}\n'
+        "    policy: {strategy: priority, providers: [aws, gcp]}\n"
+        "routes:\n  - {path_prefix: /, upstream: web}\n")
+    url = f"http://127.0.0.1:{server.port}"
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        assert (await client.get(f"{url}/warm")).json()["backend"] == "h2"
+        backend.graceful_goaway = backend.silent_after_goaway = True
+        started = asyncio.get_running_loop().time()
+        answer = await client.get(f"{url}/after")
+        took = asyncio.get_running_loop().time() - started
+    assert answer.status_code == 200 and answer.json()["provider"] == "gcp"
+    assert took < 2.0, took  # ping_interval + ping_timeout + sweeps, not the read timeout
 
 
 async def test_a_connection_that_goes_silent_is_found_by_ping(

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -107,6 +109,23 @@ ProtocolError: Final[type[Exception]] = (
 )
 
 
+GoAwayHandler = Callable[[GoAwayFrame], tuple[list[object], list[object]]]
+
+
+def _graceful_goaway(closing: GoAwayHandler) -> GoAwayHandler:
+    """`h2`'s handling of a received GOAWAY, except for a graceful one (NO_ERROR): that is
+    reported, and the connection carries on for the streams below its last id."""
+    def received(frame: GoAwayFrame) -> tuple[list[object], list[object]]:
+        if frame.error_code != NO_ERROR:
+            return closing(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+    return received
+
+
 class PureSession:
     """The `h2` library behind the engine interface: its events translated to the tuples the
     C engine gives, its frames sent only as far as the windows allow. A frame for a stream
@@ -134,6 +153,11 @@ class PureSession:
         connection.decoder.max_header_list_size = wanted[MAX_HEADER_LIST_SIZE]
         connection.max_inbound_frame_size = connection.local_settings.max_frame_size
         connection.initiate_connection()
+        # A graceful GOAWAY (NO_ERROR) lets the streams below its last id finish, as
+        # libnghttp2 lets them: `h2` would take the connection for closed at once, fail every
+        # frame after it and drop what it had to send.
+        dispatch = connection._frame_dispatch_table
+        dispatch[GoAwayFrame] = _graceful_goaway(dispatch[GoAwayFrame])
         self.preamble = self.h2.data_to_send()
         if self.max_streams:
             at = self.preamble.find(NO_LIMIT_ENTRY)
@@ -149,6 +173,19 @@ class PureSession:
         self.goaway_last = -1
         """The last stream a graceful GOAWAY of ours said we would answer (-1: none sent)."""
         self.unsent = b""
+
+    @staticmethod
+    def _goaway_received(closing: Callable[[GoAwayFrame], tuple[list[object], list[object]]]
+                         ) -> Callable[[GoAwayFrame], tuple[list[object], list[object]]]:
+        def received(frame: GoAwayFrame) -> tuple[list[object], list[object]]:
+            if frame.error_code != NO_ERROR:
+                return closing(frame)
+            event = h2.events.ConnectionTerminated()
+            event.error_code = h2.errors.ErrorCodes.NO_ERROR
+            event.last_stream_id = frame.last_stream_id
+            event.additional_data = frame.additional_data or None
+            return [], [event]
+        return received
 
     @property
     def want_read(self) -> bool:
