@@ -1,10 +1,11 @@
-"""HTTP/2 from clients (h2c with prior knowledge): failover-proxy against nginx, both in front
-of the same HTTP/1.1 nginx backend (compare.py's configurations, the listener turned to h2c);
-and failover-proxy in front of an h2c nginx backend (`protocol: h2c`: the upstream cells; nginx
-proxies HTTP/1.1 only, so its figures are the same baseline).
+"""HTTP/2 from clients, h2c (prior knowledge) and h2 (TLS, ALPN): failover-proxy against nginx,
+both in front of the same HTTP/1.1 nginx backend (compare.py's configurations, the listener
+turned to HTTP/2); and failover-proxy in front of an h2c nginx backend (`protocol: h2c`: the
+upstream cells; nginx proxies HTTP/1.1 only, so its figures are the same baseline).
 
 h2load (Debian nghttp2-client) opens `c` connections with `m` streams in flight on each, asks
-for the 100-byte /small for a fixed time, and reports req/s. Each proxy runs one worker pinned
+for the 100-byte /small or a 64 KiB file for a fixed time, and reports req/s (over TLS: an ECDSA
+P-256 certificate, TLS 1.3). Each proxy runs one worker pinned
 to core 0, h2load and the backends on core 1; targets alternate round by round (the order
 flips); each figure is the median over rounds, ratios the medians of the per-round ratios to
 nginx. CPU per request is what the proxy's processes were charged over the run. Then the
@@ -45,8 +46,15 @@ from common import (
     wait_port,
 )
 from compare import backend_block, failover_config, nginx_proxy_block
+from tls import certificate
 
-CELLS = {"c16 m10": (16, 10), "c64 m100": (64, 100)}
+TRANSPORTS = ("h2c", "h2")
+BODIES = {"small": "/small", "64k": "/64k"}
+LOADS = {"c16 m10": (16, 10), "c64 m100": (64, 100)}
+CELLS = {f"{transport} {body} {load}": (transport, path, *shape)
+         for transport in TRANSPORTS for body, path in BODIES.items()
+         for load, shape in LOADS.items()}
+"""cell name -> (transport, path, connections, streams per connection)"""
 TARGETS = ("nginx", "failover-proxy", "failover-proxy h2c upstream")
 IDLE_TARGETS = ("nginx", "failover-proxy")
 _FINISHED = re.compile(rb"finished in [\d.]+s, ([\d.]+) req/s")
@@ -55,11 +63,13 @@ _SUCCEEDED = re.compile(
 )
 
 
-def run_h2load(port: int, seconds: float, connections: int, streams: int) -> tuple[float, int, int]:
-    """req/s, requests that succeeded and failed: h2load against /small for `seconds`."""
+def run_h2load(port: int, seconds: float, connections: int, streams: int, tls: bool = False,
+               path: str = "/small") -> tuple[float, int, int]:
+    """req/s, requests that succeeded and failed: h2load against `path` for `seconds`."""
+    scheme = "https" if tls else "http"
     output = subprocess.run(
         pinned(1, ["h2load", "-D", f"{seconds:g}", "-c", str(connections), "-m", str(streams),
-                   "-t", "1", f"http://127.0.0.1:{port}/small"]),
+                   "-t", "1", f"{scheme}://127.0.0.1:{port}{path}"]),
         capture_output=True, check=True, timeout=seconds + 60,
     ).stdout
     rate = _FINISHED.search(output)
@@ -69,14 +79,22 @@ def run_h2load(port: int, seconds: float, connections: int, streams: int) -> tup
     return float(rate.group(1)), int(counts.group(1)), int(counts.group(2))
 
 
-def start(tmp: Path, backend_port: int,
-          h2c_backend_port: int) -> dict[str, tuple[int, subprocess.Popen[bytes]]]:
+def start(tmp: Path, backend_port: int, h2c_backend_port: int, transport: str
+          ) -> dict[str, tuple[int, subprocess.Popen[bytes]]]:
+    """The three targets with an h2c (prior knowledge) or h2 (TLS) listener."""
     started = {}
     port = free_port()
+    listen = f"listen 127.0.0.1:{port} http2 backlog=4096; http2_max_concurrent_streams 128;"
+    failover_tls = ""
+    if transport == "h2":
+        cert, key, _ = certificate(tmp)
+        listen = (f"listen 127.0.0.1:{port} ssl http2 backlog=4096; "
+                  f"http2_max_concurrent_streams 128; ssl_certificate {cert}; "
+                  f"ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3;")
+        failover_tls = f", tls: {{certificates: [{{cert_file: {cert}, key_file: {key}}}]}}"
     block = nginx_proxy_block(port, backend_port).replace(
-        f"listen 127.0.0.1:{port} backlog=4096;",
-        f"listen 127.0.0.1:{port} http2 backlog=4096; http2_max_concurrent_streams 128;")
-    started["nginx"] = (port, start_nginx("nginx-h2c", "1", block, tmp, 0))
+        f"listen 127.0.0.1:{port} backlog=4096;", listen)
+    started["nginx"] = (port, start_nginx(f"nginx-{transport}", "1", block, tmp, 0))
     # 64 connections of 100 streams are 6,400 requests in flight, past the circuit breaker's
     # default 1,024 per backend (HTTP/1 clients never have more in flight than connections):
     # raised, as nginx has no such bound.
@@ -85,9 +103,9 @@ def start(tmp: Path, backend_port: int,
                                 ("failover-proxy h2c upstream", h2c_backend_port,
                                  "    protocol: h2c\n")):
         port = free_port()
-        conf = tmp / f"{name.replace(' ', '-')}.yaml"
+        conf = tmp / f"{name.replace(' ', '-')}-{transport}.yaml"
         conf.write_text(failover_config(port, origin, "1").replace(
-            "backlog: 4096}", "backlog: 4096, http2: {h2c: true}}").replace(
+            "backlog: 4096}", f"backlog: 4096, http2: {{h2c: true}}{failover_tls}}}").replace(
             "    retry: {attempts: 2}\n", "    retry: {attempts: 2}\n" + extra + breaker))
         started[name] = (port, start_failover_proxy(conf, 0))
     for port, _ in started.values():
@@ -108,6 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         (tmp / "www").mkdir()
+        (tmp / "www" / "64k").write_bytes(b"x" * 65536)
         backend_port = free_port()
         backend = start_nginx("backend", "1", backend_block(backend_port, tmp / "www"), tmp, 1)
         h2c_port = free_port()
@@ -117,25 +136,27 @@ def main() -> None:
             tmp, 1)
         wait_port(backend_port)
         wait_port(h2c_port)
-        targets = start(tmp, backend_port, h2c_port)
+        targets = {transport: start(tmp, backend_port, h2c_port, transport)
+                   for transport in TRANSPORTS}
         try:
-            for port, _ in targets.values():  # warm up
-                run_h2load(port, 1, 16, 10)
+            for transport, started in targets.items():  # warm up
+                for port, _ in started.values():
+                    run_h2load(port, 1, 16, 10, tls=transport == "h2")
             for round_number in range(args.rounds):
                 order = list(TARGETS) if round_number % 2 == 0 else list(reversed(TARGETS))
-                for cell, (connections, streams) in CELLS.items():
+                for cell, (transport, path, connections, streams) in CELLS.items():
                     for name in order:
-                        port, process = targets[name]
+                        port, process = targets[transport][name]
                         before = cpu_seconds(process.pid)
                         rate, done, failed = run_h2load(port, args.duration, connections,
-                                                        streams)
+                                                        streams, transport == "h2", path)
                         cpu = (cpu_seconds(process.pid) - before) / max(1, done)
                         samples.setdefault((name, cell), []).append((rate, cpu * 1e6, failed))
-                        print(f"  round {round_number + 1} {cell:9} {name:15} {rate:9.0f} req/s"
-                              f"  CPU {cpu * 1e6:6.1f} us/req  failed {failed}", flush=True)
-            idle = [idle_memory(name, *targets[name], args.idle) for name in IDLE_TARGETS]
+                        print(f"  round {round_number + 1} {cell:20} {name:27} {rate:9.0f} "
+                              f"req/s  CPU {cpu * 1e6:6.1f} us/req  failed {failed}", flush=True)
+            idle = [idle_memory(name, *targets["h2c"][name], args.idle) for name in IDLE_TARGETS]
         finally:
-            for _, process in targets.values():
+            for process in [p for started in targets.values() for _, p in started.values()]:
                 process.terminate()
             backend.terminate()
             h2c_backend.terminate()
@@ -221,12 +242,13 @@ def write_results(samples: dict[tuple[str, str], list[tuple[float, float, int]]]
         {"rounds": args.rounds, "duration": args.duration, "rows": rows, "idle": idle},
         indent=2) + "\n")
     lines = [
-        "# HTTP/2 from clients (h2c): failover-proxy against nginx",
+        "# HTTP/2 from clients (h2c and h2 over TLS): failover-proxy against nginx",
         "",
         f"h2load, {args.duration:g} s per run, median of {args.rounds} alternating rounds; "
         "one worker each pinned to core 0, h2load and the nginx backends (HTTP/1.1, and h2c "
-        "for the h2c upstream target; 100-byte /small) on core 1. Ratios are the medians of "
-        "the per-round ratios to nginx (which proxies HTTP/1.1 in every cell).",
+        "for the h2c upstream target; the 100-byte /small or a 64 KiB file) on core 1; h2: "
+        "TLS 1.3, an ECDSA P-256 certificate. Ratios are the medians of the per-round ratios "
+        "to nginx (which proxies HTTP/1.1 in every cell).",
         "",
         "| cell | target | req/s | vs nginx | CPU us/req | CPU vs nginx | failed |",
         "|---|---|---|---|---|---|---|",

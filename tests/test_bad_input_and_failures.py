@@ -276,6 +276,26 @@ async def test_small_response_cut_mid_body_is_a_502_not_a_truncation(
     assert b"in the middle of the response" in raw
 
 
+async def test_small_response_stalled_mid_body_is_still_held_whole(
+    raw_backend: StartRaw, proxy: StartProxy
+) -> None:
+    """The rest of a small body comes slowly (past the second sweep, which sends a head
+    whose body has not started), then the backend dies: the part already received is still
+    held, so the client gets a clean 502, not a truncated 200."""
+
+    async def stall_then_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        await writer.drain()
+        await asyncio.sleep(0.8)  # four sweeps
+        writer.transport.abort()
+
+    server = await proxy(single_upstream_config([await raw_backend(stall_then_cut)]))
+    raw = await raw_request(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until_close=False)
+    assert status_of(raw) == 502
+    assert b"only part" not in raw
+
+
 async def test_backend_closing_before_answering_is_502(
     raw_backend: StartRaw, proxy: StartProxy
 ) -> None:

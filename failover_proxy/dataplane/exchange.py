@@ -380,10 +380,12 @@ class Attempt(StreamOwner):
         """Called by the data plane's sweep: end an attempt whose backend has gone silent."""
         if self.done or self.stream is None:  # (connecting: the connect timeout applies)
             return
-        if self.held_head is not None:
+        if self.held_head is not None and self.held_chunk is None:
             # A head whose body has not started by the second sweep goes out alone (long
             # polls, event streams): 0.2-0.4 s. Until then a backend that fails right after its
-            # head can still be retried elsewhere, unseen by the client.
+            # head can still be retried elsewhere, unseen by the client. (A small body that
+            # has started is held until complete, however slowly the rest comes: the read
+            # timeouts bound it, and a backend dying mid-body stays unseen.)
             if self.head_swept:
                 self.flush_head()
             else:
