@@ -262,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # httpx logs every request at INFO: each HTTP/2 health check, five a second per
+        # backend. What a check found is the health machine's to log.
+        for chatty in ("httpx", "httpcore"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     handler = args.handler
     result: int = handler(args)
     return result
