@@ -174,19 +174,6 @@ class PureSession:
         """The last stream a graceful GOAWAY of ours said we would answer (-1: none sent)."""
         self.unsent = b""
 
-    @staticmethod
-    def _goaway_received(closing: Callable[[GoAwayFrame], tuple[list[object], list[object]]]
-                         ) -> Callable[[GoAwayFrame], tuple[list[object], list[object]]]:
-        def received(frame: GoAwayFrame) -> tuple[list[object], list[object]]:
-            if frame.error_code != NO_ERROR:
-                return closing(frame)
-            event = h2.events.ConnectionTerminated()
-            event.error_code = h2.errors.ErrorCodes.NO_ERROR
-            event.last_stream_id = frame.last_stream_id
-            event.additional_data = frame.additional_data or None
-            return [], [event]
-        return received
-
     @property
     def want_read(self) -> bool:
         return self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED
