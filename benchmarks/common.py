@@ -61,6 +61,14 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
 
 
+def wait_ready(ports: list[int]) -> None:
+    """Every target listening, then a second more: their first health checks pass before
+    any load is measured."""
+    for port in ports:
+        wait_port(port)
+    time.sleep(1.0)
+
+
 PIN = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 
 

@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from common import (
@@ -32,7 +31,7 @@ from common import (
     run_wrk,
     start_failover_proxy,
     start_nginx,
-    wait_port,
+    wait_ready,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -94,9 +93,7 @@ def main() -> int:
             processes.append(process)
             targets[label] = (port, process)
         try:
-            for port, _ in targets.values():
-                wait_port(port)
-            time.sleep(1.0)
+            wait_ready([port for port, _ in targets.values()])
             samples: dict[str, list[tuple[float, float, float]]] = {t: [] for t in targets}
             for port, _ in targets.values():  # warm-up
                 run_wrk(f"http://127.0.0.1:{port}/small", 1, args.connections)

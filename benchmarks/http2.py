@@ -29,7 +29,6 @@ import re
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from common import (
@@ -44,6 +43,7 @@ from common import (
     start_failover_proxy,
     start_nginx,
     wait_port,
+    wait_ready,
 )
 from compare import backend_block, failover_config, nginx_proxy_block
 from tls import certificate
@@ -122,9 +122,7 @@ def start(tmp: Path, backend_port: int, h2c_backend_port: int, transport: str
             "    retry: {attempts: 2}\n", "    retry: {attempts: 2}\n" + extra + breaker).replace(
             "max_idle_per_backend: 256}", "max_idle_per_backend: 6400, idle_timeout: 4s}"))
         started[name] = (port, start_failover_proxy(conf, 0))
-    for port, _ in started.values():
-        wait_port(port)
-    time.sleep(1.0)
+    wait_ready([port for port, _ in started.values()])
     return started
 
 

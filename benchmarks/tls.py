@@ -24,7 +24,6 @@ import json
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import trustme
@@ -39,6 +38,7 @@ from common import (
     start_failover_proxy,
     start_nginx,
     wait_port,
+    wait_ready,
 )
 from compare import backend_block, failover_config, haproxy_conf, nginx_proxy_block
 
@@ -85,9 +85,7 @@ def start(tmp: Path, backend_port: int, cert: Path, key: Path, both: Path
         f"backlog: 4096, tls: {{certificates: [{{cert_file: {cert}, key_file: {key}}}], "
         "session_tickets: false}}"))
     started["failover-proxy"] = (port, start_failover_proxy(conf, 0))
-    for port, _ in started.values():
-        wait_port(port)
-    time.sleep(1.0)
+    wait_ready([port for port, _ in started.values()])
     return started
 
 
